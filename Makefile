@@ -1,0 +1,37 @@
+# Two commands a new user needs: `make demo` and `make test`.
+# Both create (or reuse) a local virtual environment in .venv.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# torch is installed first and on its own: the pinned release resolves to the
+# local CPU wheel where one is provided; set TORCH_INDEX (e.g. the PyTorch CPU
+# index) on machines that should not pull the CUDA build.
+TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?=
+PIP_TORCH_FLAGS := $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX),)
+
+.PHONY: install test demo lint bench clean-venv
+
+$(VENV)/.installed: pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(PIP_TORCH_FLAGS) "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[dev]"
+	@touch $@
+
+install: $(VENV)/.installed
+
+test: $(VENV)/.installed
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest -q
+
+demo: $(VENV)/.installed
+	HF_HUB_OFFLINE=1 $(PY) -m elbo_t2ialign.demo
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check elbo_t2ialign tests
+
+bench: $(VENV)/.installed
+	$(PY) -m elbo_t2ialign.bench --compare
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,379 @@
+"""Attention capture: processors that record head-averaged attention
+probabilities, and the recorder that installs them and keeps running sums.
+
+The recorder only replaces the processors of layers that carry a non-zero
+aggregation weight; every other layer keeps its original (SDPA) processor.
+A captured layer computes its attention explicitly, query rows in chunks, so
+the probabilities are available without a second pass and peak memory is
+bounded by `chunk_mb`. The network output is that of the original processor
+up to floating-point rounding.
+
+Three processor flavours cover the families:
+- `CaptureAttnProcessor`: diffusers `Attention` with separate self/cross
+  layers (UNets, PixArt);
+- `CaptureJointAttnProcessor`: SD3 joint attention, sequence [image; text];
+- `CaptureFluxAttnProcessor`: FLUX, sequence [text; image], double- and
+  single-stream blocks, RoPE.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+# ---------------------------------------------------------------- layers
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """One attention layer as the method sees it."""
+
+    name: str  # key in the denoiser's `attn_processors`
+    kind: str  # "cross" | "self" | "joint"
+    order: int  # position in execution order among all listed layers
+    resolution: int  # side of the (square) image-token grid
+    path: str  # "down" | "mid" | "up" | "stack"
+
+    @property
+    def has_cross(self) -> bool:
+        return self.kind in ("cross", "joint")
+
+    @property
+    def has_self(self) -> bool:
+        return self.kind in ("self", "joint")
+
+
+def stage_index(layers: list[LayerInfo]) -> dict[str, int]:
+    """Stage of each layer: a new stage starts whenever the resolution changes along the order."""
+    stages, stage, last = {}, -1, None
+    for layer in sorted(layers, key=lambda x: x.order):
+        if layer.resolution != last:
+            stage, last = stage + 1, layer.resolution
+        stages[layer.name] = stage
+    return stages
+
+
+# ------------------------------------------------------- attention maths
+
+
+def attend_and_capture(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    *,
+    scale: float,
+    image_rows: slice,
+    blocks: dict[str, slice],
+    mask: torch.Tensor | None = None,
+    chunk_mb: float = 256.0,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Attention output plus probability maps of the image-query rows.
+
+    query (B, H, Sq, D); key, value (B, H, Sk, D); mask broadcastable to
+    (B, H, Sq, Sk), additive. Returns the output (B, H, Sq, D) and, per block
+    name, the probabilities of image queries x block keys, averaged over heads
+    and summed over the batch: (n_image_rows, block_len), float32.
+    Rows outside `image_rows` (text queries of joint attention) use SDPA.
+    """
+    b, h, sq, _ = query.shape
+    sk = key.shape[2]
+    out = torch.empty_like(query)
+    rows = range(sq)[image_rows]
+    start, stop = rows.start, rows.stop
+    if start > 0:
+        out[:, :, :start] = _sdpa_rows(query, key, value, mask, scale, slice(0, start))
+    if stop < sq:
+        out[:, :, stop:] = _sdpa_rows(query, key, value, mask, scale, slice(stop, sq))
+    maps = {name: query.new_zeros((stop - start, len(range(sk)[blk])), dtype=torch.float32)
+            for name, blk in blocks.items()}
+    # rows per chunk so that one (B, H, rows, Sk) float32 block stays under chunk_mb
+    step = max(1, int(chunk_mb * 2**20 // (4 * b * h * sk)))
+    for lo in range(start, stop, step):
+        hi = min(lo + step, stop)
+        scores = torch.matmul(query[:, :, lo:hi], key.transpose(-1, -2)).float() * scale  # (B, H, r, Sk)
+        if mask is not None:
+            scores = scores + _mask_rows(mask, lo, hi).float()
+        probs = scores.softmax(dim=-1)
+        out[:, :, lo:hi] = torch.matmul(probs.to(value.dtype), value)
+        head_mean = probs.mean(dim=1).sum(dim=0)  # (r, Sk)
+        for name, blk in blocks.items():
+            maps[name][lo - start : hi - start] += head_mean[:, blk]
+        del scores, probs
+    return out, maps
+
+
+def _mask_rows(mask: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    return mask if mask.shape[-2] == 1 else mask[..., lo:hi, :]
+
+
+def _sdpa_rows(query, key, value, mask, scale, rows: slice):
+    m = None if mask is None else _mask_rows(mask, rows.start, rows.stop)
+    return F.scaled_dot_product_attention(query[:, :, rows], key, value, attn_mask=m, scale=scale)
+
+
+# ------------------------------------------------------------ processors
+
+
+class _CaptureBase:
+    def __init__(self, recorder: AttentionRecorder, layer: LayerInfo):
+        self.recorder = recorder
+        self.layer = layer
+
+
+class CaptureAttnProcessor(_CaptureBase):
+    """diffusers `Attention` (UNet and DiT self/cross layers), AttnProcessor2_0 semantics."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
+                 *args, **kwargs):
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:  # (B, C, H, W) -> (B, HW, C)
+            batch, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
+        batch = hidden_states.shape[0]
+        is_cross = encoder_hidden_states is not None
+        context = encoder_hidden_states if is_cross else hidden_states
+        if is_cross and attn.norm_cross:
+            context = attn.norm_encoder_hidden_states(context)
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, context.shape[1], batch)
+            attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+
+        query, key, value = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
+        head_dim = key.shape[-1] // attn.heads
+        # (B, S, H*D) -> (B, H, S, D)
+        query, key, value = (x.view(batch, -1, attn.heads, head_dim).transpose(1, 2) for x in (query, key, value))
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+
+        block = "cross" if is_cross else "self"
+        out, maps = attend_and_capture(
+            query, key, value, scale=attn.scale, image_rows=slice(None), blocks={block: slice(None)},
+            mask=attention_mask, chunk_mb=self.recorder.chunk_mb,
+        )
+        self.recorder.add(self.layer, maps, batch)
+
+        hidden_states = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
+        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch, channel, height, width)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
+
+
+class CaptureJointAttnProcessor(_CaptureBase):
+    """SD3/SD3.5 joint attention: one softmax over [image; text]."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
+        batch, n_img = hidden_states.shape[:2]
+        heads = attn.heads
+
+        def split_heads(x):  # (B, S, H*D) -> (B, H, S, D)
+            return x.view(batch, -1, heads, x.shape[-1] // heads).transpose(1, 2)
+
+        query, key, value = (split_heads(f(hidden_states)) for f in (attn.to_q, attn.to_k, attn.to_v))
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        blocks = {"self": slice(0, n_img)}
+        if encoder_hidden_states is not None:
+            cq, ck, cv = (split_heads(f(encoder_hidden_states))
+                          for f in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))
+            if attn.norm_added_q is not None:
+                cq = attn.norm_added_q(cq)
+            if attn.norm_added_k is not None:
+                ck = attn.norm_added_k(ck)
+            query, key, value = (torch.cat(p, dim=2) for p in ((query, cq), (key, ck), (value, cv)))
+            blocks["cross"] = slice(n_img, None)
+        out, maps = attend_and_capture(
+            query, key, value, scale=attn.scale, image_rows=slice(0, n_img), blocks=blocks,
+            chunk_mb=self.recorder.chunk_mb,
+        )
+        self.recorder.add(self.layer, maps, batch)
+
+        out = out.transpose(1, 2).reshape(batch, -1, out.shape[1] * out.shape[-1]).to(query.dtype)
+        hidden_states, context = out[:, :n_img], out[:, n_img:]
+        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
+        if encoder_hidden_states is None:
+            return hidden_states
+        if not attn.context_pre_only:
+            context = attn.to_add_out(context)
+        return hidden_states, context
+
+
+class CaptureFluxAttnProcessor(_CaptureBase):
+    """FLUX attention: sequence [text; image]; single-stream blocks get it already concatenated."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
+                 image_rotary_emb=None, **kwargs):
+        from diffusers.models.embeddings import apply_rotary_emb
+
+        def heads(x):  # (B, S, H*D) -> (B, S, H, D)
+            return x.unflatten(-1, (-1, attn.head_dim))
+
+        query, key, value = (heads(f(hidden_states)) for f in (attn.to_q, attn.to_k, attn.to_v))
+        query, key = attn.norm_q(query), attn.norm_k(key)
+        if encoder_hidden_states is not None:  # double-stream block
+            n_txt = encoder_hidden_states.shape[1]
+            cq, ck, cv = (heads(f(encoder_hidden_states))
+                          for f in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))
+            cq, ck = attn.norm_added_q(cq), attn.norm_added_k(ck)
+            query, key, value = (torch.cat(p, dim=1) for p in ((cq, query), (ck, key), (cv, value)))
+        else:  # single-stream block: hidden_states is already [text; image]
+            n_txt = self.recorder.text_length
+        if image_rotary_emb is not None:
+            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+        # (B, S, H, D) -> (B, H, S, D)
+        query, key, value = (x.transpose(1, 2) for x in (query, key, value))
+        out, maps = attend_and_capture(
+            query, key, value, scale=query.shape[-1] ** -0.5, image_rows=slice(n_txt, None),
+            blocks={"cross": slice(0, n_txt), "self": slice(n_txt, None)}, mask=attention_mask,
+            chunk_mb=self.recorder.chunk_mb,
+        )
+        self.recorder.add(self.layer, maps, query.shape[0])
+        out = out.transpose(1, 2).flatten(2, 3).to(query.dtype)  # (B, S, H*D)
+        if encoder_hidden_states is None:
+            return out
+        context, hidden_states = out[:, :n_txt], out[:, n_txt:]
+        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states.contiguous()))
+        return hidden_states, attn.to_add_out(context.contiguous())
+
+
+# -------------------------------------------------------------- recorder
+
+
+def resize_cross(m: torch.Tensor, r: int, target: int) -> torch.Tensor:
+    """(r*r, L) -> (target*target, L), bilinear over the image grid."""
+    if r == target:
+        return m
+    grid = m.T.reshape(1, -1, r, r)
+    grid = F.interpolate(grid, size=(target, target), mode="bilinear", align_corners=False)
+    return grid.reshape(m.shape[1], -1).T
+
+
+def resize_self(m: torch.Tensor, r: int, target: int) -> torch.Tensor:
+    """(r*r, r*r) -> (target^2, target^2): bilinear over the key grid, then each
+    query row repeated target/r times along both query axes."""
+    if r == target:
+        return m
+    keys = F.interpolate(m.reshape(1, r * r, r, r), size=(target, target), mode="bilinear",
+                         align_corners=False).reshape(r, r, target * target)
+    factor = target // r
+    return keys.repeat_interleave(factor, 0).repeat_interleave(factor, 1).reshape(target * target, -1)
+
+
+class AttentionRecorder:
+    """Context manager that captures attention while the denoiser runs.
+
+    `weights` maps an aggregate name ("cross", "self1", "self2", ...) to
+    per-layer weights; "cross*" aggregates read the image x text block,
+    "self*" ones the image x image block. Each captured map is resized to
+    `target_res` and added, times its weight, to a float32 running sum, so
+    memory does not grow with the number of steps. With `per_layer=True` the
+    recorder also keeps each layer's own unresized sum (for analysis/tests).
+    """
+
+    def __init__(
+        self,
+        denoiser: torch.nn.Module,
+        layers: list[LayerInfo],
+        weights: dict[str, dict[str, float]],
+        processor_factory: Callable[[AttentionRecorder, LayerInfo], object],
+        target_res: int | None = None,
+        chunk_mb: float = 256.0,
+        per_layer: bool = False,
+        text_length: int | None = None,
+    ):
+        self.denoiser = denoiser
+        self.layers = {layer.name: layer for layer in layers}
+        self.weights = weights
+        self.processor_factory = processor_factory
+        self.target_res = target_res or max(layer.resolution for layer in layers)
+        self.chunk_mb = chunk_mb
+        self.per_layer = per_layer
+        self.text_length = text_length
+        self.sums: dict[str, torch.Tensor] = {}
+        self.layer_sums: dict[str, dict[str, torch.Tensor]] = {}
+        self.samples: dict[str, int] = {}
+        self._saved = None
+
+    @property
+    def captured(self) -> list[str]:
+        """Names of the layers whose processors are replaced (non-zero weight somewhere)."""
+        return [n for n in self.layers if any(w.get(n, 0.0) != 0.0 for w in self.weights.values())
+                or (self.per_layer and not self.weights)]
+
+    def __enter__(self) -> AttentionRecorder:
+        self._saved = dict(self.denoiser.attn_processors)
+        captured = set(self.captured)
+        new = {name: (self.processor_factory(self, self.layers[name]) if name in captured else proc)
+               for name, proc in ((k.removesuffix(".processor"), v) for k, v in self._saved.items())}
+        self.denoiser.set_attn_processor({f"{k}.processor": v for k, v in new.items()})
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.denoiser.set_attn_processor(dict(self._saved))
+        self._saved = None
+
+    def add(self, layer: LayerInfo, maps: dict[str, torch.Tensor], batch: int) -> None:
+        """Called by a capture processor: maps are summed over `batch` samples."""
+        n_img = next(iter(maps.values())).shape[0]
+        if n_img != layer.resolution**2:
+            raise RuntimeError(
+                f"layer {layer.name} was declared at resolution {layer.resolution} but saw {n_img} image "
+                "tokens; the adapter's resolution bookkeeping is wrong for this model/image size"
+            )
+        self.samples[layer.name] = self.samples.get(layer.name, 0) + batch
+        if self.per_layer:
+            store = self.layer_sums.setdefault(layer.name, {})
+            for block, m in maps.items():
+                store[block] = store[block] + m if block in store else m.clone()
+        r, target = layer.resolution, self.target_res
+        for agg, per_layer_w in self.weights.items():
+            w = per_layer_w.get(layer.name, 0.0)
+            block = "cross" if agg.startswith("cross") else "self"
+            if w == 0.0 or block not in maps:
+                continue
+            resized = resize_cross(maps[block], r, target) if block == "cross" else resize_self(maps[block], r, target)
+            self.sums[agg] = self.sums[agg] + w * resized if agg in self.sums else w * resized
+
+    def mean(self, agg: str) -> torch.Tensor:
+        """Weighted layer average of the per-sample mean map of aggregate `agg`."""
+        if agg not in self.sums:
+            raise KeyError(f"nothing was recorded for {agg!r}; did the forward pass run inside the recorder?")
+        total_w = sum(w for name, w in self.weights[agg].items() if name in self.samples)
+        n = self._samples_per_layer()
+        return self.sums[agg] / (n * total_w)
+
+    def layer_mean(self, name: str, block: str) -> torch.Tensor:
+        """Per-sample mean map of one layer (needs per_layer=True)."""
+        return self.layer_sums[name][block] / self.samples[name]
+
+    def _samples_per_layer(self) -> int:
+        counts = set(self.samples.values())
+        if len(counts) != 1:
+            raise RuntimeError(f"layers saw different numbers of samples: {self.samples}")
+        return counts.pop()
+
+
+@contextmanager
+def restored_processors(denoiser: torch.nn.Module) -> Iterator[None]:
+    """Put the denoiser's processors back on exit, whatever happens inside."""
+    saved = dict(denoiser.attn_processors)
+    try:
+        yield
+    finally:
+        denoiser.set_attn_processor(saved)

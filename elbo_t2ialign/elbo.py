@@ -1,0 +1,69 @@
+"""Per-class ELBO score (PROTOCOL 3): the summed diffusion loss of the image
+under each class prompt, with one noise sample per timestep shared by all
+classes, batched over (class x timestep) pairs."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from .models.base import Cond, ModelAdapter, cat_cond
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
+
+
+def run_batched(n: int, batch_size: int, step: Callable[[slice], None]) -> int:
+    """Call `step` on consecutive slices of range(n); halve the batch size on out-of-memory.
+
+    Returns the batch size that worked, so callers can start there next time.
+    """
+    start = 0
+    while start < n:
+        stop = min(start + batch_size, n)
+        try:
+            step(slice(start, stop))
+        except (torch.OutOfMemoryError, RuntimeError) as err:
+            if not is_out_of_memory(err) or batch_size == 1:
+                raise
+            batch_size = max(1, batch_size // 2)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            continue
+        start = stop
+    return batch_size
+
+
+@torch.no_grad()
+def elbo_losses(
+    adapter: ModelAdapter,
+    z0: torch.Tensor,
+    conds: Sequence[Cond],
+    timesteps: Sequence[int],
+    noise: torch.Tensor,
+    batch_size: int = 8,
+) -> tuple[torch.Tensor, int]:
+    """L_i = sum_t mean((target_t - pred(z_t, t, cond_i))^2) for every class i.
+
+    z0 (1, C, h, w); noise (T, C, h, w), row j used at timesteps[j] for every
+    class. Returns (losses (K,) float32 on CPU, the batch size that fit).
+    """
+    k, n_t = len(conds), len(timesteps)
+    pairs = [(i, j) for i in range(k) for j in range(n_t)]  # class-major
+    ts = torch.tensor(timesteps, dtype=torch.long, device=adapter.device)
+    noise = noise.to(adapter.device, torch.float32)
+    per_pair = torch.zeros(len(pairs), dtype=torch.float32)
+
+    def step(rows: slice) -> None:
+        idx_c = [pairs[p][0] for p in range(rows.start, rows.stop)]
+        idx_t = torch.tensor([pairs[p][1] for p in range(rows.start, rows.stop)], device=adapter.device)
+        eps, t = noise[idx_t], ts[idx_t]  # (b, C, h, w), (b,)
+        z_t = adapter.schedule.add_noise(z0, eps, t)
+        pred = adapter.predict(z_t, t, cat_cond([conds[i] for i in idx_c]))
+        target = adapter.schedule.target(z0, eps, t)
+        per_pair[rows] = ((target - pred) ** 2).flatten(1).mean(dim=1).cpu()
+
+    used = run_batched(len(pairs), batch_size, step)
+    return per_pair.view(k, n_t).sum(dim=1), used

@@ -1,0 +1,89 @@
+"""Loading pipelines and choosing the adapter for an architecture family."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .base import ModelAdapter
+from .transformers import FluxAdapter, MMDiTAdapter, PixArtAdapter
+from .unet import UNetAdapter
+
+# Denoiser class -> adapter. The choice is made once, from the pipeline's components.
+TRANSFORMER_ADAPTERS: dict[str, type[ModelAdapter]] = {
+    "SD3Transformer2DModel": MMDiTAdapter,
+    "FluxTransformer2DModel": FluxAdapter,
+    "PixArtTransformer2DModel": PixArtAdapter,
+}
+
+__all__ = ["ModelAdapter", "adapter_for", "load_pipeline", "resolve_device", "resolve_dtype"]
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """"auto" -> CUDA when available, else CPU; anything else is taken as given."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """"auto" -> float32 on CPU, float16 elsewhere (PROTOCOL 8)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        return torch.float32 if device.type == "cpu" else torch.float16
+    names = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    if dtype not in names:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(names)} or 'auto'")
+    return names[dtype]
+
+
+def prepare_pipeline(pipe, device: torch.device, dtype: torch.dtype):
+    """Move to the device; networks in `dtype`, the VAE in float32 (PROTOCOL 8)."""
+    pipe.to(device)
+    for name, module in pipe.components.items():
+        if isinstance(module, torch.nn.Module):
+            target = torch.float32 if name == "vae" else dtype
+            if module.dtype != target:
+                module.to(dtype=target)
+            module.requires_grad_(False)
+            module.eval()
+    return pipe
+
+
+def load_pipeline(model_id: str, device: torch.device, dtype: torch.dtype):
+    """A diffusers pipeline from a hub id or a local folder, with a clear message when it is unreachable."""
+    from diffusers import DiffusionPipeline
+
+    local = Path(model_id).expanduser()
+    source = str(local) if local.is_dir() else model_id
+    try:
+        # the safety checker is never run here: skip loading it
+        pipe = DiffusionPipeline.from_pretrained(source, torch_dtype=dtype, safety_checker=None)
+    except (OSError, ValueError) as err:
+        if local.exists() or model_id.startswith((".", "/", "~")):
+            raise FileNotFoundError(f"cannot load a diffusers pipeline from folder {model_id!r}: {err}") from err
+        raise FileNotFoundError(
+            f"cannot load model {model_id!r}: it is not a local folder and could not be fetched from the "
+            "Hugging Face Hub (offline, no access, or not in the cache). Download it where there is network "
+            f"(`hf download {model_id} --local-dir <folder>`) and pass that folder instead, e.g. "
+            "Aligner.from_pretrained('<folder>') or model.id=<folder> on the command line."
+        ) from err
+    return prepare_pipeline(pipe, device, dtype)
+
+
+def adapter_for(pipe, device: torch.device, dtype: torch.dtype, resolution: int | None = None) -> ModelAdapter:
+    """The adapter of the pipeline's architecture family, chosen from its denoiser component."""
+    prepare_pipeline(pipe, device, dtype)
+    if getattr(pipe, "unet", None) is not None:
+        return UNetAdapter(pipe, device, dtype, resolution)
+    transformer = getattr(pipe, "transformer", None)
+    name = type(transformer).__name__
+    if name not in TRANSFORMER_ADAPTERS:
+        raise ValueError(
+            f"unsupported pipeline {type(pipe).__name__}: denoiser {name} is not one of the supported "
+            f"families (UNet2DConditionModel, {', '.join(TRANSFORMER_ADAPTERS)})"
+        )
+    return TRANSFORMER_ADAPTERS[name](pipe, device, dtype, resolution)

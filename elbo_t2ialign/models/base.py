@@ -1,0 +1,154 @@
+"""The adapter interface every architecture family implements.
+
+An adapter wraps a loaded diffusers pipeline and exposes exactly what the
+method needs: prompt conditioning (cached per prompt), image -> latent,
+the noise schedule, batched prediction, and the attention layers with their
+kind, order and resolution. Everything above the adapters is family-agnostic.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from ..attention import AttentionRecorder, LayerInfo
+from .schedules import NoiseSchedule
+
+Cond = dict[str, torch.Tensor]  # conditioning tensors, batch dimension first
+
+
+def cat_cond(conds: list[Cond]) -> Cond:
+    """Stack per-prompt conditionings (each batch 1) into one batch."""
+    return {k: torch.cat([c[k] for c in conds], dim=0) for k in conds[0]}
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode -> RGB. 16-bit and float greyscale are rescaled to 8 bits by their range."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(image, dtype=np.float64)
+        lo, hi = float(arr.min()), float(arr.max())
+        arr = (arr - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(arr)
+        image = Image.fromarray(arr.round().astype(np.uint8), mode="L")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+class ModelAdapter:
+    """Base class: the shared parts of image encoding and prediction plumbing."""
+
+    family: str = "base"
+    capture_processor: type  # processor class installed on captured layers
+
+    def __init__(self, pipe, device: torch.device, dtype: torch.dtype, resolution: int | None = None):
+        self.pipe = pipe
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.vae = pipe.vae
+        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.resolution = int(resolution or self.default_resolution())
+        if self.resolution % self.vae_scale_factor:
+            raise ValueError(
+                f"resolution {self.resolution} is not a multiple of the VAE scale factor {self.vae_scale_factor}"
+            )
+        self.latent_size = self.resolution // self.vae_scale_factor
+        self._cond_cache: dict[str, Cond] = {}
+        self.schedule = self.build_schedule()
+
+    # ---- to implement per family
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        raise NotImplementedError
+
+    def build_schedule(self) -> NoiseSchedule:
+        raise NotImplementedError
+
+    def _encode_prompt(self, prompt: str) -> Cond:
+        raise NotImplementedError
+
+    def _forward(self, x: torch.Tensor, timestep: torch.Tensor, cond: Cond) -> torch.Tensor:
+        raise NotImplementedError
+
+    def attention_layers(self) -> list[LayerInfo]:
+        raise NotImplementedError
+
+    @property
+    def attention_tokenizer(self):
+        """Tokenizer whose ids index the text keys of the captured attention."""
+        raise NotImplementedError
+
+    @property
+    def text_length(self) -> int:
+        """Number of text tokens (keys) the denoiser attends to."""
+        raise NotImplementedError
+
+    # ---- shared
+    def default_resolution(self) -> int:
+        """PROTOCOL 2: the VAE's configured sample size."""
+        size = self.vae.config.sample_size
+        return int(size[0] if isinstance(size, (list, tuple)) else size)
+
+    def encode_prompt(self, prompt: str) -> Cond:
+        """Conditioning for one prompt, batch 1, cached per prompt string."""
+        if prompt not in self._cond_cache:
+            self.check_prompt_length(prompt)
+            with torch.no_grad():
+                self._cond_cache[prompt] = self._encode_prompt(prompt)
+        return self._cond_cache[prompt]
+
+    def token_ids(self, text: str, special: bool = True) -> list[int]:
+        return list(self.attention_tokenizer(text, add_special_tokens=special, truncation=False).input_ids)
+
+    def check_prompt_length(self, prompt: str) -> None:
+        n, limit = len(self.token_ids(prompt)), self.max_prompt_tokens()
+        if n > limit:
+            raise ValueError(
+                f"prompt {prompt!r} has {n} tokens but the text encoder takes at most {limit}; "
+                "it would be silently truncated. Use fewer or shorter class names."
+            )
+
+    def max_prompt_tokens(self) -> int:
+        return int(self.attention_tokenizer.model_max_length)
+
+    @torch.no_grad()
+    def encode_image(self, image: Image.Image) -> torch.Tensor:
+        """PIL image (any mode/size) -> z0 (1, C, h, w) float32: posterior mean, shifted and scaled."""
+        rgb = to_rgb(image)
+        x = torch.from_numpy(np.asarray(rgb, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)[None]
+        x = F.interpolate(x, size=(self.resolution, self.resolution), mode="bilinear", align_corners=False)
+        x = x.to(self.device, self.vae.dtype)
+        z = self.vae.encode(x).latent_dist.mean.float()
+        shift = self.vae.config.get("shift_factor", None) or 0.0
+        return (z - shift) * self.vae.config.scaling_factor
+
+    @torch.no_grad()
+    def predict(self, z_t: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
+        """Batched network output in the target space of the schedule, float32.
+
+        z_t (B, C, h, w) float32; t (B,) training indices; cond batch B.
+        """
+        x = self.schedule.model_input(z_t, t).to(self.dtype)
+        timestep = self.schedule.model_timestep(t).to(self.device)
+        out = self._forward(x, timestep, {k: v.to(self.device) for k, v in cond.items()}).float()
+        return self.schedule.to_target(out, z_t, t)
+
+    def recorder(self, weights: dict[str, dict[str, float]], **kwargs) -> AttentionRecorder:
+        return AttentionRecorder(
+            self.denoiser, self.attention_layers(), weights, self.capture_processor,
+            text_length=self.text_length, **kwargs,
+        )
+
+
+def ordered_by(names: list[str], rank: Callable[[str], tuple]) -> list[str]:
+    return sorted(names, key=rank)
+
+
+def numeric_parts(name: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in re.findall(r"\.(\d+)\.", f".{name}."))

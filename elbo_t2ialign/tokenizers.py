@@ -1,0 +1,80 @@
+"""Tokenizers built offline, for tiny test models and the testbed model.
+
+Real checkpoints ship their tokenizers; tiny models built in code need ones
+that behave the same way (BOS/EOS, padding to a fixed length, multi-token
+words) without a download.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+
+def _byte_alphabet() -> list[str]:
+    """The 256 printable stand-ins for bytes used by byte-level BPE (GPT-2/CLIP)."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    keep += list(range(ord("®"), ord("ÿ") + 1))
+    chars, extra = [], 0
+    for b in range(256):
+        if b in keep:
+            chars.append(chr(b))
+        else:
+            chars.append(chr(256 + extra))
+            extra += 1
+    return chars
+
+
+def build_clip_tokenizer(words: Iterable[str], model_max_length: int = 77):
+    """A CLIP BPE tokenizer whose vocabulary holds single characters plus `words`.
+
+    Each listed word becomes one token (merges join its characters left to
+    right); any other word falls back to several character tokens, which is
+    how the tests get multi-token class names.
+    """
+    from transformers import CLIPTokenizer
+
+    vocab: dict[str, int] = {}
+    for ch in _byte_alphabet():
+        vocab.setdefault(ch, len(vocab))
+    for ch in _byte_alphabet():
+        vocab.setdefault(ch + "</w>", len(vocab))
+    merges: list[tuple[str, str]] = []
+    for word in dict.fromkeys(w.lower() for w in words):
+        if not word or not word.isascii() or " " in word or len(word) < 2:
+            continue
+        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        left = pieces[0]
+        for right in pieces[1:]:
+            merge = (left, right)
+            if merge not in merges:
+                merges.append(merge)
+            left = left + right
+            vocab.setdefault(left, len(vocab))
+    for special in ("<|startoftext|>", "<|endoftext|>"):
+        vocab.setdefault(special, len(vocab))
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
+
+
+def build_word_tokenizer(words: Iterable[str], model_max_length: int = 32):
+    """A T5-like word-level tokenizer (pad=0, eos=1, unk=2, no BOS) for tiny T5 encoders."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
+    for word in dict.fromkeys(w.lower() for w in words):
+        vocab.setdefault(word, len(vocab))
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Whitespace(), pre_tokenizers.Punctuation()]
+    )
+    core.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    from tokenizers import normalizers
+
+    core.normalizer = normalizers.Lowercase()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        pad_token="<pad>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        model_max_length=model_max_length,
+    )
