@@ -45,32 +45,34 @@ class Aligner:
     # ------------------------------------------------------------ loading
     @classmethod
     def from_pretrained(cls, model_id: str, device: str | torch.device = "auto", dtype: str = "auto",
-                        resolution: int | None = None, options: AlignOptions | None = None,
-                        **option_overrides: Any) -> Aligner:
+                        resolution: int | None = None, max_sequence_length: int | None = None,
+                        options: AlignOptions | None = None, **option_overrides: Any) -> Aligner:
         """Load a hub id or a local diffusers folder; device/dtype "auto" = CUDA+fp16 if present, else CPU+fp32."""
         dev = resolve_device(device)
         pipe = load_pipeline(model_id, dev, resolve_dtype(dtype, dev))
-        return cls.from_pipeline(pipe, device=dev, dtype=dtype, resolution=resolution, options=options,
-                                 **option_overrides)
+        return cls.from_pipeline(pipe, device=dev, dtype=dtype, resolution=resolution,
+                                 max_sequence_length=max_sequence_length, options=options, **option_overrides)
 
     @classmethod
     def from_pipeline(cls, pipe, device: str | torch.device | None = None, dtype: str | torch.dtype = "auto",
-                      resolution: int | None = None, options: AlignOptions | None = None,
-                      **option_overrides: Any) -> Aligner:
+                      resolution: int | None = None, max_sequence_length: int | None = None,
+                      options: AlignOptions | None = None, **option_overrides: Any) -> Aligner:
         """Wrap an already loaded diffusers pipeline (its modules stay where they are unless `device` is given)."""
         dev = resolve_device(device) if device is not None else pipe.device
         torch_dtype = resolve_dtype(dtype, dev)
         opts = (options or AlignOptions()).replace(**option_overrides)
-        return cls(adapter_for(pipe, dev, torch_dtype, resolution), opts)
+        return cls(adapter_for(pipe, dev, torch_dtype, resolution, max_sequence_length), opts)
 
     @classmethod
     def from_config(cls, model_cfg: Mapping[str, Any], options: AlignOptions | None = None,
                     device: str = "auto", dtype: str = "auto") -> Aligner:
-        """Build from a `configs/model/*.yaml` mapping (keys: id, and optional resolution, dtype)."""
+        """Build from a `configs/model/*.yaml` mapping (keys: id; optional resolution, dtype,
+        max_sequence_length)."""
         if "id" not in model_cfg:
             raise ValueError(f"model config {dict(model_cfg)} has no 'id' (a hub id or a local folder)")
         return cls.from_pretrained(model_cfg["id"], device=device, dtype=model_cfg.get("dtype") or dtype,
-                                   resolution=model_cfg.get("resolution"), options=options)
+                                   resolution=model_cfg.get("resolution"),
+                                   max_sequence_length=model_cfg.get("max_sequence_length"), options=options)
 
     # ------------------------------------------------------------ the method
     def heatmaps(self, image: Image.Image, classes: Sequence[str], phrases: Sequence[str] | None = None,

@@ -61,7 +61,7 @@ def load_pipeline(model_id: str, device: torch.device, dtype: torch.dtype):
     source = str(local) if local.is_dir() else model_id
     try:
         # the safety checker is never run here: skip loading it
-        pipe = DiffusionPipeline.from_pretrained(source, torch_dtype=dtype, safety_checker=None)
+        pipe = DiffusionPipeline.from_pretrained(source, dtype=dtype, safety_checker=None)
     except (OSError, ValueError) as err:
         if local.exists() or model_id.startswith((".", "/", "~")):
             raise FileNotFoundError(f"cannot load a diffusers pipeline from folder {model_id!r}: {err}") from err
@@ -74,11 +74,12 @@ def load_pipeline(model_id: str, device: torch.device, dtype: torch.dtype):
     return prepare_pipeline(pipe, device, dtype)
 
 
-def adapter_for(pipe, device: torch.device, dtype: torch.dtype, resolution: int | None = None) -> ModelAdapter:
+def adapter_for(pipe, device: torch.device, dtype: torch.dtype, resolution: int | None = None,
+                max_sequence_length: int | None = None) -> ModelAdapter:
     """The adapter of the pipeline's architecture family, chosen from its denoiser component."""
     prepare_pipeline(pipe, device, dtype)
     if getattr(pipe, "unet", None) is not None:
-        return UNetAdapter(pipe, device, dtype, resolution)
+        return UNetAdapter(pipe, device, dtype, resolution, max_sequence_length)
     transformer = getattr(pipe, "transformer", None)
     name = type(transformer).__name__
     if name not in TRANSFORMER_ADAPTERS:
@@ -86,4 +87,4 @@ def adapter_for(pipe, device: torch.device, dtype: torch.dtype, resolution: int 
             f"unsupported pipeline {type(pipe).__name__}: denoiser {name} is not one of the supported "
             f"families (UNet2DConditionModel, {', '.join(TRANSFORMER_ADAPTERS)})"
         )
-    return TRANSFORMER_ADAPTERS[name](pipe, device, dtype, resolution)
+    return TRANSFORMER_ADAPTERS[name](pipe, device, dtype, resolution, max_sequence_length)

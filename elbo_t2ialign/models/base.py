@@ -47,8 +47,13 @@ class ModelAdapter:
     family: str = "base"
     capture_processor: type  # processor class installed on captured layers
 
-    def __init__(self, pipe, device: torch.device, dtype: torch.dtype, resolution: int | None = None):
+    max_sequence_length: int | None = None  # T5 text length, for families that use T5
+
+    def __init__(self, pipe, device: torch.device, dtype: torch.dtype, resolution: int | None = None,
+                 max_sequence_length: int | None = None):
         self.pipe = pipe
+        if max_sequence_length is not None:
+            self.max_sequence_length = int(max_sequence_length)
         self.device = torch.device(device)
         self.dtype = dtype
         self.vae = pipe.vae

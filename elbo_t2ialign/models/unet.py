@@ -20,8 +20,8 @@ class UNetAdapter(ModelAdapter):
     family = "unet"
     capture_processor = CaptureAttnProcessor
 
-    def __init__(self, pipe, device, dtype, resolution=None):
-        super().__init__(pipe, device, dtype, resolution)
+    def __init__(self, pipe, device, dtype, resolution=None, max_sequence_length=None):
+        super().__init__(pipe, device, dtype, resolution, max_sequence_length)
         self.unet = pipe.unet
         # SDXL-style conditioning: pooled text embedding + size/crop time ids
         self.is_xl = self.unet.config.get("addition_embed_type") == "text_time"

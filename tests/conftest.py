@@ -1,0 +1,34 @@
+"""Shared fixtures: tiny pipelines of every family, built once per session, CPU only."""
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+from elbo_t2ialign.tiny import BUILDERS  # noqa: E402
+
+FAMILIES = list(BUILDERS)
+_CACHE = {}
+
+
+def tiny_pipeline(family: str):
+    """One shared random-weight pipeline per family (weights never change in tests)."""
+    if family not in _CACHE:
+        _CACHE[family] = BUILDERS[family]()
+    return _CACHE[family]
+
+
+def tiny_aligner(family: str, **options):
+    from elbo_t2ialign import Aligner
+
+    # T5 text kept short (16 tokens) in tests; ignored by CLIP-only families
+    return Aligner.from_pipeline(tiny_pipeline(family), device="cpu", resolution=32, max_sequence_length=16,
+                                 **options)
+
+
+@pytest.fixture(params=FAMILIES)
+def family(request):
+    return request.param
