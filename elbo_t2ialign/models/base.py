@@ -134,15 +134,20 @@ class ModelAdapter:
         return (z - shift) * self.vae.config.scaling_factor
 
     @torch.no_grad()
+    def network(self, x: torch.Tensor, timestep: torch.Tensor, cond: Cond) -> torch.Tensor:
+        """Raw denoiser call for samplers: x already scaled for the network, `timestep` the value
+        the network is conditioned on (see `schedule.model_timestep`). Output in the model's own
+        parameterisation (epsilon / v / velocity), in the network's dtype."""
+        return self._forward(x.to(self.dtype), timestep.to(self.device), {k: v.to(self.device) for k, v in cond.items()})
+
+    @torch.no_grad()
     def predict(self, z_t: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
         """Batched network output in the target space of the schedule, float32.
 
         z_t (B, C, h, w) float32; t (B,) training indices; cond batch B.
         """
-        x = self.schedule.model_input(z_t, t).to(self.dtype)
-        timestep = self.schedule.model_timestep(t).to(self.device)
-        out = self._forward(x, timestep, {k: v.to(self.device) for k, v in cond.items()}).float()
-        return self.schedule.to_target(out, z_t, t)
+        out = self.network(self.schedule.model_input(z_t, t), self.schedule.model_timestep(t), cond)
+        return self.schedule.to_target(out.float(), z_t, t)
 
     def recorder(self, weights: dict[str, dict[str, float]], **kwargs) -> AttentionRecorder:
         return AttentionRecorder(
