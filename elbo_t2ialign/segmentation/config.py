@@ -1,0 +1,132 @@
+"""Validation of the segmentation config: known keys, shard spec, device.
+
+Hydra's struct mode already rejects unknown command-line keys; this module
+gives the same guarantee to configs built in code (tests, notebooks) and turns
+the core's option errors into messages that name the offending keys.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from elbo_t2ialign.options import AlignOptions
+
+TOP_KEYS = {
+    "model", "dataset", "elbo", "seed", "device", "dtype", "output_dir", "on_error",
+    "shard", "num_images", "progress", "datasets_dir", "hydra",
+}
+DATASET_KEYS = {
+    "name", "root", "metadata", "data_root", "image_path", "gt_path", "split",
+    "ignore_index", "id_shift", "max_id", "phrase_path", "label_cache",
+}
+# Keys whose change makes existing outputs of a run folder invalid.
+RESULT_KEYS = ("model", "elbo", "seed", "dtype")
+RESULT_DATASET_KEYS = ("name", "split", "ignore_index", "id_shift", "max_id", "phrase_path")
+
+
+class SegmentationError(Exception):
+    """A problem the user can fix (config, data, paths); printed without a traceback."""
+
+
+class ConfigError(SegmentationError):
+    pass
+
+
+class InputError(SegmentationError):
+    """One image or mask cannot be used; the run skips it or stops (cfg.on_error)."""
+
+
+@dataclass(frozen=True)
+class Shard:
+    index: int
+    count: int
+
+    def owns(self, image_index: int) -> bool:
+        return image_index % self.count == self.index
+
+    @property
+    def tag(self) -> str:
+        return "" if self.count == 1 else f".shard{self.index}-of-{self.count}"
+
+
+def to_container(cfg: Any) -> dict[str, Any]:
+    if isinstance(cfg, DictConfig):
+        return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+    return dict(cfg)
+
+
+def _unknown(section: str, got: set[str], known: set[str]) -> None:
+    extra = sorted(got - known)
+    if extra:
+        raise ConfigError(f"unknown key(s) in {section}: {extra}; known keys: {sorted(known)}")
+
+
+def validate(cfg: dict[str, Any]) -> AlignOptions:
+    """Check keys and values of a resolved config; return the method options."""
+    _unknown("the segmentation config", set(cfg), TOP_KEYS)
+    for key in ("model", "dataset"):
+        if not isinstance(cfg.get(key), dict):
+            raise ConfigError(f"config needs a '{key}' section (e.g. {key}=...)")
+    _unknown("dataset", set(cfg["dataset"]), DATASET_KEYS)
+    for key in ("name", "id"):
+        if not cfg["model"].get(key):
+            raise ConfigError(f"model config needs '{key}'")
+    if cfg.get("on_error", "skip") not in ("skip", "stop"):
+        raise ConfigError(f"on_error must be 'skip' or 'stop', got {cfg.get('on_error')!r}")
+    try:
+        return AlignOptions.from_mapping(cfg.get("elbo"))
+    except TypeError as err:
+        raise ConfigError(f"in elbo: {err}") from None
+
+
+def parse_shard(spec: Any, env: dict[str, str] | None = None) -> Shard:
+    """`"i/n"` from the config, else RANK/WORLD_SIZE set by `accelerate launch`, else 0/1."""
+    env = os.environ if env is None else env
+    if spec in (None, ""):
+        world = int(env.get("WORLD_SIZE", "1"))
+        return Shard(int(env.get("RANK", "0")), world) if world > 1 else Shard(0, 1)
+    try:
+        index, count = (int(part) for part in str(spec).split("/"))
+    except ValueError:
+        raise ConfigError(f"shard must look like 'i/n' (e.g. 0/2), got {spec!r}") from None
+    if not 0 <= index < count:
+        raise ConfigError(f"shard {spec!r}: need 0 <= i < n")
+    return Shard(index, count)
+
+
+def resolve_device(name: str | None, env: dict[str, str] | None = None) -> str:
+    """'auto' -> cuda (this process's local rank) when available, else cpu."""
+    import torch
+
+    env = os.environ if env is None else env
+    if name in (None, "", "auto"):
+        if not torch.cuda.is_available():
+            return "cpu"
+        return f"cuda:{int(env.get('LOCAL_RANK', '0')) % torch.cuda.device_count()}"
+    return str(torch.device(name))
+
+
+def result_fingerprint(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The part of a config that determines the files a run writes (defaults filled in)."""
+    out = {key: cfg.get(key) for key in RESULT_KEYS}
+    out["elbo"] = AlignOptions.from_mapping(cfg.get("elbo")).to_dict()
+    out["seed"] = cfg.get("seed", 0)
+    out["dtype"] = cfg.get("dtype", "auto")
+    out["dataset"] = {key: cfg["dataset"].get(key) for key in RESULT_DATASET_KEYS}
+    return out
+
+
+def fingerprint_diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two fingerprints."""
+    diffs = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            diffs += fingerprint_diff(a, b, f"{prefix}{key}.")
+        elif a != b:
+            diffs.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return diffs

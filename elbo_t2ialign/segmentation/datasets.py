@@ -1,0 +1,225 @@
+"""Segmentation datasets: class metadata, split lists, images, ground truth.
+
+Every dataset (VOC, PASCAL Context, COCO-Object, ADE20K, AEP, or any folder in
+the same layout) is one `SegDataset` built from its YAML config and a metadata
+folder holding `classes.json` and split lists `<split>_id.txt`. Differences in
+ground-truth conventions are data (`GroundTruthConvention`), not branches.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from .config import ConfigError, InputError
+from .layout import read_json, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+IGNORE = -1  # label of ignored ground-truth pixels after conversion
+BUILTIN = ("voc", "context", "coco", "ade20k", "aep")
+
+
+@dataclass(frozen=True)
+class GroundTruthConvention:
+    """How raw mask values become labels 0 (background), 1..C (classes), IGNORE."""
+
+    num_classes: int  # without background
+    ignore_index: int | None = None  # raw value that is ignored (VOC: 255)
+    id_shift: int = 0  # added to raw ids (COCO-Object: 1)
+    max_id: int | None = None  # shifted ids above this become background (COCO-Object: 80)
+
+    def apply(self, raw: np.ndarray) -> np.ndarray:
+        """(H, W) raw ids -> (H, W) int32 labels; ids outside 0..C are an error."""
+        raw = raw.astype(np.int64)
+        labels = raw + self.id_shift
+        if self.max_id is not None:
+            labels[labels > self.max_id] = 0
+        if self.ignore_index is not None:
+            labels[raw == self.ignore_index] = IGNORE
+        bad = (labels != IGNORE) & ((labels < 0) | (labels > self.num_classes))
+        if bad.any():
+            ids = sorted(set((raw[bad]).tolist()))[:10]
+            raise InputError(
+                f"raw id(s) {ids} map to no class: classes.json has ids 1..{self.num_classes}"
+                f" (ignore_index={self.ignore_index}, id_shift={self.id_shift}, max_id={self.max_id})"
+            )
+        return labels.astype(np.int32)
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    class_ids: list[int]  # ground-truth ids present in the mask, ascending, background excluded
+    size: tuple[int, int]  # (H, W) of the mask
+
+
+def metadata_dir(value: str) -> Path:
+    """A built-in dataset name (`voc`, ...) or a folder holding classes.json."""
+    path = Path(value).expanduser()
+    if (path / "classes.json").is_file():
+        return path
+    builtin = Path(str(resources.files("elbo_t2ialign.segmentation") / "metadata" / value))
+    if (builtin / "classes.json").is_file():
+        return builtin
+    raise ConfigError(
+        f"dataset metadata {value!r}: no classes.json there; use one of {list(BUILTIN)} or a folder with classes.json"
+    )
+
+
+def split_file(meta: Path, split: str) -> Path:
+    """`val` -> val_id.txt, `val_100` -> val_id_100.txt; a plain file name or path works too."""
+    head, _, tail = split.partition("_")
+    candidates = [meta / f"{head}_id{'_' + tail if tail else ''}.txt", meta / f"{split}.txt", Path(split)]
+    for path in candidates:
+        if path.is_file():
+            return path
+    known = sorted(p.stem.replace("_id", "", 1) for p in meta.glob("*_id*.txt"))
+    raise ConfigError(f"split {split!r} not found in {meta} (looked for {candidates[0].name}); available: {known}")
+
+
+def read_split(path: Path) -> list[str]:
+    names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    return [n for n in names if n]
+
+
+class SegDataset:
+    """One split of one dataset; image index = position in the split list."""
+
+    def __init__(self, dcfg: dict[str, Any]) -> None:
+        self.cfg = dcfg
+        meta = metadata_dir(str(dcfg.get("metadata") or dcfg["name"]))
+        info = read_json(meta / "classes.json")
+        self.name = str(dcfg.get("name") or info.get("dataset"))
+        self.classes: list[dict[str, Any]] = info["classes"]
+        self.class_names = [c["name"] for c in self.classes]  # id = position + 1
+        declared = info.get("num_classes_without_background", len(self.classes))
+        if declared != len(self.classes):
+            raise ConfigError(f"{meta}/classes.json declares {declared} classes but lists {len(self.classes)}")
+        self.data_root = Path(str(dcfg.get("data_root") or info["data_root"])).expanduser()
+        self.image_template = str(dcfg.get("image_path") or info.get("image_path") or "")
+        self.gt_template = str(dcfg.get("gt_path") or info.get("gt_path") or "")
+        if not self.image_template or not self.gt_template:
+            raise ConfigError(f"dataset {self.name}: set image_path and gt_path (templates with {{img_name}})")
+        self.phrase_template = dcfg.get("phrase_path")
+        self.split = str(dcfg.get("split") or "val")
+        self.images = read_split(split_file(meta, self.split))
+        self.convention = GroundTruthConvention(
+            num_classes=len(self.classes),
+            ignore_index=dcfg.get("ignore_index"),
+            id_shift=int(dcfg.get("id_shift") or 0),
+            max_id=dcfg.get("max_id"),
+        )
+        cache = dcfg.get("label_cache") or self.data_root / "image_labels.json"
+        self.labels = LabelCache(Path(cache), self)
+
+    # -- paths --
+    def _fill(self, template: str, name: str) -> Path:
+        return Path(template.format(data_root=self.data_root, img_name=name))
+
+    def image_path(self, name: str) -> Path:
+        return self._fill(self.image_template, name)
+
+    def mask_path(self, name: str) -> Path:
+        return self._fill(self.gt_template, name)
+
+    # -- loading --
+    def load_image(self, name: str) -> Image.Image:
+        """RGB image, fully decoded (a truncated file fails here, not later)."""
+        return _open(self.image_path(name), f"image {name}").convert("RGB")
+
+    def load_labels(self, name: str) -> np.ndarray:
+        """(H, W) int32 ground truth after the dataset's convention."""
+        mask = _open(self.mask_path(name), f"mask of {name}")
+        if mask.mode not in ("1", "L", "P", "I", "I;16", "I;16B", "I;16L"):
+            raise InputError(f"mask of {name} ({self.mask_path(name)}) is {mask.mode}; need one label id per pixel")
+        try:
+            return self.convention.apply(np.asarray(mask))
+        except InputError as err:
+            raise InputError(f"mask of {name} ({self.mask_path(name)}): {err}") from None
+
+    def load_example(self, name: str) -> tuple[Image.Image, ImageInfo]:
+        """Image and its labels; a mask whose size differs from the image is an error."""
+        image = self.load_image(name)
+        info = self.labels.get(name)
+        if info.size != (image.height, image.width):
+            raise InputError(
+                f"mask of {name} is {info.size[1]}x{info.size[0]} but the image is {image.width}x{image.height}"
+            )
+        return image, info
+
+    def phrases_for(self, name: str, class_ids: list[int]) -> tuple[list[str] | None, str]:
+        """Per-image phrases (PROTOCOL 9) aligned with `class_ids`, and where they came from."""
+        if not self.phrase_template:
+            return None, "class_names"
+        path = self._fill(str(self.phrase_template), name)
+        if not path.is_file():
+            return None, "class_names (no phrase file)"
+        try:
+            table = read_json(path)
+        except (OSError, ValueError) as err:
+            raise InputError(f"phrase file of {name} ({path}) is unreadable: {err}") from None
+        unknown = sorted(set(table) - set(self.class_names))
+        if unknown:
+            raise InputError(f"phrase file of {name} ({path}) names class(es) {unknown} absent from classes.json")
+        names = [self.class_names[i - 1] for i in class_ids]
+        return [str(table.get(n, n)) for n in names], "phrase_file"
+
+
+def _open(path: Path, what: str) -> Image.Image:
+    if not path.is_file():
+        raise InputError(f"{what}: file not found: {path}")
+    try:
+        img = Image.open(path)
+        img.load()
+    except (OSError, SyntaxError, ValueError) as err:
+        raise InputError(f"{what}: cannot decode {path}: {err}") from None
+    return img
+
+
+class LabelCache:
+    """Image-level labels from the masks, computed once, cached as JSON next to the data."""
+
+    def __init__(self, path: Path, dataset: SegDataset) -> None:
+        self.path, self.dataset = path, dataset
+        self.key = {"dataset": dataset.name, **asdict(dataset.convention)}
+        self.entries: dict[str, ImageInfo] = self._read()
+        self.dirty = 0
+
+    def _read(self) -> dict[str, ImageInfo]:
+        try:
+            data = read_json(self.path)
+        except (OSError, ValueError):
+            return {}
+        if data.get("convention") != self.key:
+            return {}
+        return {k: ImageInfo(list(v["class_ids"]), tuple(v["size"])) for k, v in data["images"].items()}
+
+    def get(self, name: str) -> ImageInfo:
+        if name not in self.entries:
+            labels = self.dataset.load_labels(name)
+            ids = np.unique(labels)
+            self.entries[name] = ImageInfo([int(i) for i in ids if i > 0], tuple(labels.shape))
+            self.dirty += 1
+            if self.dirty >= 100:
+                self.save()
+        return self.entries[name]
+
+    def save(self) -> None:
+        """Merge with what is on disk (other shards) and write atomically; failure only warns."""
+        if not self.dirty:
+            return
+        merged = {**self._read(), **self.entries}
+        data = {"convention": self.key, "images": {k: asdict(v) for k, v in sorted(merged.items())}}
+        try:
+            write_json_atomic(self.path, data)
+            self.dirty = 0
+        except OSError as err:
+            log.warning("could not cache image labels at %s (%s); they will be recomputed next time", self.path, err)
+            self.dirty = 0
+

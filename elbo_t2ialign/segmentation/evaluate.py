@@ -1,0 +1,200 @@
+"""Evaluator: reads a run folder (see `layout.py`), writes metrics.json, metrics.md and plots.
+
+Both variants (calibrated `elbo`, strength-1 `baseline`) are evaluated from one
+pass over the stored heatmaps: an exact sweep over thresholds 0.01..0.99 (or one
+fixed threshold), overall / per-class / per-size-bucket metrics, optional CRF.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from omegaconf import OmegaConf
+from PIL import Image
+from tqdm import tqdm
+
+from . import crf as dense_crf
+from .config import SegmentationError
+from .datasets import SegDataset
+from .layout import VARIANTS, RunFolder, heatmap_name, read_json, write_json_atomic
+from .metrics import (
+    THRESHOLDS,
+    SweepAccumulator,
+    best_threshold,
+    class_metrics,
+    intersect_and_union,
+    predict,
+    summary,
+)
+from .report import write_markdown, write_plots
+
+log = logging.getLogger(__name__)
+
+
+def evaluate(run_dir: str | Path, threshold: float | None = None, crf: bool = False, out_dir: str | Path | None = None,
+             overlays: int = 4, progress: bool = True) -> dict[str, Any]:
+    """Evaluate a run folder; returns the metrics also written to `<out_dir>/metrics.json`."""
+    folder = RunFolder(run_dir)
+    if not folder.config.is_file():
+        raise SegmentationError(f"{run_dir} is not a segmentation run folder (no config.yaml)")
+    if threshold is not None and not 0.0 < threshold < 1.0:
+        raise SegmentationError(f"--threshold must lie in (0, 1), got {threshold}")
+    if crf:
+        dense_crf.require()
+    conf = OmegaConf.to_container(OmegaConf.load(folder.config), resolve=True)
+    dataset = SegDataset(conf["dataset"])  # type: ignore[index]
+    names = _finished_in_split_order(folder, dataset)
+    accs = {v: SweepAccumulator(len(dataset.class_names) + 1) for v in VARIANTS}
+    sources: Counter[str] = Counter()
+    for name in tqdm(names, desc="evaluate", unit="img", disable=not progress):
+        gt, ids, maps, scores = load_image_result(folder, dataset, name)
+        sources[scores.get("phrase_source", "class_names")] += 1
+        for v in VARIANTS:
+            accs[v].add(gt, ids, maps[v], name)
+    results = {v: _variant_result(accs[v], dataset, threshold) for v in VARIANTS}
+    if crf:
+        for v, crf_summary in _crf_pass(folder, dataset, names, results).items():
+            results[v]["crf"] = crf_summary
+    metrics = _assemble(conf, folder, dataset, names, results, sources, threshold)
+    out = Path(out_dir) if out_dir else folder.root
+    write_json_atomic(out / "metrics.json", _json_safe(metrics))
+    write_markdown(metrics, out / "metrics.md")
+    write_plots(metrics, _overlay_rows(folder, dataset, names[:overlays], results), out / "plots")
+    log.info("baseline mIoU %.2f (th %.2f), ELBO mIoU %.2f (th %.2f) -> %s", results["baseline"]["mIoU"],
+             results["baseline"]["threshold"], results["elbo"]["mIoU"], results["elbo"]["threshold"], out)
+    return metrics
+
+
+def _finished_in_split_order(folder: RunFolder, dataset: SegDataset) -> list[str]:
+    """Finished images of the split, in split order (outputs of images outside the split are left out)."""
+    finished = set(folder.finished_images())
+    names = [n for n in dataset.images if n in finished]
+    if len(names) < len(finished):
+        log.warning("%d finished image(s) are not in split %s and are not evaluated", len(finished) - len(names),
+                    dataset.split)
+    if not names:
+        raise SegmentationError(f"{folder.root} has no finished images (maps/<image>/scores.json); run segmentation first")
+    return names
+
+
+def load_image_result(folder: RunFolder, dataset: SegDataset, name: str
+                      ) -> tuple[np.ndarray, list[int], dict[str, np.ndarray], dict[str, Any]]:
+    """Ground truth (H, W), class ids, {variant: (K, H, W) uint8 maps} and scores.json of one image."""
+    scores = read_json(folder.image_dir(name) / "scores.json")
+    ids = [int(i) for i in scores["class_ids"]]
+    gt = dataset.load_labels(name)
+    maps = {}
+    for v in VARIANTS:
+        stack = [_read_map(folder.image_dir(name) / heatmap_name(v, c), gt.shape, name) for c in ids]
+        maps[v] = np.stack(stack) if stack else np.zeros((0, *gt.shape), np.uint8)
+    return gt, ids, maps, scores
+
+
+def _read_map(path: Path, shape: tuple[int, ...], name: str) -> np.ndarray:
+    try:
+        with Image.open(path) as img:
+            arr = np.asarray(img.convert("L") if img.mode != "L" else img)
+    except (OSError, SyntaxError) as err:
+        raise SegmentationError(f"heatmap of {name} unreadable: {path}: {err}") from None
+    if arr.shape != shape:
+        raise SegmentationError(f"heatmap {path} is {arr.shape[::-1]} but the mask of {name} is {shape[::-1]}")
+    return arr
+
+
+def _variant_result(acc: SweepAccumulator, dataset: SegDataset, fixed: float | None) -> dict[str, Any]:
+    curve = acc.curve()
+    th = fixed if fixed is not None else best_threshold(curve)
+    overall, per_class = acc.at(th)
+    names = ["background", *dataset.class_names]
+    table = {}
+    for c, cname in enumerate(names):
+        if per_class["gt_pixels"][c] + per_class["pred_pixels"][c] == 0:
+            continue  # class absent from both ground truth and prediction
+        row = {k: float(per_class[k][c] * 100) for k in ("IoU", "precision", "recall", "FP", "FN", "F1")}
+        row.update(id=c, gt_pixels=int(per_class["gt_pixels"][c]), pred_pixels=int(per_class["pred_pixels"][c]))
+        table[cname] = row
+    return {**overall, "threshold": th, "per_class": table, "size_buckets": acc.size_buckets(th),
+            "curve": {"thresholds": THRESHOLDS.tolist(), "mIoU": curve.tolist()}}
+
+
+def _crf_pass(folder: RunFolder, dataset: SegDataset, names: list[str], results: dict[str, Any]) -> dict[str, Any]:
+    """Second pass: CRF on each variant's thresholded label map, pooled areas -> summary."""
+    n = len(dataset.class_names) + 1
+    totals = {v: [np.zeros(n, np.int64) for _ in range(4)] for v in VARIANTS}
+    for name in tqdm(names, desc="dense CRF", unit="img"):
+        gt, ids, maps, _ = load_image_result(folder, dataset, name)
+        rgb = np.asarray(dataset.load_image(name))
+        for v in VARIANTS:
+            labels = dense_crf.refine(rgb, predict(maps[v], ids, results[v]["threshold"]), ids)
+            for total, part in zip(totals[v], intersect_and_union(labels, gt, n), strict=True):
+                total += part
+    return {v: {**summary(class_metrics(*totals[v])), "threshold": results[v]["threshold"]} for v in VARIANTS}
+
+
+def _assemble(conf: Any, folder: RunFolder, dataset: SegDataset, names: list[str], results: dict[str, Any],
+              sources: Counter[str], threshold: float | None) -> dict[str, Any]:
+    limit = conf.get("num_images")
+    expected = dataset.images if limit in (None, "") else dataset.images[: int(limit)]
+    skipped = folder.skipped_images()
+    done = set(names)
+    return {
+        "dataset": dataset.name, "split": dataset.split, "model": conf["model"].get("name"),
+        "strength": conf.get("elbo", {}).get("strength"),
+        "threshold_mode": "sweep" if threshold is None else "fixed",
+        "num_images": len(names), "num_expected": len(expected),
+        "skipped": {k: v.get("error") for k, v in skipped.items() if k not in done},
+        "unfinished": sum(n not in done and n not in skipped for n in expected),
+        "phrase_sources": dict(sources),
+        "elbo": results["elbo"], "baseline": results["baseline"],
+        "delta_mIoU": results["elbo"]["mIoU"] - results["baseline"]["mIoU"],
+    }
+
+
+def _overlay_rows(folder: RunFolder, dataset: SegDataset, names: list[str], results: dict[str, Any]
+                  ) -> list[dict[str, Any]]:
+    rows = []
+    for name in names:
+        gt, ids, maps, _ = load_image_result(folder, dataset, name)
+        rows.append({
+            "name": name, "image": np.asarray(dataset.load_image(name)), "gt": gt, "classes": ids,
+            "heat": maps["elbo"].max(0) if ids else np.zeros(gt.shape, np.uint8),  # (H, W) uint8
+            **{f"pred_{v}": predict(maps[v], ids, results[v]["threshold"]) for v in VARIANTS},
+        })
+    return rows
+
+
+def _json_safe(obj: Any) -> Any:
+    """NaN (metric undefined) -> null, so metrics.json is strict JSON."""
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_json_safe(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m elbo_t2ialign.evaluate", description=__doc__.split("\n")[0])
+    parser.add_argument("run_dir", help="a folder written by python -m elbo_t2ialign.segment")
+    parser.add_argument("--threshold", type=float, default=None,
+                        help="fixed threshold in (0, 1) instead of the oracle sweep over 0.01..0.99")
+    parser.add_argument("--crf", action="store_true", help="also report dense-CRF post-processed metrics")
+    parser.add_argument("--out", default=None, help="where to write metrics and plots (default: run_dir)")
+    parser.add_argument("--overlays", type=int, default=4, help="images in the overlay figure")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    try:
+        evaluate(args.run_dir, args.threshold, args.crf, args.out, args.overlays, not args.no_progress)
+    except SegmentationError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0

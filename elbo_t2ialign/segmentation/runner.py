@@ -1,0 +1,225 @@
+"""Segmentation runner: one heatmap per (image, class) for a dataset split.
+
+`run(cfg, aligner=None)` is the pure entry point (Hydra's `main` and the tests
+call it). It writes the run folder described in `layout.py`: both the
+calibrated and the strength-1 map of every class from one captured attention,
+so one run yields both rows of the paper's table. Resumable (finished images
+are skipped, an image appears only when complete), shardable by image index
+(`shard=i/n` or `accelerate launch`), and a seed per image of
+`cfg.seed + image_index` so the shard layout never changes results.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+from omegaconf import OmegaConf
+from PIL import Image
+from tqdm import tqdm
+
+from elbo_t2ialign.options import AlignOptions
+
+from .config import (
+    ConfigError,
+    InputError,
+    Shard,
+    fingerprint_diff,
+    parse_shard,
+    resolve_device,
+    result_fingerprint,
+    to_container,
+    validate,
+)
+from .datasets import ImageInfo, SegDataset
+from .layout import RunFolder, heatmap_name, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+
+class HeatmapAligner(Protocol):
+    """What the runner needs from `elbo_t2ialign.Aligner`."""
+
+    def heatmaps(self, image: Image.Image, class_names: list[str], phrases: list[str] | None = None,
+                 seed: int | None = None) -> Any: ...
+
+
+def run(cfg: Any, aligner: HeatmapAligner | None = None) -> Path:
+    """Segment every image of the configured split (this shard's part); return the run folder."""
+    conf = to_container(cfg)
+    options = validate(conf)
+    conf["elbo"] = options.to_dict()  # saved in full, so the folder stays reproducible if defaults change
+    shard = parse_shard(conf.get("shard"))
+    dataset = SegDataset(conf["dataset"])
+    folder = RunFolder(conf["output_dir"])
+    _prepare_folder(folder, conf, shard)
+    handler = _attach_log(folder.root / f"segment{shard.tag}.log")
+    try:
+        items = _select(dataset, conf.get("num_images"), shard)
+        todo = [(i, n) for i, n in items if not folder.is_done(n)]
+        log.info("%s/%s: %d images in this shard, %d finished, %d to do -> %s", dataset.name, dataset.split,
+                 len(items), len(items) - len(todo), len(todo), folder.root)
+        if todo and aligner is None:
+            aligner = build_aligner(conf, options)
+        progress = tqdm(todo, total=len(items), initial=len(items) - len(todo), unit="img",
+                        desc=f"{dataset.name}{shard.tag}", disable=not conf.get("progress", True))
+        fallback = 0
+        for index, name in progress:
+            source = _process(folder, dataset, aligner, conf, index, name)
+            fallback += source is not None and source.startswith("class_names (")
+        _summarise(folder, dataset, items, fallback)
+    finally:
+        dataset.labels.save()
+        logging.getLogger("elbo_t2ialign").removeHandler(handler)
+        handler.close()
+    return folder.root
+
+
+def build_aligner(conf: dict[str, Any], options: AlignOptions) -> HeatmapAligner:
+    """The real model (imported lazily: a finished run needs no model)."""
+    from elbo_t2ialign import Aligner
+
+    device = resolve_device(conf.get("device"))
+    log.info("loading model %s (%s) on %s", conf["model"]["name"], conf["model"]["id"], device)
+    return Aligner.from_config(conf["model"], options=options, device=device, dtype=conf.get("dtype", "auto"))
+
+
+def _select(dataset: SegDataset, limit: Any, shard: Shard) -> list[tuple[int, str]]:
+    names = dataset.images if limit in (None, "") else dataset.images[: int(limit)]
+    return [(i, n) for i, n in enumerate(names) if shard.owns(i)]
+
+
+def _process(folder: RunFolder, dataset: SegDataset, aligner: HeatmapAligner, conf: dict[str, Any],
+             index: int, name: str) -> str | None:
+    """Compute and write one image; returns the phrase source, None when skipped."""
+    try:
+        image, info = dataset.load_example(name)
+        phrases, source = dataset.phrases_for(name, info.class_ids)
+    except InputError as err:
+        if conf.get("on_error", "skip") == "stop":
+            raise InputError(f"{err}\n(on_error=stop: finished images are kept; a rerun resumes)") from None
+        log.warning("skipping %s: %s", name, err)
+        write_json_atomic(folder.skip_record(name), {"image": name, "index": index, "error": str(err)})
+        return None
+    names = [dataset.class_names[i - 1] for i in info.class_ids]
+    if phrases is None and source != "class_names":
+        log.info("%s: %s; prompting with class names", name, source)
+    seed = int(conf.get("seed", 0)) + index
+    result = aligner.heatmaps(image, names, phrases=phrases, seed=seed) if names else None
+    _write_image(folder, name, index, seed, info, names, phrases, source, result)
+    if folder.skip_record(name).exists():
+        os.unlink(folder.skip_record(name))  # an earlier failure that is now fixed
+    return source
+
+
+def _write_image(folder: RunFolder, name: str, index: int, seed: int, info: ImageInfo, names: list[str],
+                 phrases: list[str] | None, source: str, result: Any) -> None:
+    """Write into maps/.tmp-<name>/, then rename it to maps/<name>/ in one step."""
+    tmp = folder.temp_dir(name)
+    tmp.mkdir(parents=True, exist_ok=True)
+    for stale in tmp.iterdir():  # files of an attempt at this image that was killed
+        stale.unlink()
+    for class_id, class_name in zip(info.class_ids, names, strict=True):
+        for variant, maps in (("elbo", result.heatmaps), ("baseline", result.raw_heatmaps)):
+            pixels = to_uint8(maps[class_name], info.size, f"{variant} map of {class_name!r} for {name}")
+            Image.fromarray(pixels).save(tmp / heatmap_name(variant, class_id), format="PNG")
+    scores = {
+        "image": name, "index": index, "seed": seed, "size": list(info.size),
+        "class_ids": info.class_ids, "classes": names, "phrases": phrases, "phrase_source": source,
+        "elbo": {c: _float_or_none(result.elbo.get(c)) for c in names} if names else {},
+        "tau": {c: _float_or_none(result.tau.get(c)) for c in names} if names else {},
+    }
+    write_json_atomic(tmp / "scores.json", scores)
+    try:
+        os.rename(tmp, folder.image_dir(name))
+    except OSError as err:
+        raise ConfigError(f"cannot finish {name}: {folder.image_dir(name)} exists but is incomplete ({err}); "
+                          "move it away and rerun") from None
+
+
+def _float_or_none(value: Any) -> float | None:
+    return None if value is None else float(value)  # the core leaves the ELBO out when it is not needed
+
+
+def to_uint8(heat: Any, size: tuple[int, int], what: str) -> np.ndarray:
+    """(H, W) float heatmap in [0, 1] -> (H, W) uint8, value round(255 * heat)."""
+    arr = np.asarray(heat, dtype=np.float32)
+    if arr.shape != tuple(size):
+        raise RuntimeError(f"{what}: aligner returned shape {arr.shape}, expected the image size {tuple(size)}")
+    if not np.isfinite(arr).all():
+        raise RuntimeError(f"{what}: aligner returned non-finite values")
+    return np.round(np.clip(arr, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+def _prepare_folder(folder: RunFolder, conf: dict[str, Any], shard: Shard) -> None:
+    """Create the folder, refuse a config that contradicts its outputs, record this launch."""
+    folder.root.mkdir(parents=True, exist_ok=True)
+    if folder.config.is_file():
+        old = OmegaConf.to_container(OmegaConf.load(folder.config))
+        diff = fingerprint_diff(result_fingerprint(old), result_fingerprint(conf))  # type: ignore[arg-type]
+        if diff:
+            shown = "; ".join(diff[:6]) + ("; ..." if len(diff) > 6 else "")
+            raise ConfigError(f"{folder.root} holds a run with another config ({shown}); "
+                              "set output_dir=<new folder> or restore those values")
+    else:
+        tmp = folder.root / f".config.yaml.{os.getpid()}.tmp"
+        OmegaConf.save(OmegaConf.create(conf), tmp)
+        os.replace(tmp, folder.config)
+    git = git_revision()
+    if not folder.run_info.is_file():
+        write_json_atomic(folder.run_info, {
+            "git_revision": git["revision"], "git_dirty": git["dirty"], "seed": conf.get("seed", 0),
+            "dataset": conf["dataset"].get("name"), "split": conf["dataset"].get("split"),
+            "model": conf["model"]["name"], "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        })
+    launch = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "shard": f"{shard.index}/{shard.count}",
+              "argv": sys.argv, "host": socket.gethostname(), "pid": os.getpid(), **git}
+    with open(folder.launches, "a", encoding="utf-8") as f:
+        f.write(json.dumps(launch) + "\n")
+
+
+def git_revision() -> dict[str, Any]:
+    """HEAD of the checkout this package runs from, and whether it has local changes."""
+    repo = Path(__file__).resolve().parents[2]
+
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(["git", "--no-optional-locks", *args], cwd=repo, capture_output=True,
+                                 text=True, timeout=20)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    revision = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain") if revision else None
+    return {"revision": revision or "unknown", "dirty": None if status is None else bool(status)}
+
+
+def _attach_log(path: Path) -> logging.Handler:
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    package = logging.getLogger("elbo_t2ialign")
+    package.addHandler(handler)
+    if package.level == logging.NOTSET or package.level > logging.INFO:
+        package.setLevel(logging.INFO)
+    return handler
+
+
+def _summarise(folder: RunFolder, dataset: SegDataset, items: list[tuple[int, str]], fallback: int) -> None:
+    skipped = [n for _, n in items if folder.skip_record(n).exists() and not folder.is_done(n)]
+    done = sum(folder.is_done(n) for _, n in items)
+    log.info("finished %d of %d images of this shard", done, len(items))
+    if skipped:
+        log.warning("%d image(s) skipped, see %s: %s", len(skipped), folder.skipped, ", ".join(skipped[:10]))
+    if fallback:
+        log.warning("%d image(s) had no phrase file (%s); their prompts used class names",
+                    fallback, dataset.phrase_template)
+
