@@ -1,9 +1,9 @@
 """Project-level consistency: every config loads, pins agree between pyproject and environment.yaml."""
 
 import re
-import tomllib
 from pathlib import Path
 
+import tomllib
 import yaml
 
 from elbo_t2ialign import AlignOptions

@@ -108,6 +108,11 @@ class ModelAdapter:
                 self._cond_cache[prompt] = self._encode_prompt(prompt)
         return self._cond_cache[prompt]
 
+    def clear_prompt_cache(self, prompts: list[str] | None = None) -> None:
+        """Forget cached conditionings (all, or those of `prompts`): long prompt lists would fill memory."""
+        for p in list(self._cond_cache) if prompts is None else prompts:
+            self._cond_cache.pop(p, None)
+
     def token_ids(self, text: str, special: bool = True) -> list[int]:
         return list(self.attention_tokenizer(text, add_special_tokens=special, truncation=False).input_ids)
 

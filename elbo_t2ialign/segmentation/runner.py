@@ -15,7 +15,6 @@ import json
 import logging
 import os
 import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -27,6 +26,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from elbo_t2ialign.options import AlignOptions
+from elbo_t2ialign.runinfo import attach_log, git_revision
 
 from .config import (
     ConfigError,
@@ -61,7 +61,7 @@ def run(cfg: Any, aligner: HeatmapAligner | None = None) -> Path:
     dataset = SegDataset(conf["dataset"])
     folder = RunFolder(conf["output_dir"])
     _prepare_folder(folder, conf, shard)
-    handler = _attach_log(folder.root / f"segment{shard.tag}.log")
+    handler = attach_log(folder.root / f"segment{shard.tag}.log")
     try:
         items = _select(dataset, conf.get("num_images"), shard)
         todo = [(i, n) for i, n in items if not folder.is_done(n)]
@@ -184,33 +184,6 @@ def _prepare_folder(folder: RunFolder, conf: dict[str, Any], shard: Shard) -> No
               "argv": sys.argv, "host": socket.gethostname(), "pid": os.getpid(), **git}
     with open(folder.launches, "a", encoding="utf-8") as f:
         f.write(json.dumps(launch) + "\n")
-
-
-def git_revision() -> dict[str, Any]:
-    """HEAD of the checkout this package runs from, and whether it has local changes."""
-    repo = Path(__file__).resolve().parents[2]
-
-    def git(*args: str) -> str | None:
-        try:
-            out = subprocess.run(["git", "--no-optional-locks", *args], cwd=repo, capture_output=True,
-                                 text=True, timeout=20)
-        except (OSError, subprocess.SubprocessError):
-            return None
-        return out.stdout.strip() if out.returncode == 0 else None
-
-    revision = git("rev-parse", "HEAD")
-    status = git("status", "--porcelain") if revision else None
-    return {"revision": revision or "unknown", "dirty": None if status is None else bool(status)}
-
-
-def _attach_log(path: Path) -> logging.Handler:
-    handler = logging.FileHandler(path, encoding="utf-8")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    package = logging.getLogger("elbo_t2ialign")
-    package.addHandler(handler)
-    if package.level == logging.NOTSET or package.level > logging.INFO:
-        package.setLevel(logging.INFO)
-    return handler
 
 
 def _summarise(folder: RunFolder, dataset: SegDataset, items: list[tuple[int, str]], fallback: int) -> None:
