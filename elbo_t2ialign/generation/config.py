@@ -1,0 +1,114 @@
+"""Generation config: known keys, values, what a resumed run must keep, and the prompt file.
+
+Hydra's struct mode already rejects unknown command-line keys; `validate` gives configs built in code
+(tests, notebooks) the same guarantee, with messages that name the offending keys.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+TOP_KEYS = {
+    "model", "prompts", "phrases", "steps", "guidance", "strength", "elbo_steps", "seed", "num_prompts",
+    "images_per_prompt", "baseline", "device", "datasets_dir", "progress", "output_dir", "hydra",
+}
+MODEL_KEYS = {"name", "id", "resolution", "max_sequence_length", "dtype"}
+PROMPTS_KEYS = {"name", "file"}
+PHRASES_KEYS = {"spacy_model", "stopwords"}
+# What determines the files of a run folder; a resume must not change these.
+RESULT_KEYS = ("model", "prompts", "phrases", "steps", "guidance", "strength", "elbo_steps", "seed")
+BUNDLED_PROMPTS = Path(__file__).resolve().parent / "prompts"
+TINY_PREFIX = "tiny:"  # model.id "tiny:<family>" builds elbo_t2ialign.tiny.BUILDERS[<family>]()
+
+
+class GenerationError(Exception):
+    """A problem the user can fix (config, prompt file, run folder); printed without a traceback."""
+
+
+def to_container(cfg: Any) -> dict[str, Any]:
+    if isinstance(cfg, DictConfig):
+        return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+    return dict(cfg)
+
+
+def _unknown(section: str, got: set[str], known: set[str]) -> None:
+    extra = sorted(got - known)
+    if extra:
+        raise GenerationError(f"unknown key(s) in {section}: {extra}; known keys: {sorted(known)}")
+
+
+def validate(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Check keys and values of a resolved config; return it with defaults filled in."""
+    _unknown("the generation config", set(cfg), TOP_KEYS)
+    for key, known in (("model", MODEL_KEYS), ("prompts", PROMPTS_KEYS), ("phrases", PHRASES_KEYS)):
+        if not isinstance(cfg.get(key), dict):
+            raise GenerationError(f"config needs a '{key}' section (e.g. {key}=...)")
+        _unknown(key, set(cfg[key]), known)
+    for key in ("name", "id"):
+        if not cfg["model"].get(key):
+            raise GenerationError(f"model config needs '{key}'")
+    if not cfg["prompts"].get("file"):
+        raise GenerationError("prompts config needs 'file' (e.g. prompts=ane, or prompts.file=/path/to/file.txt)")
+    out = {"steps": 50, "guidance": None, "strength": 1.2, "elbo_steps": 50, "seed": 4307, "num_prompts": None,
+           "images_per_prompt": 1, "baseline": True, "device": "auto", "datasets_dir": "datasets",
+           "progress": True, **cfg}
+    for key in ("steps", "images_per_prompt"):
+        if int(out[key]) < 1:
+            raise GenerationError(f"{key} must be at least 1, got {out[key]}")
+    if int(out["elbo_steps"]) < 0:
+        raise GenerationError(f"elbo_steps must be >= 0, got {out['elbo_steps']}")
+    if out["num_prompts"] is not None and int(out["num_prompts"]) < 1:
+        raise GenerationError(f"num_prompts must be at least 1 (or null for all), got {out['num_prompts']}")
+    if float(out["strength"]) <= 0:
+        raise GenerationError(f"strength must be positive, got {out['strength']}")
+    if not out.get("output_dir"):
+        raise GenerationError("config needs output_dir")
+    return out
+
+
+def result_fingerprint(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The part of a config that determines the files a run writes."""
+    out = {key: cfg.get(key) for key in RESULT_KEYS}
+    out["model"] = {k: cfg["model"].get(k) for k in ("id", "resolution", "max_sequence_length", "dtype")}
+    return out
+
+
+def fingerprint_diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two fingerprints."""
+    diffs = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            diffs += fingerprint_diff(a, b, f"{prefix}{key}.")
+        elif a != b:
+            diffs.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return diffs
+
+
+def prompt_path(file: str, datasets_dir: str | Path) -> Path:
+    """An absolute path as given; a relative one under datasets_dir, else among the bundled prompt files."""
+    given = Path(file).expanduser()
+    candidates = [given] if given.is_absolute() else [Path(datasets_dir) / given, BUNDLED_PROMPTS / given]
+    for path in candidates:
+        if path.is_file():
+            return path
+    raise GenerationError(
+        f"prompt file {file!r} not found (looked at {', '.join(str(p) for p in candidates)}). "
+        "Download the prompt sets with `python -m elbo_t2ialign.prepare_data`, set datasets_dir=<folder>, "
+        "or pass prompts.file=/path/to/prompts.txt (one prompt per line)."
+    )
+
+
+def read_prompts(path: Path) -> list[str]:
+    """One prompt per line; blank lines are skipped, so a prompt's index is its rank among the others."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise GenerationError(f"cannot read prompt file {path}: {err}") from None
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise GenerationError(f"prompt file {path} holds no prompts (expected one prompt per line)")
+    return prompts

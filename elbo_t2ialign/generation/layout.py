@@ -1,0 +1,85 @@
+"""The run folder of a generation run: one place that knows every path.
+
+Layout (``<run>`` is ``cfg.output_dir``)::
+
+    <run>/
+      config.yaml                 resolved config of the first launch (a resume must match it)
+      run.json                    git revision, seed, model, prompt set, creation time
+      launches.jsonl              one line per launch: time, argv, git revision, host
+      generate.log                the runner's log
+      prompts.json                [{"index", "prompt", "phrases"}] of the selected prompts
+      images/elbo/<i>_<seed>.png  ELBO-weighted image of prompt <i> (5 digits) from noise <seed>
+      images/baseline/<i>_<seed>.png   the unweighted image from the same noise
+      weights/<i>_<seed>.json     {"index", "prompt", "seed", "phrases", "weights": [[w_p] per step],
+                                   "distances": [[d_p] per ELBO step], "final_prompt": Compel syntax}
+      clip_scores.json            evaluator: per variant overall and per prompt, and the delta
+      clip_scores.md              evaluator: table with the delta
+      grid.png                    evaluator: baseline beside weighted for a few prompts
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+VARIANTS = ("elbo", "baseline")
+_NAME = re.compile(r"^(\d+)_(\d+)\.png$")
+
+
+def image_stem(index: int, seed: int) -> str:
+    return f"{index:05d}_{seed}"
+
+
+def parse_image_name(name: str) -> tuple[int, int] | None:
+    """"00012_4307.png" -> (12, 4307); None for other files."""
+    m = _NAME.match(name)
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+class RunFolder:
+    """Paths inside one run folder; creating it never removes anything."""
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        self.root = Path(root)
+        self.config = self.root / "config.yaml"
+        self.run_info = self.root / "run.json"
+        self.launches = self.root / "launches.jsonl"
+        self.log = self.root / "generate.log"
+        self.prompts = self.root / "prompts.json"
+        self.weights_dir = self.root / "weights"
+        self.scores = self.root / "clip_scores.json"
+        self.report = self.root / "clip_scores.md"
+        self.grid = self.root / "grid.png"
+
+    def image(self, variant: str, index: int, seed: int) -> Path:
+        return self.root / "images" / variant / f"{image_stem(index, seed)}.png"
+
+    def weights(self, index: int, seed: int) -> Path:
+        return self.weights_dir / f"{image_stem(index, seed)}.json"
+
+    def images(self, variant: str) -> dict[tuple[int, int], Path]:
+        """(prompt index, seed) -> path of every finished image of a variant."""
+        folder = self.root / "images" / variant
+        if not folder.is_dir():
+            return {}
+        found = {key: p for p in folder.iterdir() if (key := parse_image_name(p.name)) is not None}
+        return dict(sorted(found.items()))
+
+
+def write_json_atomic(path: Path, data: Any, indent: int | None = 1) -> None:
+    """Write to a temporary name in the same folder, then rename into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=indent, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def save_image_atomic(image, path: Path) -> None:
+    """PNG to a temporary name, then renamed: a killed run never leaves a half-written image."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
+    image.save(tmp, format="PNG")
+    os.replace(tmp, path)

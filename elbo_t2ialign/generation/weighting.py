@@ -1,0 +1,113 @@
+"""ELBO phrase weights and weighted prompt embeddings (PROTOCOL 7).
+
+Weights follow `w_p = round(strength ** n_p, 2)` with `n_p` the min-max normalised distance between
+the full-prompt and the phrase-only prediction. They are applied the way Compel applies "(phrase)1.2":
+every text encoder's output at the phrase's token positions is moved away from the empty prompt's
+output, `e' = e_empty + w * (e - e_empty)`; positions with weight 1 keep `e` exactly and pooled
+embeddings are not weighted. Because that rule is per position and per feature, it is applied to the
+adapter's conditioning directly (SDXL's two encoders are concatenated along features, SD3's CLIP and
+T5 blocks along the sequence), so every family shares one code path.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import torch
+
+from ..models.base import Cond, ModelAdapter
+
+log = logging.getLogger(__name__)
+
+WEIGHTED_KEY = "encoder_hidden_states"  # the per-token text embeddings; pooled ones stay unweighted
+
+
+def phrase_weights(distances: Sequence[float] | torch.Tensor, strength: float) -> list[float]:
+    """Distances d_p (P,) -> weights round(strength ** n_p, 2); all ones with fewer than two phrases
+    or when every distance is equal."""
+    d = [float(x) for x in (distances.tolist() if isinstance(distances, torch.Tensor) else distances)]
+    if len(d) < 2:
+        return [1.0] * len(d)
+    lo, hi = min(d), max(d)
+    if not hi > lo:
+        return [1.0] * len(d)
+    return [round(float(strength) ** ((x - lo) / (hi - lo)), 2) for x in d]
+
+
+def compel_syntax(prompt: str, phrases: Sequence[str], weights: Sequence[float]) -> str:
+    """The prompt in Compel's syntax, e.g. "(a cat)1.2 and (a dog)1.0" (for logs and the weights JSON)."""
+    out, cursor = [], 0
+    for phrase, weight in zip(phrases, weights, strict=True):
+        start = prompt.find(phrase, cursor)
+        if start < 0:
+            raise ValueError(f"phrase {phrase!r} is not in the prompt {prompt!r} after position {cursor}")
+        out += [prompt[cursor:start], f"({phrase}){weight:g}"]
+        cursor = start + len(phrase)
+    return "".join(out + [prompt[cursor:]])
+
+
+def _find(seq: list[int], sub: list[int], start: int) -> int:
+    for i in range(start, len(seq) - len(sub) + 1):
+        if seq[i : i + len(sub)] == sub:
+            return i
+    return -1
+
+
+def _text_blocks(adapter: ModelAdapter) -> list[tuple[str, object, int, int, bool]]:
+    """(name, tokenizer, offset, length, required) of each block of `encoder_hidden_states`' sequence."""
+    pipe = adapter.pipe
+    clip = pipe.tokenizer
+    if adapter.family == "unet":  # SD1.x/2.x/SDXL: one CLIP sequence (SDXL's encoders share tokens)
+        return [("CLIP", clip, 0, int(clip.model_max_length), True)]
+    if adapter.family == "mmdit":  # SD3: [CLIP-L|CLIP-G (77); T5 (max_sequence_length)]
+        blocks = [("CLIP", clip, 0, int(clip.model_max_length), True)]
+        if getattr(pipe, "tokenizer_3", None) is not None:
+            blocks.append(("T5", pipe.tokenizer_3, int(clip.model_max_length), adapter.max_sequence_length, False))
+        return blocks
+    raise ValueError(f"prompt weighting supports the unet and mmdit families, not {adapter.family!r}")
+
+
+def token_positions(adapter: ModelAdapter, prompt: str, phrases: Sequence[str]) -> list[list[int]]:
+    """For each phrase, its positions along `encoder_hidden_states`' sequence axis.
+
+    Phrases are located in order (each after the previous one) as token sub-sequences of the prompt,
+    in every text block. A phrase missing from the CLIP tokens is an error; one missing from the T5
+    tokens (SentencePiece can split differently in context) is weighted in the CLIP block only, with a
+    warning.
+    """
+    positions: list[list[int]] = [[] for _ in phrases]
+    for name, tokenizer, offset, length, required in _text_blocks(adapter):
+        ids = list(tokenizer(prompt, add_special_tokens=True, truncation=False).input_ids)
+        cursor = 0
+        for k, phrase in enumerate(phrases):
+            sub = list(tokenizer(phrase, add_special_tokens=False, truncation=False).input_ids)
+            start = _find(ids, sub, cursor) if sub else -1
+            if start < 0:
+                msg = (f"cannot locate phrase {phrase!r} in the {name} tokens of prompt {prompt!r} "
+                       f"(phrase tokens {sub}, prompt tokens {ids})")
+                if required:
+                    raise ValueError(msg)
+                log.warning("%s; weighting it in the CLIP tokens only", msg)
+                continue
+            positions[k] += [offset + i for i in range(start, start + len(sub)) if i < length]
+            cursor = start + len(sub)
+    return positions
+
+
+def weight_conditioning(cond: Cond, empty: Cond, positions: Sequence[Sequence[int]],
+                        weights: Sequence[float]) -> Cond:
+    """Compel-style weighted conditioning: cond with each phrase's token embeddings scaled about the
+    empty prompt's. cond/empty batch 1; returns `cond` itself when every weight is 1."""
+    if len(positions) != len(weights):
+        raise ValueError(f"{len(positions)} phrases but {len(weights)} weights")
+    emb = cond[WEIGHTED_KEY]  # (1, L, D)
+    scale = torch.ones(emb.shape[1], dtype=torch.float32, device=emb.device)  # (L,)
+    for pos, w in zip(positions, weights, strict=True):
+        scale[list(pos)] = float(w)
+    if bool((scale == 1).all()):
+        return cond
+    base = empty[WEIGHTED_KEY].to(emb.device, torch.float32)
+    moved = base + (emb.float() - base) * scale[None, :, None]  # (1, L, D)
+    weighted = torch.where((scale == 1)[None, :, None], emb.float(), moved).to(emb.dtype)
+    return {**cond, WEIGHTED_KEY: weighted}

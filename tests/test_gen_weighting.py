@@ -1,0 +1,88 @@
+"""Phrase weights from distances and Compel-convention weighted embeddings (PROTOCOL 7)."""
+
+import pytest
+import torch
+from compel import Compel, CompelForSDXL
+from conftest import tiny_pipeline
+
+from elbo_t2ialign.generation.weighting import (
+    compel_syntax,
+    phrase_weights,
+    token_positions,
+    weight_conditioning,
+)
+from elbo_t2ialign.models import adapter_for
+
+PROMPT = "a photo of a cat and a dog"
+PHRASES = ["a cat", "a dog"]
+
+
+def adapter(family: str):
+    return adapter_for(tiny_pipeline(family), torch.device("cpu"), torch.float32, 32, max_sequence_length=16)
+
+
+def test_weights_for_known_distances():
+    # n = (d - 0.1) / 0.2 = [1, 0, 0.5]; 1.2 ** 0.5 = 1.0954, 3 ** 0.5 = 1.7321
+    assert phrase_weights([0.3, 0.1, 0.2], 1.2) == [1.2, 1.0, 1.1]
+    assert phrase_weights(torch.tensor([0.3, 0.1, 0.2], dtype=torch.float64), 3.0) == [3.0, 1.0, 1.73]
+    assert phrase_weights([5.0, 1.0, 2.0, 3.0], 2.0) == [2.0, 1.0, 1.19, 1.41]  # 2**0.25, 2**0.5
+
+
+def test_fewer_than_two_phrases_or_equal_distances_give_ones():
+    assert phrase_weights([], 1.2) == []
+    assert phrase_weights([0.7], 3.0) == [1.0]
+    assert phrase_weights([0.2, 0.2, 0.2], 3.0) == [1.0, 1.0, 1.0]
+
+
+def test_compel_syntax():
+    assert compel_syntax(PROMPT, PHRASES, [1.2, 1.0]) == "a photo of (a cat)1.2 and (a dog)1"
+    with pytest.raises(ValueError, match="a bird"):
+        compel_syntax(PROMPT, ["a bird"], [1.1])
+
+
+def test_weighted_embeddings_equal_compel_sd():
+    ad, pipe = adapter("sd"), tiny_pipeline("sd")
+    compel = Compel(tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder)
+    full, empty = ad.encode_prompt(PROMPT), ad.encode_prompt("")
+    positions = token_positions(ad, PROMPT, PHRASES)
+    assert positions == [[4, 5], [7, 8]]  # <bos> a photo of | a cat | and | a dog
+    for weights in ([1.2, 1.1], [1.0, 1.35], [2.0, 1.0]):
+        ours = weight_conditioning(full, empty, positions, weights)["encoder_hidden_states"]
+        theirs = compel(compel_syntax(PROMPT, PHRASES, weights))
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)
+        changed = (ours != full["encoder_hidden_states"]).any(dim=-1)[0]  # (77,)
+        expected = [p for pos, w in zip(positions, weights, strict=True) if w != 1 for p in pos]
+        assert changed.nonzero().flatten().tolist() == expected
+
+
+def test_weighted_embeddings_equal_compel_sdxl():
+    ad, pipe = adapter("sdxl"), tiny_pipeline("sdxl")
+    full = ad.encode_prompt(PROMPT)
+    weights = [1.3, 1.0]
+    ours = weight_conditioning(full, ad.encode_prompt(""), token_positions(ad, PROMPT, PHRASES), weights)
+    theirs = CompelForSDXL(pipe)(compel_syntax(PROMPT, PHRASES, weights))
+    torch.testing.assert_close(ours["encoder_hidden_states"], theirs.embeds, rtol=0, atol=1e-6)
+    # pooled text and time ids stay those of the plain prompt (Compel pools its syntax string instead)
+    assert torch.equal(ours["text_embeds"], full["text_embeds"]) and torch.equal(ours["time_ids"], full["time_ids"])
+
+
+def test_sd3_weights_clip_and_t5_tokens():
+    ad = adapter("sd3")
+    full, empty = ad.encode_prompt(PROMPT), ad.encode_prompt("")
+    positions = token_positions(ad, PROMPT, PHRASES)
+    # CLIP block: <bos> first; T5 block from 77, no <bos>: a photo of a cat ... -> 77 + 3, 77 + 4
+    assert positions == [[4, 5, 80, 81], [7, 8, 83, 84]]
+    out = weight_conditioning(full, empty, positions, [1.5, 1.0])
+    e, f, o = (c["encoder_hidden_states"][0] for c in (empty, full, out))  # (77 + 16, D)
+    rows = torch.tensor([4, 5, 80, 81])
+    torch.testing.assert_close(o[rows], e[rows] + 1.5 * (f[rows] - e[rows]))
+    others = torch.ones(o.shape[0], dtype=torch.bool)
+    others[rows] = False
+    assert torch.equal(o[others], f[others])
+    assert torch.equal(out["pooled_projections"], full["pooled_projections"])
+    assert weight_conditioning(full, empty, positions, [1.0, 1.0]) is full
+
+
+def test_phrase_missing_from_the_prompt_is_an_error():
+    with pytest.raises(ValueError, match="cannot locate phrase 'a bird'"):
+        token_positions(adapter("sd"), PROMPT, ["a bird"])
