@@ -17,6 +17,8 @@ TRANSFORMER_ADAPTERS: dict[str, type[ModelAdapter]] = {
     "PixArtTransformer2DModel": PixArtAdapter,
 }
 
+REPO_ROOT = Path(__file__).resolve().parents[2]  # relative model folders are also looked up here
+
 __all__ = ["ModelAdapter", "adapter_for", "load_pipeline", "resolve_device", "resolve_dtype"]
 
 
@@ -54,10 +56,13 @@ def prepare_pipeline(pipe, device: torch.device, dtype: torch.dtype):
 
 
 def load_pipeline(model_id: str, device: torch.device, dtype: torch.dtype):
-    """A diffusers pipeline from a hub id or a local folder, with a clear message when it is unreachable."""
+    """A diffusers pipeline from a hub id or a local folder (relative: from the working directory, else
+    from the repository root), with a clear message when it is unreachable."""
     from diffusers import DiffusionPipeline
 
     local = Path(model_id).expanduser()
+    if not local.is_absolute() and not local.exists() and (REPO_ROOT / local).is_dir():
+        local = REPO_ROOT / local  # a relative folder in a config, e.g. the bundled testbed model
     source = str(local) if local.is_dir() else model_id
     try:
         # the safety checker is never run here: skip loading it
