@@ -90,9 +90,7 @@ class Aligner:
         collect_prompt = opts.collect_prompt.format(", ".join(texts))
         conds = [self.adapter.encode_prompt(p) for p in elbo_prompts]
         if len(names) > 1 and not opts.fixed_temperature and opts.strength != 1.0:
-            losses, self._batch_size = elbo_losses(self.adapter, z0, conds, opts.elbo_timesteps, elbo_noise,
-                                                   self._batch_size)
-            losses = losses.tolist()
+            losses = self._elbo_losses(z0, conds, opts.elbo_timesteps, elbo_noise)
             taus = calibrate.temperatures(losses, opts.strength)
         else:  # one class (n = 0), no calibration or a fixed temperature: the scores cannot change tau
             losses = [None] * len(names)
@@ -149,6 +147,11 @@ class Aligner:
             weights["self1"] = calibrate.self_stage_weights(self.layers, opts.self_weights_1)
             weights["self2"] = calibrate.self_stage_weights(self.layers, opts.self_weights_2)
         return weights
+
+    def _elbo_losses(self, z0: torch.Tensor, conds, timesteps: Sequence[int], noise: torch.Tensor) -> list[float]:
+        """Summed diffusion loss per class, all (class, timestep) pairs batched."""
+        losses, self._batch_size = elbo_losses(self.adapter, z0, conds, timesteps, noise, self._batch_size)
+        return losses.tolist()
 
     def _collect(self, z0, prompt: str, noise: torch.Tensor, opts: AlignOptions, weights):
         """Run the collection timesteps under the recorder; restart with half the batch on out-of-memory."""

@@ -90,19 +90,21 @@ def attend_and_capture(
         out[:, :, stop:] = _sdpa_rows(query, key, value, mask, scale, slice(stop, sq))
     maps = {name: query.new_zeros((stop - start, len(range(sk)[blk])), dtype=torch.float32)
             for name, blk in blocks.items()}
-    # rows per chunk so that one (B, H, rows, Sk) float32 block stays under chunk_mb
-    step = max(1, int(chunk_mb * 2**20 // (4 * b * h * sk)))
+    # rows per chunk so that the chunk's two float32 (B, H, rows, Sk) blocks, scores and
+    # probabilities, stay under chunk_mb together (scaling and masking happen in place)
+    step = max(1, int(chunk_mb * 2**20 // (2 * 4 * b * h * sk)))
     for lo in range(start, stop, step):
         hi = min(lo + step, stop)
-        scores = torch.matmul(query[:, :, lo:hi], key.transpose(-1, -2)).float() * scale  # (B, H, r, Sk)
+        scores = torch.matmul(query[:, :, lo:hi], key.transpose(-1, -2)).float().mul_(scale)  # (B, H, r, Sk)
         if mask is not None:
-            scores = scores + _mask_rows(mask, lo, hi).float()
+            scores.add_(_mask_rows(mask, lo, hi).float())
         probs = scores.softmax(dim=-1)
+        del scores
         out[:, :, lo:hi] = torch.matmul(probs.to(value.dtype), value)
         head_mean = probs.mean(dim=1).sum(dim=0)  # (r, Sk)
+        del probs
         for name, blk in blocks.items():
             maps[name][lo - start : hi - start] += head_mean[:, blk]
-        del scores, probs
     return out, maps
 
 

@@ -6,7 +6,10 @@ import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# Tiny models gain nothing from threads, and on a loaded 2-core machine OpenMP threads that
+# spin against another process make them 100x slower. Subprocesses inherit the variable.
+os.environ["OMP_NUM_THREADS"] = "1"
+torch.set_num_threads(1)
 
 from elbo_t2ialign.tiny import BUILDERS  # noqa: E402
 

@@ -48,6 +48,7 @@ class ModelAdapter:
     capture_processor: type  # processor class installed on captured layers
 
     max_sequence_length: int | None = None  # T5 text length, for families that use T5
+    prompt_cache_size: int = 256  # conditionings kept by encode_prompt (least recently used dropped)
 
     def __init__(self, pipe, device: torch.device, dtype: torch.dtype, resolution: int | None = None,
                  max_sequence_length: int | None = None):
@@ -101,12 +102,18 @@ class ModelAdapter:
         return int(size[0] if isinstance(size, (list, tuple)) else size)
 
     def encode_prompt(self, prompt: str) -> Cond:
-        """Conditioning for one prompt, batch 1, cached per prompt string."""
-        if prompt not in self._cond_cache:
+        """Conditioning for one prompt, batch 1, cached per prompt string. The cache keeps the
+        `prompt_cache_size` most recently used prompts, so memory stays flat over a dataset whose
+        collection prompts rarely repeat while the per-class prompts stay cached."""
+        cond = self._cond_cache.pop(prompt, None)
+        if cond is None:
             self.check_prompt_length(prompt)
             with torch.no_grad():
-                self._cond_cache[prompt] = self._encode_prompt(prompt)
-        return self._cond_cache[prompt]
+                cond = self._encode_prompt(prompt)
+        self._cond_cache[prompt] = cond  # (re)inserted last: dicts keep insertion order
+        while len(self._cond_cache) > self.prompt_cache_size:
+            self._cond_cache.pop(next(iter(self._cond_cache)))
+        return cond
 
     def clear_prompt_cache(self, prompts: list[str] | None = None) -> None:
         """Forget cached conditionings (all, or those of `prompts`): long prompt lists would fill memory."""

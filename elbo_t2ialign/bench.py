@@ -1,0 +1,469 @@
+"""Throughput benchmark of the per-image segmentation path (`Aligner.heatmaps`).
+
+Builds a random-weight pipeline with a real model's published architecture
+(configs in `bench_configs/`, no weights, no network), runs N images of K
+classes and prints one JSON line.
+
+    python -m elbo_t2ialign.bench --model sd15 --resolution 256 --classes 2 --compare
+    python -m elbo_t2ialign.bench --model sdxl --resolution 1024 --device cuda --dtype float16
+    python -m elbo_t2ialign.bench --model tiny-sd --images 4 --processes 2
+
+Modes:
+- `optimized`: the project's path (batched forwards, capture only on weighted
+  layers, running float32 sums, SDPA elsewhere);
+- `reference`: the way the reference implementation runs: one network call
+  per (class, timestep) pair and per collection step at batch 1, explicit
+  softmax in every attention layer, every map of every step kept until the
+  end. Same noise, same prompts: its heatmaps must equal the optimized ones.
+
+`--compare` and `--processes` run every measurement in its own subprocess so
+that one run's peak memory cannot hide another's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .aligner import Aligner
+from .attention import AttentionRecorder
+from .models import adapter_for, resolve_dtype
+from .options import AlignOptions
+from .tiny import WORDS
+
+CONFIG_DIR = Path(__file__).with_name("bench_configs")
+FULL_MODELS = ("sd15", "sdxl", "sd3")
+TINY_MODELS = ("tiny-sd", "tiny-sdxl", "tiny-sd3")
+CLASS_POOL = ["cat", "dog", "bird", "car", "person", "plant", "sofa", "table"]
+EXPLICIT_MB = 1e12  # chunk bound so large that every captured layer runs one full softmax
+ATTENTION_SHARPNESS = 16.0  # query scale of the random-weight benchmark models, see sharpen_attention
+T5_NOTE = "text_encoder_3=None: the SD3 pipeline feeds zeros for the T5 tokens (same sequence length and cost)"
+
+
+# ------------------------------------------------------------------ models
+
+
+def build_pipeline(model: str, device: torch.device, t5: bool = False) -> tuple[Any, list[str]]:
+    """A random-weight pipeline with `model`'s architecture, built on `device` (float32)."""
+    if model in TINY_MODELS:
+        from .tiny import BUILDERS
+
+        pipe = BUILDERS[model.removeprefix("tiny-")]()
+        sharpen_attention(pipe.unet if hasattr(pipe, "unet") else pipe.transformer, ATTENTION_SHARPNESS / 2)
+        return pipe, []
+    if model not in FULL_MODELS:
+        raise ValueError(f"unknown model {model!r}; choose one of {FULL_MODELS + TINY_MODELS}")
+    import diffusers
+
+    from .tokenizers import build_clip_tokenizer, build_word_tokenizer
+
+    spec = json.loads((CONFIG_DIR / f"{model}.json").read_text())
+    notes, parts = [], {}
+    torch.manual_seed(0)
+    # parameters are created and initialised directly on the device: random init of
+    # billions of parameters is seconds on a GPU and minutes on a CPU
+    with torch.device(device):
+        for name in ("unet", "transformer"):
+            if name in spec:
+                cls = diffusers.UNet2DConditionModel if name == "unet" else diffusers.SD3Transformer2DModel
+                parts[name] = cls.from_config(spec[name])
+        parts["vae"] = diffusers.AutoencoderKL.from_config(spec["vae"])
+        for i, name in enumerate(("text_encoder", "text_encoder_2")):
+            if name in spec:
+                tok = build_clip_tokenizer(WORDS)
+                parts[name] = _text_model(spec[name], tok)
+                parts["tokenizer" if i == 0 else "tokenizer_2"] = tok
+        if "text_encoder_3" in spec:
+            if t5:
+                tok = build_word_tokenizer(WORDS, model_max_length=256)
+                parts["text_encoder_3"], parts["tokenizer_3"] = _text_model(spec["text_encoder_3"], tok), tok
+            else:
+                parts["text_encoder_3"], parts["tokenizer_3"] = None, None
+                notes.append(T5_NOTE)
+    sharpen_attention(parts.get("unet") or parts["transformer"])
+    sched = dict(spec["scheduler"])
+    parts["scheduler"] = getattr(diffusers, sched.pop("class")).from_config(sched)
+    pipe_cls = getattr(diffusers, spec["pipeline"])
+    if pipe_cls is diffusers.StableDiffusionPipeline:
+        parts.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    return pipe_cls(**parts), notes
+
+
+def sharpen_attention(denoiser: torch.nn.Module, factor: float = ATTENTION_SHARPNESS) -> None:
+    """Scale every query projection so attention logits spread like a trained model's (std ~5).
+
+    Default random init gives logits of standard deviation ~0.3: nearly uniform attention,
+    for which the method's min-max normalisations amplify float rounding ~10^4 times and a
+    parity check between two correct paths checks nothing. Speed is unaffected.
+    """
+    with torch.no_grad():
+        for module in denoiser.modules():
+            for name in ("to_q", "add_q_proj"):
+                proj = getattr(module, name, None)
+                if isinstance(proj, torch.nn.Linear):
+                    proj.weight.mul_(factor)
+
+
+def _text_model(cfg: dict[str, Any], tokenizer) -> torch.nn.Module:
+    """A transformers text encoder from a config dict; special-token ids follow the offline tokenizer
+    (its ids are all below the published vocab_size, so the embedding table keeps its real size)."""
+    import transformers
+
+    cfg = dict(cfg)
+    cls = getattr(transformers, cfg.pop("class"))
+    ids = {"pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id}
+    if cls.__name__.startswith("CLIP"):
+        ids["bos_token_id"] = tokenizer.bos_token_id
+        config = transformers.CLIPTextConfig(**cfg, **ids)
+    else:
+        config = transformers.T5Config(**cfg, **ids, decoder_start_token_id=tokenizer.pad_token_id)
+    if len(tokenizer) > config.vocab_size:
+        raise ValueError(f"tokenizer has {len(tokenizer)} ids but the model's vocab_size is {config.vocab_size}")
+    return cls(config).eval()
+
+
+# --------------------------------------------------------- reference mode
+
+
+class KeepAllRecorder(AttentionRecorder):
+    """Reference-style capture: every layer computes an explicit full softmax; with `keep`,
+    every map of every step is stored and only summed by `aggregate()` at the end."""
+
+    def __init__(self, adapter, weights: dict[str, dict[str, float]], keep: bool):
+        super().__init__(adapter.denoiser, adapter.attention_layers(), weights, adapter.capture_processor,
+                         chunk_mb=EXPLICIT_MB, text_length=adapter.text_length)
+        self.keep = keep
+        self.kept: list[tuple[Any, dict[str, torch.Tensor], int]] = []
+
+    @property
+    def captured(self) -> list[str]:
+        return list(self.layers)
+
+    def add(self, layer, maps, batch) -> None:
+        if self.keep:
+            self.kept.append((layer, maps, batch))
+
+    def aggregate(self) -> None:
+        for layer, maps, batch in self.kept:
+            super().add(layer, maps, batch)
+
+
+class ReferenceAligner(Aligner):
+    """Aligner whose network work is done one sample at a time, reference-style."""
+
+    def _elbo_losses(self, z0, conds, timesteps, noise) -> list[float]:
+        ad, losses = self.adapter, []
+        with KeepAllRecorder(ad, {}, keep=False):
+            for cond in conds:
+                total = 0.0
+                for j, t in enumerate(timesteps):
+                    tt = torch.tensor([t], device=ad.device)
+                    eps = noise[j : j + 1].to(ad.device)
+                    pred = ad.predict(ad.schedule.add_noise(z0, eps, tt), tt, cond)
+                    total += float(((ad.schedule.target(z0, eps, tt) - pred) ** 2).mean())
+                losses.append(total)
+        return losses
+
+    def _collect(self, z0, prompt, noise, opts, weights):
+        ad = self.adapter
+        cond = ad.encode_prompt(prompt)
+        rec = KeepAllRecorder(ad, weights, keep=True)
+        with rec:
+            for j, t in enumerate(opts.collect_timesteps):
+                tt = torch.tensor([t], device=ad.device)
+                ad.predict(ad.schedule.add_noise(z0, noise[j : j + 1].to(ad.device), tt), tt, cond)
+        rec.aggregate()
+        return rec
+
+
+# ------------------------------------------------------------ measurement
+
+
+class NetworkTimer:
+    """Wraps the adapter's network call: seconds inside it, calls and samples."""
+
+    def __init__(self, adapter, device: torch.device):
+        self.seconds, self.calls, self.samples = 0.0, 0, 0
+        self._sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        inner = adapter._forward
+
+        def timed(x, timestep, cond):
+            self._sync()
+            start = time.perf_counter()
+            out = inner(x, timestep, cond)
+            self._sync()
+            self.seconds += time.perf_counter() - start
+            self.calls += 1
+            self.samples += x.shape[0]
+            return out
+
+        adapter._forward = timed
+
+    def reset(self) -> None:
+        self.seconds, self.calls, self.samples = 0.0, 0, 0
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:  # Linux: writing 5 resets the process's peak RSS (VmHWM) to the current RSS
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def bench_image(index: int, resolution: int) -> Image.Image:
+    """A smooth random RGB image: upsampled noise, so the VAE sees structure rather than static."""
+    rng = np.random.RandomState(index)
+    small = Image.fromarray((rng.rand(8, 8, 3) * 255).astype(np.uint8))
+    return small.resize((resolution, resolution), Image.BILINEAR)
+
+
+def image_classes(index: int, k: int) -> list[str]:
+    """K class names per image, rotating through the pool so prompts change from image to image."""
+    if not 1 <= k <= len(CLASS_POOL):
+        raise ValueError(f"--classes must be between 1 and {len(CLASS_POOL)}, got {k}")
+    return [CLASS_POOL[(index * k + j) % len(CLASS_POOL)] for j in range(k)]
+
+
+def run_mode(args: argparse.Namespace) -> dict[str, Any]:
+    """Build the model, run this process's share of the images in one mode, return the fields."""
+    from .segmentation.config import parse_shard
+
+    device = torch.device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    # sharp random attention underflows to subnormal floats, which CPUs process ~100x slower
+    # (and which would slow the explicit-softmax reference mode most); flush them to zero
+    torch.set_flush_denormal(True)
+    start = time.perf_counter()
+    pipe, notes = build_pipeline(args.model, device, t5=args.t5)
+    resolution = args.resolution if args.model not in TINY_MODELS else 32
+    max_seq = 16 if args.model in TINY_MODELS else None
+    adapter = adapter_for(pipe, device, dtype, resolution, max_seq)
+    options = AlignOptions(batch_size=args.batch_size)
+    if args.chunk_mb:
+        options = options.replace(self_attention_chunk_mb=args.chunk_mb)
+    aligner = (ReferenceAligner if args.mode == "reference" else Aligner)(adapter, options)
+    timer = NetworkTimer(adapter, device)
+    build_sec = time.perf_counter() - start
+
+    shard = parse_shard(None)
+    indices = [i for i in range(args.images) if shard.owns(i)]
+    for w in range(args.warmup):  # untimed: kernel selection, lazy initialisation
+        aligner.heatmaps(bench_image(10_000 + w, resolution), image_classes(w, args.classes), seed=w)
+    timer.reset()
+    _wait_for_peers()
+    reset_peak_memory(device)
+    maps: dict[str, np.ndarray] = {}
+    start = time.perf_counter()
+    for i in indices:
+        res = aligner.heatmaps(bench_image(i, resolution), image_classes(i, args.classes), seed=i)
+        for name in res.heatmaps:
+            maps[f"{i}/calibrated/{name}"] = res.heatmaps[name]
+            maps[f"{i}/raw/{name}"] = res.raw_heatmaps[name]
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    run_sec = time.perf_counter() - start
+    n = max(1, len(indices))
+    if args.maps_out:
+        np.savez(args.maps_out, **maps)
+    return {
+        "model": args.model, "mode": args.mode, "device": str(device), "device_name": _device_name(device),
+        "dtype": str(dtype).removeprefix("torch."), "resolution": resolution, "images": len(indices),
+        "classes": args.classes, "threads": torch.get_num_threads(), "batch_size": aligner._batch_size,
+        "shard": f"{shard.index}/{shard.count}",
+        "sec_per_image": run_sec / n,
+        "forward_samples_per_image": timer.samples / n,
+        "network_calls_per_image": timer.calls / n,
+        "network_sec_per_image": timer.seconds / n,
+        "overhead_fraction": (run_sec - timer.seconds) / run_sec if run_sec > 0 else 0.0,
+        "peak_mem_mb": round(peak_memory_mb(device), 1),
+        "build_sec": round(build_sec, 2), "run_sec": run_sec, "notes": notes,
+    }
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def _wait_for_peers(timeout_s: float = 1800.0) -> None:
+    """Concurrent shard processes start their timed work together (a file barrier)."""
+    folder, world = os.environ.get("BENCH_BARRIER"), int(os.environ.get("WORLD_SIZE", "1"))
+    if not folder or world <= 1:
+        return
+    Path(folder, f"ready{os.environ.get('RANK', '0')}").touch()
+    deadline = time.monotonic() + timeout_s
+    while len(list(Path(folder).glob("ready*"))) < world:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"only {len(list(Path(folder).glob('ready*')))} of {world} bench processes started")
+        time.sleep(0.05)
+
+
+# ---------------------------------------------------------- orchestration
+
+
+def _child_argv(args: argparse.Namespace, mode: str, maps_out: str | None, threads: int | None) -> list[str]:
+    argv = [sys.executable, "-m", "elbo_t2ialign.bench", "--mode", mode, "--model", args.model,
+            "--resolution", str(args.resolution), "--images", str(args.images), "--classes", str(args.classes),
+            "--device", args.device, "--dtype", args.dtype, "--batch-size", str(args.batch_size),
+            "--warmup", str(args.warmup)]
+    if args.chunk_mb:
+        argv += ["--chunk-mb", str(args.chunk_mb)]
+    if args.t5:
+        argv.append("--t5")
+    if maps_out:
+        argv += ["--maps-out", maps_out]
+    if threads:
+        argv += ["--threads", str(threads)]
+    return argv
+
+
+def _run_children(argvs: list[list[str]], envs: list[dict[str, str]]) -> list[dict[str, Any]]:
+    """Start the processes together, wait for all, return each one's last JSON line."""
+    procs = [subprocess.Popen(a, env=e, stdout=subprocess.PIPE, text=True) for a, e in zip(argvs, envs, strict=True)]
+    results = []
+    for proc in procs:
+        out, _ = proc.communicate()
+        lines = [line for line in out.splitlines() if line.startswith("{")]
+        if proc.returncode != 0 or not lines:
+            raise RuntimeError(f"bench subprocess {' '.join(proc.args)} failed with exit code {proc.returncode}")
+        results.append(json.loads(lines[-1]))
+    return results
+
+
+def _env(rank: int = 0, world: int = 1, barrier: str | None = None) -> dict[str, str]:
+    env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK="0")
+    env.pop("BENCH_BARRIER", None)
+    if barrier:
+        env["BENCH_BARRIER"] = barrier
+    return env
+
+
+def compare(args: argparse.Namespace) -> dict[str, Any]:
+    """Both modes, alternating, each run in its own process; the median run of each mode is reported."""
+    runs: dict[str, list[dict[str, Any]]] = {"optimized": [], "reference": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(args.repeats):
+            for mode in runs:
+                path = str(Path(tmp, f"{mode}{r}.npz"))
+                runs[mode].append(_run_children([_child_argv(args, mode, path, args.threads)], [_env()])[0])
+        diff = max_abs_diff(Path(tmp, "optimized0.npz"), Path(tmp, "reference0.npz"))
+    best = {mode: _median_run(rs) for mode, rs in runs.items()}
+    return {
+        "model": args.model, "resolution": best["optimized"]["resolution"], "device": args.device,
+        "dtype": best["optimized"]["dtype"], "images": args.images, "classes": args.classes,
+        "optimized": best["optimized"], "reference": best["reference"],
+        "speedup": best["reference"]["sec_per_image"] / best["optimized"]["sec_per_image"],
+        "max_abs_diff": diff,
+        "runs_sec_per_image": {m: [round(r["sec_per_image"], 3) for r in rs] for m, rs in runs.items()},
+    }
+
+
+def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    times = [r["sec_per_image"] for r in runs]
+    return runs[times.index(statistics.median_low(times))]
+
+
+def max_abs_diff(a: Path, b: Path) -> float:
+    with np.load(a) as x, np.load(b) as y:
+        if set(x.files) != set(y.files):
+            raise RuntimeError(f"the two modes produced different maps: {sorted(set(x.files) ^ set(y.files))}")
+        return max((float(np.abs(x[k] - y[k]).max()) for k in x.files), default=0.0)
+
+
+def scaling(args: argparse.Namespace) -> dict[str, Any]:
+    """Images/s of 1 process vs `args.processes` shard processes running concurrently on one device
+    (data parallelism as under `accelerate launch`: process i takes images i, i+n, ...)."""
+    out: dict[str, Any] = {"model": args.model, "device": args.device, "images": args.images,
+                           "classes": args.classes, "throughput": {}}
+    cpu_threads = torch.get_num_threads() if args.device == "cpu" else None
+    for n in sorted({1, args.processes}):
+        # on a CPU the cores are split between the processes instead of oversubscribed
+        threads = args.threads or (max(1, cpu_threads // n) if cpu_threads else None)
+        with tempfile.TemporaryDirectory() as barrier:
+            results = _run_children([_child_argv(args, "optimized", None, threads)] * n,
+                                    [_env(rank, n, barrier) for rank in range(n)])
+        wall = max(r["run_sec"] for r in results)
+        out["throughput"][str(n)] = {
+            "images_per_sec": sum(r["images"] for r in results) / wall,
+            "peak_mem_mb_per_process": max(r["peak_mem_mb"] for r in results),
+            "threads_per_process": results[0]["threads"], "sec_per_image": [r["sec_per_image"] for r in results],
+        }
+    one, many = out["throughput"]["1"], out["throughput"][str(args.processes)]
+    out["scaling"] = many["images_per_sec"] / one["images_per_sec"]
+    return out
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m elbo_t2ialign.bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="sd15", choices=FULL_MODELS + TINY_MODELS)
+    p.add_argument("--resolution", type=int, default=256, help="image side in pixels (tiny models: always 32)")
+    p.add_argument("--images", type=int, default=1)
+    p.add_argument("--classes", type=int, default=2)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", help="network dtype (the VAE stays float32)")
+    p.add_argument("--mode", default="optimized", choices=("optimized", "reference"))
+    p.add_argument("--compare", action="store_true", help="run both modes (each in a subprocess)")
+    p.add_argument("--repeats", type=int, default=1, help="--compare: alternate the modes this many times")
+    p.add_argument("--processes", type=int, default=1, help=">1: images/s of 1 vs this many shard processes")
+    p.add_argument("--batch-size", type=int, default=AlignOptions.batch_size, help="network samples per call")
+    p.add_argument("--chunk-mb", type=float, default=None,
+                   help="bound on one chunk of explicit self-attention (default: the option's default)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed images first (default: 1 on CUDA, 0 on CPU)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--t5", action="store_true", help="SD3: build the 4.7B-parameter T5-XXL text encoder too")
+    p.add_argument("--maps-out", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.warmup is None:
+        args.warmup = 1 if args.device.startswith("cuda") else 0
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    if args.compare:
+        result = compare(args)
+    elif args.processes > 1:
+        result = scaling(args)
+    else:
+        result = run_mode(args)
+    print(json.dumps(result), flush=True)
+    return result
+
+
+if __name__ == "__main__":
+    main()
