@@ -1,0 +1,88 @@
+"""The testbed model: offline tokenizer, a deterministic tiny training run, the committed pipeline."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from elbo_t2ialign.testbed import train, world
+
+TINY = dict(
+    threads=1, train_images=16, vae_channels=(16, 16), vae_steps=2, vae_batch=4, unet_channels=(16, 32),
+    unet_heads=(1, 2), norm_groups=8, text_hidden=16, text_heads=1, text_layers=1, steps=3, batch=4,
+    warmup=1, checkpoint_every=2,
+)
+
+
+def load(folder):
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline.from_pretrained(str(folder), safety_checker=None, requires_safety_checker=False)
+
+
+def test_tokenizer_holds_every_caption_word_as_one_token():
+    tok = train.build_tokenizer()
+    for word in world.VOCABULARY:
+        assert len(tok(word, add_special_tokens=False).input_ids) == 1, word
+    longest = "a photo of an orange triangle and a yellow diamond and a purple square"
+    assert len(tok(longest).input_ids) <= train.MAX_TEXT_LENGTH
+
+
+def test_caption_mixture_covers_the_method_prompt_forms():
+    cfg = train.TrainConfig()
+    objects = world.generate(5, "train").objects
+    rng = np.random.default_rng(0)
+    captions = [train.sample_caption(objects, rng, cfg) for _ in range(300)]
+    assert "" in captions
+    assert any("," in c or (" and " not in c and c and not any(k in c for k in world.COLOURS)) for c in captions)
+    assert any(all(f"{o.colour} {o.cls}" in c for o in objects) for c in captions)
+
+
+def test_tiny_training_is_deterministic_and_saves_a_standard_pipeline(tmp_path):
+    cfg = train.TrainConfig(**TINY)
+    info = train.train(cfg, tmp_path / "a", tmp_path / "wa", progress=False)
+    train.train(train.TrainConfig(**TINY), tmp_path / "b", tmp_path / "wb", progress=False)
+    assert info["parameters"]["unet"] > 0
+    a, b = load(tmp_path / "a"), load(tmp_path / "b")
+    for name in ("unet", "vae", "text_encoder"):
+        sa, sb = getattr(a, name).state_dict(), getattr(b, name).state_dict()
+        assert all(torch.equal(sa[k], sb[k]) for k in sa), name
+    assert a.vae.config.scaling_factor == b.vae.config.scaling_factor != 0.18215
+    # the text encoder stays at its (seeded) random initialisation
+    torch.manual_seed(cfg.seed)
+    fresh = train.build_text_encoder(cfg, train.build_tokenizer())
+    assert all(torch.equal(v, fresh.state_dict()[k]) for k, v in a.text_encoder.state_dict().items())
+    # a rerun resumes from the finished checkpoint and writes the same pipeline
+    train.train(train.TrainConfig(**TINY), tmp_path / "c", tmp_path / "wa", progress=False)
+    c = load(tmp_path / "c")
+    assert all(torch.equal(v, c.unet.state_dict()[k]) for k, v in a.unet.state_dict().items())
+
+
+COMMITTED = train.DEFAULT_MODEL_DIR
+
+
+@pytest.mark.skipif(not (COMMITTED / "model_index.json").is_file(), reason="no committed testbed model")
+def test_committed_model_loads_as_a_plain_diffusers_pipeline_and_runs():
+    size = sum(f.stat().st_size for f in Path(COMMITTED).rglob("*") if f.is_file())
+    assert size <= 30 * 2**20
+    pipe = load(COMMITTED)
+    assert pipe.unet.dtype == torch.float32 and pipe.vae.dtype == torch.float32
+    assert pipe.scheduler.config.num_train_timesteps == 1000
+    assert pipe.scheduler.config.prediction_type == "epsilon"
+    s = world.generate(0, "val")
+    x = torch.from_numpy(s.image).permute(2, 0, 1)[None].float() / 127.5 - 1
+    with torch.no_grad():
+        z = pipe.vae.encode(x).latent_dist.mean * pipe.vae.config.scaling_factor
+        ids = pipe.tokenizer([s.caption], padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                             return_tensors="pt").input_ids
+        cond = pipe.text_encoder(ids)[0]
+        eps = torch.randn(z.shape, generator=torch.Generator().manual_seed(0))
+        t = torch.tensor([400])
+        a = pipe.scheduler.alphas_cumprod[t].sqrt()
+        pred = pipe.unet(a * z + (1 - a**2).sqrt() * eps, t, encoder_hidden_states=cond).sample
+        rec = pipe.vae.decode(z / pipe.vae.config.scaling_factor).sample
+    assert pred.shape == z.shape and z.shape[-1] == 32
+    assert torch.isfinite(pred).all()
+    assert ((pred - eps) ** 2).mean() < 0.5  # a trained denoiser, not a random one (about 1.0)
+    assert ((rec - x) ** 2).mean() < 0.1  # the VAE reconstructs
