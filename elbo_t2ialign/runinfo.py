@@ -1,9 +1,11 @@
-"""What every run folder records about how it was made: git revision and a log file."""
+"""What every run folder records about how it was made: git revision, log file, resolved config."""
 
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,3 +36,34 @@ def attach_log(path: Path) -> logging.Handler:
     if package.level == logging.NOTSET or package.level > logging.INFO:
         package.setLevel(logging.INFO)
     return handler
+
+
+def fingerprint_diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two config fingerprints."""
+    diffs = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            diffs += fingerprint_diff(a, b, f"{prefix}{key}.")
+        elif a != b:
+            diffs.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return diffs
+
+
+def save_or_check_config(path: Path, conf: dict[str, Any], fingerprint: Callable[[dict], dict],
+                         error: type[Exception]) -> None:
+    """First launch: write the resolved config (atomically). Later launches: refuse a config whose
+    result-determining part (`fingerprint`) differs, so one folder never mixes two settings."""
+    from omegaconf import OmegaConf
+
+    if path.is_file():
+        old = OmegaConf.to_container(OmegaConf.load(path))
+        diff = fingerprint_diff(fingerprint(old), fingerprint(conf))  # type: ignore[arg-type]
+        if diff:
+            shown = "; ".join(diff[:6]) + ("; ..." if len(diff) > 6 else "")
+            raise error(f"{path.parent} holds a run with another config ({shown}); "
+                        "set output_dir=<new folder> or restore those values")
+        return
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    OmegaConf.save(OmegaConf.create(conf), tmp)
+    os.replace(tmp, path)

@@ -76,18 +76,6 @@ def result_fingerprint(cfg: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def fingerprint_diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ between two fingerprints."""
-    diffs = []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            diffs += fingerprint_diff(a, b, f"{prefix}{key}.")
-        elif a != b:
-            diffs.append(f"{prefix}{key}: {a!r} -> {b!r}")
-    return diffs
-
-
 def prompt_path(file: str, datasets_dir: str | Path) -> Path:
     """An absolute path as given; a relative one under datasets_dir, else among the bundled prompt files."""
     given = Path(file).expanduser()

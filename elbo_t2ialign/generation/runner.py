@@ -18,16 +18,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import OmegaConf
 from tqdm import tqdm
 
-from elbo_t2ialign.runinfo import attach_log, git_revision
+from elbo_t2ialign.runinfo import attach_log, git_revision, save_or_check_config
 
 from ..models import adapter_for, load_pipeline, resolve_device, resolve_dtype
 from .config import (
     TINY_PREFIX,
     GenerationError,
-    fingerprint_diff,
     prompt_path,
     read_prompts,
     result_fingerprint,
@@ -168,17 +166,7 @@ def _forget(sampler: ElboSampler, prompts: list[str]) -> None:
 def _prepare_folder(folder: RunFolder, conf: dict[str, Any]) -> None:
     """Create the folder, refuse a config that contradicts its outputs, record this launch."""
     folder.root.mkdir(parents=True, exist_ok=True)
-    if folder.config.is_file():
-        old = OmegaConf.to_container(OmegaConf.load(folder.config))
-        diff = fingerprint_diff(result_fingerprint(old), result_fingerprint(conf))  # type: ignore[arg-type]
-        if diff:
-            shown = "; ".join(diff[:6]) + ("; ..." if len(diff) > 6 else "")
-            raise GenerationError(f"{folder.root} holds a run with another config ({shown}); "
-                                  "set output_dir=<new folder> or restore those values")
-    else:
-        tmp = folder.root / f".config.yaml.{os.getpid()}.tmp"
-        OmegaConf.save(OmegaConf.create(conf), tmp)
-        os.replace(tmp, folder.config)
+    save_or_check_config(folder.config, conf, result_fingerprint, GenerationError)
     git = git_revision()
     if not folder.run_info.is_file():
         write_json_atomic(folder.run_info, {

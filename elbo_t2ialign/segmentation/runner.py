@@ -21,18 +21,16 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
-from omegaconf import OmegaConf
 from PIL import Image
 from tqdm import tqdm
 
 from elbo_t2ialign.options import AlignOptions
-from elbo_t2ialign.runinfo import attach_log, git_revision
+from elbo_t2ialign.runinfo import attach_log, git_revision, save_or_check_config
 
 from .config import (
     ConfigError,
     InputError,
     Shard,
-    fingerprint_diff,
     parse_shard,
     resolve_device,
     result_fingerprint,
@@ -162,17 +160,7 @@ def to_uint8(heat: Any, size: tuple[int, int], what: str) -> np.ndarray:
 def _prepare_folder(folder: RunFolder, conf: dict[str, Any], shard: Shard) -> None:
     """Create the folder, refuse a config that contradicts its outputs, record this launch."""
     folder.root.mkdir(parents=True, exist_ok=True)
-    if folder.config.is_file():
-        old = OmegaConf.to_container(OmegaConf.load(folder.config))
-        diff = fingerprint_diff(result_fingerprint(old), result_fingerprint(conf))  # type: ignore[arg-type]
-        if diff:
-            shown = "; ".join(diff[:6]) + ("; ..." if len(diff) > 6 else "")
-            raise ConfigError(f"{folder.root} holds a run with another config ({shown}); "
-                              "set output_dir=<new folder> or restore those values")
-    else:
-        tmp = folder.root / f".config.yaml.{os.getpid()}.tmp"
-        OmegaConf.save(OmegaConf.create(conf), tmp)
-        os.replace(tmp, folder.config)
+    save_or_check_config(folder.config, conf, result_fingerprint, ConfigError)
     git = git_revision()
     if not folder.run_info.is_file():
         write_json_atomic(folder.run_info, {
