@@ -24,6 +24,18 @@ def _byte_alphabet() -> list[str]:
     return chars
 
 
+def _apply_merges(pieces: list[str], merges: list[tuple[str, str]]) -> list[str]:
+    """Byte-pair encoding of one word: repeatedly join the adjacent pair with the earliest merge."""
+    rank = {pair: i for i, pair in enumerate(merges)}
+    while len(pieces) > 1:
+        pairs = [(rank.get((a, b), len(rank)), i) for i, (a, b) in enumerate(zip(pieces, pieces[1:]))]
+        best, i = min(pairs)
+        if best == len(rank):
+            break
+        pieces = pieces[:i] + [pieces[i] + pieces[i + 1]] + pieces[i + 2 :]
+    return pieces
+
+
 def build_clip_tokenizer(words: Iterable[str], model_max_length: int = 77):
     """A CLIP BPE tokenizer whose vocabulary holds single characters plus `words`.
 
@@ -42,12 +54,14 @@ def build_clip_tokenizer(words: Iterable[str], model_max_length: int = 77):
     for word in dict.fromkeys(w.lower() for w in words):
         if not word or not word.isascii() or " " in word or len(word) < 2:
             continue
-        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        # BPE with the merges so far may already join some of the word's characters (and
+        # differently from a left-to-right join): continue from those pieces, so every listed
+        # word ends as exactly one token whatever came before it.
+        pieces = _apply_merges(list(word[:-1]) + [word[-1] + "</w>"], merges)
         left = pieces[0]
         for right in pieces[1:]:
-            merge = (left, right)
-            if merge not in merges:
-                merges.append(merge)
+            if (left, right) not in merges:
+                merges.append((left, right))
             left = left + right
             vocab.setdefault(left, len(vocab))
     for special in ("<|startoftext|>", "<|endoftext|>"):

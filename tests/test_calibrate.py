@@ -90,3 +90,12 @@ def test_token_location_single_and_multi_token():
 def test_missing_class_is_a_clear_error():
     with pytest.raises(ValueError, match=r"cannot locate class 'zebra' in prompt 'a photo of cat'"):
         calibrate.locate_tokens(ids, "a photo of cat", "zebra")
+
+
+def test_every_listed_word_is_one_token_whatever_the_order():
+    words = ["a", "an", "in", "green", "triangle", "orange", "ring", "star", "heart", "red"]
+    for order in (words, words[::-1], sorted(words)):
+        tok = build_clip_tokenizer(order)
+        for w in words:
+            assert len(tok(w, add_special_tokens=False).input_ids) == 1, (w, order)
+    assert len(tok("zebra", add_special_tokens=False).input_ids) > 1  # unlisted words split
