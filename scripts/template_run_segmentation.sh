@@ -2,18 +2,21 @@
 # Segmentation experiment over several datasets: heatmaps, then metrics.
 # Copy this file, edit the block below, run it from anywhere:
 #   bash scripts/template_run_segmentation.sh
+# DATASETS, MODEL, SPLIT and OUT_ROOT may also come from the environment; an offline run on CPU
+# with the bundled testbed model and the synthetic shapes world (generated when missing):
+#   DATASETS=shapes MODEL=shapes SPLIT=val_10 bash scripts/template_run_segmentation.sh
 # Each dataset gets one run folder holding both the calibrated (ELBO) and the
 # baseline maps; rerunning resumes it. Results: <run folder>/metrics.md.
 set -euo pipefail
 
 # ---- edit here -------------------------------------------------------------
-DATASETS=(voc context coco ade20k aep)   # any of: voc context coco ade20k aep
-MODEL=sd15                               # a file in configs/model/
-SPLIT=val_100                            # val | val_100 | val_10_car (ADE20K and AEP have only val)
+read -r -a DATASETS <<< "${DATASETS:-voc context coco ade20k aep}"   # any of: voc context coco ade20k aep shapes
+MODEL=${MODEL:-sd15}                     # a file in configs/model/
+SPLIT=${SPLIT:-val_100}                  # val | val_100 | val_10_car (ADE20K and AEP have only val)
 SEG_ARGS=(elbo.strength=3 seed=0)        # more Hydra overrides, e.g. dataset.phrase_path=... on_error=stop
 EVAL_ARGS=()                             # e.g. (--threshold 0.4) or (--crf)
 TAG=strength3                            # names this setting's run folders; change it with SEG_ARGS
-OUT_ROOT=runs/segment                    # run folders: $OUT_ROOT/$MODEL/<dataset>-<split>-$TAG
+OUT_ROOT=${OUT_ROOT:-runs/segment}                   # run folders: $OUT_ROOT/$MODEL/<dataset>-<split>-$TAG
 # ---------------------------------------------------------------------------
 
 cd "$(dirname "$0")/.."
@@ -31,9 +34,14 @@ else
 fi
 
 for DS in "${DATASETS[@]}"; do
+  if [ "$DS" = shapes ] && [ ! -f datasets/shapes/classes.json ]; then
+    "$PYTHON" -m elbo_t2ialign.testbed.world   # the synthetic world: generated, never downloaded
+  fi
+  meta=elbo_t2ialign/segmentation/metadata/$DS
+  [ -d "$meta" ] || meta=datasets/$DS         # a generated dataset keeps its split lists with its data
   split=$SPLIT
   head=${split%%_*}; tail=${split#"$head"}
-  if [ ! -f "elbo_t2ialign/segmentation/metadata/$DS/${head}_id${tail}.txt" ]; then
+  if [ ! -f "$meta/${head}_id${tail}.txt" ]; then
     echo "$DS has no split $split: using val"
     split=val
   fi
