@@ -67,3 +67,19 @@ def save_or_check_config(path: Path, conf: dict[str, Any], fingerprint: Callable
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     OmegaConf.save(OmegaConf.create(conf), tmp)
     os.replace(tmp, path)
+
+
+def to_container(cfg: Any) -> dict[str, Any]:
+    """A resolved plain dict from an OmegaConf config (or any mapping)."""
+    from omegaconf import DictConfig, OmegaConf
+
+    if isinstance(cfg, DictConfig):
+        return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+    return dict(cfg)
+
+
+def check_known(section: str, got: set[str], known: set[str], error: type[Exception]) -> None:
+    """Unknown keys are an error that names them and lists the known ones."""
+    extra = sorted(got - known)
+    if extra:
+        raise error(f"unknown key(s) in {section}: {extra}; known keys: {sorted(known)}")

@@ -28,7 +28,7 @@ def _apply_merges(pieces: list[str], merges: list[tuple[str, str]]) -> list[str]
     """Byte-pair encoding of one word: repeatedly join the adjacent pair with the earliest merge."""
     rank = {pair: i for i, pair in enumerate(merges)}
     while len(pieces) > 1:
-        pairs = [(rank.get((a, b), len(rank)), i) for i, (a, b) in enumerate(zip(pieces, pieces[1:]))]
+        pairs = [(rank.get((a, b), len(rank)), i) for i, (a, b) in enumerate(zip(pieces, pieces[1:], strict=False))]
         best, i = min(pairs)
         if best == len(rank):
             break

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from elbo_t2ialign.runinfo import check_known, to_container  # noqa: F401  (to_container re-exported)
 
 TOP_KEYS = {
     "model", "prompts", "phrases", "steps", "guidance", "strength", "elbo_steps", "seed", "num_prompts",
@@ -28,16 +28,8 @@ class GenerationError(Exception):
     """A problem the user can fix (config, prompt file, run folder); printed without a traceback."""
 
 
-def to_container(cfg: Any) -> dict[str, Any]:
-    if isinstance(cfg, DictConfig):
-        return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
-    return dict(cfg)
-
-
 def _unknown(section: str, got: set[str], known: set[str]) -> None:
-    extra = sorted(got - known)
-    if extra:
-        raise GenerationError(f"unknown key(s) in {section}: {extra}; known keys: {sorted(known)}")
+    check_known(section, got, known, GenerationError)
 
 
 def validate(cfg: dict[str, Any]) -> dict[str, Any]:

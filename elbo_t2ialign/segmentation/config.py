@@ -11,9 +11,8 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
-
 from elbo_t2ialign.options import AlignOptions
+from elbo_t2ialign.runinfo import check_known, to_container  # noqa: F401  (to_container re-exported)
 
 TOP_KEYS = {
     "model", "dataset", "elbo", "seed", "device", "dtype", "output_dir", "on_error",
@@ -53,16 +52,8 @@ class Shard:
         return "" if self.count == 1 else f".shard{self.index}-of-{self.count}"
 
 
-def to_container(cfg: Any) -> dict[str, Any]:
-    if isinstance(cfg, DictConfig):
-        return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
-    return dict(cfg)
-
-
 def _unknown(section: str, got: set[str], known: set[str]) -> None:
-    extra = sorted(got - known)
-    if extra:
-        raise ConfigError(f"unknown key(s) in {section}: {extra}; known keys: {sorted(known)}")
+    check_known(section, got, known, ConfigError)
 
 
 def validate(cfg: dict[str, Any]) -> AlignOptions:
