@@ -18,8 +18,7 @@ Three processor flavours cover the families:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -369,13 +368,3 @@ class AttentionRecorder:
         if len(counts) != 1:
             raise RuntimeError(f"layers saw different numbers of samples: {self.samples}")
         return counts.pop()
-
-
-@contextmanager
-def restored_processors(denoiser: torch.nn.Module) -> Iterator[None]:
-    """Put the denoiser's processors back on exit, whatever happens inside."""
-    saved = dict(denoiser.attn_processors)
-    try:
-        yield
-    finally:
-        denoiser.set_attn_processor(saved)

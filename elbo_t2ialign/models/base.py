@@ -8,9 +8,6 @@ kind, order and resolution. Everything above the adapters is family-agnostic.
 
 from __future__ import annotations
 
-import re
-from collections.abc import Callable
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -166,11 +163,3 @@ class ModelAdapter:
             self.denoiser, self.attention_layers(), weights, self.capture_processor,
             text_length=self.text_length, **kwargs,
         )
-
-
-def ordered_by(names: list[str], rank: Callable[[str], tuple]) -> list[str]:
-    return sorted(names, key=rank)
-
-
-def numeric_parts(name: str) -> tuple[int, ...]:
-    return tuple(int(x) for x in re.findall(r"\.(\d+)\.", f".{name}."))
