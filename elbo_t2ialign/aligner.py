@@ -88,8 +88,11 @@ class Aligner:
 
         elbo_prompts = [opts.elbo_prompt.format(t) for t in texts]
         collect_prompt = opts.collect_prompt.format(", ".join(texts))
-        conds = [self.adapter.encode_prompt(p) for p in elbo_prompts]
+        # bad input (a class not in the prompt, an over-long prompt) fails before any forward pass
+        positions = self._positions(collect_prompt, names, texts)
+        self.adapter.encode_prompt(collect_prompt)
         if len(names) > 1 and not opts.fixed_temperature and opts.strength != 1.0:
+            conds = [self.adapter.encode_prompt(p) for p in elbo_prompts]
             losses = self._elbo_losses(z0, conds, opts.elbo_timesteps, elbo_noise)
             taus = calibrate.temperatures(losses, opts.strength)
         else:  # one class (n = 0), no calibration or a fixed temperature: the scores cannot change tau
@@ -98,7 +101,6 @@ class Aligner:
 
         weights = self._weights if opts is self.options else self._layer_weights(opts)
         rec = self._collect(z0, collect_prompt, collect_noise, opts, weights)
-        positions = self._positions(collect_prompt, names, texts)
         cross_maps = calibrate.class_cross_maps(rec.mean("cross"), positions)
         s1 = rec.mean("self1") if opts.refine and "self1" in rec.sums else None
         s2 = rec.mean("self2") if opts.refine and "self2" in rec.sums else None
@@ -107,8 +109,8 @@ class Aligner:
         cal, raw = {}, {}
         for name, tau in zip(names, taus, strict=True):
             a = cross_maps[name]
-            cal[name] = calibrate.to_image(calibrate.refine(a**tau, s1, s2), res, size)
             raw[name] = calibrate.to_image(calibrate.refine(a, s1, s2), res, size)
+            cal[name] = raw[name].copy() if tau == 1.0 else calibrate.to_image(calibrate.refine(a**tau, s1, s2), res, size)
         prompts = {n: p for n, p in zip(names, elbo_prompts, strict=True)} | {"collect": collect_prompt}
         return HeatmapResult(cal, raw, dict(zip(names, losses, strict=True)),
                              dict(zip(names, taus, strict=True)), prompts, positions)

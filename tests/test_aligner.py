@@ -126,3 +126,12 @@ def test_loads_saved_folder_like_a_hub_model(tmp_path):
     # same weights, re-loaded: equal up to kernel choices of the loaded text encoder (sdpa vs eager)
     np.testing.assert_allclose([res.elbo["cat"], res.elbo["dog"]], [ref.elbo["cat"], ref.elbo["dog"]], rtol=1e-4)
     np.testing.assert_allclose(res.heatmaps["cat"], ref.heatmaps["cat"], atol=2e-3)
+
+
+def test_bad_prompt_fails_before_any_forward(monkeypatch):
+    aligner = tiny_aligner("sd")
+    calls = []
+    monkeypatch.setattr(aligner.adapter, "_forward", lambda *a: calls.append(1))
+    with pytest.raises(ValueError, match="tokens but the text encoder takes at most 77"):
+        aligner.heatmaps(_rgb(), [f"class{i}" for i in range(20)])
+    assert calls == []  # the long collection prompt is checked before the ELBO forwards
