@@ -25,7 +25,7 @@ def test_tokenizer_holds_every_caption_word_as_one_token():
     tok = train.build_tokenizer()
     for word in world.VOCABULARY:
         assert len(tok(word, add_special_tokens=False).input_ids) == 1, word
-    longest = "a photo of an orange triangle and a yellow diamond and a purple square"
+    longest = "a photo of " + ", ".join(world.CLASSES)  # a collection prompt with all 8 classes
     assert len(tok(longest).input_ids) <= train.MAX_TEXT_LENGTH
 
 
@@ -35,8 +35,11 @@ def test_caption_mixture_covers_the_method_prompt_forms():
     rng = np.random.default_rng(0)
     captions = [train.sample_caption(objects, rng, cfg) for _ in range(300)]
     assert "" in captions
-    assert any("," in c or (" and " not in c and c and not any(k in c for k in world.COLOURS)) for c in captions)
-    assert any(all(f"{o.colour} {o.cls}" in c for o in objects) for c in captions)
+    classes = [o.cls for o in objects]
+    assert len(classes) >= 2
+    assert any(c.startswith("a photo of ") and "," in c for c in captions)  # the method's class list
+    assert any(c.count(" and ") == len(classes) - 1 and all(f"a {k}" in c for k in classes) for c in captions)
+    assert all(w in world.VOCABULARY for c in captions for w in c.replace(",", " ").split())
 
 
 def test_tiny_training_is_deterministic_and_saves_a_standard_pipeline(tmp_path):
@@ -57,6 +60,10 @@ def test_tiny_training_is_deterministic_and_saves_a_standard_pipeline(tmp_path):
     train.train(train.TrainConfig(**TINY), tmp_path / "c", tmp_path / "wa", progress=False)
     c = load(tmp_path / "c")
     assert all(torch.equal(v, c.unet.state_dict()[k]) for k, v in a.unet.state_dict().items())
+    # the final checkpoint exported as a pipeline equals the trained one, VAE scale included
+    d = load(train.export_checkpoint(tmp_path / "wa" / "checkpoint.pt", tmp_path / "d"))
+    assert all(torch.equal(v, d.unet.state_dict()[k]) for k, v in a.unet.state_dict().items())
+    assert d.vae.config.scaling_factor == a.vae.config.scaling_factor
 
 
 COMMITTED = train.DEFAULT_MODEL_DIR

@@ -14,11 +14,12 @@ Stages, all deterministic by seed (CPU, fixed thread count):
 3. cache the posterior-mean latents of all scenes;
 4. train the UNet with the epsilon objective over all 1000 timesteps. The
    CLIP text encoder stays frozen at its random initialisation, so token
-   embeddings are distinct from the first step. Captions tie a colour to each
-   shape ("a photo of a red circle and a blue square"), so the noisy latent
-   alone does not say which blob has which colour and the network has to
-   bind words to places; a share of captions uses the method's own prompt
-   forms ("a photo of circle, square"; one class; empty).
+   embeddings are distinct from the first step. Each class has a typical
+   colour and the caption names the shapes ("a photo of a circle and a
+   square"), so at high noise the words say which colours and outlines to
+   restore, and the network has to link each word to its object's pixels; a
+   share of captions uses the method's own prompt forms ("a photo of circle,
+   square"; a subset of the classes; empty).
 
 Checkpoints go to `<work>/checkpoint.pt` every `checkpoint_every` steps; a
 rerun with the same settings resumes from the last one.
@@ -42,7 +43,7 @@ import torch.nn.functional as F
 from . import world
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "model"
-MAX_TEXT_LENGTH = 20  # the longest caption (3 coloured shapes) is 17 tokens with BOS/EOS
+MAX_TEXT_LENGTH = 20  # the longest caption (3 shapes) is 13 tokens with BOS/EOS; prompts of 5 classes fit
 
 
 @dataclass
@@ -63,7 +64,7 @@ class TrainConfig:
     unet_heads: tuple = (2, 4)  # attention heads per level (diffusers: attention_head_dim)
     unet_layers: int = 1
     norm_groups: int = 16
-    steps: int = 2000
+    steps: int = 1600
     batch: int = 32
     lr: float = 1e-3
     warmup: int = 100
@@ -82,13 +83,12 @@ class TrainConfig:
     # between "square" and "circle" at the same place). Scaling the token embeddings
     # keeps each state mostly the word itself, with some context (the colour before it).
     text_embedding_scale: float = 10.0
-    # caption mixture (the rest of the probability mass goes to attribute captions)
+    # caption mixture (the rest: "a photo of a circle and a square")
     p_class_list: float = 0.3  # "a photo of circle, square"
     p_subset: float = 0.1  # "a photo of circle" (a subset of the classes, list form)
     p_empty: float = 0.1  # ""
-    p_drop_shape: float = 0.0  # per object in attribute captions: drop the shape word
     # bookkeeping
-    checkpoint_every: int = 500
+    checkpoint_every: int = 400
     log_every: int = 50
     extra: dict = field(default_factory=dict)
 
@@ -203,14 +203,7 @@ def sample_caption(objects, rng: np.random.Generator, cfg: TrainConfig) -> str:
     if r < cfg.p_subset:
         k = int(rng.integers(1, len(classes) + 1))
         return world.class_list_caption([classes[i] for i in order[:k]])
-    if cfg.p_drop_shape > 0:
-        parts = []
-        for i in order:
-            o = objects[i]
-            shape = "" if rng.uniform() < cfg.p_drop_shape else f" {o.cls}"
-            parts.append(f"{world._article(o.colour)} {o.colour}{shape}")
-        return "a photo of " + " and ".join(parts)
-    return world.attribute_caption(objects, order)
+    return world.caption([classes[i] for i in order])
 
 
 def encode_text(tokenizer, text_encoder, captions, device="cpu") -> torch.Tensor:
@@ -300,6 +293,29 @@ def save_pipeline(out: Path, vae, text_encoder, tokenizer, unet, scheduler, info
     pipe.save_pretrained(out, safe_serialization=True)
     if info is not None:
         (out / "testbed.json").write_text(json.dumps(info, indent=1) + "\n")
+
+
+def export_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
+    """Write the pipeline folder of a training checkpoint (to measure a run while it trains).
+
+    The VAE scaling factor is recomputed from the checkpoint's training scenes
+    exactly as `train` computes it.
+    """
+    ckpt = torch.load(checkpoint, weights_only=False)
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    cfg = TrainConfig(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in ckpt["config"].items() if k in fields})
+    torch.manual_seed(cfg.seed)
+    tokenizer = build_tokenizer()
+    text_encoder, vae, unet = build_text_encoder(cfg, tokenizer), build_vae(cfg), build_unet(cfg)
+    vae.load_state_dict(ckpt["vae"])
+    unet.load_state_dict(ckpt["unet"])
+    text_encoder.load_state_dict(ckpt["text_encoder"])
+    images, _ = generate_scenes(cfg.train_images, cfg.seed)
+    vae.eval()
+    vae.register_to_config(scaling_factor=float(1.0 / encode_latents(vae, images).std()))
+    info = {"checkpoint": str(checkpoint), "step": ckpt["step"], "config": dataclasses.asdict(cfg)}
+    save_pipeline(Path(out), vae, text_encoder.eval(), tokenizer, unet.eval(), build_scheduler(), info)
+    return Path(out)
 
 
 # ------------------------------------------------------------------- main

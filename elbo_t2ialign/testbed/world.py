@@ -1,16 +1,22 @@
 """The shapes world: synthetic images with per-pixel ground truth and captions.
 
 Every image is a pure function of (seed, split, index): 64x64 RGB, a textured
-noisy background and 1-3 solid shapes of distinct classes and distinct named
-colours, drawn back to front (later shapes occlude earlier ones). The ground
-truth holds the visible pixels of each shape (0 = background, class id =
-position in `CLASSES` + 1). Shape sizes span from a few pixels to half the
-image, and the class frequencies are skewed (`CLASS_WEIGHTS`: some classes
-are rare).
+noisy background and 1-3 solid shapes of distinct classes, drawn back to
+front (later shapes occlude earlier ones). The ground truth holds the visible
+pixels of each shape (0 = background, class id = position in `CLASSES` + 1).
+Shape sizes span from a few pixels to half the image, and the class
+frequencies are skewed (`CLASS_WEIGHTS`: some classes are rare).
 
-The caption ties a colour to every shape ("a photo of a red circle and a blue
-square"), so the text carries what a noisy image does not (which blob has
-which colour) and a model must bind each word to a place to use it.
+Every class has a typical colour (`CLASS_HUES`: circles are red-ish, squares
+blue-ish, ...), drawn with random hue jitter, saturation and brightness, on a
+muted background; the caption names the shapes only ("a photo of a circle and
+a square"). So, as for real photos ("grass is green"), the words tell what a
+heavily noised image no longer shows (which colours and outlines to restore),
+and using them needs a link from each word to the pixels of its object.
+Why not random colours named in the caption ("a red circle")? A model with a
+frozen random CLIP encoder then has to bind the colour word to the next word
+before it can use either, and the one trained that way attended to the wrong
+object as often as to the right one (docs/testbed.md).
 
 Written to disk in the layout of the real datasets (`classes.json` with path
 templates, split lists `val_id.txt`, `val_id_100.txt`, `val_id_10.txt`,
@@ -24,6 +30,7 @@ ordinary segmentation runner reads it as `dataset=shapes` (splits `val`,
 from __future__ import annotations
 
 import argparse
+import colorsys
 import json
 import math
 import time
@@ -37,16 +44,20 @@ CLASSES = ("circle", "square", "triangle", "star", "cross", "ring", "diamond", "
 # last two are rare (about 1 object in 20 each).
 CLASS_WEIGHTS = (1.0, 1.0, 1.0, 1.0, 0.7, 0.7, 0.3, 0.3)
 RARE_CLASSES = ("diamond", "heart")
-COLOURS = {
-    "red": (215, 35, 35),
-    "green": (35, 170, 60),
-    "blue": (40, 75, 220),
-    "yellow": (240, 215, 35),
-    "purple": (135, 55, 185),
-    "orange": (250, 135, 25),
-    "white": (245, 245, 240),
-    "black": (25, 25, 25),
+# The typical colour of each class: hue in degrees (8 hues 45 degrees apart) and its name.
+CLASS_HUES = {
+    "circle": (0.0, "red"),
+    "square": (225.0, "blue"),
+    "triangle": (135.0, "green"),
+    "star": (45.0, "orange"),
+    "cross": (270.0, "purple"),
+    "ring": (180.0, "cyan"),
+    "diamond": (315.0, "magenta"),
+    "heart": (90.0, "lime"),
 }
+HUE_JITTER = 8.0  # degrees, uniform
+SATURATION = (0.6, 0.95)
+BRIGHTNESS = (0.55, 0.95)
 SYNONYMS = {
     "circle": ["circle", "disc", "disk", "dot"],
     "square": ["square", "box"],
@@ -60,7 +71,7 @@ SYNONYMS = {
 BACKGROUND_WORDS = ["background", "texture", "wall", "floor", "ground", "pattern"]
 # Words of every caption and prompt the testbed uses: the offline tokenizer
 # holds each as one token.
-VOCABULARY = ("a", "an", "photo", "of", "and", *CLASSES, *COLOURS)
+VOCABULARY = ("a", "an", "photo", "of", "and", *CLASSES)
 
 IMAGE_SIZE = 64
 SUPERSAMPLE = 4
@@ -81,7 +92,7 @@ _SPLIT_CODES = {"train": 1, "val": 2, "val_rare": 3, "val_occlusion": 4}
 @dataclass
 class ShapeObject:
     cls: str
-    colour: str
+    rgb: tuple  # fill colour, 0..255
     cx: float  # centre, pixels
     cy: float
     size: float  # half extent, pixels
@@ -107,17 +118,22 @@ class Sample:
 
     @property
     def caption(self) -> str:
-        return attribute_caption(self.objects)
+        return caption(self.classes)
 
 
 # ----------------------------------------------------------------- captions
 
 
-def attribute_caption(objects, order=None) -> str:
-    """'a photo of a red circle and a blue square' (objects in the given order)."""
-    order = range(len(objects)) if order is None else order
-    parts = [f"{_article(objects[i].colour)} {objects[i].colour} {objects[i].cls}" for i in order]
-    return "a photo of " + " and ".join(parts)
+def caption(classes) -> str:
+    """'a photo of a circle and a square' (classes in the given order)."""
+    return "a photo of " + " and ".join(f"{_article(c)} {c}" for c in classes)
+
+
+def class_colour(cls: str, rng: np.random.Generator) -> tuple:
+    """A fill colour of the class's hue family, (r, g, b) in 0..255."""
+    hue = (CLASS_HUES[cls][0] + rng.uniform(-HUE_JITTER, HUE_JITTER)) % 360.0
+    rgb = colorsys.hsv_to_rgb(hue / 360.0, rng.uniform(*SATURATION), rng.uniform(*BRIGHTNESS))
+    return tuple(round(255 * c, 1) for c in rgb)
 
 
 def _article(word: str) -> str:
@@ -217,7 +233,7 @@ def render_background(rng: np.random.Generator, size: int = IMAGE_SIZE) -> np.nd
     """A textured, noisy background, (H, W, 3) float in [0, 255]."""
     base = rng.uniform(40, 215, size=3)
     grey = base.mean()
-    base = grey + rng.uniform(0.2, 0.7) * (base - grey)  # muted, so shapes stand out
+    base = grey + rng.uniform(0.1, 0.35) * (base - grey)  # muted, so coloured shapes stand out
     yy, xx = np.mgrid[0:size, 0:size] / size
     kind = rng.integers(4)
     if kind == 0:  # smooth blotches
@@ -231,7 +247,7 @@ def render_background(rng: np.random.Generator, size: int = IMAGE_SIZE) -> np.nd
     else:  # linear gradient
         theta = rng.uniform(0, 2 * np.pi)
         tex = 2 * (np.cos(theta) * (xx - 0.5) + np.sin(theta) * (yy - 0.5))
-    tint = rng.uniform(-1, 1, size=3) * 0.3 + 1.0
+    tint = rng.uniform(-1, 1, size=3) * 0.15 + 1.0
     img = base[None, None, :] + rng.uniform(12, 40) * tex[..., None] * tint[None, None, :]
     img += rng.normal(0, rng.uniform(3, 12), size=(size, size, 3))
     return img
@@ -244,7 +260,7 @@ def render(objects: list[ShapeObject], rng: np.random.Generator, size: int = IMA
     covers = []
     for obj in objects:
         alpha = coverage(obj, size)[..., None]
-        colour = np.array(COLOURS[obj.colour], np.float32) + rng.uniform(-18, 18, size=3)
+        colour = np.array(obj.rgb, np.float32)
         # a soft shading gradient and a little grain inside the shape
         theta = rng.uniform(0, 2 * np.pi)
         yy, xx = np.mgrid[0:size, 0:size]
@@ -263,7 +279,7 @@ def render(objects: list[ShapeObject], rng: np.random.Generator, size: int = IMA
 # ------------------------------------------------------------------ sampling
 
 
-def _sample_object(rng, cls, colour, size_range, near=None, size=IMAGE_SIZE) -> ShapeObject:
+def _sample_object(rng, cls, size_range, near=None, size=IMAGE_SIZE) -> ShapeObject:
     lo, hi = size_range
     s = float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
     if near is None:
@@ -276,7 +292,7 @@ def _sample_object(rng, cls, colour, size_range, near=None, size=IMAGE_SIZE) -> 
         cy = float(np.clip(near.cy + r * np.sin(phi), 4, size - 4))
     return ShapeObject(
         cls=cls,
-        colour=colour,
+        rgb=class_colour(cls, rng),
         cx=float(cx),
         cy=float(cy),
         size=s,
@@ -311,11 +327,10 @@ def sample_scene(rng: np.random.Generator, kind: str = "standard", weights=CLASS
             n = int(rng.choice([1, 2, 3], p=[0.3, 0.4, 0.3]))
             size_range, min_visible = (2.5, 24.0), 0.3
         classes = _choose_classes(rng, n, weights, must_have=RARE_CLASSES if kind == "rare" else None)
-        colours = [str(c) for c in rng.choice(list(COLOURS), size=n, replace=False)]
         objects: list[ShapeObject] = []
-        for cls, colour in zip(classes, colours, strict=True):
+        for cls in classes:
             near = objects[-1] if (kind == "occlusion" and objects) else None
-            objects.append(_sample_object(rng, cls, colour, size_range, near=near))
+            objects.append(_sample_object(rng, cls, size_range, near=near))
         image, mask = render(objects, rng)
         counts = [(mask == o.class_id).sum() for o in objects]
         if all(o.visible >= min_visible for o in objects) and min(counts) >= 3:
@@ -351,7 +366,7 @@ def classes_json(data_root: str = "./datasets/shapes") -> dict:
         "num_classes_without_background": len(CLASSES),
         "classes": [{"name": c, "synonyms": SYNONYMS[c]} for c in CLASSES],
         "background_words": BACKGROUND_WORDS,
-        "colours": list(COLOURS),
+        "class_colours": {c: name for c, (_, name) in CLASS_HUES.items()},
         "class_weights": list(CLASS_WEIGHTS),
         "rare_classes": list(RARE_CLASSES),
     }
