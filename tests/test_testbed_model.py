@@ -56,6 +56,18 @@ def test_tiny_training_is_deterministic_and_saves_a_standard_pipeline(tmp_path):
     torch.manual_seed(cfg.seed)
     fresh = train.build_text_encoder(cfg, train.build_tokenizer())
     assert all(torch.equal(v, fresh.state_dict()[k]) for k, v in a.text_encoder.state_dict().items())
+    # self-attention keys equal queries, both still at their (scaled) initialisation; the rest trained
+    fresh_vae = train.build_vae(cfg)  # noqa: F841  (the trainer builds the VAE before the UNet)
+    fresh_unet = train.build_unet(cfg)
+    tied = 0
+    for name, module in a.unet.named_modules():
+        if name.endswith("attn1"):
+            init = dict(fresh_unet.named_modules())[name].to_q.weight * cfg.self_attention_similarity
+            assert torch.equal(module.to_q.weight, module.to_k.weight)
+            assert torch.allclose(module.to_q.weight, init)
+            assert not torch.allclose(module.to_v.weight, dict(fresh_unet.named_modules())[name].to_v.weight)
+            tied += 1
+    assert tied == 7  # TINY: 2 down, 1 mid, 4 up transformer blocks
     # a rerun resumes from the finished checkpoint and writes the same pipeline
     train.train(train.TrainConfig(**TINY), tmp_path / "c", tmp_path / "wa", progress=False)
     c = load(tmp_path / "c")

@@ -63,15 +63,24 @@ class TrainConfig:
     unet_channels: tuple = (32, 64)  # levels at 32x32 and 16x16, cross attention at both + mid
     unet_heads: tuple = (2, 4)  # attention heads per level (diffusers: attention_head_dim)
     unet_layers: int = 1
+    # Self-attention (attn1) query and key projections tied (key = query) and frozen, scaled by
+    # this factor, so that self-attention compares features (a learned non-local-means kernel).
+    # Trained freely, the finest self-attention of this small model stayed uniform (about 1000
+    # of 1024 positions attended), and the PROTOCOL refinement then averages the maps away.
+    # 0 keeps ordinary trainable self-attention.
+    self_attention_similarity: float = 4.0
     norm_groups: int = 16
-    steps: int = 1600
+    steps: int = 2400
     batch: int = 32
     lr: float = 1e-3
     warmup: int = 100
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.0
     grad_clip: float = 1.0
-    high_noise_weight_cap: float = 1.0  # loss weight min(max(1/SNR, 1), cap); 1 = plain epsilon MSE
+    # Loss weight min(max(1/SNR, 1), cap); 1 = plain epsilon MSE. The words matter most at high
+    # noise, where epsilon errors are small: weighting them up made the model use its text sooner
+    # (400-step pilots: raw cross-attention mIoU 27.7 with cap 10 against 19.4 without).
+    high_noise_weight_cap: float = 10.0
     ema_decay: float = 0.0  # 0 disables the EMA copy
     # text encoder (frozen at its random initialisation unless train_text)
     text_hidden: int = 64
@@ -166,6 +175,19 @@ def build_unet(cfg: TrainConfig):
         cross_attention_dim=cfg.text_hidden,
         norm_num_groups=cfg.norm_groups,
     )
+
+
+def tie_self_attention(unet, scale: float) -> None:
+    """Key projection = query projection (scaled) in every self-attention layer, both frozen."""
+    if not scale:
+        return
+    with torch.no_grad():
+        for name, module in unet.named_modules():
+            if name.endswith("attn1"):
+                module.to_q.weight.mul_(scale)
+                module.to_k.weight.copy_(module.to_q.weight)
+                module.to_q.weight.requires_grad_(False)
+                module.to_k.weight.requires_grad_(False)
 
 
 def build_scheduler():
@@ -347,6 +369,7 @@ def train(cfg: TrainConfig, out: Path, work: Path, progress: bool = True) -> dic
     text_encoder = build_text_encoder(cfg, tokenizer).to(device)
     vae = build_vae(cfg).to(device)
     unet = build_unet(cfg).to(device)
+    tie_self_attention(unet, cfg.self_attention_similarity)
     scheduler = build_scheduler()
     params = {
         "vae": count_params(vae),
@@ -378,7 +401,8 @@ def train(cfg: TrainConfig, out: Path, work: Path, progress: bool = True) -> dic
 
     text_encoder.requires_grad_(cfg.train_text)
     text_encoder.train(cfg.train_text)
-    train_params = list(unet.parameters()) + (list(text_encoder.parameters()) if cfg.train_text else [])
+    train_params = [p for p in unet.parameters() if p.requires_grad]
+    train_params += list(text_encoder.parameters()) if cfg.train_text else []
     opt = torch.optim.AdamW(train_params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     ema = None
     if cfg.ema_decay > 0:
