@@ -3,7 +3,7 @@
 # Copy this file, edit the block below, run it from anywhere:
 #   bash scripts/template_run_segmentation.sh
 # DATASETS, MODEL, SPLIT and OUT_ROOT may also come from the environment; an offline run on CPU
-# with the bundled testbed model and the synthetic shapes world (generated when missing):
+# with the bundled testbed model and the synthetic shapes world (generated when missing or stale):
 #   DATASETS=shapes MODEL=shapes SPLIT=val_10 bash scripts/template_run_segmentation.sh
 # Each dataset gets one run folder holding both the calibrated (ELBO) and the
 # baseline maps; rerunning resumes it. Results: <run folder>/metrics.md.
@@ -34,8 +34,8 @@ else
 fi
 
 for DS in "${DATASETS[@]}"; do
-  if [ "$DS" = shapes ] && [ ! -f datasets/shapes/classes.json ]; then
-    "$PYTHON" -m elbo_t2ialign.testbed.world   # the synthetic world: generated, never downloaded
+  if [ "$DS" = shapes ]; then   # the synthetic world: generated (when missing or stale), never downloaded
+    "$PYTHON" -m elbo_t2ialign.testbed.world --ensure
   fi
   meta=elbo_t2ialign/segmentation/metadata/$DS
   [ -d "$meta" ] || meta=datasets/$DS         # a generated dataset keeps its split lists with its data

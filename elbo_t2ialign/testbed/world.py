@@ -16,7 +16,7 @@ and using them needs a link from each word to the pixels of its object.
 Why not random colours named in the caption ("a red circle")? A model with a
 frozen random CLIP encoder then has to bind the colour word to the next word
 before it can use either, and the one trained that way attended to the wrong
-object as often as to the right one (docs/testbed.md).
+object as often as to the right one (elbo_t2ialign/testbed/README.md).
 
 Written to disk in the layout of the real datasets (`classes.json` with path
 templates, split lists `val_id.txt`, `val_id_100.txt`, `val_id_10.txt`,
@@ -87,6 +87,9 @@ DEFAULT_SPLITS = {
 # The training stream (generated in memory by the trainer, never written by default).
 TRAIN_SPLIT = "train"
 _SPLIT_CODES = {"train": 1, "val": 2, "val_rare": 3, "val_occlusion": 4}
+# Bumped whenever the generator draws different scenes for the same (seed, split, index);
+# written to classes.json so that a folder of an older world is noticed and rewritten.
+WORLD_VERSION = 2
 
 
 @dataclass
@@ -357,9 +360,34 @@ def generate(index: int, split: str = "val", seed: int = 0, kind: str | None = N
 # ------------------------------------------------------------------ on disk
 
 
+def is_current(folder: str | Path, seed: int = 0) -> bool:
+    """Whether `folder` holds the shapes world of this generator version and seed."""
+    path = Path(folder) / "classes.json"
+    if not path.is_file():
+        return False
+    meta = json.loads(path.read_text())
+    return meta.get("world_version") == WORLD_VERSION and meta.get("seed", 0) == seed
+
+
+def ensure_dataset(folder: str | Path, seed: int = 0) -> bool:
+    """Write the world into `folder` unless it is already there; True when it (re)wrote it.
+
+    Only generated files are rewritten (same names, deterministic content), so a folder of an
+    older generator version is brought up to date rather than evaluated against the new model.
+    """
+    if is_current(folder, seed):
+        return False
+    path = Path(folder) / "classes.json"
+    why = "missing" if not path.is_file() else "from another generator version or seed"
+    print(f"writing the shapes world to {folder} ({why}) ...", flush=True)
+    write_dataset(folder, seed=seed)
+    return True
+
+
 def classes_json(data_root: str = "./datasets/shapes") -> dict:
     return {
         "dataset": "shapes",
+        "world_version": WORLD_VERSION,
         "data_root": data_root,
         "image_path": "{data_root}/images/{img_name}.png",
         "gt_path": "{data_root}/masks/{img_name}.png",
@@ -408,7 +436,7 @@ def write_dataset(out: str | Path, seed: int = 0, splits: dict | None = None, da
     if data_root is None:
         data_root = str(out) if out.is_absolute() or str(out).startswith(".") else f"./{out}"
     root = data_root
-    (out / "classes.json").write_text(json.dumps(classes_json(root), indent=1) + "\n")
+    (out / "classes.json").write_text(json.dumps({**classes_json(root), "seed": seed}, indent=1) + "\n")
     (out / "captions.json").write_text(json.dumps({k: v["caption"] for k, v in meta.items()}, indent=0) + "\n")
     (out / "objects.json").write_text(json.dumps({k: v["objects"] for k, v in meta.items()}) + "\n")
     (out / "README.md").write_text(
@@ -426,7 +454,12 @@ def main(argv=None) -> None:
     p.add_argument("--rare", type=int, default=DEFAULT_SPLITS["val_rare"][1])
     p.add_argument("--occlusion", type=int, default=DEFAULT_SPLITS["val_occlusion"][1])
     p.add_argument("--train", type=int, default=0, help="also write this many training images")
+    p.add_argument("--ensure", action="store_true", help="only write when missing or of another version")
     args = p.parse_args(argv)
+    if args.ensure:
+        if not ensure_dataset(args.out, args.seed):
+            print(f"{args.out} already holds the shapes world (version {WORLD_VERSION}, seed {args.seed})")
+        return
     splits = {
         "val": ("standard", args.val),
         "val_rare": ("rare", args.rare),
