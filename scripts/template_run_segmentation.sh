@@ -47,7 +47,9 @@ for DS in "${DATASETS[@]}"; do
   fi
   RUN_DIR=$OUT_ROOT/$MODEL/$DS-$split${TAG:+-$TAG}
   echo "== $DS ($split) -> $RUN_DIR"
+  MODEL_ARGS=()
+  [ "$MODEL" = shapes ] && MODEL_ARGS=(elbo=shapes)   # the testbed model refines from its 16x16 stage
   "$PYTHON" -m elbo_t2ialign.segment model="$MODEL" dataset="$DS" dataset.split="$split" \
-    device="$DEVICE" output_dir="$RUN_DIR" "${SEG_ARGS[@]}"
+    device="$DEVICE" output_dir="$RUN_DIR" "${MODEL_ARGS[@]}" "${SEG_ARGS[@]}"
   "$PYTHON" -m elbo_t2ialign.evaluate "$RUN_DIR" "${EVAL_ARGS[@]}"
 done
