@@ -70,7 +70,8 @@ def test_label_cache_is_json_and_reused_without_the_mask(tmp_path):
     assert ds.labels.get("b").class_ids == []
     ds.labels.save()
     cache = json.loads((ds.data_root / "image_labels.json").read_text())
-    assert cache["images"]["a"] == {"class_ids": [1, 3], "size": [2, 2]}
+    st = ds.mask_path("a").stat()
+    assert cache["images"]["a"] == {"class_ids": [1, 3], "size": [2, 2], "stamp": [st.st_size, st.st_mtime_ns]}
     ds.mask_path("a").unlink()  # a second dataset object must not need the mask any more
     again = SegDataset(ds.cfg)
     assert again.labels.get("a").class_ids == [1, 3]
@@ -78,6 +79,19 @@ def test_label_cache_is_json_and_reused_without_the_mask(tmp_path):
     other = SegDataset({**ds.cfg, **CONVENTIONS["voc"]})
     with pytest.raises(InputError, match="not found"):
         other.labels.get("a")
+
+
+def test_label_cache_rereads_a_mask_that_changed(tmp_path):
+    import os
+
+    ds = _dataset(tmp_path, {"a": np.array([[0, 3], [3, 1]], np.uint8)}, "plain")
+    assert ds.labels.get("a").class_ids == [1, 3]
+    ds.labels.save()
+    # the dataset is regenerated: same file name, other content (and a later mtime)
+    Image.fromarray(np.array([[2, 2], [0, 2]], np.uint8)).save(ds.mask_path("a"))
+    st = ds.mask_path("a").stat()
+    os.utime(ds.mask_path("a"), ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert SegDataset(ds.cfg).labels.get("a").class_ids == [2]
 
 
 def test_split_names_and_unknown_split(tmp_path):

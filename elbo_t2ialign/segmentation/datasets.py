@@ -183,28 +183,44 @@ def _open(path: Path, what: str) -> Image.Image:
 
 
 class LabelCache:
-    """Image-level labels from the masks, computed once, cached as JSON next to the data."""
+    """Image-level labels from the masks, computed once, cached as JSON next to the data.
+
+    Each entry keeps the mask file's size and modification time; a mask that changed since
+    (a regenerated synthetic dataset, a corrected annotation) is read again.
+    """
 
     def __init__(self, path: Path, dataset: SegDataset) -> None:
         self.path, self.dataset = path, dataset
         self.key = {"dataset": dataset.name, **asdict(dataset.convention)}
-        self.entries: dict[str, ImageInfo] = self._read()
+        self.entries, self.stamps = self._read()
         self.dirty = 0
 
-    def _read(self) -> dict[str, ImageInfo]:
+    def _read(self) -> tuple[dict[str, ImageInfo], dict[str, list[int] | None]]:
+        """Cached labels and mask stamps on disk (empty when missing or of another convention)."""
         try:
             data = read_json(self.path)
         except (OSError, ValueError):
-            return {}
+            return {}, {}
         if data.get("convention") != self.key:
-            return {}
-        return {k: ImageInfo(list(v["class_ids"]), tuple(v["size"])) for k, v in data["images"].items()}
+            return {}, {}
+        images = data["images"]
+        entries = {k: ImageInfo(list(v["class_ids"]), tuple(v["size"])) for k, v in images.items()}
+        return entries, {k: v.get("stamp") for k, v in images.items()}
+
+    def _stamp(self, name: str) -> list[int] | None:
+        try:
+            st = Path(self.dataset.mask_path(name)).stat()
+        except OSError:
+            return None  # loading the mask reports the problem
+        return [st.st_size, st.st_mtime_ns]
 
     def get(self, name: str) -> ImageInfo:
-        if name not in self.entries:
+        stamp = self._stamp(name)  # None: the mask is gone, the cached labels still serve
+        if name not in self.entries or (stamp is not None and self.stamps.get(name) != stamp):
             labels = self.dataset.load_labels(name)
             ids = np.unique(labels)
             self.entries[name] = ImageInfo([int(i) for i in ids if i > 0], tuple(labels.shape))
+            self.stamps[name] = stamp
             self.dirty += 1
             if self.dirty >= 100:
                 self.save()
@@ -214,8 +230,11 @@ class LabelCache:
         """Merge with what is on disk (other shards) and write atomically; failure only warns."""
         if not self.dirty:
             return
-        merged = {**self._read(), **self.entries}
-        data = {"convention": self.key, "images": {k: asdict(v) for k, v in sorted(merged.items())}}
+        disk, disk_stamps = self._read()
+        merged = {**disk, **self.entries}
+        stamps = {**disk_stamps, **self.stamps}
+        images = {k: {**asdict(v), "stamp": stamps.get(k)} for k, v in sorted(merged.items())}
+        data = {"convention": self.key, "images": images}
         try:
             write_json_atomic(self.path, data)
             self.dirty = 0
