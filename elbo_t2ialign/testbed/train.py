@@ -12,7 +12,9 @@ Stages, all deterministic by seed (CPU, fixed thread count):
 2. train the VAE briefly as an autoencoder (factor 2: 64x64x3 -> 32x32x4) and
    set its scaling factor so that scaled latents have unit variance;
 3. cache the posterior-mean latents of all scenes;
-4. train the UNet with the epsilon objective over all 1000 timesteps. The
+4. train the UNet with the epsilon objective over all 1000 timesteps,
+   high-noise steps weighted up (`high_noise_weight_cap`), self-attention keys
+   tied to queries (`self_attention_similarity`). The
    CLIP text encoder stays frozen at its random initialisation, so token
    embeddings are distinct from the first step. Each class has a typical
    colour and the caption names the shapes ("a photo of a circle and a
@@ -90,7 +92,7 @@ class TrainConfig:
     # The random CLIP init mixes every token with all earlier ones so strongly that a
     # class word's state depends more on its position than on the word (cosine 0.96
     # between "square" and "circle" at the same place). Scaling the token embeddings
-    # keeps each state mostly the word itself, with some context (the colour before it).
+    # keeps each state mostly the word itself, with some context.
     text_embedding_scale: float = 10.0
     # caption mixture (the rest: "a photo of a circle and a square")
     p_class_list: float = 0.3  # "a photo of circle, square"
