@@ -51,19 +51,21 @@ def elbo_losses(
     class. Returns (losses (K,) float32 on CPU, the batch size that fit).
     """
     k, n_t = len(conds), len(timesteps)
-    pairs = [(i, j) for i in range(k) for j in range(n_t)]  # class-major
-    ts = torch.tensor(timesteps, dtype=torch.long, device=adapter.device)
+    pair_class = [i for i in range(k) for _ in range(n_t)]  # class-major
+    # nothing crosses between host and device per batch: timesteps and noise go over once, the
+    # losses come back once (every blocking copy waits for all queued device work)
+    pair_t = torch.tensor(list(timesteps) * k, dtype=torch.long).to(adapter.device)
+    pair_row = torch.arange(n_t, device=adapter.device).repeat(k)  # noise row of every pair
     noise = noise.to(adapter.device, torch.float32)
-    per_pair = torch.zeros(len(pairs), dtype=torch.float32)
+    per_pair = torch.zeros(k * n_t, dtype=torch.float32, device=adapter.device)
 
     def step(rows: slice) -> None:
-        idx_c = [pairs[p][0] for p in range(rows.start, rows.stop)]
-        idx_t = torch.tensor([pairs[p][1] for p in range(rows.start, rows.stop)], device=adapter.device)
-        eps, t = noise[idx_t], ts[idx_t]  # (b, C, h, w), (b,)
+        eps, t = noise[pair_row[rows]], pair_t[rows]  # (b, C, h, w), (b,)
         z_t = adapter.schedule.add_noise(z0, eps, t)
-        pred = adapter.predict(z_t, t, cat_cond([conds[i] for i in idx_c]))
+        pred = adapter.predict(z_t, t, cat_cond([conds[i] for i in pair_class[rows]]))
         target = adapter.schedule.target(z0, eps, t)
-        per_pair[rows] = ((target - pred) ** 2).flatten(1).mean(dim=1).cpu()
+        per_pair[rows] = ((target - pred) ** 2).flatten(1).mean(dim=1)
 
-    used = run_batched(len(pairs), batch_size, step)
-    return per_pair.view(k, n_t).sum(dim=1), used
+    used = run_batched(k * n_t, batch_size, step)
+    # summed on the host, in the same order as before the losses stayed on the device
+    return per_pair.cpu().view(k, n_t).sum(dim=1), used

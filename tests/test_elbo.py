@@ -2,11 +2,14 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from conftest import FAMILIES, tiny_aligner
+from PIL import Image
 
 from elbo_t2ialign.elbo import elbo_losses
+from elbo_t2ialign.models.base import cat_cond
 from elbo_t2ialign.models.schedules import DDPMSchedule, EDMSchedule, FlowSchedule
 
 
@@ -94,3 +97,50 @@ def test_edm_epsilon_recovered_through_preconditioning():
     perfect = (z0 - c_skip * z) / c_out
     torch.testing.assert_close(es.to_target(perfect, z, t), eps, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(es.model_timestep(t), 0.25 * torch.log(es.sigmas[t]))
+
+
+def _losses_with_a_copy_per_batch(adapter, z0, conds, timesteps, noise, batch_size):
+    """The loop as it was before the losses stayed on the device: one host copy per batch."""
+    pairs = [(i, j) for i in range(len(conds)) for j in range(len(timesteps))]
+    ts = torch.tensor(timesteps, dtype=torch.long)
+    out = torch.zeros(len(pairs))
+    for lo in range(0, len(pairs), batch_size):
+        rows = pairs[lo : lo + batch_size]
+        idx_t = torch.tensor([j for _, j in rows])
+        eps, t = noise[idx_t], ts[idx_t]
+        z_t = adapter.schedule.add_noise(z0, eps, t)
+        pred = adapter.predict(z_t, t, cat_cond([conds[i] for i, _ in rows]))
+        out[lo : lo + len(rows)] = ((adapter.schedule.target(z0, eps, t) - pred) ** 2).flatten(1).mean(1).cpu()
+    return out.view(len(conds), len(timesteps)).sum(dim=1)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_one_host_copy_and_the_same_maps_as_a_copy_per_batch(family, monkeypatch):
+    """Losses stay on the device until the end: one `.cpu()` whatever the number of batches, losses
+    bit-equal to the per-batch-copy loop, and heatmaps equal to that loop's within 1e-6."""
+    aligner = tiny_aligner(family)
+    ad = aligner.adapter
+    image = Image.fromarray((np.random.RandomState(3).rand(32, 32, 3) * 255).astype(np.uint8))
+    z0 = ad.encode_image(image)
+    c = z0.shape[1]
+    noise = torch.randn(4, c, ad.latent_size, ad.latent_size, generator=torch.Generator().manual_seed(1))
+    conds = [ad.encode_prompt(f"a photo of {w}") for w in ("cat", "dog", "bird")]
+    ts = [11, 261, 511, 901]
+
+    copies = []
+    original = torch.Tensor.cpu
+    monkeypatch.setattr(torch.Tensor, "cpu", lambda self, *a, **k: copies.append(1) or original(self, *a, **k))
+    losses, _ = elbo_losses(ad, z0, conds, ts, noise, batch_size=5)  # 12 pairs: 3 batches
+    assert len(copies) == 1
+    monkeypatch.undo()
+    assert torch.equal(losses, _losses_with_a_copy_per_batch(ad, z0, conds, ts, noise, 5))
+
+    classes = ["cat", "dog", "bird"]
+    new = aligner.heatmaps(image, classes, seed=7)
+    monkeypatch.setattr(aligner, "_elbo_losses", lambda z, cs, t, n: _losses_with_a_copy_per_batch(
+        ad, z, cs, t, n, aligner._batch_size).tolist())
+    old = aligner.heatmaps(image, classes, seed=7)
+    assert new.elbo == old.elbo and new.tau == old.tau
+    for name in classes:
+        np.testing.assert_allclose(new.heatmaps[name], old.heatmaps[name], atol=1e-6, rtol=0)
+        np.testing.assert_allclose(new.raw_heatmaps[name], old.raw_heatmaps[name], atol=1e-6, rtol=0)
