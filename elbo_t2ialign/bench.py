@@ -40,6 +40,7 @@ from PIL import Image
 
 from .aligner import Aligner
 from .attention import AttentionRecorder
+from .bench_profile import PARTS, Breakdown, Floor, record_forwards
 from .models import adapter_for, resolve_dtype
 from .options import AlignOptions
 from .tiny import WORDS
@@ -285,19 +286,20 @@ def run_mode(args: argparse.Namespace) -> dict[str, Any]:
     _wait_for_peers()
     reset_peak_memory(device)
     maps: dict[str, np.ndarray] = {}
-    start = time.perf_counter()
-    for i in indices:
-        res = aligner.heatmaps(bench_image(i, resolution), image_classes(i, args.classes), seed=i)
-        for name in res.heatmaps:
-            maps[f"{i}/calibrated/{name}"] = res.heatmaps[name]
-            maps[f"{i}/raw/{name}"] = res.raw_heatmaps[name]
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    run_sec = time.perf_counter() - start
+    with Breakdown(aligner, device) as breakdown:
+        start = time.perf_counter()
+        for i in indices:
+            res = aligner.heatmaps(bench_image(i, resolution), image_classes(i, args.classes), seed=i)
+            for name in res.heatmaps:
+                maps[f"{i}/calibrated/{name}"] = res.heatmaps[name]
+                maps[f"{i}/raw/{name}"] = res.raw_heatmaps[name]
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        run_sec = time.perf_counter() - start
     n = max(1, len(indices))
     if args.maps_out:
         np.savez(args.maps_out, **maps)
-    return {
+    result = {
         "model": args.model, "mode": args.mode, "device": str(device), "device_name": _device_name(device),
         "dtype": str(dtype).removeprefix("torch."), "resolution": resolution, "images": len(indices),
         "classes": args.classes, "threads": torch.get_num_threads(), "batch_size": aligner._batch_size,
@@ -309,6 +311,49 @@ def run_mode(args: argparse.Namespace) -> dict[str, Any]:
         "overhead_fraction": (run_sec - timer.seconds) / run_sec if run_sec > 0 else 0.0,
         "peak_mem_mb": round(peak_memory_mb(device), 1),
         "build_sec": round(build_sec, 2), "run_sec": run_sec, "notes": notes,
+        "breakdown_sec_per_image": breakdown_per_image(breakdown.seconds, run_sec, n),
+    }
+    if args.floor and args.mode == "optimized" and indices:
+        result.update(measure_floor(args, aligner, timer, resolution, indices, result))
+    return result
+
+
+def breakdown_per_image(seconds: dict[str, float], run_sec: float, n: int) -> dict[str, float]:
+    """Seconds per image of every part, and `unaccounted`: the wall time no part claims (the
+    bench's own loop, the glue of `heatmaps` between its steps)."""
+    out = {part: seconds[part] / n for part in PARTS}
+    out["unaccounted"] = (run_sec - sum(seconds.values())) / n
+    return out
+
+
+def measure_floor(args: argparse.Namespace, aligner: Aligner, timer: NetworkTimer, resolution: int,
+                  indices: list[int], run: dict[str, Any]) -> dict[str, Any]:
+    """The network's own time for the network samples of one image (recorded from the first
+    image's `heatmaps` call), replayed without capture at each of `--floor-batches`; the best
+    batch gives `floor_sec_per_image`. Each replay stands for one image: `len(indices)` timed
+    replays per batch after `--warmup` untimed ones."""
+    device = torch.device(args.device)
+    i = indices[0]
+    samples = record_forwards(aligner, bench_image(i, resolution), image_classes(i, args.classes), seed=i)
+    floor = Floor(aligner.adapter, samples, device)
+    batches = args.floor_batches or [aligner._batch_size]
+    timer.reset()
+    reset_peak_memory(device)
+    by_batch = floor.sweep(batches, repeats=len(indices), warmup=args.warmup)
+    fitted = [b for b, sec in by_batch.items() if sec is not None]
+    if not fitted:
+        raise RuntimeError(f"no floor batch size in {batches} fits in memory; pass smaller --floor-batches")
+    best = min(fitted, key=lambda b: by_batch[b])
+    replays = (args.warmup + len(indices)) * len(fitted)
+    sec = by_batch[best]
+    return {
+        "floor_sec_per_image": sec, "floor_batch": best,
+        "floor_sec_by_batch": {str(b): v for b, v in by_batch.items()},
+        "floor_forward_samples_per_image": timer.samples / replays,
+        "floor_processors": floor.processors(),
+        "floor_peak_mem_mb": round(peak_memory_mb(device), 1),
+        "sec_per_floor": run["sec_per_image"] / sec,
+        "network_sec_per_floor": run["network_sec_per_image"] / sec,
     }
 
 
@@ -345,6 +390,10 @@ def _child_argv(args: argparse.Namespace, mode: str, maps_out: str | None, threa
         argv += ["--chunk-mb", str(args.chunk_mb)]
     if args.t5:
         argv.append("--t5")
+    if not args.floor:
+        argv.append("--no-floor")
+    if args.floor_batches:
+        argv += ["--floor-batches", *map(str, args.floor_batches)]
     if maps_out:
         argv += ["--maps-out", maps_out]
     if threads:
@@ -411,6 +460,7 @@ def scaling(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {"model": args.model, "device": args.device, "images": args.images,
                            "classes": args.classes, "throughput": {}}
     cpu_threads = torch.get_num_threads() if args.device == "cpu" else None
+    args = argparse.Namespace(**{**vars(args), "floor": False})  # a floor would overlap the peers' timed runs
     for n in sorted({1, args.processes}):
         # on a CPU the cores are split between the processes instead of oversubscribed
         threads = args.threads or (max(1, cpu_threads // n) if cpu_threads else None)
@@ -446,6 +496,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=None, help="untimed images first (default: 1 on CUDA, 0 on CPU)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--t5", action="store_true", help="SD3: build the 4.7B-parameter T5-XXL text encoder too")
+    p.add_argument("--no-floor", dest="floor", action="store_false",
+                   help="optimized mode: skip the floor (the same network samples replayed without capture)")
+    p.add_argument("--floor-batches", type=int, nargs="+", default=None, metavar="B",
+                   help="batch sizes the floor is measured at, the fastest reported (default: --batch-size)")
     p.add_argument("--maps-out", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.warmup is None:

@@ -1,11 +1,14 @@
 """The benchmark machinery on tiny models: the reference-style path gives the same maps as the
 optimized one, the JSON has its fields, shards split the images, memory stays flat in timesteps."""
 
+import time
+
 import numpy as np
 import pytest
 import torch
 from conftest import tiny_aligner
 
+import elbo_t2ialign.calibrate
 from elbo_t2ialign import Aligner
 from elbo_t2ialign.bench import (
     KeepAllRecorder,
@@ -16,6 +19,8 @@ from elbo_t2ialign.bench import (
     image_classes,
     main,
 )
+from elbo_t2ialign.bench_profile import PARTS, Breakdown, crosses_devices
+from elbo_t2ialign.calibrate import to_image
 from elbo_t2ialign.models import adapter_for
 from elbo_t2ialign.options import AlignOptions
 
@@ -128,3 +133,74 @@ def test_prompt_cache_is_bounded():
     finally:
         ad.prompt_cache_size = old
         ad.clear_prompt_cache()
+
+
+TOLERANCE = 0.05  # the parts and the network must account for the wall time to within 5%
+
+
+@pytest.mark.parametrize(("model", "classes"), [("tiny-sd", 2), ("tiny-sd3", 3), ("tiny-sdxl", 1)])
+def test_floor_replays_the_same_samples_and_the_breakdown_adds_up(model, classes):
+    run = main(["--model", model, "--classes", str(classes), "--images", "2", "--floor-batches", "3", "16"])
+    n_samples = 20 * classes + 10 if classes > 1 else 10  # PROTOCOL: one class needs no ELBO
+    assert run["forward_samples_per_image"] == run["floor_forward_samples_per_image"] == n_samples
+    # nothing captured in the floor: the processors a freshly built pipeline has
+    pipe, _ = build_pipeline(model, torch.device("cpu"))
+    denoiser = pipe.unet if hasattr(pipe, "unet") else pipe.transformer
+    assert run["floor_processors"] == sorted({type(p).__name__ for p in denoiser.attn_processors.values()})
+    assert not any(name.startswith("Capture") for name in run["floor_processors"])
+    by_batch = run["floor_sec_by_batch"]
+    assert set(by_batch) == {"3", "16"} and run["floor_sec_per_image"] == min(by_batch.values())
+    assert by_batch[str(run["floor_batch"])] == run["floor_sec_per_image"]
+    assert run["sec_per_floor"] == pytest.approx(run["sec_per_image"] / run["floor_sec_per_image"])
+
+    parts = run["breakdown_sec_per_image"]
+    assert set(parts) == set(PARTS) | {"unaccounted"} and all(parts[p] >= 0 for p in PARTS)
+    accounted = sum(parts[p] for p in PARTS)
+    assert abs(run["sec_per_image"] - accounted) <= TOLERANCE * run["sec_per_image"], parts
+    # the breakdown's network part and the independent NetworkTimer measure the same calls
+    assert parts["network"] == pytest.approx(run["network_sec_per_image"], rel=TOLERANCE)
+    assert parts["host_transfers"] == 0.0  # on the CPU nothing crosses to a device
+    assert parts["vae_encode"] > 0 and parts["forward_calls"] > 0 and parts["resize"] > 0
+    assert (parts["elbo_loop"] > 0) == (classes > 1)
+
+
+def test_breakdown_charges_each_part_its_own_time_and_changes_nothing(monkeypatch):
+    """A 20 ms sleep injected into the schedule's model input lands in `forward_calls` once per
+    network call, not in `network`; maps equal those of an uninstrumented run; patches are undone."""
+    aligner = tiny_aligner("sd")
+    ad = aligner.adapter
+    image, classes = bench_image(1, 32), image_classes(1, 2)
+    plain = aligner.heatmaps(image, classes, seed=3)
+    timer = NetworkTimer(ad, torch.device("cpu"))
+    model_input = ad.schedule.model_input
+    monkeypatch.setattr(ad.schedule, "model_input", lambda z, t: time.sleep(0.02) or model_input(z, t))
+    with Breakdown(aligner, torch.device("cpu")) as bd:
+        start = time.perf_counter()
+        timed = aligner.heatmaps(image, classes, seed=3)
+        wall = time.perf_counter() - start
+        x = torch.zeros(1000)
+        x.to(torch.float64), x.cpu(), x.tolist()  # dtype change and host-only calls: no transfer
+        assert bd.seconds["host_transfers"] == 0.0
+        assert x.to("meta").device.type == "meta"  # a copy to another device is one
+        assert bd.seconds["host_transfers"] > 0.0
+    assert vars(ad).get("predict") is None and "to" not in vars(torch.Tensor)
+    assert elbo_t2ialign.calibrate.to_image is to_image
+    monkeypatch.undo()
+    sec = bd.seconds
+    assert timer.calls == 7  # 40 ELBO pairs and 10 collection steps at batch 8
+    assert sec["forward_calls"] >= 0.02 * timer.calls
+    assert sec["network"] == pytest.approx(timer.seconds, rel=TOLERANCE)
+    assert sum(sec.values()) - sec["host_transfers"] == pytest.approx(wall, rel=TOLERANCE)
+    for c in classes:
+        np.testing.assert_array_equal(plain.heatmaps[c], timed.heatmaps[c])
+        np.testing.assert_array_equal(plain.raw_heatmaps[c], timed.raw_heatmaps[c])
+
+
+@pytest.mark.parametrize(("method", "args", "kwargs", "expected"), [
+    ("to", (torch.float64,), {}, False), ("to", ("meta",), {}, True), ("to", (), {"device": "meta"}, True),
+    ("to", ("cpu", torch.float16), {}, False), ("to", (torch.zeros(1, device="meta"),), {}, True),
+    ("cpu", (), {}, False), ("tolist", (), {}, False),
+])
+def test_crosses_devices(method, args, kwargs, expected):
+    assert crosses_devices(torch.zeros(2), method, args, kwargs) is expected
+    assert crosses_devices(torch.zeros(2, device="meta"), "cpu", (), {}) is True
