@@ -40,7 +40,7 @@ from PIL import Image
 
 from .aligner import Aligner
 from .attention import AttentionRecorder
-from .bench_profile import PARTS, Breakdown, Floor, record_forwards
+from .bench_profile import PARTS, Breakdown, Floor, format_tables, record_forwards
 from .models import adapter_for, resolve_dtype
 from .options import AlignOptions
 from .tiny import WORDS
@@ -500,6 +500,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="optimized mode: skip the floor (the same network samples replayed without capture)")
     p.add_argument("--floor-batches", type=int, nargs="+", default=None, metavar="B",
                    help="batch sizes the floor is measured at, the fastest reported (default: --batch-size)")
+    p.add_argument("--table", default=None, metavar="JSONL",
+                   help="print the tables of a scripts/bench_gpu.sh log (one JSON record a line) and exit")
     p.add_argument("--maps-out", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.warmup is None:
@@ -509,6 +511,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    if args.table:
+        if not Path(args.table).is_file():
+            raise SystemExit(f"--table: no file {args.table}; give the JSONL log that scripts/bench_gpu.sh wrote")
+        records = [json.loads(line) for line in Path(args.table).read_text().splitlines() if line.strip()]
+        print(format_tables(records), flush=True)
+        return {"records": records}
     if args.compare:
         result = compare(args)
     elif args.processes > 1:

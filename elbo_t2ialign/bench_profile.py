@@ -226,3 +226,37 @@ class Floor:
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
         return out
+
+
+# ------------------------------------------------------------------ tables
+
+
+def _fmt(x: float | None, digits: int = 3) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def format_tables(records: list[dict[str, Any]]) -> str:
+    """Markdown tables of `scripts/bench_gpu.sh` records ({"step", "result"} or {"step", "failed"}):
+    one row per step with the headline figures, then the breakdown in ms per image."""
+    head = ("| step | device | model | px | dtype | classes | batch | s/image | peak MB | floor s/image (batch) "
+            "| s/image / floor | network / floor | overhead | speedup vs reference (max abs diff) |")
+    rows = [head, "|" + "---|" * head.count(" | ") + "---|"]
+    parts = [*PARTS, "unaccounted"]
+    brk = ["| step | " + " | ".join(parts) + " |", "|" + "---|" * (len(parts) + 1)]
+    for rec in records:
+        if "result" not in rec:
+            rows.append(f"| {rec['step']} | failed: {rec.get('failed', 'no result')} |")
+            continue
+        res = rec["result"]
+        run = res.get("optimized", res)
+        floor = run.get("floor_sec_per_image")
+        speedup = f"{res['speedup']:.2f} ({res['max_abs_diff']:.1e})" if "speedup" in res else ""
+        rows.append(" | ".join([
+            f"| {rec['step']}", run["device_name"], run["model"], str(run["resolution"]), run["dtype"],
+            str(run["classes"]), str(run["batch_size"]), _fmt(run["sec_per_image"]), f"{run['peak_mem_mb']:.0f}",
+            f"{_fmt(floor)} ({run.get('floor_batch', '-')})", _fmt(run.get("sec_per_floor"), 2),
+            _fmt(run.get("network_sec_per_floor"), 2), _fmt(run["overhead_fraction"]), f"{speedup} |",
+        ]))
+        ms = run.get("breakdown_sec_per_image", {})
+        brk.append(f"| {rec['step']} | " + " | ".join(_fmt(ms[p] * 1e3 if p in ms else None, 1) for p in parts) + " |")
+    return "\n".join(rows) + "\n\nTime per image outside and inside the network, ms:\n\n" + "\n".join(brk)

@@ -1,28 +1,62 @@
 #!/usr/bin/env bash
-# GPU benchmark in one call (H100/H200, ~4-5 minutes expected, hard cap 7.5 minutes):
-#   1. SD1.5 at 512 px fp16, optimized vs reference (--compare), 2 images of 2 classes;
-#   2. SD1.5 at 512 px fp16, images/s of 1 vs 2 shard processes on the same GPU;
-#   3. SDXL and SD3-medium at 1024 px fp16, optimized mode, 2 images of 2 classes.
-# Random weights with the published architectures, built directly on the GPU (no download).
-# One JSON line per step, appended to $OUT/bench.jsonl (or ./bench_gpu.jsonl without $OUT).
-# A step that fails or runs past its limit leaves a {"step": ..., "failed": ...} line and the
-# next step still runs.
+# GPU throughput table of issue 16 in one call (one H100/H200; ~3-4 minutes expected, every step
+# capped so that the whole run stays under 8 minutes). fp16, random weights, published architectures
+# built directly on the GPU (no download). Each step is one bench process: the optimized run
+# (s/image, peak GPU MB, overhead, breakdown), then the floor: the same network samples replayed
+# without capture at each floor batch, the fastest reported.
+#   sd15-k2, sd15-k4  SD1.5 at 512 px, 2 and 4 classes, 4 images, floor at batch 8 16 32
+#   sdxl, sd3         SDXL and SD3-medium at 1024 px, 2 classes, 2 images, floor at batch 4 8 16
+#   sd15-compare      SD1.5 at 512 px, 2 classes: optimized vs the reference mode (speedup, max abs diff)
+# One JSON record per step goes to a new file $OUT/bench_gpu_<time>.jsonl (./ without $OUT); at the
+# end the tables are printed from it (python -m elbo_t2ialign.bench --table FILE). A failed or
+# timed-out step leaves a {"step", "failed"} record and the next step still runs.
+#
+#   scripts/bench_gpu.sh            needs CUDA: stops at once with a message where there is none
+#   scripts/bench_gpu.sh --dry-run  CPU smoke test of the script itself: tiny models, 32 px, fp32
+# Environment: PYTHON (default python3), BENCH_STEPS (a subset of the steps), BENCH_DEVICE (cuda).
+# Wheels in .whl/ (scripts/gpu_wheels.sh) are installed to /tmp/site first when diffusers is missing.
 set -u
 cd "$(dirname "$0")/.."
-PY="${PYTHON:-python}"
-DEVICE="${BENCH_DEVICE:-cuda}"
-DTYPE="${BENCH_DTYPE:-float16}"
-STEPS="${BENCH_STEPS:-sd15-compare sd15-processes sdxl sd3}"  # a subset for a quick try
-LOG="${OUT:-.}/bench.jsonl"
-[ -n "${OUT:-}" ] || LOG=./bench_gpu.jsonl
-export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+PY="${PYTHON:-python3}"
+DRY=0
+case "${1:-}" in
+  --dry-run) DRY=1 ;;
+  "") ;;
+  *) echo "bench_gpu.sh: unknown argument '$1'; use --dry-run or nothing" >&2; exit 2 ;;
+esac
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+BUDGET_S=470  # under 8 minutes in all: a step that could pass it is skipped
 
-"$PY" -c "import torch, diffusers; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'cuda', torch.cuda.is_available() and torch.cuda.get_device_name(0))"
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null || true
+if ! "$PY" -c "import diffusers" 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || { echo "bench_gpu.sh: installing the wheels in .whl/ failed" >&2; exit 2; }
+  export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+if [ "$DRY" = 1 ]; then
+  DEVICE=cpu DTYPE=float32 RES15=32 RESXL=32 IMGS15=1 IMGSXL=1 FLOOR15="4 8" FLOORXL="4 8"
+  model() { echo "tiny-$1" | sed 's/tiny-sd15/tiny-sd/'; }
+else
+  DEVICE="${BENCH_DEVICE:-cuda}" DTYPE=float16 RES15=512 RESXL=1024 IMGS15=4 IMGSXL=2 FLOOR15="8 16 32" FLOORXL="4 8 16"
+  model() { echo "$1"; }
+  if ! "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+    echo "bench_gpu.sh: no CUDA device (torch.cuda.is_available() is False); run it on a GPU machine, or use --dry-run for a CPU smoke test" >&2
+    exit 2
+  fi
+fi
+"$PY" -c "import torch, diffusers, transformers; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__, 'device', torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'cpu')" \
+  || { echo "bench_gpu.sh: torch/diffusers/transformers do not import; run scripts/gpu_wheels.sh here and carry .whl" >&2; exit 2; }
+[ "$DRY" = 1 ] || nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null || true
+
+LOG="${OUT:-.}/bench_gpu_$(date -u +%Y%m%d-%H%M%S).jsonl"
+STEPS="${BENCH_STEPS:-sd15-k2 sd15-k4 sdxl sd3 sd15-compare}"
 
 step() {  # step NAME SECONDS ARGS...
   local name="$1" limit="$2"; shift 2
   case " $STEPS " in *" $name "*) ;; *) return 0 ;; esac
+  if [ $((SECONDS + limit)) -gt "$BUDGET_S" ]; then
+    echo "{\"step\": \"$name\", \"failed\": \"skipped: its ${limit} s cap would pass the ${BUDGET_S} s budget\"}" | tee -a "$LOG"
+    return 0
+  fi
   local started=$SECONDS out rc line
   out=$(mktemp)
   timeout --kill-after=10 "$limit" "$PY" -m elbo_t2ialign.bench --device "$DEVICE" --dtype "$DTYPE" "$@" \
@@ -31,16 +65,21 @@ step() {  # step NAME SECONDS ARGS...
   line=$(grep '^{' "$out" | tail -n 1)
   rm -f "$out"
   if [ "$rc" = 0 ] && [ -n "$line" ]; then
-    echo "{\"step\": \"$name\", \"wall_s\": $((SECONDS - started)), \"result\": $line}" | tee -a "$LOG"
+    echo "{\"step\": \"$name\", \"wall_s\": $((SECONDS - started)), \"result\": $line}" >> "$LOG"
+    echo "step $name: done in $((SECONDS - started)) s"
   else
     echo "{\"step\": \"$name\", \"failed\": \"exit $rc after $((SECONDS - started)) s\"}" | tee -a "$LOG"
   fi
 }
 
-RES15="${BENCH_RES_SD15:-512}"
-RESXL="${BENCH_RES_XL:-1024}"
-step sd15-compare 150 --model sd15 --resolution "$RES15" --images 2 --classes 2 --compare
-step sd15-processes 90 --model sd15 --resolution "$RES15" --images 8 --classes 2 --processes 2
-step sdxl 100 --model sdxl --resolution "$RESXL" --images 2 --classes 2
-step sd3 100 --model sd3 --resolution "$RESXL" --images 2 --classes 2
-echo "wrote $LOG"
+# shellcheck disable=SC2086  # the floor batch lists are split on purpose
+{
+  step sd15-k2 60 --model "$(model sd15)" --resolution "$RES15" --images "$IMGS15" --classes 2 --floor-batches $FLOOR15
+  step sd15-k4 75 --model "$(model sd15)" --resolution "$RES15" --images "$IMGS15" --classes 4 --floor-batches $FLOOR15
+  step sdxl 95 --model "$(model sdxl)" --resolution "$RESXL" --images "$IMGSXL" --classes 2 --floor-batches $FLOORXL
+  step sd3 125 --model "$(model sd3)" --resolution "$RESXL" --images "$IMGSXL" --classes 2 --floor-batches $FLOORXL
+  step sd15-compare 90 --model "$(model sd15)" --resolution "$RES15" --images 2 --classes 2 --compare
+}
+echo
+echo "$(date -u +%FT%TZ), $SECONDS s in all, records in $LOG"
+[ -s "$LOG" ] && "$PY" -m elbo_t2ialign.bench --table "$LOG"

@@ -1,7 +1,13 @@
 """The benchmark machinery on tiny models: the reference-style path gives the same maps as the
 optimized one, the JSON has its fields, shards split the images, memory stays flat in timesteps."""
 
+import json
+import os
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -204,3 +210,36 @@ def test_breakdown_charges_each_part_its_own_time_and_changes_nothing(monkeypatc
 def test_crosses_devices(method, args, kwargs, expected):
     assert crosses_devices(torch.zeros(2), method, args, kwargs) is expected
     assert crosses_devices(torch.zeros(2, device="meta"), "cpu", (), {}) is True
+
+
+def test_tables_of_a_gpu_log(tmp_path, capsys):
+    run = {"device_name": "GPU X", "model": "sd15", "resolution": 512, "dtype": "float16", "classes": 2,
+           "batch_size": 8, "sec_per_image": 0.4061, "peak_mem_mb": 3046.4, "overhead_fraction": 0.117,
+           "floor_sec_per_image": 0.3, "floor_batch": 16, "sec_per_floor": 0.4061 / 0.3,
+           "network_sec_per_floor": 0.358 / 0.3,
+           "breakdown_sec_per_image": dict.fromkeys(PARTS, 0.001) | {"network": 0.358, "unaccounted": 0.0002}}
+    log = tmp_path / "bench.jsonl"
+    log.write_text("\n".join(json.dumps(r) for r in [
+        {"step": "sd15-k2", "result": run},
+        {"step": "sd15-compare", "result": {"optimized": run, "speedup": 5.381, "max_abs_diff": 2.4e-4}},
+        {"step": "sd3", "failed": "exit 124 after 125 s"},
+    ]) + "\n")
+    main(["--table", str(log)])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[2] == ("| sd15-k2 | GPU X | sd15 | 512 | float16 | 2 | 8 | 0.406 | 3046 | 0.300 (16) | 1.35 | 1.19 "
+                        "| 0.117 |  |")
+    assert lines[3].endswith("| 0.117 | 5.38 (2.4e-04) |")
+    assert lines[4] == "| sd3 | failed: exit 124 after 125 s |"
+    breakdown = lines[-2].split(" | ")
+    assert breakdown[0] == "| sd15-k2" and breakdown[1:-2] == ["1.0"] * 9 and breakdown[-2:] == ["358.0", "0.2 |"]
+    with pytest.raises(SystemExit, match="no file"):
+        main(["--table", str(tmp_path / "missing.jsonl")])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_gpu_script_stops_at_once_without_cuda():
+    script = Path(__file__).parents[1] / "scripts" / "bench_gpu.sh"
+    env = dict(os.environ, PYTHON=sys.executable, OUT=tempfile.mkdtemp())
+    proc = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "no CUDA device" in proc.stderr and "--dry-run" in proc.stderr
+    assert os.listdir(env["OUT"]) == []  # stopped before any step or log
