@@ -27,7 +27,7 @@ esac
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 BUDGET_S=470  # under 8 minutes in all: a step that could pass it is skipped
 
-if ! "$PY" -c "import diffusers" 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; then
+if ls .whl/*.whl >/dev/null 2>&1 && ! "$PY" -c "import diffusers" 2>/dev/null; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     || { echo "bench_gpu.sh: installing the wheels in .whl/ failed" >&2; exit 2; }
   export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
