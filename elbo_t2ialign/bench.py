@@ -504,6 +504,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="print the tables of a scripts/bench_gpu.sh log (one JSON record a line) and exit")
     p.add_argument("--maps-out", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: torch sees no CUDA device here; use --device cpu or run on a GPU machine")
     if args.warmup is None:
         args.warmup = 1 if args.device.startswith("cuda") else 0
     return args

@@ -243,3 +243,10 @@ def test_gpu_script_stops_at_once_without_cuda():
     proc = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "no CUDA device" in proc.stderr and "--dry-run" in proc.stderr
     assert os.listdir(env["OUT"]) == []  # stopped before any step or log
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_bench_refuses_cuda_without_a_gpu(capsys):
+    with pytest.raises(SystemExit):
+        main(["--model", "tiny-sd", "--device", "cuda"])
+    assert "torch sees no CUDA device" in capsys.readouterr().err
