@@ -12,13 +12,11 @@ shows one returned as a cell's value.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from PIL import Image
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -64,8 +62,6 @@ def panel_title(result: HeatmapResult, name: str, kind: str) -> str:
 def _rgb(image: Any, shape: tuple[int, ...]) -> np.ndarray:
     from .aligner import _as_image
 
-    if not isinstance(image, (Image.Image, str, Path, np.ndarray)):
-        raise TypeError(f"image must be a PIL image, a file path or a uint8 array, got {type(image).__name__}")
     rgb = np.asarray(_as_image(image).convert("RGB"))
     if rgb.shape[:2] != tuple(shape):
         raise ValueError(f"the maps are {shape[1]}x{shape[0]} (WxH) but the image is {rgb.shape[1]}x{rgb.shape[0]}; "
