@@ -75,6 +75,20 @@ class HeatmapResult:
     token_positions: dict[str, list[int]] = field(default_factory=dict)
     evidence: Evidence | None = None  # for further settings without another network pass
 
+    def plot(self, image: Image.Image | str | Path | np.ndarray, **kwargs: Any):
+        """matplotlib Figure: per word the image and its uncalibrated, calibrated and cross-attention
+        overlays (options: `plotting.plot`)."""
+        from .plotting import plot
+
+        return plot(self, image, **kwargs)
+
+    def overlay(self, name: str, image: Image.Image | str | Path | np.ndarray, **kwargs: Any):
+        """matplotlib Figure: one map of `name` over the image (kind="calibrated"|"raw"|"cross", ax=...;
+        options: `plotting.overlay`)."""
+        from .plotting import overlay
+
+        return overlay(self, name, image, **kwargs)
+
 
 class Aligner:
     """ELBO-T2IAlign on one loaded model. Options default to PROTOCOL's values."""
