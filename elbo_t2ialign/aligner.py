@@ -1,35 +1,93 @@
-"""The public entry point: an image and class names in, calibrated heatmaps out.
+"""The public entry point: an image and class names (or words of a prompt) in, heatmaps out.
 
     aligner = Aligner.from_pretrained("stable-diffusion-v1-5/stable-diffusion-v1-5")
     result = aligner.heatmaps(image, ["cat", "dog"])
-    result.heatmaps["cat"], result.raw_heatmaps["cat"], result.elbo["cat"], result.tau["cat"]
+    result.heatmaps["cat"]      # calibrated (ELBO exponent, then self-attention refinement)
+    result.raw_heatmaps["cat"]  # uncalibrated: strength 1, same attention
+    result.cross["cat"]         # cross-attention alone: before the exponent and the refinement
+    result.elbo["cat"], result.tau["cat"]
+    result.evidence.maps(strength=5.0)  # any other setting, without another network pass
+
+One call = one image: ELBO forwards (PROTOCOL 3), attention collection (4), then every map is a
+cheap function of what those forwards produced (`Evidence`, PROTOCOL 5).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
-from . import calibrate
-from .elbo import elbo_losses, is_out_of_memory
+from . import calibrate, elbo
 from .models import ModelAdapter, adapter_for, load_pipeline, resolve_device, resolve_dtype
 from .models.base import cat_cond
 from .options import AlignOptions
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Evidence:
+    """Everything the network passes give for one image. Each map setting (strength, fixed
+    temperature, with or without refinement) is computed from it without another forward."""
+
+    names: list[str]
+    losses: dict[str, float] | None  # summed diffusion loss per class (lower = better); None: not computed
+    cross: dict[str, torch.Tensor]  # class cross map, min-max normalised, (R*R,) float32
+    self1: torch.Tensor | None  # refinement matrices (R*R, R*R) float32; None: no refinement
+    self2: torch.Tensor | None
+    res: int  # R, side of the finest token grid
+    size: tuple[int, int]  # (width, height) of the image
+
+    def temperatures(self, strength: float, fixed: bool = False) -> dict[str, float]:
+        """tau per class (PROTOCOL 3.5-3.6); the ELBO is needed only when it can change tau."""
+        if fixed or strength == 1.0 or len(self.names) == 1:
+            tau = float(strength) if fixed else 1.0
+            return dict.fromkeys(self.names, tau)
+        if self.losses is None:
+            raise ValueError("this evidence holds no ELBO losses; compute them (a strength other than 1 "
+                             "when the heatmaps are made) or pass elbo_losses=")
+        losses = [self.losses[n] for n in self.names]
+        return dict(zip(self.names, calibrate.temperatures(losses, strength), strict=True))
+
+    def maps(self, strength: float = 1.0, fixed: bool = False, refine: bool = True) -> dict[str, np.ndarray]:
+        """Image-sized (H, W) float32 maps in [0, 1]: refine(minmax(cross) ** tau), resized, min-max."""
+        taus = self.temperatures(strength, fixed)
+        s1, s2 = (self.self1, self.self2) if refine else (None, None)
+        return {n: calibrate.to_image(calibrate.refine(self.cross[n] ** taus[n], s1, s2), self.res, self.size)
+                for n in self.names}
 
 
 @dataclass
 class HeatmapResult:
     heatmaps: dict[str, np.ndarray]  # calibrated, (H, W) float32 in [0, 1]
-    raw_heatmaps: dict[str, np.ndarray]  # strength 1, same attention
+    raw_heatmaps: dict[str, np.ndarray]  # uncalibrated (strength 1), same attention
+    cross: dict[str, np.ndarray]  # cross-attention before exponent and refinement, (H, W) in [0, 1]
     elbo: dict[str, float | None]  # summed diffusion loss per class (lower = better); None if not needed
     tau: dict[str, float]  # exponent applied to the normalised cross map
     prompts: dict[str, str] = field(default_factory=dict)  # ELBO prompt per class + "collect"
     token_positions: dict[str, list[int]] = field(default_factory=dict)
+    evidence: Evidence | None = None  # for further settings without another network pass
+
+    def plot(self, image: Image.Image | str | Path | np.ndarray, **kwargs: Any):
+        """matplotlib Figure: per word the image and its uncalibrated, calibrated and cross-attention
+        overlays (options: `plotting.plot`)."""
+        from .plotting import plot
+
+        return plot(self, image, **kwargs)
+
+    def overlay(self, name: str, image: Image.Image | str | Path | np.ndarray, **kwargs: Any):
+        """matplotlib Figure: one map of `name` over the image (kind="calibrated"|"raw"|"cross", ax=...;
+        options: `plotting.overlay`)."""
+        from .plotting import overlay
+
+        return overlay(self, name, image, **kwargs)
 
 
 class Aligner:
@@ -38,7 +96,7 @@ class Aligner:
     def __init__(self, adapter: ModelAdapter, options: AlignOptions | None = None):
         self.adapter = adapter
         self.options = options or AlignOptions()
-        self._batch_size = self.options.batch_size
+        self._fitted_batch = self.options.batch_size  # lowered for good after an out-of-memory
         self.layers = adapter.attention_layers()
         self._weights = self._layer_weights()
 
@@ -75,60 +133,111 @@ class Aligner:
                                    max_sequence_length=model_cfg.get("max_sequence_length"), options=options)
 
     # ------------------------------------------------------------ the method
-    def heatmaps(self, image: Image.Image, classes: Sequence[str], phrases: Sequence[str] | None = None,
-                 seed: int | None = None, **option_overrides: Any) -> HeatmapResult:
-        """Calibrated and raw heatmaps for each class. `phrases` (optional, one per class) replace the
-        class names in the prompts; the class word is then located inside its phrase when present."""
+    def heatmaps(self, image: Image.Image | str | Path | np.ndarray, classes: Sequence[str] | None = None,
+                 phrases: Sequence[str] | None = None, seed: int | None = None, *,
+                 words: Sequence[str] | None = None, prompt: str | None = None,
+                 elbo_losses: Mapping[str, float] | None = None, **option_overrides: Any) -> HeatmapResult:
+        """Calibrated, uncalibrated and cross-attention heatmaps for each class.
+
+        classes: class names, each put into the prompt templates of the options.
+        phrases: optional, one per class, replacing the class names in the prompts; the class
+            word (or, if it is not one of the phrase's words, the phrase's nouns) is located
+            inside its phrase.
+        words + prompt: maps of any words or phrases of your own prompt, calibrated across them
+            (`words` is another name for `classes`; `prompt` replaces the collection prompt).
+        elbo_losses: per-class summed losses from an earlier run, instead of the ELBO forwards.
+        Option overrides (strength=..., batch_size=...) apply to this call only.
+        """
         opts = self.options.replace(**option_overrides) if option_overrides else self.options
-        names = self._check_classes(classes, phrases)
+        evidence, info = self.observe(image, classes, phrases, seed, words=words, prompt=prompt,
+                                      elbo_losses=elbo_losses, options=opts)
+        taus = evidence.temperatures(opts.strength, opts.fixed_temperature)
+        raw = evidence.maps(1.0, refine=opts.refine)
+        calibrated = evidence.maps(opts.strength, opts.fixed_temperature, refine=opts.refine)
+        losses = evidence.losses or {}
+        return HeatmapResult(calibrated, raw, evidence.maps(1.0, refine=False),
+                             {n: losses.get(n) for n in evidence.names}, taus, info["prompts"],
+                             info["positions"], evidence)
+
+    def observe(self, image, classes=None, phrases=None, seed=None, *, words=None, prompt=None,
+                elbo_losses=None, options: AlignOptions | None = None,
+                need_elbo: bool | None = None) -> tuple[Evidence, dict[str, Any]]:
+        """The network passes of one image -> (Evidence, {"prompts", "positions"}).
+
+        `need_elbo` (default: whether the options' setting needs it) asks for the ELBO forwards even
+        when the options alone would not, e.g. to make several strengths from one pass."""
+        opts = options or self.options
+        image = _as_image(image)
+        names = self._check_classes(classes, words, phrases)
         texts = list(phrases) if phrases is not None else names
-        seed = opts.seed if seed is None else seed
+        seed = opts.seed if seed is None else _check_seed(seed)
+        self._check_timesteps(opts)
+        elbo_prompts = [opts.elbo_prompt.format(t) for t in texts]
+        if prompt is None:
+            collect_prompt = opts.collect_prompt.format(", ".join(texts))
+            start = calibrate.template_start(self.adapter.token_ids, opts.collect_prompt)
+        else:
+            collect_prompt = str(prompt)
+            start = calibrate.leading_specials(self.adapter.token_ids, collect_prompt)
+        # bad input (a word not in the prompt, an over-long prompt) fails before any forward pass
+        positions = self._positions(collect_prompt, names, texts, start, opts)
+        self.adapter.check_prompt_length(collect_prompt)
+        if need_elbo is None:
+            need_elbo = len(names) > 1 and not opts.fixed_temperature and opts.strength != 1.0
+
         z0 = self.adapter.encode_image(image)  # (1, C, h, w)
         collect_noise, elbo_noise = self._draw_noise(z0, opts, seed)
-
-        elbo_prompts = [opts.elbo_prompt.format(t) for t in texts]
-        collect_prompt = opts.collect_prompt.format(", ".join(texts))
-        # bad input (a class not in the prompt, an over-long prompt) fails before any forward pass
-        positions = self._positions(collect_prompt, names, texts)
-        self.adapter.encode_prompt(collect_prompt)
-        if len(names) > 1 and not opts.fixed_temperature and opts.strength != 1.0:
+        losses = None
+        if elbo_losses is not None:
+            losses = _check_losses(elbo_losses, names)
+        elif need_elbo and len(names) > 1:
             conds = [self.adapter.encode_prompt(p) for p in elbo_prompts]
-            losses = self._elbo_losses(z0, conds, opts.elbo_timesteps, elbo_noise)
-            taus = calibrate.temperatures(losses, opts.strength)
-        else:  # one class (n = 0), no calibration or a fixed temperature: the scores cannot change tau
-            losses = [None] * len(names)
-            taus = [float(opts.strength) if opts.fixed_temperature else 1.0] * len(names)
+            values = self._elbo_losses(z0, conds, opts.elbo_timesteps, elbo_noise, self._batch(opts))
+            losses = dict(zip(names, values, strict=True))
 
         weights = self._weights if opts is self.options else self._layer_weights(opts)
         rec = self._collect(z0, collect_prompt, collect_noise, opts, weights)
-        cross_maps = calibrate.class_cross_maps(rec.mean("cross"), positions)
+        cross = calibrate.class_cross_maps(rec.mean("cross"), positions)
         s1 = rec.mean("self1") if opts.refine and "self1" in rec.sums else None
         s2 = rec.mean("self2") if opts.refine and "self2" in rec.sums else None
-        res, size = rec.target_res, image.size
-
-        cal, raw = {}, {}
-        for name, tau in zip(names, taus, strict=True):
-            a = cross_maps[name]
-            raw[name] = calibrate.to_image(calibrate.refine(a, s1, s2), res, size)
-            cal[name] = raw[name].copy() if tau == 1.0 else calibrate.to_image(calibrate.refine(a**tau, s1, s2), res, size)
-        prompts = {n: p for n, p in zip(names, elbo_prompts, strict=True)} | {"collect": collect_prompt}
-        return HeatmapResult(cal, raw, dict(zip(names, losses, strict=True)),
-                             dict(zip(names, taus, strict=True)), prompts, positions)
+        evidence = Evidence(names, losses, cross, s1, s2, rec.target_res, image.size)
+        prompts = dict(zip(names, elbo_prompts, strict=True)) | {"collect": collect_prompt}
+        return evidence, {"prompts": prompts, "positions": positions}
 
     # ------------------------------------------------------------ parts
-    def _check_classes(self, classes: Sequence[str], phrases: Sequence[str] | None) -> list[str]:
-        if isinstance(classes, str):
-            raise TypeError(f"classes must be a list of names, got the string {classes!r}; wrap it: [{classes!r}]")
-        names = [str(c) for c in classes]
+    def _check_classes(self, classes, words, phrases) -> list[str]:
+        if (classes is None) == (words is None):
+            raise TypeError("give the class names (classes=[...]) or the prompt words (words=[...]), one of them")
+        given = classes if classes is not None else words
+        if isinstance(given, str):
+            raise TypeError(f"classes must be a list of names, got the string {given!r}; wrap it: [{given!r}]")
+        names = list(given)
+        bad = [(i, c) for i, c in enumerate(names) if not isinstance(c, str)]
+        if bad:
+            raise TypeError(f"class names must be strings; got {bad[0][1]!r} at position {bad[0][0]} of {names}")
         if not names:
             raise ValueError("the class list is empty: give at least one class name to segment")
         if any(not n.strip() for n in names):
             raise ValueError(f"empty class name in {names}")
         if len(set(names)) != len(names):
             raise ValueError(f"duplicate class names in {names}")
-        if phrases is not None and len(phrases) != len(names):
-            raise ValueError(f"{len(phrases)} phrases given for {len(names)} classes; give one per class")
+        if phrases is not None:
+            if isinstance(phrases, str) or len(phrases) != len(names):
+                raise ValueError(f"phrases must be a list with one phrase per class ({len(names)}), got {phrases!r}")
+            if not all(isinstance(p, str) and p.strip() for p in phrases):
+                raise ValueError(f"every phrase must be a non-empty string, got {list(phrases)}")
         return names
+
+    def _check_timesteps(self, opts: AlignOptions) -> None:
+        n = self.adapter.schedule.num_train_timesteps
+        bad = sorted({t for t in (*opts.elbo_timesteps, *opts.collect_timesteps) if t >= n})
+        if bad:
+            raise ValueError(f"timesteps {bad} are outside this model's training range 0..{n - 1}; "
+                             "give elbo_timesteps and collect_timesteps below that")
+
+    def _batch(self, opts: AlignOptions) -> int:
+        """The call's batch size, never above one that ran out of memory before."""
+        return min(opts.batch_size, self._fitted_batch)
 
     def _draw_noise(self, z0: torch.Tensor, opts: AlignOptions, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Collection noise first, then ELBO noise, from one CPU generator (reference-compatible)."""
@@ -150,44 +259,107 @@ class Aligner:
             weights["self2"] = calibrate.self_stage_weights(self.layers, opts.self_weights_2)
         return weights
 
-    def _elbo_losses(self, z0: torch.Tensor, conds, timesteps: Sequence[int], noise: torch.Tensor) -> list[float]:
+    def _elbo_losses(self, z0: torch.Tensor, conds, timesteps: Sequence[int], noise: torch.Tensor,
+                     batch: int) -> list[float]:
         """Summed diffusion loss per class, all (class, timestep) pairs batched."""
-        losses, self._batch_size = elbo_losses(self.adapter, z0, conds, timesteps, noise, self._batch_size)
-        return losses.tolist()
+        values, used = elbo.elbo_losses(self.adapter, z0, conds, timesteps, noise, batch)
+        if used < batch:  # ran out of memory: later calls start at the size that fit
+            self._fitted_batch = used
+        return values.tolist()
 
     def _collect(self, z0, prompt: str, noise: torch.Tensor, opts: AlignOptions, weights):
         """Run the collection timesteps under the recorder; restart with half the batch on out-of-memory."""
         cond = self.adapter.encode_prompt(prompt)
         ts = torch.tensor(opts.collect_timesteps, dtype=torch.long, device=self.adapter.device)
         noise = noise.to(self.adapter.device)
+        batch = self._batch(opts)
         while True:
-            rec = self.adapter.recorder(weights, chunk_mb=opts.self_attention_chunk_mb)
+            rec = self.adapter.recorder(weights, chunk_mb=opts.self_attention_chunk_mb,
+                                        precision=opts.capture_precision)
             try:
                 with rec:
-                    for lo in range(0, len(ts), self._batch_size):
-                        t = ts[lo : lo + self._batch_size]
+                    for lo in range(0, len(ts), batch):
+                        t = ts[lo : lo + batch]
                         z_t = self.adapter.schedule.add_noise(z0, noise[lo : lo + len(t)], t)
                         self.adapter.predict(z_t, t, cat_cond([cond] * len(t)))
                 return rec
             except (torch.OutOfMemoryError, RuntimeError) as err:
-                if not is_out_of_memory(err) or self._batch_size == 1:
+                if not elbo.is_out_of_memory(err) or batch == 1:
                     raise
-                self._batch_size //= 2
+                batch = self._fitted_batch = batch // 2
 
-    def _positions(self, prompt: str, names: list[str], texts: list[str]) -> dict[str, list[int]]:
+    def _positions(self, prompt: str, names: list[str], texts: list[str], start: int,
+                   opts: AlignOptions) -> dict[str, list[int]]:
+        """Token positions per class in the collection prompt, searched from token `start` on
+        (after the template's own words). With phrases: the phrase is located first, then inside
+        it the class word if it is one of the phrase's words, else the phrase's nouns (the
+        reference; `phrase_tokens="phrase"`: the whole phrase)."""
+        ids = self.adapter.token_ids
         if texts == names:
-            return calibrate.class_token_positions(self.adapter.token_ids, prompt, names)
-        # phrases: the class word inside its phrase if present, else the whole phrase
-        out, cursor = {}, 0
+            return calibrate.class_token_positions(ids, prompt, names, start)
+        out, cursor = {}, start
         for name, text in zip(names, texts, strict=True):
-            phrase_pos = calibrate.locate_tokens(self.adapter.token_ids, prompt, text, cursor)
-            try:
-                out[name] = calibrate.locate_tokens(self.adapter.token_ids, prompt, name, phrase_pos[0])
-                if out[name][0] > phrase_pos[-1]:
-                    out[name] = phrase_pos
-            except ValueError:
-                out[name] = phrase_pos
-            cursor = phrase_pos[-1] + 1
+            span = calibrate.class_token_positions(ids, prompt, [text], cursor)[text]
+            out[name] = self._phrase_positions(prompt, name, text, span, opts)
+            cursor = span[-1] + 1
         return out
 
+    def _phrase_positions(self, prompt: str, name: str, text: str, span: list[int], opts: AlignOptions) -> list[int]:
+        if name in text.split(" "):
+            targets = [name]
+        elif opts.phrase_tokens == "nouns":
+            from .nlp import nouns
 
+            targets = nouns(text, opts.spacy_model)
+        else:
+            targets = []
+        found: set[int] = set()
+        for word in targets:
+            try:
+                found.update(calibrate.locate_tokens(self.adapter.token_ids, prompt, word, span[0], span[-1] + 1))
+            except ValueError:
+                log.warning("%r of phrase %r is not a token sequence of the prompt; using the whole phrase "
+                            "for class %r", word, text, name)
+                return span
+        return sorted(found) if found else span
+
+
+# ---------------------------------------------------------------- input checks
+
+
+def _as_image(image: Any) -> Image.Image:
+    """A PIL image, a path to one, or an (H, W) / (H, W, 3|4) uint8 array; at least 2x2 pixels."""
+    if isinstance(image, (str, Path)):
+        path = Path(image).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"image file not found: {path}")
+        try:
+            with Image.open(path) as img:
+                image = img.copy()
+        except OSError as err:
+            raise ValueError(f"cannot read an image from {path}: {err}") from None
+    elif isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (3, 4)):
+            raise ValueError(f"an image array must be uint8 of shape (H, W), (H, W, 3) or (H, W, 4); got "
+                             f"{image.dtype} {image.shape}")
+        image = Image.fromarray(image)
+    elif not isinstance(image, Image.Image):
+        raise TypeError(f"image must be a PIL image, a file path or a uint8 array, got {type(image).__name__}")
+    if image.width < 2 or image.height < 2:
+        raise ValueError(f"the image is {image.width}x{image.height}; heatmaps need at least 2x2 pixels")
+    return image
+
+
+def _check_seed(seed: Any) -> int:
+    return AlignOptions(seed=seed).seed  # the options' own check, with its message
+
+
+def _check_losses(losses: Mapping[str, float], names: list[str]) -> dict[str, float]:
+    missing = [n for n in names if n not in losses]
+    if missing:
+        raise ValueError(f"elbo_losses has no value for {missing} (it has {sorted(losses)}); "
+                         "reuse losses computed for the same classes")
+    out = {n: float(losses[n]) for n in names}
+    if not all(np.isfinite(v) for v in out.values()):
+        raise ValueError(f"elbo_losses must be finite numbers, got {out}")
+    return out

@@ -69,6 +69,7 @@ def attend_and_capture(
     blocks: dict[str, slice],
     mask: torch.Tensor | None = None,
     chunk_mb: float = 256.0,
+    precision: str = "float32",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Attention output plus probability maps of the image-query rows.
 
@@ -77,6 +78,9 @@ def attend_and_capture(
     name, the probabilities of image queries x block keys, averaged over heads
     and summed over the batch: (n_image_rows, block_len), float32.
     Rows outside `image_rows` (text queries of joint attention) use SDPA.
+    precision "float32": scores, softmax and head mean in float32 whatever the input dtype (under
+    autocast too); "model": in the input dtype, as the reference's half-precision path does.
+    The layer's output is always probabilities (cast to the value dtype) times values.
     """
     b, h, sq, _ = query.shape
     sk = key.shape[2]
@@ -92,18 +96,21 @@ def attend_and_capture(
     # rows per chunk so that the chunk's two float32 (B, H, rows, Sk) blocks, scores and
     # probabilities, stay under chunk_mb together (scaling and masking happen in place)
     step = max(1, int(chunk_mb * 2**20 // (2 * 4 * b * h * sk)))
-    for lo in range(start, stop, step):
-        hi = min(lo + step, stop)
-        scores = torch.matmul(query[:, :, lo:hi], key.transpose(-1, -2)).float().mul_(scale)  # (B, H, r, Sk)
-        if mask is not None:
-            scores.add_(_mask_rows(mask, lo, hi).float())
-        probs = scores.softmax(dim=-1)
-        del scores
-        out[:, :, lo:hi] = torch.matmul(probs.to(value.dtype), value)
-        head_mean = probs.mean(dim=1).sum(dim=0)  # (r, Sk)
-        del probs
-        for name, blk in blocks.items():
-            maps[name][lo - start : hi - start] += head_mean[:, blk]
+    work = torch.float32 if precision == "float32" else query.dtype
+    key_t = key.transpose(-1, -2).to(work)  # (B, H, D, Sk)
+    with torch.autocast(query.device.type, enabled=False):
+        for lo in range(start, stop, step):
+            hi = min(lo + step, stop)
+            scores = torch.matmul(query[:, :, lo:hi].to(work), key_t).mul_(scale)  # (B, H, r, Sk)
+            if mask is not None:
+                scores.add_(_mask_rows(mask, lo, hi).to(work))
+            probs = scores.softmax(dim=-1)
+            del scores
+            out[:, :, lo:hi] = torch.matmul(probs.to(value.dtype), value)
+            head_mean = probs.mean(dim=1).sum(dim=0).float()  # (r, Sk)
+            del probs
+            for name, blk in blocks.items():
+                maps[name][lo - start : hi - start] += head_mean[:, blk]
     return out, maps
 
 
@@ -160,7 +167,7 @@ class CaptureAttnProcessor(_CaptureBase):
         block = "cross" if is_cross else "self"
         out, maps = attend_and_capture(
             query, key, value, scale=attn.scale, image_rows=slice(None), blocks={block: slice(None)},
-            mask=attention_mask, chunk_mb=self.recorder.chunk_mb,
+            mask=attention_mask, chunk_mb=self.recorder.chunk_mb, precision=self.recorder.precision,
         )
         self.recorder.add(self.layer, maps, batch)
 
@@ -200,7 +207,7 @@ class CaptureJointAttnProcessor(_CaptureBase):
             blocks["cross"] = slice(n_img, None)
         out, maps = attend_and_capture(
             query, key, value, scale=attn.scale, image_rows=slice(0, n_img), blocks=blocks,
-            chunk_mb=self.recorder.chunk_mb,
+            chunk_mb=self.recorder.chunk_mb, precision=self.recorder.precision,
         )
         self.recorder.add(self.layer, maps, batch)
 
@@ -242,7 +249,7 @@ class CaptureFluxAttnProcessor(_CaptureBase):
         out, maps = attend_and_capture(
             query, key, value, scale=query.shape[-1] ** -0.5, image_rows=slice(n_txt, None),
             blocks={"cross": slice(0, n_txt), "self": slice(n_txt, None)}, mask=attention_mask,
-            chunk_mb=self.recorder.chunk_mb,
+            chunk_mb=self.recorder.chunk_mb, precision=self.recorder.precision,
         )
         self.recorder.add(self.layer, maps, query.shape[0])
         out = out.transpose(1, 2).flatten(2, 3).to(query.dtype)  # (B, S, H*D)
@@ -297,6 +304,7 @@ class AttentionRecorder:
         chunk_mb: float = 256.0,
         per_layer: bool = False,
         text_length: int | None = None,
+        precision: str = "float32",
     ):
         self.denoiser = denoiser
         self.layers = {layer.name: layer for layer in layers}
@@ -304,6 +312,7 @@ class AttentionRecorder:
         self.processor_factory = processor_factory
         self.target_res = target_res or max(layer.resolution for layer in layers)
         self.chunk_mb = chunk_mb
+        self.precision = precision  # of the captured probabilities: "float32" or "model"
         self.per_layer = per_layer
         self.text_length = text_length
         self.sums: dict[str, torch.Tensor] = {}

@@ -165,7 +165,7 @@ class KeepAllRecorder(AttentionRecorder):
 class ReferenceAligner(Aligner):
     """Aligner whose network work is done one sample at a time, reference-style."""
 
-    def _elbo_losses(self, z0, conds, timesteps, noise) -> list[float]:
+    def _elbo_losses(self, z0, conds, timesteps, noise, batch=1) -> list[float]:
         ad, losses = self.adapter, []
         with KeepAllRecorder(ad, {}, keep=False):
             for cond in conds:
@@ -302,7 +302,7 @@ def run_mode(args: argparse.Namespace) -> dict[str, Any]:
     result = {
         "model": args.model, "mode": args.mode, "device": str(device), "device_name": _device_name(device),
         "dtype": str(dtype).removeprefix("torch."), "resolution": resolution, "images": len(indices),
-        "classes": args.classes, "threads": torch.get_num_threads(), "batch_size": aligner._batch_size,
+        "classes": args.classes, "threads": torch.get_num_threads(), "batch_size": aligner._fitted_batch,
         "shard": f"{shard.index}/{shard.count}",
         "sec_per_image": run_sec / n,
         "forward_samples_per_image": timer.samples / n,

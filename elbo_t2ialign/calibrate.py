@@ -16,34 +16,53 @@ from .attention import LayerInfo, stage_index
 
 
 def locate_tokens(token_ids: Callable[[str, bool], list[int]], prompt: str, name: str,
-                  search_from: int = 0) -> list[int]:
+                  search_from: int = 0, search_to: int | None = None) -> list[int]:
     """Positions of `name`'s tokens in `prompt`'s token sequence (with special tokens).
 
-    The first occurrence at or after `search_from` of the class's token
-    sub-sequence (tokenised without BOS/EOS). Raises if it is absent.
+    The first occurrence of the name's token sub-sequence (tokenised without
+    BOS/EOS) lying inside positions [search_from, search_to). Raises if there is none.
     """
     prompt_ids, name_ids = token_ids(prompt, True), token_ids(name, False)
     if not name_ids:
-        raise ValueError(f"class name {name!r} tokenises to nothing; give a non-empty class name")
-    n = len(name_ids)
-    for start in range(search_from, len(prompt_ids) - n + 1):
+        raise ValueError(f"{name!r} tokenises to nothing; give a non-empty class name or word")
+    n, stop = len(name_ids), len(prompt_ids) if search_to is None else min(search_to, len(prompt_ids))
+    for start in range(search_from, stop - n + 1):
         if prompt_ids[start : start + n] == name_ids:
             return list(range(start, start + n))
+    where = "" if (search_from, stop) == (0, len(prompt_ids)) else f" between token positions {search_from} and {stop}"
     raise ValueError(
-        f"cannot locate class {name!r} in prompt {prompt!r}: its tokens {name_ids} do not occur in the "
-        f"prompt's tokens {prompt_ids}. Use the class word as it appears in the prompt."
+        f"cannot locate {name!r} in prompt {prompt!r}{where}: its tokens {name_ids} do not occur in the "
+        f"prompt's tokens {prompt_ids}. Use the word as it appears in the prompt."
     )
 
 
-def class_token_positions(token_ids, prompt: str, names: Sequence[str]) -> dict[str, list[int]]:
-    """Token positions of every class in the collection prompt, searched left to right so
-    that a class repeated inside another's name does not steal its tokens."""
-    out, cursor = {}, 0
+def leading_specials(token_ids: Callable[[str, bool], list[int]], text: str) -> int:
+    """Number of special tokens (BOS) the tokenizer puts before the text's own tokens."""
+    with_special, plain = token_ids(text, True), token_ids(text, False)
+    for offset in range(len(with_special) - len(plain) + 1):
+        if with_special[offset : offset + len(plain)] == plain:
+            return offset
+    return 0
+
+
+def template_start(token_ids: Callable[[str, bool], list[int]], template: str) -> int:
+    """Token position where the text filled into `template` ("a photo of {}") begins, so that a
+    class that is also a template word ("photo", "a", "of") is found in the class list, not in the
+    template (the reference searches from the start of the prompt)."""
+    prefix = template.split("{}")[0].strip()
+    lead = leading_specials(token_ids, template.replace("{}", "x"))
+    return lead + (len(token_ids(prefix, False)) if prefix else 0)
+
+
+def class_token_positions(token_ids, prompt: str, names: Sequence[str], start: int = 0) -> dict[str, list[int]]:
+    """Token positions of every class in the collection prompt, searched left to right from
+    token `start` so that a class repeated inside another's name does not steal its tokens."""
+    out, cursor = {}, start
     for name in names:
         try:
             pos = locate_tokens(token_ids, prompt, name, cursor)
         except ValueError:
-            pos = locate_tokens(token_ids, prompt, name, 0)
+            pos = locate_tokens(token_ids, prompt, name, start)
         out[name] = pos
         cursor = pos[-1] + 1
     return out

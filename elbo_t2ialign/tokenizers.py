@@ -92,3 +92,26 @@ def build_word_tokenizer(words: Iterable[str], model_max_length: int = 32):
         unk_token="<unk>",
         model_max_length=model_max_length,
     )
+
+
+def build_bert_tokenizer(words: Iterable[str], model_max_length: int = 64):
+    """A BERT-like WordPiece tokenizer ([CLS] text [SEP], lower case) whose vocabulary holds the
+    specials BLIP's text decoder uses ([PAD]=0, [UNK], [CLS], [SEP], [MASK], [DEC]) plus `words`;
+    for tiny BLIP captioners built in code."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from transformers import BertTokenizerFast
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]"]
+    vocab = {tok: i for i, tok in enumerate(specials)}
+    for word in dict.fromkeys(w.lower() for w in words):
+        vocab.setdefault(word, len(vocab))
+    core = Tokenizer(models.WordPiece(vocab=vocab, unk_token="[UNK]"))
+    core.normalizer = normalizers.BertNormalizer(lowercase=True)
+    core.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    core.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])]
+    )
+    core.decoder = decoders.WordPiece()
+    return BertTokenizerFast(tokenizer_object=core, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
+                             sep_token="[SEP]", mask_token="[MASK]", bos_token="[DEC]",
+                             model_max_length=model_max_length)

@@ -133,6 +133,7 @@ class _Sink:
 
     chunk_mb = 0.0005
     text_length = None
+    precision = "float32"
 
     def __init__(self):
         self.maps = {}

@@ -88,7 +88,7 @@ def test_token_location_single_and_multi_token():
 
 
 def test_missing_class_is_a_clear_error():
-    with pytest.raises(ValueError, match=r"cannot locate class 'zebra' in prompt 'a photo of cat'"):
+    with pytest.raises(ValueError, match=r"cannot locate 'zebra' in prompt 'a photo of cat'"):
         calibrate.locate_tokens(ids, "a photo of cat", "zebra")
 
 
@@ -99,3 +99,13 @@ def test_every_listed_word_is_one_token_whatever_the_order():
         for w in words:
             assert len(tok(w, add_special_tokens=False).input_ids) == 1, (w, order)
     assert len(tok("zebra", add_special_tokens=False).input_ids) > 1  # unlisted words split
+
+
+def test_a_class_inside_an_earlier_class_gets_its_own_tokens():
+    """Left to right: "plant" is the class after "potted plant", not the word inside it (the reference
+    searches each class from the start and would give both classes the same token)."""
+    prompt = "a photo of potted plant, plant"
+    toks = ids(prompt, True)
+    pos = calibrate.class_token_positions(ids, prompt, ["potted plant", "plant"], start=4)
+    assert pos["plant"][0] > pos["potted plant"][-1]
+    assert [toks[i] for i in pos["plant"]] == ids("plant", False)

@@ -20,7 +20,9 @@ def nlp():
     ("a group of people standing on the side of a street", ["people", "a street"]),  # group, side listed
     ("two cats playing with a ball of yarn on top of a sofa", ["two cats", "a ball", "yarn", "a sofa"]),  # top
     ("A pair of red shoes and a blue hat", ["red shoes", "a blue hat"]),  # pair listed
-    ("a black cat next to a white cat", ["a black cat"]),  # one phrase per root lemma
+    ("a black cat next to a white cat", ["a black cat", "a white cat"]),  # every chunk (the reference)
+    ("a red car next to another car", ["a red car", "another car"]),
+    ("a photo of a dog", ["a photo", "a dog"]),  # "photo" is not in the reference's stop-list
     ("It sits next to John in Paris", []),  # pronoun and proper-noun roots are not NOUNs
 ])
 def test_phrases_of_fixed_sentences(nlp, prompt, expected):
@@ -31,7 +33,14 @@ def test_stop_list_is_respected(nlp):
     prompt = "a cat and a dog on a sofa"
     assert PhraseExtractor(nlp, [])(prompt) == ["a cat", "a dog", "a sofa"]
     assert PhraseExtractor(nlp, ["Dog", "sofa"])(prompt) == ["a cat"]  # case-insensitive
-    assert PhraseExtractor(nlp, ["cat"])("two cats and a dog") == ["a dog"]  # matched on the lemma
+    assert PhraseExtractor(nlp, ["cat"])("two cats and a dog") == ["two cats", "a dog"]  # the word as written
+    assert PhraseExtractor(nlp, ["cat"], match="lemma")("two cats and a dog") == ["a dog"]  # or its lemma
+
+
+def test_dedupe_keeps_one_phrase_per_root_lemma(nlp):
+    prompt = "a black cat next to a white cat and two cats"
+    assert PhraseExtractor(nlp, [])(prompt) == ["a black cat", "a white cat", "two cats"]
+    assert PhraseExtractor(nlp, [], dedupe=True)(prompt) == ["a black cat"]
 
 
 def test_stop_list_file_holds_the_protocol_examples():

@@ -27,6 +27,10 @@ def test_defaults_follow_the_protocol():
     assert (cfg["num_prompts"], cfg["images_per_prompt"], cfg["baseline"]) == (1000, 1, True)
     assert cfg["output_dir"] == "runs/generate/sd15/ane/strength-1.2"
     assert "top" in cfg["phrases"]["stopwords"]
+    # the reference's phrase rule and step schedule by default; the stricter rule by name
+    assert (cfg["phrases"]["match"], cfg["phrases"]["dedupe"], cfg["after_elbo_steps"]) == ("word", False, "reset")
+    strict = config("phrases=dedupe")["phrases"]
+    assert (strict["match"], strict["dedupe"], strict["stopwords"]) == ("lemma", True, cfg["phrases"]["stopwords"])
 
 
 @pytest.mark.parametrize("prompts", [p.stem for p in sorted((ROOT / "configs/prompts").glob("*.yaml"))])

@@ -122,7 +122,14 @@ def test_all_ones_weights_reproduce_the_baseline_exactly(family):
     assert torch.equal(sampler(family, elbo_steps=0).sample(PROMPT, PHRASES, seed=7).latent, base)
 
 
-def test_weights_are_kept_after_elbo_steps():
+def test_weights_return_to_one_after_elbo_steps():
+    """The reference: steps after `elbo_steps` use weight 1, i.e. the plain prompt."""
     s = sampler("sd", steps=3, elbo_steps=1)
     r = s.sample(PROMPT, PHRASES, seed=3)
-    assert len(r.distances) == 1 and r.weights[1] == r.weights[0] and r.weights[2] == r.weights[0]
+    assert len(r.distances) == 1 and r.weights[0] != [1.0] * len(PHRASES)
+    assert r.weights[1] == r.weights[2] == [1.0] * len(PHRASES)
+    held = sampler("sd", steps=3, elbo_steps=1, after_elbo_steps="hold").sample(PROMPT, PHRASES, seed=3)
+    assert held.weights[1] == held.weights[2] == held.weights[0] == r.weights[0]
+    assert not torch.equal(held.latent, r.latent)
+    with pytest.raises(ValueError, match="after_elbo_steps must be 'reset' or 'hold'"):
+        sampler("sd", after_elbo_steps="keep")

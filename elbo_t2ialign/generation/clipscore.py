@@ -75,8 +75,8 @@ class ClipScorer:
             processor = CLIPImageProcessor.from_pretrained(source)
         except (OSError, ValueError) as err:
             raise ClipScoreError(
-                f"cannot load CLIP model {model_id!r} ({err}). Offline? Download it where there is network "
-                f"(`hf download {model_id} --local-dir <folder>`) and pass --clip <folder>."
+                f"cannot load CLIP model {model_id!r} ({' '.join(str(err).split())}). Offline? Download it where "
+                f"there is network (`hf download {model_id} --local-dir <folder>`) and pass --clip <folder>."
             ) from None
         return cls(model, tokenizer, processor, device=device, name=model_id, **kwargs)
 

@@ -12,14 +12,14 @@ from typing import Any
 from elbo_t2ialign.runinfo import check_known, to_container  # noqa: F401  (to_container re-exported)
 
 TOP_KEYS = {
-    "model", "prompts", "phrases", "steps", "guidance", "strength", "elbo_steps", "seed", "num_prompts",
-    "images_per_prompt", "baseline", "device", "datasets_dir", "progress", "output_dir", "hydra",
+    "model", "prompts", "phrases", "steps", "guidance", "strength", "elbo_steps", "after_elbo_steps", "seed",
+    "num_prompts", "images_per_prompt", "baseline", "device", "datasets_dir", "progress", "output_dir", "hydra",
 }
 MODEL_KEYS = {"name", "id", "resolution", "max_sequence_length", "dtype"}
 PROMPTS_KEYS = {"name", "file"}
-PHRASES_KEYS = {"spacy_model", "stopwords"}
+PHRASES_KEYS = {"spacy_model", "stopwords", "match", "dedupe"}
 # What determines the files of a run folder; a resume must not change these.
-RESULT_KEYS = ("model", "prompts", "phrases", "steps", "guidance", "strength", "elbo_steps", "seed")
+RESULT_KEYS = ("model", "prompts", "phrases", "steps", "guidance", "strength", "elbo_steps", "after_elbo_steps", "seed")
 BUNDLED_PROMPTS = Path(__file__).resolve().parent / "prompts"
 TINY_PREFIX = "tiny:"  # model.id "tiny:<family>" builds elbo_t2ialign.tiny.BUILDERS[<family>]()
 
@@ -44,7 +44,7 @@ def validate(cfg: dict[str, Any]) -> dict[str, Any]:
             raise GenerationError(f"model config needs '{key}'")
     if not cfg["prompts"].get("file"):
         raise GenerationError("prompts config needs 'file' (e.g. prompts=ane, or prompts.file=/path/to/file.txt)")
-    out = {"steps": 50, "guidance": None, "strength": 1.2, "elbo_steps": 50, "seed": 4307, "num_prompts": None,
+    out = {"steps": 50, "guidance": None, "strength": 1.2, "elbo_steps": 50, "after_elbo_steps": "reset", "seed": 4307, "num_prompts": None,
            "images_per_prompt": 1, "baseline": True, "device": "auto", "datasets_dir": "datasets",
            "progress": True, **cfg}
     for key in ("steps", "images_per_prompt"):

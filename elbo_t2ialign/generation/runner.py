@@ -118,7 +118,8 @@ def build_sampler(conf: dict[str, Any]) -> ElboSampler:
     adapter = adapter_for(pipe, device, dtype, model.get("resolution"), model.get("max_sequence_length"))
     try:
         return ElboSampler(adapter, steps=int(conf["steps"]), guidance=conf["guidance"],
-                           strength=float(conf["strength"]), elbo_steps=int(conf["elbo_steps"]))
+                           strength=float(conf["strength"]), elbo_steps=int(conf["elbo_steps"]),
+                           after_elbo_steps=conf["after_elbo_steps"])
     except ValueError as err:
         raise GenerationError(f"model {model['name']}: {err}") from None
 

@@ -4,7 +4,8 @@ classifier-free guidance with an empty negative prompt, and per-step phrase weig
 At each of the first `elbo_steps` steps the full prompt and every phrase alone are predicted at the
 current latent in one batch; `d_p = mean((pred_full - pred_phrase)^2)` gives the weights, and the
 phrase tokens of the full prompt are scaled by them for this step's guided prediction. After
-`elbo_steps` the last weights stay in force. `weighted=False` is the unweighted baseline: the same
+`elbo_steps` the weights return to 1, as in the reference (`after_elbo_steps="hold"` keeps the last
+ones instead). `weighted=False` is the unweighted baseline: the same
 noise, steps and guidance with the plain prompt.
 
 Steps run on training indices t_i = T-1 - i * (T // steps), each going to the next one and the last to
@@ -74,7 +75,7 @@ class ElboSampler:
     """Generates images with (or, as the baseline, without) ELBO phrase weights."""
 
     def __init__(self, adapter: ModelAdapter, steps: int = 50, guidance: float | None = None,
-                 strength: float = 1.2, elbo_steps: int | None = None):
+                 strength: float = 1.2, elbo_steps: int | None = None, after_elbo_steps: str = "reset"):
         self.adapter = adapter
         self.kind = model_kind(adapter)
         schedule = adapter.schedule
@@ -92,6 +93,10 @@ class ElboSampler:
             raise ValueError(f"strength must be positive, got {strength}")
         self.strength = float(strength)
         self.elbo_steps = self.steps if elbo_steps is None else int(elbo_steps)
+        if after_elbo_steps not in ("reset", "hold"):
+            raise ValueError(f"after_elbo_steps must be 'reset' or 'hold', got {after_elbo_steps!r}")
+        # after the first `elbo_steps` steps: "reset" returns to weight 1 (the reference), "hold" keeps the last
+        self.after_elbo_steps = after_elbo_steps
 
     def initial_latent(self, seed: int) -> torch.Tensor:
         """(1, C, h, w) float32 standard normal noise from a CPU generator (same on every device)."""
@@ -119,7 +124,10 @@ class ElboSampler:
                 dist = ((preds[1:] - preds[:1]) ** 2).mean(dim=(1, 2, 3))  # (P,)
                 weights = phrase_weights(dist, self.strength)
                 result.distances.append(dist.tolist())
-            cond = weight_conditioning(full, empty, positions, weights) if use_elbo else full
+            elif use_elbo and self.after_elbo_steps == "reset":
+                weights = [1.0] * len(phrases)
+            weighted_now = use_elbo and any(w != 1.0 for w in weights)
+            cond = weight_conditioning(full, empty, positions, weights) if weighted_now else full
             pred_c, pred_u = ad.predict(z.expand(2, -1, -1, -1), torch.full((2,), t, device=ad.device),
                                         cat_cond([cond, guided_uncond])).chunk(2)  # (1, C, h, w) each
             z = self._step(ad.schedule, z, t, t_next, pred_u + self.guidance * (pred_c - pred_u))

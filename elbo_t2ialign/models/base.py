@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from ..attention import AttentionRecorder, LayerInfo
@@ -131,13 +130,18 @@ class ModelAdapter:
     def max_prompt_tokens(self) -> int:
         return int(self.attention_tokenizer.model_max_length)
 
+    def preprocess_image(self, image: Image.Image) -> torch.Tensor:
+        """PIL image (any mode/size) -> (1, 3, R, R) float32 in [-1, 1], as the reference prepares it:
+        the 8-bit RGB image resized with PIL's bilinear filter (antialiased when shrinking; diffusers'
+        `VaeImageProcessor(resample="bilinear")`), then scaled to [-1, 1]."""
+        rgb = to_rgb(image).resize((self.resolution, self.resolution), Image.Resampling.BILINEAR)
+        x = np.asarray(rgb, dtype=np.float32) / 255.0 * 2.0 - 1.0  # (R, R, 3)
+        return torch.from_numpy(x).permute(2, 0, 1)[None]
+
     @torch.no_grad()
     def encode_image(self, image: Image.Image) -> torch.Tensor:
         """PIL image (any mode/size) -> z0 (1, C, h, w) float32: posterior mean, shifted and scaled."""
-        rgb = to_rgb(image)
-        x = torch.from_numpy(np.asarray(rgb, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)[None]
-        x = F.interpolate(x, size=(self.resolution, self.resolution), mode="bilinear", align_corners=False)
-        x = x.to(self.device, self.vae.dtype)
+        x = self.preprocess_image(image).to(self.device, self.vae.dtype)
         z = self.vae.encode(x).latent_dist.mean.float()
         shift = self.vae.config.get("shift_factor", None) or 0.0
         return (z - shift) * self.vae.config.scaling_factor
@@ -146,8 +150,12 @@ class ModelAdapter:
     def network(self, x: torch.Tensor, timestep: torch.Tensor, cond: Cond) -> torch.Tensor:
         """Raw denoiser call for samplers: x already scaled for the network, `timestep` the value
         the network is conditioned on (see `schedule.model_timestep`). Output in the model's own
-        parameterisation (epsilon / v / velocity), in the network's dtype."""
-        return self._forward(x.to(self.dtype), timestep.to(self.device), {k: v.to(self.device) for k, v in cond.items()})
+        parameterisation (epsilon / v / velocity), in the network's dtype. Half-precision networks run
+        under autocast (PROTOCOL 8: normalisations and softmax in float32, as the reference runs them)."""
+        half = self.dtype in (torch.float16, torch.bfloat16)
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=half):
+            return self._forward(x.to(self.dtype), timestep.to(self.device),
+                                 {k: v.to(self.device) for k, v in cond.items()})
 
     @torch.no_grad()
     def predict(self, z_t: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
@@ -159,6 +167,7 @@ class ModelAdapter:
         return self.schedule.to_target(out.float(), z_t, t)
 
     def recorder(self, weights: dict[str, dict[str, float]], **kwargs) -> AttentionRecorder:
+        """An attention recorder for this denoiser (kwargs: chunk_mb, precision, per_layer, ...)."""
         return AttentionRecorder(
             self.denoiser, self.attention_layers(), weights, self.capture_processor,
             text_length=self.text_length, **kwargs,

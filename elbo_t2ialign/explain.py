@@ -1,0 +1,230 @@
+"""Explore one image: where the model puts each word, with and without the ELBO calibration.
+
+    python -m elbo_t2ialign.explain IMAGE WORD [WORD ...] [--prompt "..."] [--caption] [key=value ...]
+
+    python -m elbo_t2ialign.explain datasets/shapes/images/val_00003.png square triangle
+    python -m elbo_t2ialign.explain img.png circle --prompt "a photo of a circle and a square"
+    python -m elbo_t2ialign.explain cat_dog.jpg cat dog --caption model=sd15 elbo=default elbo.strength=2
+
+Words are class names put into the prompt template ("a photo of square, triangle"), or, with
+--prompt, words or phrases of your own prompt; with --caption the prompt is the image's caption
+(BLIP by default, cached; words it lacks are appended). Arguments with "=" are Hydra overrides of
+configs/explain.yaml (model, elbo, device, output_dir, caption.*). The defaults run offline on the
+bundled testbed model. Writes, into a new folder under output_dir: figure.png (per word: the image,
+the uncalibrated, calibrated and cross-attention maps over it, tau and ELBO in the titles), each map
+as <word>.<kind>.npy (float32 in [0, 1]) and .png (8-bit), and result.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from .options import AlignOptions
+from .runinfo import check_known, git_revision, to_container
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+TOP_KEYS = {"model", "elbo", "device", "dtype", "output_dir", "alpha", "cmap", "dpi", "caption"}
+KIND_FILES = {"raw": "uncalibrated", "calibrated": "calibrated", "cross": "cross"}  # plotting kind -> file tag
+OVERRIDE = re.compile(r"^[+~]{0,2}[A-Za-z_][\w.@/-]*=")
+
+
+class ExplainError(Exception):
+    """Bad input or config; printed as one line, exit status 1."""
+
+
+def one_line(text: Any) -> str:
+    return " ".join(str(text).split())
+
+
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str], list[str]]:
+    """-> (flags, words, Hydra overrides); an argument is an override when it starts with `key=`."""
+    parser = argparse.ArgumentParser(prog="python -m elbo_t2ialign.explain",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("image", help="an image file")
+    parser.add_argument("items", nargs="*", metavar="WORD | key=value",
+                        help="words or phrases to map, and config overrides")
+    parser.add_argument("--prompt", help="your prompt; the words are located in it")
+    parser.add_argument("--caption", action="store_true", help="use the image's caption as the prompt")
+    args = parser.parse_intermixed_args(argv)
+    overrides = [a for a in args.items if OVERRIDE.match(a)]
+    words = [a for a in args.items if not OVERRIDE.match(a)]
+    return args, words, overrides
+
+
+def compose(overrides: list[str]) -> dict[str, Any]:
+    """configs/explain.yaml with the overrides, resolved to a plain dict."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+            conf = to_container(hydra_compose("explain", overrides=overrides))
+    except (HydraException, OmegaConfBaseException) as err:
+        raise ExplainError(f"bad override in {overrides}: {one_line(err)}") from None
+    check_known("the explain config", set(conf), TOP_KEYS, ExplainError)
+    return conf
+
+
+def with_words(caption: str, words: list[str]) -> tuple[str, list[str]]:
+    """The caption, with the words it does not contain (as whole words) appended: (prompt, appended)."""
+    missing = [w for w in words if not re.search(rf"(?<!\w){re.escape(w.lower())}(?!\w)", caption.lower())]
+    return (", ".join([caption, *missing]) if missing else caption), missing
+
+
+def new_folder(root: Path, stem: str) -> Path:
+    """<root>/<stem>-<n> for the first n whose folder does not exist yet (created here)."""
+    root.mkdir(parents=True, exist_ok=True)
+    n = 1
+    while True:
+        folder = root / f"{stem}-{n}"
+        try:
+            folder.mkdir()
+            return folder
+        except FileExistsError:
+            n += 1
+
+
+def file_names(words: list[str]) -> dict[str, str]:
+    """A distinct file-name stem per word ('red sofa' -> 'red_sofa')."""
+    out: dict[str, str] = {}
+    for word in words:
+        base = re.sub(r"[^\w-]+", "_", word).strip("_") or "word"
+        stem, n = base, 2
+        while stem in out.values():
+            stem, n = f"{base}-{n}", n + 1
+        out[word] = stem
+    return out
+
+
+def _options(conf: dict[str, Any]) -> AlignOptions:
+    try:
+        return AlignOptions.from_mapping(conf.get("elbo"))
+    except (TypeError, ValueError) as err:
+        raise ExplainError(f"in elbo: {err}") from None
+
+
+def _image(path: str) -> Image.Image:
+    from .aligner import _as_image
+
+    try:
+        return _as_image(path)
+    except (FileNotFoundError, ValueError) as err:
+        raise ExplainError(str(err)) from None
+
+
+def load_aligner(conf: dict[str, Any], options: AlignOptions):
+    from . import Aligner
+
+    try:
+        return Aligner.from_config(conf["model"], options=options, device=conf.get("device", "auto"),
+                                   dtype=conf.get("dtype", "auto"))
+    except (OSError, ValueError) as err:
+        raise ExplainError(one_line(err)) from None
+
+
+def caption_prompt(conf: dict[str, Any], image: Image.Image, words: list[str]) -> tuple[str, bool, str, list[str]]:
+    """(caption, whether it came from the cache, prompt, appended words) with the configured captioner."""
+    from . import captions
+    from .models import resolve_device
+
+    try:
+        captioner, cache = captions.from_config(conf.get("caption") or {}, resolve_device(conf.get("device")))
+        text = cache.caption(image, captioner)
+    except captions.CaptionError as err:
+        raise ExplainError(str(err)) from None
+    return (text, cache.hits > 0, *with_words(text, words))
+
+
+def run(conf: dict[str, Any], image_path: str, words: list[str], prompt: str | None = None,
+        caption: bool = False, aligner: Any = None) -> dict[str, Any]:
+    """Compute the maps and write the folder; returns what result.json holds (with "folder").
+    `aligner`: an already loaded one (its options are replaced by the config's)."""
+    options = _options(conf)
+    if not words:
+        raise ExplainError("give at least one word to map, e.g. `python -m elbo_t2ialign.explain img.png cat dog`")
+    if prompt is not None and caption:
+        raise ExplainError("give --prompt or --caption, not both")
+    if prompt is not None and not prompt.strip():
+        raise ExplainError("--prompt is empty")
+    image = _image(image_path)
+    text = appended = cached = None
+    if caption:
+        text, cached, prompt, appended = caption_prompt(conf, image, words)
+    aligner = aligner or load_aligner(conf, options)
+    try:
+        if prompt is None:
+            result = aligner.heatmaps(image, list(words), **options.to_dict())
+        else:
+            result = aligner.heatmaps(image, words=list(words), prompt=prompt, **options.to_dict())
+    except (TypeError, ValueError) as err:
+        raise ExplainError(one_line(err)) from None
+
+    from .captions import image_digest
+    from .plotting import heatmap
+    from .segmentation.layout import write_json_atomic
+    from .segmentation.runner import to_uint8
+
+    folder = new_folder(Path(conf.get("output_dir") or "runs/explain"), Path(image_path).stem)
+    stems = file_names(list(result.heatmaps))
+    files: dict[str, dict[str, str]] = {}
+    for word, stem in stems.items():
+        files[word] = {}
+        for kind, tag in KIND_FILES.items():
+            heat = np.asarray(heatmap(result, word, kind), dtype=np.float32)
+            np.save(folder / f"{stem}.{tag}.npy", heat)
+            Image.fromarray(to_uint8(heat, heat.shape, f"{word} {tag}")).save(folder / f"{stem}.{tag}.png")
+            files[word][tag] = f"{stem}.{tag}"
+    title = f"{result.prompts['collect']}   (strength {options.strength:g})"
+    fig = result.plot(image, alpha=float(conf.get("alpha", 0.5)), cmap=str(conf.get("cmap", "jet")), title=title)
+    fig.savefig(folder / "figure.png", dpi=int(conf.get("dpi", 100)))
+    info = {
+        "image": str(image_path), "image_sha256": image_digest(image), "words": list(result.heatmaps),
+        "mode": "caption" if caption else "prompt" if prompt is not None else "classes",
+        "caption": text, "caption_from_cache": cached, "appended_to_caption": appended, "prompts": result.prompts,
+        "token_positions": result.token_positions, "tau": result.tau, "elbo": result.elbo,
+        "files": files, "model": conf.get("model"), "elbo_options": options.to_dict(), "git": git_revision(),
+    }
+    write_json_atomic(folder / "result.json", info)
+    return info | {"folder": str(folder)}
+
+
+def report(info: dict[str, Any]) -> str:
+    lines = []
+    if info["caption"] is not None:
+        source = " (from the cache)" if info["caption_from_cache"] else ""
+        lines.append(f"caption{source}: {info['caption']}" + (f"  (appended: {', '.join(info['appended_to_caption'])})"
+                                                      if info["appended_to_caption"] else ""))
+    lines.append(f"prompt: {info['prompts']['collect']}")
+    width = max(len(w) for w in info["words"])
+    for word in info["words"]:
+        elbo = info["elbo"][word]
+        lines.append(f"  {word:<{width}}  tokens {info['token_positions'][word]}  "
+                     f"ELBO {'-' if elbo is None else f'{elbo:.5g}'}  tau {info['tau'][word]:.3g}")
+    folder = Path(info["folder"])
+    lines.append(f"figure: {folder / 'figure.png'}")
+    lines.append(f"maps:   {folder}/<word>.{{uncalibrated,calibrated,cross}}.{{npy,png}}, result.json")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, words, overrides = parse_args(argv)
+    try:
+        info = run(compose(overrides), args.image, words, prompt=args.prompt, caption=args.caption)
+    except ExplainError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(report(info))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
