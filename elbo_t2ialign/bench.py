@@ -40,7 +40,7 @@ from PIL import Image
 
 from .aligner import Aligner
 from .attention import AttentionRecorder
-from .bench_profile import PARTS, Breakdown, Floor, format_tables, record_forwards
+from .bench_profile import PARTS, Breakdown, Floor, device_sync, format_tables, record_forwards
 from .models import adapter_for, resolve_dtype
 from .options import AlignOptions
 from .tiny import WORDS
@@ -198,10 +198,13 @@ class NetworkTimer:
 
     def __init__(self, adapter, device: torch.device):
         self.seconds, self.calls, self.samples = 0.0, 0, 0
+        self.enabled = True  # False: calls go straight through, untimed and unsynchronised
         self._sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
         inner = adapter._forward
 
         def timed(x, timestep, cond):
+            if not self.enabled:
+                return inner(x, timestep, cond)
             self._sync()
             start = time.perf_counter()
             out = inner(x, timestep, cond)
@@ -313,9 +316,29 @@ def run_mode(args: argparse.Namespace) -> dict[str, Any]:
         "build_sec": round(build_sec, 2), "run_sec": run_sec, "notes": notes,
         "breakdown_sec_per_image": breakdown_per_image(breakdown.seconds, run_sec, n),
     }
+    if args.unsynced and indices:
+        result["sec_per_image_unsynced"] = time_unsynced(aligner, timer, device, resolution, indices, args.classes)
     if args.floor and args.mode == "optimized" and indices:
         result.update(measure_floor(args, aligner, timer, resolution, indices, result))
     return result
+
+
+def time_unsynced(aligner: Aligner, timer: NetworkTimer, device: torch.device, resolution: int,
+                  indices: list[int], classes: int) -> float:
+    """Seconds per image of the same images again, with neither the network timer nor the breakdown
+    in the way: on a GPU nothing waits for the device between the steps (one synchronisation at the
+    end), which is the throughput a segmentation run gets."""
+    sync = device_sync(device)
+    timer.enabled = False
+    try:
+        sync()
+        start = time.perf_counter()
+        for i in indices:
+            aligner.heatmaps(bench_image(i, resolution), image_classes(i, classes), seed=i)
+        sync()
+        return (time.perf_counter() - start) / len(indices)
+    finally:
+        timer.enabled = True
 
 
 def breakdown_per_image(seconds: dict[str, float], run_sec: float, n: int) -> dict[str, float]:
@@ -336,7 +359,7 @@ def measure_floor(args: argparse.Namespace, aligner: Aligner, timer: NetworkTime
     i = indices[0]
     samples = record_forwards(aligner, bench_image(i, resolution), image_classes(i, args.classes), seed=i)
     floor = Floor(aligner.adapter, samples, device)
-    batches = args.floor_batches or [aligner._batch_size]
+    batches = args.floor_batches or [aligner._batch(aligner.options)]
     timer.reset()
     reset_peak_memory(device)
     by_batch = floor.sweep(batches, repeats=len(indices), warmup=args.warmup)
@@ -390,6 +413,8 @@ def _child_argv(args: argparse.Namespace, mode: str, maps_out: str | None, threa
         argv += ["--chunk-mb", str(args.chunk_mb)]
     if args.t5:
         argv.append("--t5")
+    if args.unsynced:
+        argv.append("--unsynced")
     if not args.floor:
         argv.append("--no-floor")
     if args.floor_batches:
@@ -496,6 +521,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=None, help="untimed images first (default: 1 on CUDA, 0 on CPU)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--t5", action="store_true", help="SD3: build the 4.7B-parameter T5-XXL text encoder too")
+    p.add_argument("--unsynced", action="store_true",
+                   help="time the images a second time without the timers' synchronisations (sec_per_image_unsynced)")
     p.add_argument("--no-floor", dest="floor", action="store_false",
                    help="optimized mode: skip the floor (the same network samples replayed without capture)")
     p.add_argument("--floor-batches", type=int, nargs="+", default=None, metavar="B",

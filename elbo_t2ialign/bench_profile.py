@@ -238,8 +238,9 @@ def _fmt(x: float | None, digits: int = 3) -> str:
 def format_tables(records: list[dict[str, Any]]) -> str:
     """Markdown tables of `scripts/bench_gpu.sh` records ({"step", "result"} or {"step", "failed"}):
     one row per step with the headline figures, then the breakdown in ms per image."""
-    head = ("| step | device | model | px | dtype | classes | batch | s/image | peak MB | floor s/image (batch) "
-            "| s/image / floor | network / floor | overhead | speedup vs reference (max abs diff) |")
+    head = ("| step | device | model | px | dtype | classes | batch | s/image | s/image unsynced | peak MB "
+            "| floor s/image (batch) | s/image / floor | network / floor | overhead "
+            "| speedup vs reference (max abs diff) |")
     rows = [head, "|" + "---|" * head.count(" | ") + "---|"]
     parts = [*PARTS, "unaccounted"]
     brk = ["| step | " + " | ".join(parts) + " |", "|" + "---|" * (len(parts) + 1)]
@@ -253,7 +254,8 @@ def format_tables(records: list[dict[str, Any]]) -> str:
         speedup = f"{res['speedup']:.2f} ({res['max_abs_diff']:.1e})" if "speedup" in res else ""
         rows.append(" | ".join([
             f"| {rec['step']}", run["device_name"], run["model"], str(run["resolution"]), run["dtype"],
-            str(run["classes"]), str(run["batch_size"]), _fmt(run["sec_per_image"]), f"{run['peak_mem_mb']:.0f}",
+            str(run["classes"]), str(run["batch_size"]), _fmt(run["sec_per_image"]),
+            _fmt(run.get("sec_per_image_unsynced")), f"{run['peak_mem_mb']:.0f}",
             f"{_fmt(floor)} ({run.get('floor_batch', '-')})", _fmt(run.get("sec_per_floor"), 2),
             _fmt(run.get("network_sec_per_floor"), 2), _fmt(run["overhead_fraction"]), f"{speedup} |",
         ]))

@@ -137,8 +137,8 @@ def test_one_host_copy_and_the_same_maps_as_a_copy_per_batch(family, monkeypatch
 
     classes = ["cat", "dog", "bird"]
     new = aligner.heatmaps(image, classes, seed=7)
-    monkeypatch.setattr(aligner, "_elbo_losses", lambda z, cs, t, n: _losses_with_a_copy_per_batch(
-        ad, z, cs, t, n, aligner._batch_size).tolist())
+    monkeypatch.setattr(aligner, "_elbo_losses", lambda z, cs, t, n, batch: _losses_with_a_copy_per_batch(
+        ad, z, cs, t, n, batch).tolist())
     old = aligner.heatmaps(image, classes, seed=7)
     assert new.elbo == old.elbo and new.tau == old.tau
     for name in classes:
