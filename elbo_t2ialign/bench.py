@@ -18,6 +18,13 @@ Modes:
 
 `--compare` and `--processes` run every measurement in its own subprocess so
 that one run's peak memory cannot hide another's.
+
+Every run breaks its time down (VAE encode, prompts, noise, forward calls, loops,
+aggregation, resize, host transfers, network); an optimized run then measures the
+floor: its own network samples replayed without capture at `--floor-batches`
+(see `bench_profile.py`). `--unsynced` times the images once more with no timer
+synchronising the device. `--table FILE` prints the tables of a
+`scripts/bench_gpu.sh` log.
 """
 
 from __future__ import annotations

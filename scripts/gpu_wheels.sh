@@ -7,8 +7,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 pin() { grep -o "\"$1==[^\"]*\"" pyproject.toml | tr -d '"'; }
 PIP="${PIP:-python3 -m pip}"
-# importlib_metadata: a diffusers requirement missing from the GPU image (the CPU venv's version)
+# importlib_metadata: a diffusers requirement missing from the GPU image; regex: transformers needs
+# >=2025.10.22, which the image may predate (both at the CPU venv's versions; the image's Python is 3.12)
 $PIP download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-  --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 \
-  -d .whl "$(pin diffusers)" "$(pin transformers)" importlib_metadata==10.2.0
+  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+  -d .whl "$(pin diffusers)" "$(pin transformers)" importlib_metadata==10.2.0 regex==2026.11.19
 ls -l .whl
