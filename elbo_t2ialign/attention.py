@@ -358,7 +358,10 @@ class AttentionRecorder:
             if w == 0.0 or block not in maps:
                 continue
             resized = resize_cross(maps[block], r, target) if block == "cross" else resize_self(maps[block], r, target)
-            self.sums[agg] = self.sums[agg] + w * resized if agg in self.sums else w * resized
+            if agg in self.sums:
+                self.sums[agg].add_(resized, alpha=w)  # in place: no (R^2, R^2) temporaries per layer call
+            else:
+                self.sums[agg] = w * resized
 
     def mean(self, agg: str) -> torch.Tensor:
         """Weighted layer average of the per-sample mean map of aggregate `agg`."""
