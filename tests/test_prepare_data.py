@@ -103,7 +103,7 @@ def test_interrupted_extraction_resumes(tmp_path, names):
 def test_checksum_mismatch_moves_nothing_into_place(tmp_path, names):
     parts = build_parts(tmp_path / "dl", voc_files(names))
     target = tmp_path / "datasets"
-    with pytest.raises(SegmentationError, match=r"dataset.tar.gz.01: sha256 .* differs .* delete that file"):
+    with pytest.raises(SegmentationError, match=r"dataset.tar.gz.01: sha256 .* differs .* delete that file and rerun"):
         archive.extract_parts(parts, target, [VOC], expected_sha256={"dataset.tar.gz.01": "0" * 64})
     assert not (target / VOC).exists()
 
@@ -145,6 +145,7 @@ def test_local_parts_digest_is_recorded_and_checked_on_rerun(tmp_path, names, ca
     parts[1].write_bytes(parts[1].read_bytes()[::-1])  # the part changed since the first run
     assert prepare.main(argv) == 2
     assert "dataset.tar.gz.01: sha256" in capsys.readouterr().err
+    assert not (target / archive.PARTIAL).exists()  # nothing staged from the damaged part survives
 
 
 # -- AEP prompts --
@@ -207,8 +208,8 @@ def test_aep_config_reads_phrase_files_by_default(tmp_path):
 
 def test_rehearsal_hub_archive_to_segment_to_evaluate(tmp_path, names, monkeypatch, capsys):
     import huggingface_hub
-    from hydra import compose, initialize_config_dir
     from huggingface_hub.hf_api import RepoFile
+    from hydra import compose, initialize_config_dir
 
     from elbo_t2ialign.segmentation import evaluate, run
 

@@ -10,6 +10,8 @@ Files are written to `<datasets_dir>/.prepare-partial/` first and moved into pla
 once the whole stream has been read and every part's sha256 matched: a run never
 reads a half-extracted file. An interrupted extraction resumes: files already in
 place (or already complete in the partial folder) with the member's size are kept.
+A damaged stream or a checksum mismatch empties the partial folder (our own staging
+area, never a dataset folder), so nothing from damaged parts survives into a rerun.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import shutil
 import tarfile
 import zlib
 from collections.abc import Iterable
@@ -84,8 +87,13 @@ def member_root(name: str, roots: Iterable[str]) -> str | None:
 
 
 def extract_parts(parts: list[Path], datasets_dir: Path, roots: list[str],
-                  expected_sha256: dict[str, str] | None = None) -> ExtractResult:
-    """Stream `parts` (sorted by name) through tar extraction of the members under `roots`."""
+                  expected_sha256: dict[str, str] | None = None, hint: str = "delete that file and rerun"
+                  ) -> ExtractResult:
+    """Stream `parts` (sorted by name) through tar extraction of the members under `roots`.
+
+    `expected_sha256`: part name -> sha256 (the hub's LFS listing, or digests recorded by an earlier run);
+    `hint`: what the mismatch message tells the user to do.
+    """
     parts = sorted(parts, key=lambda p: p.name)
     partial = datasets_dir / PARTIAL
     partial.mkdir(parents=True, exist_ok=True)
@@ -103,12 +111,14 @@ def extract_parts(parts: list[Path], datasets_dir: Path, roots: list[str],
     finally:
         reader.close()
     result.digests = {p.name: reader.digests[p] for p in parts}
-    for name, want in (expected_sha256 or {}).items():
-        got = result.digests.get(name)
-        if got is not None and got != want:
-            raise SegmentationError(
-                f"archive part {name}: sha256 {got} differs from the recorded {want}; delete that file and rerun "
-                f"(nothing from this archive was moved into {datasets_dir})")
+    bad = {n: w for n, w in (expected_sha256 or {}).items() if result.digests.get(n, w) != w}
+    if bad or stream_error is not None:
+        shutil.rmtree(partial)  # staged from damaged parts: nothing there may be kept by a rerun
+    if bad:
+        name, want = next(iter(bad.items()))
+        raise SegmentationError(
+            f"archive part {name}: sha256 {result.digests[name]} differs from the expected {want}; {hint} "
+            f"(nothing from this archive was moved into {datasets_dir})")
     if stream_error is not None:
         raise SegmentationError(
             f"archive parts {[p.name for p in parts]} are not one complete .tar.gz ({type(stream_error).__name__}: "

@@ -141,7 +141,9 @@ def extract_local(parts: list[Path], datasets_dir: Path, roots: list[str]) -> ar
         raise SegmentationError(f"archive part(s) not found: {absent}")
     record = datasets_dir / "archive_sha256.json"
     known = read_json(record) if record.is_file() else {}
-    result = archive.extract_parts(parts, datasets_dir, roots, expected_sha256=known)
+    hint = (f"the part differs from the one extracted earlier ({record}): use the same parts, or delete "
+            "that record if the archive was replaced on purpose")
+    result = archive.extract_parts(parts, datasets_dir, roots, expected_sha256=known, hint=hint)
     write_json_atomic(record, {**known, **result.digests})
     return result
 
@@ -168,7 +170,8 @@ def download(datasets_dir: Path, roots: list[str], repo_id: str = REPO_ID) -> ar
     local = [Path(hf_hub_download(repo_id, f.path, repo_type="dataset", local_dir=str(datasets_dir / PARTS_DIR)))
              for f in parts]
     expected = {Path(f.path).name: f.lfs.sha256 for f in parts if f.lfs is not None}
-    return archive.extract_parts(local, datasets_dir, roots, expected_sha256=expected)
+    return archive.extract_parts(local, datasets_dir, roots, expected_sha256=expected,
+                                 hint="delete that part (a damaged download) and rerun")
 
 
 def check(datasets_dir: Path, names: list[str], split: str = "val") -> dict[str, list[FileProblem]]:
