@@ -262,3 +262,28 @@ def test_rehearsal_hub_archive_to_segment_to_evaluate(tmp_path, names, monkeypat
         assert 0.0 <= metrics[variant]["mIoU"] <= 100.0
         assert set(metrics[variant]["per_class"]) <= {"background", "car"}
     assert (out / "metrics.md").is_file()
+
+
+def test_folder_extracted_by_hand_is_moved_into_place_and_not_fetched(tmp_path, names, capsys):
+    files = voc_files(names)
+    target = tmp_path / "datasets"
+    for rel, data in files.items():  # `tar -xzf dataset.tar.gz` without the `mv datasets_copy/* ./`
+        (target / archive.PREFIX / rel).parent.mkdir(parents=True, exist_ok=True)
+        (target / archive.PREFIX / rel).write_bytes(data)
+    assert prepare.main(["--datasets", "voc", "--split", SPLIT, "--dir", str(target), "--no-prompts"]) == 0
+    out = capsys.readouterr().out
+    assert f"moved {len(files)} file(s) of {VOC}" in out and "in place voc" in out
+    assert all((target / rel).read_bytes() == data for rel, data in files.items())
+
+
+def test_repository_of_plain_folders_is_fetched_directly(tmp_path, monkeypatch, capsys):
+    import huggingface_hub
+    from huggingface_hub.hf_api import RepoFile
+
+    listing = [RepoFile(path=f"{VOC}/JPEGImages/a.jpg", size=1, oid="a"), RepoFile(path="AnE.txt", size=1, oid="b")]
+    calls = []
+    monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_tree", lambda self, *a, **k: iter(listing))
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda **kw: calls.append(kw))
+    assert prepare.download(tmp_path, [VOC, "ade/ADEChallengeData2016", "AnE.txt"]) is None
+    assert [c["allow_patterns"] for c in calls] == [[f"{VOC}/**", "AnE.txt"]]
+    assert "neither archive parts nor ['ade/ADEChallengeData2016']" in capsys.readouterr().err

@@ -125,7 +125,7 @@ def extract_parts(parts: list[Path], datasets_dir: Path, roots: list[str],
             f"{stream_error}); check that every part is present and fully downloaded, then rerun "
             "(finished files are kept)")
     for root in roots:
-        result.extracted[root] = _move_into_place(partial / root, datasets_dir / root)
+        result.extracted[root] = move_into_place(partial / root, datasets_dir / root)
     _remove_empty_dirs(partial)
     return result
 
@@ -152,7 +152,7 @@ def _extract_member(tar: tarfile.TarFile, member: tarfile.TarInfo, datasets_dir:
     tar.extract(member, str(partial), filter="fully_trusted")  # `member` has passed the data filter above
 
 
-def _move_into_place(src: Path, dst: Path) -> int:
+def move_into_place(src: Path, dst: Path) -> int:
     """Move staged files to `dst` (a folder or one file). Returns the number of files moved."""
     if not src.exists():
         return 0

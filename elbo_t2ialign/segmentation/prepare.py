@@ -117,12 +117,21 @@ def incomplete(datasets_dir: Path, names: list[str], split: str) -> list[str]:
 
 
 def wanted_roots(datasets_dir: Path, names: list[str], split: str, prompts: bool) -> list[str]:
-    """Archive folders (and prompt files) still to fetch; complete datasets are not fetched again."""
+    """Archive folders (and prompt files) still to fetch; complete datasets are not fetched again.
+
+    A folder extracted by hand but not moved out of `datasets_copy/` yet is moved into place first.
+    """
+    unpacked = datasets_dir / archive.PREFIX
+    prompt_files = list(PROMPT_SETS) if prompts else []
+    for root in [*dataset_roots(datasets_dir, names).values(), *prompt_files]:
+        moved = archive.move_into_place(unpacked / root, datasets_dir / root)
+        if moved:
+            print(f"moved {moved} file(s) of {root} out of {unpacked}")
     todo = incomplete(datasets_dir, names, split)
     for name in names:
         if name not in todo:
             print(f"in place {name}: every file of the {split} split is present (not fetched again)")
-    files = [f for f in PROMPT_SETS if prompts and not (datasets_dir / f).is_file()]
+    files = [f for f in prompt_files if not (datasets_dir / f).is_file()]
     return list(dataset_roots(datasets_dir, todo).values()) + files
 
 
