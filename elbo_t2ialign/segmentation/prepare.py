@@ -218,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if not args.check_only:
             roots = wanted_roots(datasets_dir, args.datasets, args.split, prompts=not args.no_prompts)
-            if args.archive:
+            if args.archive and roots:
                 report_extraction(extract_local(args.archive, datasets_dir, roots))
             elif roots:
                 _download_reporting_failure(datasets_dir, roots, args.repo)
