@@ -104,7 +104,7 @@ def extract_parts(parts: list[Path], datasets_dir: Path, roots: list[str],
             for member in tar:
                 _extract_member(tar, member, datasets_dir, partial, roots, result)
         stream_error = None
-    except (tarfile.ReadError, EOFError, OSError, zlib.error) as err:
+    except (tarfile.TarError, EOFError, zlib.error) as err:  # damaged or missing data (not a full disk)
         stream_error = err
     try:
         reader.drain()
