@@ -13,7 +13,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_pins_agree():
     deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    pinned = {re.split("==", d)[0].lower(): d for d in deps["dependencies"] + deps["optional-dependencies"]["dev"]}
+    extras = [d for group in deps["optional-dependencies"].values() for d in group]  # dev, crf, mmseg
+    pinned = {re.split("==", d)[0].lower(): d for d in deps["dependencies"] + extras}
     env = yaml.safe_load((ROOT / "environment.yaml").read_text())
     pip = [p for p in env["dependencies"] if isinstance(p, dict)][0]["pip"]
     env_pins = {re.split("==", p)[0].lower(): p for p in pip if "==" in p}

@@ -98,17 +98,18 @@ def test_prepare_names_missing_files_and_where_they_go(tmp_path, capsys, monkeyp
     (tmp_path / "aep" / "images" / "generate_0.png").write_bytes(b"")
     calls = []
 
-    def offline(**kwargs):
-        calls.append(kwargs)
+    def offline(self, repo_id, **kwargs):
+        calls.append({"repo_id": repo_id, **kwargs})
         raise OSError("no network")
 
-    monkeypatch.setattr("huggingface_hub.snapshot_download", offline)
+    monkeypatch.setattr("huggingface_hub.HfApi.list_repo_tree", offline)
     assert prepare.main(["--datasets", "aep", "--dir", str(tmp_path)]) == 1
     assert calls[0]["repo_id"] == "Matrix53/elbo-t2ialign" and calls[0]["repo_type"] == "dataset"
-    assert "aep/**" in calls[0]["allow_patterns"] and calls[0]["local_dir"] == str(tmp_path)
     out = capsys.readouterr()
     assert "failed: OSError: no network" in out.err
-    assert "MISSING aep: 740 image(s) and 741 mask(s) of 741 missing" in out.out
+    # the zero-byte image counts as unusable, not as present
+    assert "MISSING aep: 741 image(s) and 741 mask(s) of 741 not usable (1 empty, 1481 missing" in out.out
     assert f"{tmp_path}/aep/annotations/<image id>_gt.png" in out.out
     listed = (tmp_path / "missing_aep.txt").read_text().splitlines()
-    assert len(listed) == 1481 and f"{tmp_path}/aep/annotations/generate_0_gt.png" in listed
+    assert len(listed) == 1482 and f"{tmp_path}/aep/annotations/generate_0_gt.png\tmissing" in listed
+    assert f"{tmp_path}/aep/images/generate_0.png\tempty" in listed

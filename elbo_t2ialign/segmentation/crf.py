@@ -17,8 +17,8 @@ GT_PROB = 0.7  # confidence given to the thresholded labels in the unary term (n
 
 INSTALL_HINT = (
     "the dense CRF option needs the 'pydensecrf' module: install the PyPI package 'pydensecrf2' "
-    "(pip install pydensecrf2; it compiles from source where no wheel exists, so Cython and a C++ "
-    "compiler must be available), or run without --crf"
+    "(pip install pydensecrf2, or pip install -e \".[crf]\"; it compiles from source where no wheel "
+    "exists, so a C++ compiler must be available), or run without --crf"
 )
 
 
@@ -38,9 +38,12 @@ def refine(image: np.ndarray, labels: np.ndarray, class_ids: list[int]) -> np.nd
     ids = np.asarray([0, *class_ids], dtype=np.int64)  # local label j <-> dataset id ids[j]
     local = np.searchsorted(ids, labels)  # class_ids are ascending
     height, width = labels.shape
+    # a fresh C-ordered uint8 copy: the image often comes from np.asarray(PIL image), which is
+    # read-only, and pydensecrf's buffer interface refuses read-only arrays
+    rgb = np.array(image, dtype=np.uint8, order="C", copy=True)
     crf = dcrf.DenseCRF2D(width, height, len(ids))
     crf.setUnaryEnergy(unary_from_labels(local, len(ids), gt_prob=GT_PROB, zero_unsure=False))
     crf.addPairwiseGaussian(sxy=GAMMA, compat=W2)
-    crf.addPairwiseBilateral(sxy=ALPHA, srgb=BETA, rgbim=np.ascontiguousarray(image), compat=W1)
+    crf.addPairwiseBilateral(sxy=ALPHA, srgb=BETA, rgbim=rgb, compat=W1)
     q = np.array(crf.inference(ITERATIONS)).reshape(len(ids), height, width)  # (K+1, H, W)
     return ids[q.argmax(0)]

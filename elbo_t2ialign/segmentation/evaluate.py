@@ -69,6 +69,9 @@ def evaluate(run_dir: str | Path, threshold: float | None = None, crf: bool = Fa
     write_plots(metrics, _overlay_rows(folder, dataset, names[:overlays], results), out / "plots")
     log.info("baseline mIoU %.2f (th %.2f), ELBO mIoU %.2f (th %.2f) -> %s", results["baseline"]["mIoU"],
              results["baseline"]["threshold"], results["elbo"]["mIoU"], results["elbo"]["threshold"], out)
+    if crf:
+        log.info("with dense CRF: baseline mIoU %.2f, ELBO mIoU %.2f", results["baseline"]["crf"]["mIoU"],
+                 results["elbo"]["crf"]["mIoU"])
     return metrics
 
 

@@ -1,0 +1,68 @@
+"""The reference's AEP prompts (`prompts.pkl`) -> per-image phrase files (PROTOCOL 9).
+
+The pickle maps an image name to `{"subject": [class, ...], "phrase": [phrase, ...]}`
+(the i-th phrase describes the i-th subject). It is read with an unpickler that
+refuses every global, so only dicts, lists, strings and numbers can come out of
+it, and the result is checked against that shape before anything is written.
+Each image gets `<phrases_dir>/<image>.json` = `{class name: phrase}`, the format
+`SegDataset.phrases_for` reads.
+"""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+from typing import Any
+
+from .config import InputError
+from .layout import write_json_atomic
+
+LFS_POINTER = b"version https://git-lfs"
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """Builds only built-in containers and scalars: any class or function reference is refused."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        raise pickle.UnpicklingError(f"refused to load {module}.{name}: only dicts, lists, strings and numbers allowed")
+
+
+def read_prompts(path: Path) -> dict[str, dict[str, list[str]]]:
+    """Load and validate the prompts pickle; a clear InputError for anything else."""
+    try:
+        with open(path, "rb") as f:
+            if f.read(len(LFS_POINTER)) == LFS_POINTER:
+                raise InputError(f"{path} is a Git LFS pointer, not the pickle: run `git lfs pull` in the "
+                                 "reference checkout (or download the file) and retry")
+            f.seek(0)
+            data = RestrictedUnpickler(f).load()
+    except OSError as err:
+        raise InputError(f"cannot read {path}: {err}") from None
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError) as err:
+        raise InputError(f"{path} is not a plain prompts pickle: {err}") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: expected a dict image name -> prompts, got {type(data).__name__}")
+    for name, entry in data.items():
+        ok = (isinstance(name, str) and isinstance(entry, dict)
+              and all(isinstance(entry.get(k), list) and all(isinstance(x, str) for x in entry[k])
+                      for k in ("subject", "phrase")))
+        if not ok or len(entry["subject"]) != len(entry["phrase"]):
+            raise InputError(f"{path}: entry {name!r} is not {{'subject': [str, ...], 'phrase': [str, ...]}} "
+                             "with one phrase per subject")
+    return data
+
+
+def convert_aep_prompts(path: Path, phrases_dir: Path, class_names: list[str]) -> int:
+    """Write one `{class: phrase}` JSON per image; returns the number of files written."""
+    data = read_prompts(path)
+    known = set(class_names)
+    unknown = sorted({s for e in data.values() for s in e["subject"]} - known)
+    if unknown:
+        raise InputError(f"{path} names subject(s) {unknown[:10]} that are not AEP classes (classes.json)")
+    for name, entry in data.items():
+        table: dict[str, str] = {}
+        for subject, phrase in zip(entry["subject"], entry["phrase"], strict=True):
+            table.setdefault(subject, phrase)  # the reference uses the first phrase of a repeated subject
+        write_json_atomic(phrases_dir / f"{Path(name).stem if name.endswith(('.png', '.jpg')) else name}.json",
+                          table)
+    return len(data)
