@@ -160,14 +160,16 @@ def test_aep_prompts_become_phrase_files(tmp_path):
     path = tmp_path / "prompts.pkl"
     path.write_bytes(pickle.dumps(prompts))
     assert convert_aep_prompts(path, tmp_path / "phrases", AEP_CLASSES) == 2
-    assert json.loads((tmp_path / "phrases" / "img_1.json").read_text()) == {a: f"a red {a}", b: f"two {b}s"}
-    assert json.loads((tmp_path / "phrases" / "img_2.json").read_text()) == {b: f"a {b} on grass"}
+    assert json.loads((tmp_path / "phrases" / "img_1.json").read_text()) == prompts["img_1"]  # as is, in order
+    assert json.loads((tmp_path / "phrases" / "img_2.json").read_text()) == prompts["img_2"]
     # the dataset reads them, in the order of the image's class ids
     data = tmp_path / "aep"
     (data / "phrases").mkdir(parents=True)
     shutil.copy(tmp_path / "phrases" / "img_1.json", data / "phrases")
     ds = SegDataset({"name": "aep", "data_root": str(data), "phrase_path": "{data_root}/phrases/{img_name}.json"})
+    # a class takes its first subject's phrase (the reference's subject.index); all phrases in file order
     assert ds.phrases_for("img_1", [6, 1]) == ([f"two {b}s", f"a red {a}"], "phrase_file")
+    assert ds.phrase_lists("img_1") == (prompts["img_1"]["subject"], prompts["img_1"]["phrase"])
 
 
 class Evil:

@@ -32,10 +32,10 @@ class Interrupting(PixelAligner):
         super().__init__()
         self.after = after
 
-    def heatmaps(self, image, class_names, phrases=None, seed=None):
+    def heatmaps(self, image, class_names, phrases=None, seed=None, prompt=None):
         if len(self.calls) == self.after:
             raise KeyboardInterrupt
-        return super().heatmaps(image, class_names, phrases, seed)
+        return super().heatmaps(image, class_names, phrases, seed, prompt)
 
 
 def test_end_to_end_then_evaluate(tmp_path, data):
@@ -155,13 +155,17 @@ def test_phrase_files_reach_the_aligner_and_fallback_is_reported(tmp_path, data)
     (data / "phrases").mkdir()
     samples = random_samples(CLASSES, 8, convention="voc")  # same seed -> same masks as `data`
     labels = sorted({int(v) for v in np.unique(samples["img_000"][1]) if 0 < v < 255})
-    (data / "phrases" / "img_000.json").write_text(json.dumps({CLASSES[labels[0] - 1]: "a fluffy thing"}))
+    other = next(c for c in CLASSES if c != CLASSES[labels[0] - 1])
+    (data / "phrases" / "img_000.json").write_text(json.dumps(
+        {"subject": [other, CLASSES[labels[0] - 1]], "phrase": ["a green wing", "a fluffy thing"]}))
     cfg = fixture_config(data, tmp_path / "run", "voc", num_images=2)
     cfg["dataset"]["phrase_path"] = "{data_root}/phrases/{img_name}.json"
     aligner = PixelAligner()
     out = run(cfg, aligner=aligner)
     assert aligner.calls[0]["phrases"][0] == "a fluffy thing"
-    assert aligner.calls[1]["phrases"] is None
+    # as the reference: the collection prompt lists every phrase of the file, in its order
+    assert aligner.calls[0]["prompt"] == "a photo of a green wing, a fluffy thing"
+    assert aligner.calls[1]["phrases"] is None and aligner.calls[1]["prompt"] is None
     assert json.loads((out / "maps" / "img_001" / "scores.json").read_text())["phrase_source"].startswith("class_names (")
     assert "1 image(s) had no phrase file" in (out / "segment.log").read_text()
     evaluate(out, progress=False, overlays=1)

@@ -154,21 +154,50 @@ class SegDataset:
         return image, info
 
     def phrases_for(self, name: str, class_ids: list[int]) -> tuple[list[str] | None, str]:
-        """Per-image phrases (PROTOCOL 9) aligned with `class_ids`, and where they came from."""
-        if not self.phrase_template:
-            return None, "class_names"
-        path = self._fill(str(self.phrase_template), name)
-        if not path.is_file():
-            return None, "class_names (no phrase file)"
-        try:
-            table = read_json(path)
-        except (OSError, ValueError) as err:
-            raise InputError(f"phrase file of {name} ({path}) is unreadable: {err}") from None
-        unknown = sorted(set(table) - set(self.class_names))
-        if unknown:
-            raise InputError(f"phrase file of {name} ({path}) names class(es) {unknown} absent from classes.json")
+        """Per-image phrases (PROTOCOL 9) aligned with `class_ids`, and where they came from.
+
+        A phrase file is either {class name: phrase} or, as `prepare_data --aep-prompts` writes it,
+        {"subject": [class, ...], "phrase": [phrase, ...]} in the reference's order; a class takes the
+        phrase of its first subject entry (as the reference's `subject.index(class)`), else its name.
+        """
+        table = self.phrase_table(name)
+        if table is None:
+            return None, ("class_names (no phrase file)" if self.phrase_template else "class_names")
         names = [self.class_names[i - 1] for i in class_ids]
         return [str(table.get(n, n)) for n in names], "phrase_file"
+
+    def phrase_table(self, name: str) -> dict[str, str] | None:
+        """{class name: phrase} of the image's phrase file; None without one."""
+        lists = self.phrase_lists(name)
+        if lists is None:
+            return None
+        table: dict[str, str] = {}
+        for subject, phrase in zip(*lists, strict=True):
+            table.setdefault(subject, phrase)  # the first entry of a subject wins
+        return table
+
+    def phrase_lists(self, name: str) -> tuple[list[str], list[str]] | None:
+        """The image's (subjects, phrases) in file order, e.g. for a collection prompt from all phrases."""
+        if not self.phrase_template:
+            return None
+        path = self._fill(str(self.phrase_template), name)
+        if not path.is_file():
+            return None
+        try:
+            data = read_json(path)
+        except (OSError, ValueError) as err:
+            raise InputError(f"phrase file of {name} ({path}) is unreadable: {err}") from None
+        if isinstance(data, dict) and isinstance(data.get("phrase"), list):
+            subjects, phrases = data.get("subject"), data["phrase"]
+            if not isinstance(subjects, list) or len(subjects) != len(phrases):
+                raise InputError(f"phrase file of {name} ({path}): 'subject' and 'phrase' must be lists of equal length")
+            return [str(x) for x in subjects], [str(x) for x in phrases]
+        if not isinstance(data, dict):
+            raise InputError(f"phrase file of {name} ({path}) must hold a JSON object")
+        unknown = sorted(set(data) - set(self.class_names))
+        if unknown:
+            raise InputError(f"phrase file of {name} ({path}) names class(es) {unknown} absent from classes.json")
+        return list(data), [str(v) for v in data.values()]
 
 
 def _open(path: Path, what: str) -> Image.Image:

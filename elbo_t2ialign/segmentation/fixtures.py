@@ -43,8 +43,9 @@ class PixelAligner:
     calls: list[dict[str, Any]] = field(default_factory=list)
 
     def heatmaps(self, image: Image.Image, class_names: list[str], phrases: list[str] | None = None,
-                 seed: int | None = None) -> FakeResult:
-        self.calls.append({"size": image.size, "classes": list(class_names), "phrases": phrases, "seed": seed})
+                 seed: int | None = None, prompt: str | None = None) -> FakeResult:
+        self.calls.append({"size": image.size, "classes": list(class_names), "phrases": phrases, "seed": seed,
+                           "prompt": prompt})
         gray = np.asarray(image.convert("L"), dtype=np.float32)  # (H, W)
         rng = np.random.default_rng(seed)
         raw = {}

@@ -4,8 +4,8 @@ The pickle maps an image name to `{"subject": [class, ...], "phrase": [phrase, .
 (the i-th phrase describes the i-th subject). It is read with an unpickler that
 refuses every global, so only dicts, lists, strings and numbers can come out of
 it, and the result is checked against that shape before anything is written.
-Each image gets `<phrases_dir>/<image>.json` = `{class name: phrase}`, the format
-`SegDataset.phrases_for` reads.
+Each image gets `<phrases_dir>/<image>.json` = `{"subject": [...], "phrase": [...]}` in the pickle's
+order, the format `SegDataset.phrases_for` and `SegDataset.phrase_lists` read.
 """
 
 from __future__ import annotations
@@ -53,16 +53,14 @@ def read_prompts(path: Path) -> dict[str, dict[str, list[str]]]:
 
 
 def convert_aep_prompts(path: Path, phrases_dir: Path, class_names: list[str]) -> int:
-    """Write one `{class: phrase}` JSON per image; returns the number of files written."""
+    """Write one `{"subject": [...], "phrase": [...]}` JSON per image, the pickle's entry in its order
+    (the collection prompt lists every phrase, as the reference builds it); returns the number of files."""
     data = read_prompts(path)
     known = set(class_names)
     unknown = sorted({s for e in data.values() for s in e["subject"]} - known)
     if unknown:
         raise InputError(f"{path} names subject(s) {unknown[:10]} that are not AEP classes (classes.json)")
     for name, entry in data.items():
-        table: dict[str, str] = {}
-        for subject, phrase in zip(entry["subject"], entry["phrase"], strict=True):
-            table.setdefault(subject, phrase)  # the reference uses the first phrase of a repeated subject
         write_json_atomic(phrases_dir / f"{Path(name).stem if name.endswith(('.png', '.jpg')) else name}.json",
-                          table)
+                          {"subject": list(entry["subject"]), "phrase": list(entry["phrase"])})
     return len(data)

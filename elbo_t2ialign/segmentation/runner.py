@@ -47,7 +47,7 @@ class HeatmapAligner(Protocol):
     """What the runner needs from `elbo_t2ialign.Aligner`."""
 
     def heatmaps(self, image: Image.Image, class_names: list[str], phrases: list[str] | None = None,
-                 seed: int | None = None) -> Any: ...
+                 seed: int | None = None, prompt: str | None = None) -> Any: ...
 
 
 def run(cfg: Any, aligner: HeatmapAligner | None = None) -> Path:
@@ -111,7 +111,10 @@ def _process(folder: RunFolder, dataset: SegDataset, aligner: HeatmapAligner, co
     if phrases is None and source != "class_names":
         log.info("%s: %s; prompting with class names", name, source)
     seed = int(conf.get("seed", 0)) + index
-    result = aligner.heatmaps(image, names, phrases=phrases, seed=seed) if names else None
+    extra = {}
+    if phrases is not None:  # as the reference: the collection prompt lists every phrase of the image, in order
+        extra["prompt"] = conf["elbo"]["collect_prompt"].format(", ".join(dataset.phrase_lists(name)[1]))
+    result = aligner.heatmaps(image, names, phrases=phrases, seed=seed, **extra) if names else None
     _write_image(folder, name, index, seed, info, names, phrases, source, result)
     if folder.skip_record(name).exists():
         os.unlink(folder.skip_record(name))  # an earlier failure that is now fixed
