@@ -68,10 +68,26 @@ def validate(cfg: dict[str, Any]) -> AlignOptions:
             raise ConfigError(f"model config needs '{key}'")
     if cfg.get("on_error", "skip") not in ("skip", "stop"):
         raise ConfigError(f"on_error must be 'skip' or 'stop', got {cfg.get('on_error')!r}")
+    if not isinstance(cfg.get("output_dir"), str) or not cfg["output_dir"].strip():
+        raise ConfigError(f"output_dir must be a folder path, got {cfg.get('output_dir')!r}")
+    limit = cfg.get("num_images")
+    if limit is not None and (not _is_int(limit) or limit < 0):
+        raise ConfigError(f"num_images must be an integer >= 0 (or null for the whole split), got {limit!r}")
+    seed = cfg.get("seed", 0)
+    if not _is_int(seed) or seed < 0:
+        raise ConfigError(f"seed must be an integer >= 0, got {seed!r}")
+    if not isinstance(cfg.get("progress", True), bool):
+        raise ConfigError(f"progress must be true or false, got {cfg.get('progress')!r}")
+    parse_shard(cfg.get("shard"))
+    resolve_device(cfg.get("device"))
     try:
         return AlignOptions.from_mapping(cfg.get("elbo"))
-    except TypeError as err:
+    except (TypeError, ValueError) as err:
         raise ConfigError(f"in elbo: {err}") from None
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
 
 
 def parse_shard(spec: Any, env: dict[str, str] | None = None) -> Shard:
@@ -98,7 +114,15 @@ def resolve_device(name: str | None, env: dict[str, str] | None = None) -> str:
         if not torch.cuda.is_available():
             return "cpu"
         return f"cuda:{int(env.get('LOCAL_RANK', '0')) % torch.cuda.device_count()}"
-    return str(torch.device(name))
+    try:
+        device = torch.device(str(name))
+    except RuntimeError:
+        raise ConfigError(f"device must be auto, cpu, cuda, cuda:<i> or mps, got {name!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device={name} but torch sees no CUDA device here; use device=auto or device=cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"device={name} but only {torch.cuda.device_count()} CUDA device(s) are visible")
+    return str(device)
 
 
 def result_fingerprint(cfg: dict[str, Any]) -> dict[str, Any]:
