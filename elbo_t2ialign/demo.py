@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import sys
 import time
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 
+from elbo_t2ialign.runfolder import cli_errors, debug_requested
 from elbo_t2ialign.segmentation import evaluate, run
+from elbo_t2ialign.segmentation.config import SegmentationError
 from elbo_t2ialign.testbed import world
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -39,7 +42,7 @@ def check_model_stamp(out: Path) -> None:
     stamp = out / "testbed_model.sha256"
     digest = model_digest()
     if stamp.is_file() and stamp.read_text().strip() != digest:
-        raise SystemExit(
+        raise SegmentationError(
             f"{out} holds maps of another version of the testbed model; "
             f"move or delete that folder, or pass --out <new folder>"
         )
@@ -82,4 +85,5 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    debug, args = debug_requested(sys.argv[1:])
+    cli_errors(lambda: main(args), (SegmentationError,), debug)

@@ -18,6 +18,7 @@ as <word>.<kind>.npy (float32 in [0, 1]) and .png (8-bit), and result.json.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 from pathlib import Path
@@ -52,6 +53,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str], l
                         help="words or phrases to map, and config overrides")
     parser.add_argument("--prompt", help="your prompt; the words are located in it")
     parser.add_argument("--caption", action="store_true", help="use the image's caption as the prompt")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an expected error too")
     args = parser.parse_intermixed_args(argv)
     overrides = [a for a in args.items if OVERRIDE.match(a)]
     words = [a for a in args.items if not OVERRIDE.match(a)]
@@ -220,7 +222,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         info = run(compose(overrides), args.image, words, prompt=args.prompt, caption=args.caption)
     except ExplainError as err:
-        print(f"error: {err}", file=sys.stderr)
+        if args.debug or os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print(f"error: {one_line(err)}", file=sys.stderr)
         return 1
     print(report(info))
     return 0

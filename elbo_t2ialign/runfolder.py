@@ -244,6 +244,30 @@ def discard_fresh(root: Path, own_files: list[str]) -> None:
         pass
 
 
+def check_device(name: Any, error: type[Exception]) -> None:
+    """A device name torch accepts and this machine has ('auto' always passes)."""
+    if name in (None, "", "auto"):
+        return
+    import torch
+
+    try:
+        device = torch.device(str(name))
+    except RuntimeError:
+        raise error(f"device must be auto, cpu, cuda, cuda:<i> or mps, got {name!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise error(f"device={name} but torch sees no CUDA device here; use device=auto or device=cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise error(f"device={name} but only {torch.cuda.device_count()} CUDA device(s) are visible")
+
+
+def check_integer(key: str, value: Any, minimum: int, error: type[Exception], none: str = "") -> None:
+    """An integer (not a bool) >= minimum; None passes when `none` says what it means."""
+    if value is None and none:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise error(f"{key} must be an integer >= {minimum}{f' (or null for {none})' if none else ''}, got {value!r}")
+
+
 # ------------------------------------------------------------------ command line
 def debug_requested(argv: list[str]) -> tuple[bool, list[str]]:
     """(--debug given or HYDRA_FULL_ERROR=1, argv without --debug)."""

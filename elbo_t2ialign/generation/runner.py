@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from elbo_t2ialign.runfolder import RunLock, check_identity, discard_fresh, model_identity, remove_stale_temps
 from elbo_t2ialign.runinfo import attach_log, git_revision, save_or_check_config
 
 from ..models import adapter_for, load_pipeline, resolve_device, resolve_dtype
@@ -38,16 +39,30 @@ from .sampler import ElboSampler, SampleResult
 from .weighting import compel_syntax
 
 log = logging.getLogger(__name__)
+# what a launch writes into a new folder before any image (removed when that launch fails)
+OWN_FILES = ["config.yaml", "run.json", "launches.jsonl", "identity.json", "generate.log", "prompts.json", ".lock"]
 
 
 def run(cfg: Any, sampler: ElboSampler | None = None, extractor: PhraseExtractor | None = None) -> Path:
     """Generate every missing image of the configured run; return the run folder."""
-    conf = validate(to_container(cfg))
+    conf = validate(to_container(cfg, GenerationError))
     prompts = read_prompts(prompt_path(conf["prompts"]["file"], conf["datasets_dir"]))
     limit = conf["num_prompts"]
     selected = list(enumerate(prompts if limit is None else prompts[: int(limit)]))
     folder = RunFolder(conf["output_dir"])
-    _prepare_folder(folder, conf)
+    fresh, ok = not folder.root.exists(), False
+    identity = {"model": model_identity(str(conf["model"]["id"]))}
+    folder.root.mkdir(parents=True, exist_ok=True)
+    lock = RunLock(folder.root / ".lock", GenerationError)
+    try:
+        lock.acquire()
+        _prepare_folder(folder, conf, identity)
+        remove_stale_temps(folder.root)
+    except BaseException:
+        lock.release()
+        if fresh:
+            discard_fresh(folder.root, OWN_FILES)
+        raise
     handler = attach_log(folder.log)
     try:
         seeds = [int(conf["seed"]) + j for j in range(int(conf["images_per_prompt"]))]
@@ -89,9 +104,13 @@ def run(cfg: Any, sampler: ElboSampler | None = None, extractor: PhraseExtractor
                 _forget(sampler, [prompt, *phrases[index]])  # type: ignore[arg-type]
         progress.close()
         log.info("finished: %d images in %s", total, folder.root / "images")
+        ok = True
     finally:
         logging.getLogger("elbo_t2ialign").removeHandler(handler)
         handler.close()
+        lock.release()
+        if fresh and not ok:
+            discard_fresh(folder.root, OWN_FILES)
     return folder.root
 
 
@@ -164,10 +183,10 @@ def _forget(sampler: ElboSampler, prompts: list[str]) -> None:
     sampler.adapter.clear_prompt_cache(prompts)
 
 
-def _prepare_folder(folder: RunFolder, conf: dict[str, Any]) -> None:
-    """Create the folder, refuse a config that contradicts its outputs, record this launch."""
-    folder.root.mkdir(parents=True, exist_ok=True)
+def _prepare_folder(folder: RunFolder, conf: dict[str, Any], identity: dict[str, Any]) -> None:
+    """Refuse a config or model that contradicts the folder's outputs, record this launch."""
     save_or_check_config(folder.config, conf, result_fingerprint, GenerationError)
+    check_identity(folder.root, identity, GenerationError, write=True)
     git = git_revision()
     if not folder.run_info.is_file():
         write_json_atomic(folder.run_info, {

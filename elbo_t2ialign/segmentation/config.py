@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from elbo_t2ialign.options import AlignOptions
+from elbo_t2ialign.runfolder import check_device, check_integer
 from elbo_t2ialign.runinfo import check_known, to_container  # noqa: F401  (to_container re-exported)
 
 TOP_KEYS = {
@@ -70,12 +71,8 @@ def validate(cfg: dict[str, Any]) -> AlignOptions:
         raise ConfigError(f"on_error must be 'skip' or 'stop', got {cfg.get('on_error')!r}")
     if not isinstance(cfg.get("output_dir"), str) or not cfg["output_dir"].strip():
         raise ConfigError(f"output_dir must be a folder path, got {cfg.get('output_dir')!r}")
-    limit = cfg.get("num_images")
-    if limit is not None and (not _is_int(limit) or limit < 0):
-        raise ConfigError(f"num_images must be an integer >= 0 (or null for the whole split), got {limit!r}")
-    seed = cfg.get("seed", 0)
-    if not _is_int(seed) or seed < 0:
-        raise ConfigError(f"seed must be an integer >= 0, got {seed!r}")
+    check_integer("num_images", cfg.get("num_images"), 0, ConfigError, none="the whole split")
+    check_integer("seed", cfg.get("seed", 0), 0, ConfigError)
     if not isinstance(cfg.get("progress", True), bool):
         raise ConfigError(f"progress must be true or false, got {cfg.get('progress')!r}")
     parse_shard(cfg.get("shard"))
@@ -84,10 +81,6 @@ def validate(cfg: dict[str, Any]) -> AlignOptions:
         return AlignOptions.from_mapping(cfg.get("elbo"))
     except (TypeError, ValueError) as err:
         raise ConfigError(f"in elbo: {err}") from None
-
-
-def _is_int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
 
 
 def parse_shard(spec: Any, env: dict[str, str] | None = None) -> Shard:
@@ -114,15 +107,8 @@ def resolve_device(name: str | None, env: dict[str, str] | None = None) -> str:
         if not torch.cuda.is_available():
             return "cpu"
         return f"cuda:{int(env.get('LOCAL_RANK', '0')) % torch.cuda.device_count()}"
-    try:
-        device = torch.device(str(name))
-    except RuntimeError:
-        raise ConfigError(f"device must be auto, cpu, cuda, cuda:<i> or mps, got {name!r}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device={name} but torch sees no CUDA device here; use device=auto or device=cpu")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise ConfigError(f"device={name} but only {torch.cuda.device_count()} CUDA device(s) are visible")
-    return str(device)
+    check_device(name, ConfigError)
+    return str(torch.device(name))
 
 
 def result_fingerprint(cfg: dict[str, Any]) -> dict[str, Any]:
