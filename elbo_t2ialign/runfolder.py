@@ -200,8 +200,8 @@ def model_identity(model_id: str) -> dict[str, Any]:
     local = Path(model_id).expanduser()
     if not local.is_absolute() and not local.exists() and (REPO_ROOT / local).is_dir():
         local = REPO_ROOT / local
-    if local.is_dir():
-        return {"id": model_id, "folder": str(local.resolve()), "digest": folder_digest(local)}
+    if local.is_dir():  # the digest, not the path: a moved checkout holds the same model
+        return {"id": model_id, "digest": folder_digest(local)}
     return {"id": model_id, "revision": hub_revision(model_id)}
 
 
