@@ -67,23 +67,40 @@ def pid_alive(pid: int) -> bool:
 
 
 class RunLock:
-    """Exclusive lock of a run folder (or of one shard of it) for the life of a launch."""
+    """Exclusive lock of a run folder (or of one shard of it) for the life of a launch. `conflicts`:
+    glob patterns of other locks that must not be held meanwhile (an unsharded launch and shards)."""
 
-    def __init__(self, path: Path, error: type[Exception]) -> None:
-        self.path, self.error, self.fd = Path(path), error, None
+    def __init__(self, path: Path, error: type[Exception], conflicts: tuple[str, ...] = ()) -> None:
+        self.path, self.error, self.conflicts, self.fd = Path(path), error, conflicts, None
+
+    def _busy(self, fd: int, path: Path) -> Exception:
+        holder = _read_holder(fd)
+        os.close(fd)
+        who = f"pid {holder.get('pid')} on {holder.get('host')} since {holder.get('started')}" if holder \
+            else "another process"
+        return self.error(f"{path.parent} is in use by {who} (lock {path}); wait for that run to finish, or give "
+                          "this one another output_dir")
 
     def acquire(self) -> RunLock:
+        for pattern in self.conflicts:
+            for other in self.path.parent.glob(pattern):
+                if other == self.path:
+                    continue
+                try:
+                    fd = os.open(other, os.O_RDONLY)
+                except FileNotFoundError:
+                    continue
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    raise self._busy(fd, other) from None
+                os.close(fd)  # not held: a leftover of a killed launch
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                holder = _read_holder(fd)
-                os.close(fd)
-                who = f"pid {holder.get('pid')} on {holder.get('host')} since {holder.get('started')}" if holder \
-                    else "another process"
-                raise self.error(f"{self.path.parent} is in use by {who} (lock {self.path}); wait for that run "
-                                 "to finish, or give this one another output_dir") from None
+                raise self._busy(fd, self.path) from None
             try:
                 same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
             except FileNotFoundError:

@@ -146,6 +146,8 @@ def test_second_launch_exits_at_once_and_shards_lock_separately(tmp_path, data):
     shard0 = RunLock(out / ".lock.shard0-of-2", ConfigError).acquire()  # shard 0 runs elsewhere
     run(fixture_config(data, out, shard="1/2"), aligner=aligner)
     assert sorted(p.name for p in (out / "maps").iterdir()) == ["img_001", "img_003"]
+    with pytest.raises(ConfigError, match=rf"in use by pid {os.getpid()} .*\(lock {out / '.lock.shard0-of-2'}\)"):
+        run(fixture_config(data, out), aligner=aligner)  # an unsharded launch would redo shard 0's images
     shard0.release()
     assert not any(out.glob(".lock*"))
 

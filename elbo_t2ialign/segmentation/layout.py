@@ -37,6 +37,8 @@ from typing import Any
 
 from PIL import Image
 
+from .. import runfolder
+
 VARIANTS = ("elbo", "baseline")  # calibrated map, strength-1 map
 
 
@@ -122,9 +124,4 @@ def read_json(path: Path) -> Any:
 
 def write_json_atomic(path: Path, data: Any) -> None:
     """Write JSON to a temporary name in the same folder, then rename over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=1, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
+    runfolder.write_json_atomic(path, data, indent=1, sort_keys=True)

@@ -101,7 +101,7 @@ def _open_folder(folder: RunFolder, conf: dict[str, Any], shard: Shard, dataset:
     """Create and lock the folder (this shard's lock), check and record its config and identity."""
     identity = {"dataset": dataset.identity(), "model": model_identity(str(conf["model"]["id"]))}
     folder.root.mkdir(parents=True, exist_ok=True)
-    lock = RunLock(folder.lock(shard.tag), ConfigError)
+    lock = RunLock(folder.lock(shard.tag), ConfigError, conflicts=(".lock.shard*",) if shard.count == 1 else (".lock",))
     try:
         lock.acquire()
         _prepare_folder(folder, conf, shard, identity)
