@@ -28,6 +28,7 @@ import numpy as np
 from PIL import Image
 
 from .options import AlignOptions
+from .runfolder import check_device
 from .runinfo import check_known, git_revision, to_container
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -73,6 +74,7 @@ def compose(overrides: list[str]) -> dict[str, Any]:
     except (HydraException, OmegaConfBaseException) as err:
         raise ExplainError(f"bad override in {overrides}: {one_line(err)}") from None
     check_known("the explain config", set(conf), TOP_KEYS, ExplainError)
+    check_device(conf.get("device"), ExplainError)
     return conf
 
 

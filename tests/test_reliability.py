@@ -213,3 +213,16 @@ def test_evaluator_finds_relative_data_from_another_directory(tmp_path, data, mo
     assert not Path("data").exists()
     assert evaluate(out, progress=False, overlays=0)["num_images"] == 4
 
+
+
+def test_explain_checks_the_device_before_loading(tmp_path, monkeypatch, capsys):
+    from PIL import Image
+
+    from elbo_t2ialign import explain
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    assert explain.main([str(tmp_path / "a.png"), "square", "device=cuda", f"output_dir={tmp_path / 'out'}"]) == 1
+    assert capsys.readouterr().err == ("error: device=cuda but torch sees no CUDA device here; "
+                                       "use device=auto or device=cpu\n")
+    assert not (tmp_path / "out").exists()
