@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 from tqdm import tqdm
 
 from elbo_t2ialign.runfolder import RunLock, check_identity, discard_fresh, model_identity, remove_stale_temps
@@ -68,7 +69,7 @@ def run(cfg: Any, sampler: ElboSampler | None = None, extractor: PhraseExtractor
         seeds = [int(conf["seed"]) + j for j in range(int(conf["images_per_prompt"]))]
         variants = ["elbo"] + (["baseline"] if conf["baseline"] else [])
         todo = [(i, s, v) for i, _ in selected for s in seeds for v in variants
-                if not folder.image(v, i, s).is_file()]
+                if not _intact(folder, folder.image(v, i, s))]
         total = len(selected) * len(seeds) * len(variants)
         log.info("%s: %d prompts x %d images x %s; %d finished, %d to do -> %s", conf["prompts"]["name"],
                  len(selected), len(seeds), "+".join(variants), total - len(todo), len(todo), folder.root)
@@ -157,6 +158,22 @@ def _write_prompts(folder: RunFolder, selected: list[tuple[int, str]], extractor
         entries[index] = {"index": index, "prompt": prompt, "phrases": extractor(prompt)}
     write_json_atomic(folder.prompts, [entries[k] for k in sorted(entries)])
     return {i: entries[i]["phrases"] for i, _ in selected}
+
+
+def _intact(folder: RunFolder, path: Path) -> bool:
+    """A finished image that decodes; a damaged one is moved to damaged/ (and generated again)."""
+    if not path.is_file():
+        return False
+    try:
+        with Image.open(path) as image:
+            image.load()
+        return True
+    except (OSError, SyntaxError, ValueError) as err:
+        target = folder.root / "damaged" / path.relative_to(folder.root)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(path, target)
+        log.warning("%s is unreadable (%s); moved to %s, generating it again", path, err, target)
+        return False
 
 
 def _unweighted(result: SampleResult) -> bool:
