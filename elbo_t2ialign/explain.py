@@ -70,7 +70,7 @@ def compose(overrides: list[str]) -> dict[str, Any]:
 
     try:
         with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-            conf = to_container(hydra_compose("explain", overrides=overrides))
+            conf = to_container(hydra_compose("explain", overrides=overrides), ExplainError)
     except (HydraException, OmegaConfBaseException) as err:
         raise ExplainError(f"bad override in {overrides}: {one_line(err)}") from None
     check_known("the explain config", set(conf), TOP_KEYS, ExplainError)

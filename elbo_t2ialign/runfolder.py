@@ -250,15 +250,14 @@ def list_digest(items: list[str]) -> str:
 
 def discard_fresh(root: Path, own_files: list[str]) -> None:
     """After a failed launch that created `root`: remove the files it wrote there (glob patterns
-    `own_files`) and the folder when nothing else is in it, so a failed launch leaves no empty run."""
-    for pattern in own_files:
-        for path in root.glob(pattern):
-            if path.is_file():
-                path.unlink()
-    try:
-        os.rmdir(root)  # fails, keeping everything, when anything else is there
-    except OSError:
-        pass
+    `own_files`) and the folder, so a failed launch leaves no empty run. When anything else is there
+    (an image, a skip record), everything is kept."""
+    own = {path for pattern in own_files for path in root.glob(pattern) if path.is_file()}
+    if not root.is_dir() or any(path not in own for path in root.iterdir()):
+        return
+    for path in own:
+        path.unlink()
+    os.rmdir(root)
 
 
 def check_device(name: Any, error: type[Exception]) -> None:

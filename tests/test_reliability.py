@@ -226,3 +226,13 @@ def test_explain_checks_the_device_before_loading(tmp_path, monkeypatch, capsys)
     assert capsys.readouterr().err == ("error: device=cuda but torch sees no CUDA device here; "
                                        "use device=auto or device=cpu\n")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_new_run_that_stops_after_finished_images_keeps_its_records(tmp_path, data):
+    (data / "images" / "img_002.png").unlink()
+    out = tmp_path / "run"
+    with pytest.raises(InputError, match="image img_002: file not found"):
+        run(fixture_config(data, out, on_error="stop"), aligner=PixelAligner())
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "identity.json", "launches.jsonl", "maps",
+                                                     "run.json", "segment.log"]
+    assert sorted(p.name for p in (out / "maps").iterdir()) == ["img_000", "img_001"]
