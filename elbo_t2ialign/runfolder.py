@@ -81,7 +81,8 @@ class RunLock:
         return self.error(f"{path.parent} is in use by {who} (lock {path}); wait for that run to finish, or give "
                           "this one another output_dir")
 
-    def acquire(self) -> RunLock:
+    def _check_conflicts(self) -> None:
+        """Called while holding our own lock, so of two conflicting launches at least one sees the other."""
         for pattern in self.conflicts:
             for other in self.path.parent.glob(pattern):
                 if other == self.path:
@@ -93,8 +94,11 @@ class RunLock:
                 try:
                     fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
                 except BlockingIOError:
+                    self.release()
                     raise self._busy(fd, other) from None
                 os.close(fd)  # not held: a leftover of a killed launch
+
+    def acquire(self) -> RunLock:
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
@@ -116,6 +120,7 @@ class RunLock:
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
         self.fd = fd
+        self._check_conflicts()
         return self
 
     def release(self) -> None:
