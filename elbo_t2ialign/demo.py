@@ -3,7 +3,7 @@ evaluate with and without the ELBO calibration, print the numbers and where the 
 
 Offline and on a CPU: the shapes world is generated into `datasets/shapes` when missing (seconds),
 the model is the one committed in `elbo_t2ialign/testbed/model`. The run folder resumes like any
-segmentation run, so a second `make demo` only re-evaluates.
+segmentation run, so a second `make demo` only re-evaluates; a retrained model is refused there (identity.json).
 
     python -m elbo_t2ialign.demo [--split val] [--images N] [overrides ...]
 """
@@ -11,40 +11,18 @@ segmentation run, so a second `make demo` only re-evaluates.
 from __future__ import annotations
 
 import argparse
-import hashlib
+import sys
 import time
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 
+from elbo_t2ialign.runfolder import cli_errors, debug_requested
 from elbo_t2ialign.segmentation import evaluate, run
+from elbo_t2ialign.segmentation.config import SegmentationError
 from elbo_t2ialign.testbed import world
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-MODEL = Path(__file__).resolve().parent / "testbed" / "model"
-
-
-def model_digest(folder: Path = MODEL) -> str:
-    """SHA-256 over the bundled model's weight files (a few MB, milliseconds)."""
-    h = hashlib.sha256()
-    for f in sorted(folder.rglob("*.safetensors")):
-        h.update(f.relative_to(folder).as_posix().encode())
-        h.update(f.read_bytes())
-    return h.hexdigest()
-
-
-def check_model_stamp(out: Path) -> None:
-    """A demo run folder resumes only with the model that made its maps (a retrained model is not
-    silently mixed with old maps); the folder is never wiped."""
-    stamp = out / "testbed_model.sha256"
-    digest = model_digest()
-    if stamp.is_file() and stamp.read_text().strip() != digest:
-        raise SystemExit(
-            f"{out} holds maps of another version of the testbed model; "
-            f"move or delete that folder, or pass --out <new folder>"
-        )
-    out.mkdir(parents=True, exist_ok=True)
-    stamp.write_text(digest + "\n")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -58,7 +36,6 @@ def main(argv: list[str] | None = None) -> dict:
 
     world.ensure_dataset(Path(args.datasets_dir) / "shapes")
     out = Path(args.out) / f"shapes-{args.split}"
-    check_model_stamp(out)
     overrides = [
         # elbo=shapes: the method's defaults, refinement from this model's 16x16 self-attention
         "model=shapes", "dataset=shapes", "elbo=shapes", f"dataset.split={args.split}", f"datasets_dir={args.datasets_dir}",
@@ -82,4 +59,5 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    debug, args = debug_requested(sys.argv[1:])
+    cli_errors(lambda: main(args), (SegmentationError,), debug)

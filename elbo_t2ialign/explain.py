@@ -18,6 +18,7 @@ as <word>.<kind>.npy (float32 in [0, 1]) and .png (8-bit), and result.json.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 from pathlib import Path
@@ -27,6 +28,7 @@ import numpy as np
 from PIL import Image
 
 from .options import AlignOptions
+from .runfolder import check_device
 from .runinfo import check_known, git_revision, to_container
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -52,6 +54,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str], l
                         help="words or phrases to map, and config overrides")
     parser.add_argument("--prompt", help="your prompt; the words are located in it")
     parser.add_argument("--caption", action="store_true", help="use the image's caption as the prompt")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an expected error too")
     args = parser.parse_intermixed_args(argv)
     overrides = [a for a in args.items if OVERRIDE.match(a)]
     words = [a for a in args.items if not OVERRIDE.match(a)]
@@ -67,10 +70,11 @@ def compose(overrides: list[str]) -> dict[str, Any]:
 
     try:
         with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-            conf = to_container(hydra_compose("explain", overrides=overrides))
+            conf = to_container(hydra_compose("explain", overrides=overrides), ExplainError)
     except (HydraException, OmegaConfBaseException) as err:
         raise ExplainError(f"bad override in {overrides}: {one_line(err)}") from None
     check_known("the explain config", set(conf), TOP_KEYS, ExplainError)
+    check_device(conf.get("device"), ExplainError)
     return conf
 
 
@@ -220,7 +224,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         info = run(compose(overrides), args.image, words, prompt=args.prompt, caption=args.caption)
     except ExplainError as err:
-        print(f"error: {err}", file=sys.stderr)
+        if args.debug or os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print(f"error: {one_line(err)}", file=sys.stderr)
         return 1
     print(report(info))
     return 0

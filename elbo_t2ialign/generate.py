@@ -18,15 +18,16 @@ from omegaconf import DictConfig
 from elbo_t2ialign.generation.config import GenerationError
 from elbo_t2ialign.generation.phrases import PhraseError
 from elbo_t2ialign.generation.runner import run
+from elbo_t2ialign.runfolder import cli_errors, debug_requested
+
+DEBUG = False  # --debug or HYDRA_FULL_ERROR=1: tracebacks of expected errors too
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="generate")
 def main(cfg: DictConfig) -> None:
-    try:
-        run(cfg)
-    except (GenerationError, PhraseError) as err:
-        sys.exit(f"error: {err}")
+    cli_errors(lambda: run(cfg), (GenerationError, PhraseError), DEBUG)
 
 
 if __name__ == "__main__":
+    DEBUG, sys.argv = debug_requested(sys.argv)
     main()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -69,13 +70,22 @@ def save_or_check_config(path: Path, conf: dict[str, Any], fingerprint: Callable
     os.replace(tmp, path)
 
 
-def to_container(cfg: Any) -> dict[str, Any]:
-    """A resolved plain dict from an OmegaConf config (or any mapping)."""
+def to_container(cfg: Any, error: type[Exception] = ValueError) -> dict[str, Any]:
+    """A resolved plain dict from an OmegaConf config (or any mapping); a value left unset (`???`)
+    or an interpolation that cannot be resolved raises `error` with a one-line message."""
     from omegaconf import DictConfig, OmegaConf
+    from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
-    if isinstance(cfg, DictConfig):
+    if not isinstance(cfg, DictConfig):
+        return dict(cfg)
+    try:
         return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
-    return dict(cfg)
+    except OmegaConfBaseException as err:  # also an interpolation that reaches a missing value
+        missing = re.search(r"Missing mandatory value: ([\w.]+)", str(err))
+        if missing or isinstance(err, MissingMandatoryValue):
+            key = missing.group(1) if missing else err.full_key
+            raise error(f"{key} is not set; give it on the command line ({key}=...)") from None
+        raise error(f"config value {err.full_key}: {str(err).splitlines()[0]}") from None
 
 
 def check_known(section: str, got: set[str], known: set[str], error: type[Exception]) -> None:

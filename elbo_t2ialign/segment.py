@@ -15,16 +15,16 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
+from elbo_t2ialign.runfolder import cli_errors, debug_requested
 from elbo_t2ialign.segmentation.config import SegmentationError
 from elbo_t2ialign.segmentation.runner import run
+
+DEBUG = False  # --debug or HYDRA_FULL_ERROR=1: tracebacks of expected errors too
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="segment")
 def main(cfg: DictConfig) -> None:
-    try:
-        run(cfg)
-    except SegmentationError as err:
-        sys.exit(f"error: {err}")
+    cli_errors(lambda: run(cfg), (SegmentationError,), DEBUG)
 
 
 def shard_flag_to_override(argv: list[str]) -> list[str]:
@@ -41,5 +41,5 @@ def shard_flag_to_override(argv: list[str]) -> list[str]:
 
 
 if __name__ == "__main__":
-    sys.argv = shard_flag_to_override(sys.argv)
+    DEBUG, sys.argv = debug_requested(shard_flag_to_override(sys.argv))
     main()

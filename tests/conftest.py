@@ -1,11 +1,14 @@
 """Shared fixtures: tiny pipelines of every family, built once per session, CPU only."""
 
 import os
+import tempfile
 
 import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# label caches and file digests of test runs go to a throwaway folder, not ~/.cache
+os.environ.setdefault("ELBO_T2IALIGN_CACHE", tempfile.mkdtemp(prefix="elbo-t2ialign-test-cache-"))
 # Tiny models gain nothing from threads, and on a loaded 2-core machine OpenMP threads that
 # spin against another process make them 100x slower. Subprocesses inherit the variable.
 os.environ["OMP_NUM_THREADS"] = "1"

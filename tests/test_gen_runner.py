@@ -77,6 +77,11 @@ def test_run_writes_images_weights_and_resumes(tmp_path):
     assert Image.open(elbo1).tobytes() == pixels
     assert len((out / "launches.jsonl").read_text().splitlines()) == 2
     assert not list(out.rglob("*.tmp*"))
+    # a damaged image (truncated outside the run) is moved aside and generated again, identical
+    elbo1.write_bytes(elbo1.read_bytes()[:100])
+    run(cfg)
+    assert Image.open(elbo1).tobytes() == pixels
+    assert (out / "damaged/images/elbo/00001_4307.png").stat().st_size == 100
 
     # more images per prompt extend the run; the baseline uses the same seeds
     run(config(*TINY, f"output_dir={out}", "images_per_prompt=2", "baseline=false"))

@@ -69,7 +69,7 @@ def test_label_cache_is_json_and_reused_without_the_mask(tmp_path):
     assert ds.labels.get("a").class_ids == [1, 3]
     assert ds.labels.get("b").class_ids == []
     ds.labels.save()
-    cache = json.loads((ds.data_root / "image_labels.json").read_text())
+    cache = json.loads(ds.labels.path.read_text())
     st = ds.mask_path("a").stat()
     assert cache["images"]["a"] == {"class_ids": [1, 3], "size": [2, 2], "stamp": [st.st_size, st.st_mtime_ns]}
     ds.mask_path("a").unlink()  # a second dataset object must not need the mask any more

@@ -6,9 +6,11 @@ Hydra's struct mode already rejects unknown command-line keys; `validate` gives 
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
+from elbo_t2ialign.runfolder import check_device, check_integer
 from elbo_t2ialign.runinfo import check_known, to_container  # noqa: F401  (to_container re-exported)
 
 TOP_KEYS = {
@@ -48,16 +50,25 @@ def validate(cfg: dict[str, Any]) -> dict[str, Any]:
            "images_per_prompt": 1, "baseline": True, "device": "auto", "datasets_dir": "datasets",
            "progress": True, **cfg}
     for key in ("steps", "images_per_prompt"):
-        if int(out[key]) < 1:
-            raise GenerationError(f"{key} must be at least 1, got {out[key]}")
-    if int(out["elbo_steps"]) < 0:
-        raise GenerationError(f"elbo_steps must be >= 0, got {out['elbo_steps']}")
-    if out["num_prompts"] is not None and int(out["num_prompts"]) < 1:
-        raise GenerationError(f"num_prompts must be at least 1 (or null for all), got {out['num_prompts']}")
-    if float(out["strength"]) <= 0:
-        raise GenerationError(f"strength must be positive, got {out['strength']}")
-    if not out.get("output_dir"):
-        raise GenerationError("config needs output_dir")
+        check_integer(key, out[key], 1, GenerationError)
+    check_integer("elbo_steps", out["elbo_steps"], 0, GenerationError)
+    check_integer("seed", out["seed"], 0, GenerationError)
+    check_integer("num_prompts", out["num_prompts"], 1, GenerationError, none="all")
+    for key, low in (("strength", "> 0"), ("guidance", ">= 0")):
+        value = out[key]
+        if key == "guidance" and value is None:
+            continue
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) \
+                or (value <= 0 if key == "strength" else value < 0):
+            raise GenerationError(f"{key} must be a finite number {low}, got {value!r}")
+    if out["after_elbo_steps"] not in ("reset", "hold"):
+        raise GenerationError(f"after_elbo_steps must be 'reset' or 'hold', got {out['after_elbo_steps']!r}")
+    for key in ("baseline", "progress"):
+        if not isinstance(out[key], bool):
+            raise GenerationError(f"{key} must be true or false, got {out[key]!r}")
+    if not isinstance(out.get("output_dir"), str) or not out["output_dir"].strip():
+        raise GenerationError("config needs output_dir (a folder path)")
+    check_device(out["device"], GenerationError)
     return out
 
 

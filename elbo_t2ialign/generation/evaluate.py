@@ -14,12 +14,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
 
+from ..runfolder import one_line
 from .clipscore import DEFAULT_CLIP, ClipScoreError, ClipScorer
 from .layout import VARIANTS, RunFolder, image_stem, write_json_atomic
 
@@ -46,7 +48,11 @@ def read_prompts(folder: RunFolder) -> dict[int, dict[str, Any]]:
     if not folder.prompts.is_file():
         raise EvaluationError(f"{folder.root} is not a generation run folder (no prompts.json); "
                               "run `python -m elbo_t2ialign.generate ...` first")
-    entries = json.loads(folder.prompts.read_text(encoding="utf-8"))
+    try:
+        entries = json.loads(folder.prompts.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise EvaluationError(f"{folder.prompts} is unreadable ({err}); rerun the generation command to "
+                              "write it again") from None
     if not entries:
         raise EvaluationError(f"{folder.prompts} lists no prompts")
     return {int(e["index"]): e for e in entries}
@@ -158,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto", help="auto: cuda when available, else cpu")
     parser.add_argument("--grid", type=int, default=4, help="prompts in grid.png (0: none)")
     parser.add_argument("--truncate", action="store_true", help="score over-long prompts by their first tokens")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an expected error too")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     from ..models import resolve_device
@@ -167,7 +174,9 @@ def main(argv: list[str] | None = None) -> int:
                                             batch_size=args.batch_size, truncate=args.truncate)
         result = evaluate(args.run_dir, scorer, grid=args.grid)
     except (EvaluationError, ClipScoreError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        if args.debug or os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print(f"error: {one_line(err)}", file=sys.stderr)
         return 1
     for name, v in result["variants"].items():
         if v:

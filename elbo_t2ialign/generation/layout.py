@@ -7,6 +7,8 @@ Layout (``<run>`` is ``cfg.output_dir``)::
       run.json                    git revision, seed, model, prompt set, creation time
       launches.jsonl              one line per launch: time, argv, git revision, host
       generate.log                the runner's log
+      identity.json               the model that made the images (weight digest or hub revision)
+      .lock                       held by the running launch (pid, host, start time)
       prompts.json                [{"index", "prompt", "phrases"}] of the selected prompts
       images/elbo/<i>_<seed>.png  ELBO-weighted image of prompt <i> (5 digits) from noise <seed>
       images/baseline/<i>_<seed>.png   the unweighted image from the same noise
@@ -19,11 +21,12 @@ Layout (``<run>`` is ``cfg.output_dir``)::
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
 from typing import Any
+
+from .. import runfolder
 
 VARIANTS = ("elbo", "baseline")
 _NAME = re.compile(r"^(\d+)_(\d+)\.png$")
@@ -71,10 +74,7 @@ class RunFolder:
 
 def write_json_atomic(path: Path, data: Any, indent: int | None = 1) -> None:
     """Write to a temporary name in the same folder, then rename into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=indent, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    runfolder.write_json_atomic(path, data, indent=indent, ensure_ascii=False)
 
 
 def save_image_atomic(image, path: Path) -> None:

@@ -18,8 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 from tqdm import tqdm
 
+from elbo_t2ialign.runfolder import RunLock, check_identity, discard_fresh, model_identity, remove_stale_temps
 from elbo_t2ialign.runinfo import attach_log, git_revision, save_or_check_config
 
 from ..models import adapter_for, load_pipeline, resolve_device, resolve_dtype
@@ -38,22 +40,36 @@ from .sampler import ElboSampler, SampleResult
 from .weighting import compel_syntax
 
 log = logging.getLogger(__name__)
+# what a launch writes into a new folder before any image (removed when that launch fails)
+OWN_FILES = ["config.yaml", "run.json", "launches.jsonl", "identity.json", "generate.log", "prompts.json", ".lock"]
 
 
 def run(cfg: Any, sampler: ElboSampler | None = None, extractor: PhraseExtractor | None = None) -> Path:
     """Generate every missing image of the configured run; return the run folder."""
-    conf = validate(to_container(cfg))
+    conf = validate(to_container(cfg, GenerationError))
     prompts = read_prompts(prompt_path(conf["prompts"]["file"], conf["datasets_dir"]))
     limit = conf["num_prompts"]
     selected = list(enumerate(prompts if limit is None else prompts[: int(limit)]))
     folder = RunFolder(conf["output_dir"])
-    _prepare_folder(folder, conf)
+    fresh, ok = not folder.root.exists(), False
+    identity = {"model": model_identity(str(conf["model"]["id"]))}
+    folder.root.mkdir(parents=True, exist_ok=True)
+    lock = RunLock(folder.root / ".lock", GenerationError)
+    try:
+        lock.acquire()
+        _prepare_folder(folder, conf, identity)
+        remove_stale_temps(folder.root)
+    except BaseException:
+        lock.release()
+        if fresh:
+            discard_fresh(folder.root, OWN_FILES)
+        raise
     handler = attach_log(folder.log)
     try:
         seeds = [int(conf["seed"]) + j for j in range(int(conf["images_per_prompt"]))]
         variants = ["elbo"] + (["baseline"] if conf["baseline"] else [])
         todo = [(i, s, v) for i, _ in selected for s in seeds for v in variants
-                if not folder.image(v, i, s).is_file()]
+                if not _intact(folder, folder.image(v, i, s))]
         total = len(selected) * len(seeds) * len(variants)
         log.info("%s: %d prompts x %d images x %s; %d finished, %d to do -> %s", conf["prompts"]["name"],
                  len(selected), len(seeds), "+".join(variants), total - len(todo), len(todo), folder.root)
@@ -89,9 +105,13 @@ def run(cfg: Any, sampler: ElboSampler | None = None, extractor: PhraseExtractor
                 _forget(sampler, [prompt, *phrases[index]])  # type: ignore[arg-type]
         progress.close()
         log.info("finished: %d images in %s", total, folder.root / "images")
+        ok = True
     finally:
         logging.getLogger("elbo_t2ialign").removeHandler(handler)
         handler.close()
+        lock.release()
+        if fresh and not ok:
+            discard_fresh(folder.root, OWN_FILES)
     return folder.root
 
 
@@ -140,6 +160,22 @@ def _write_prompts(folder: RunFolder, selected: list[tuple[int, str]], extractor
     return {i: entries[i]["phrases"] for i, _ in selected}
 
 
+def _intact(folder: RunFolder, path: Path) -> bool:
+    """A finished image that decodes; a damaged one is moved to damaged/ (and generated again)."""
+    if not path.is_file():
+        return False
+    try:
+        with Image.open(path) as image:
+            image.load()
+        return True
+    except (OSError, SyntaxError, ValueError) as err:
+        target = folder.root / "damaged" / path.relative_to(folder.root)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(path, target)
+        log.warning("%s is unreadable (%s); moved to %s, generating it again", path, err, target)
+        return False
+
+
 def _unweighted(result: SampleResult) -> bool:
     return all(w == 1.0 for step in result.weights for w in step)
 
@@ -164,10 +200,10 @@ def _forget(sampler: ElboSampler, prompts: list[str]) -> None:
     sampler.adapter.clear_prompt_cache(prompts)
 
 
-def _prepare_folder(folder: RunFolder, conf: dict[str, Any]) -> None:
-    """Create the folder, refuse a config that contradicts its outputs, record this launch."""
-    folder.root.mkdir(parents=True, exist_ok=True)
+def _prepare_folder(folder: RunFolder, conf: dict[str, Any], identity: dict[str, Any]) -> None:
+    """Refuse a config or model that contradicts the folder's outputs, record this launch."""
     save_or_check_config(folder.config, conf, result_fingerprint, GenerationError)
+    check_identity(folder.root, identity, GenerationError, write=True)
     git = git_revision()
     if not folder.run_info.is_file():
         write_json_atomic(folder.run_info, {

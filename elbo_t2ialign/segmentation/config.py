@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from elbo_t2ialign.options import AlignOptions
+from elbo_t2ialign.runfolder import check_device, check_integer
 from elbo_t2ialign.runinfo import check_known, to_container  # noqa: F401  (to_container re-exported)
 
 TOP_KEYS = {
@@ -68,9 +69,17 @@ def validate(cfg: dict[str, Any]) -> AlignOptions:
             raise ConfigError(f"model config needs '{key}'")
     if cfg.get("on_error", "skip") not in ("skip", "stop"):
         raise ConfigError(f"on_error must be 'skip' or 'stop', got {cfg.get('on_error')!r}")
+    if not isinstance(cfg.get("output_dir"), str) or not cfg["output_dir"].strip():
+        raise ConfigError(f"output_dir must be a folder path, got {cfg.get('output_dir')!r}")
+    check_integer("num_images", cfg.get("num_images"), 0, ConfigError, none="the whole split")
+    check_integer("seed", cfg.get("seed", 0), 0, ConfigError)
+    if not isinstance(cfg.get("progress", True), bool):
+        raise ConfigError(f"progress must be true or false, got {cfg.get('progress')!r}")
+    parse_shard(cfg.get("shard"))
+    resolve_device(cfg.get("device"))
     try:
         return AlignOptions.from_mapping(cfg.get("elbo"))
-    except TypeError as err:
+    except (TypeError, ValueError) as err:
         raise ConfigError(f"in elbo: {err}") from None
 
 
@@ -98,6 +107,7 @@ def resolve_device(name: str | None, env: dict[str, str] | None = None) -> str:
         if not torch.cuda.is_available():
             return "cpu"
         return f"cuda:{int(env.get('LOCAL_RANK', '0')) % torch.cuda.device_count()}"
+    check_device(name, ConfigError)
     return str(torch.device(name))
 
 

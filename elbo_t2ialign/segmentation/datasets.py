@@ -8,6 +8,8 @@ ground-truth conventions are data (`GroundTruthConvention`), not branches.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from dataclasses import asdict, dataclass
 from importlib import resources
@@ -17,6 +19,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from ..runfolder import cache_dir, list_digest
 from .config import ConfigError, InputError
 from .layout import read_json, write_json_atomic
 
@@ -24,6 +27,7 @@ log = logging.getLogger(__name__)
 
 IGNORE = -1  # label of ignored ground-truth pixels after conversion
 BUILTIN = ("voc", "context", "coco", "ade20k", "aep")
+LABEL_CACHE_FORMAT = "elbo_t2ialign label cache 1"
 
 
 @dataclass(frozen=True)
@@ -115,8 +119,15 @@ class SegDataset:
             id_shift=int(dcfg.get("id_shift") or 0),
             max_id=dcfg.get("max_id"),
         )
-        cache = dcfg.get("label_cache") or self.data_root / "image_labels.json"
-        self.labels = LabelCache(Path(cache), self)
+        self.metadata = meta
+        cache = dcfg.get("label_cache") or default_label_cache(self.name, self.data_root)
+        self.labels = LabelCache(Path(cache).expanduser(), self)
+
+    def identity(self) -> dict[str, Any]:
+        """What a run folder records about its data: split and class digests, absolute data paths."""
+        return {"name": self.name, "split": self.split, "num_images": len(self.images),
+                "split_digest": list_digest(self.images), "classes_digest": list_digest(self.class_names),
+                "data_root": str(self.data_root.resolve()), "metadata": str(self.metadata.resolve())}
 
     # -- paths --
     def _fill(self, template: str, name: str) -> Path:
@@ -211,8 +222,24 @@ def _open(path: Path, what: str) -> Image.Image:
     return img
 
 
+def default_label_cache(name: str, data_root: Path) -> Path:
+    """<project cache>/labels/<dataset>-<digest of the data root>.json: never inside the user's data."""
+    digest = hashlib.sha256(str(data_root.resolve()).encode()).hexdigest()[:16]
+    return cache_dir() / "labels" / f"{name}-{digest}.json"
+
+
+def _is_label_cache(data: Any) -> bool:
+    """A file this project wrote (tagged; untagged caches of earlier versions have exactly these keys)."""
+    if not isinstance(data, dict):
+        return False
+    return data.get("format") == LABEL_CACHE_FORMAT or (set(data) == {"convention", "images"}
+                                                        and isinstance(data["images"], dict))
+
+
 class LabelCache:
-    """Image-level labels from the masks, computed once, cached as JSON next to the data.
+    """Image-level labels from the masks, computed once, cached as JSON (dataset.label_cache, by
+    default in the project's cache folder). A file at that path that this project did not write
+    is never replaced.
 
     Each entry keeps the mask file's size and modification time; a mask that changed since
     (a regenerated synthetic dataset, a corrected annotation) is read again.
@@ -227,9 +254,19 @@ class LabelCache:
     def _read(self) -> tuple[dict[str, ImageInfo], dict[str, list[int] | None]]:
         """Cached labels and mask stamps on disk (empty when missing or of another convention)."""
         try:
-            data = read_json(self.path)
-        except (OSError, ValueError):
+            text = self.path.read_text(encoding="utf-8")
+        except FileNotFoundError:
             return {}, {}
+        except (OSError, UnicodeDecodeError) as err:
+            raise ConfigError(f"label cache {self.path} is unreadable ({err}); set dataset.label_cache=<another "
+                              "file>") from None
+        try:
+            data = json.loads(text)
+        except ValueError:
+            data = None
+        if not _is_label_cache(data):
+            raise ConfigError(f"dataset.label_cache {self.path} holds a file that is not a label cache of this "
+                              "project; it is left untouched: set dataset.label_cache=<another file> or move it away")
         if data.get("convention") != self.key:
             return {}, {}
         images = data["images"]
@@ -259,11 +296,15 @@ class LabelCache:
         """Merge with what is on disk (other shards) and write atomically; failure only warns."""
         if not self.dirty:
             return
-        disk, disk_stamps = self._read()
+        try:
+            disk, disk_stamps = self._read()
+        except ConfigError as err:
+            log.warning("label cache not saved: %s", err)
+            return
         merged = {**disk, **self.entries}
         stamps = {**disk_stamps, **self.stamps}
         images = {k: {**asdict(v), "stamp": stamps.get(k)} for k, v in sorted(merged.items())}
-        data = {"convention": self.key, "images": images}
+        data = {"format": LABEL_CACHE_FORMAT, "convention": self.key, "images": images}
         try:
             write_json_atomic(self.path, data)
             self.dirty = 0

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 from tqdm import tqdm
 
+from ..runfolder import IDENTITY_FILE, REPO_ROOT, cli_errors, debug_requested, one_line
 from . import crf as dense_crf
 from .config import SegmentationError
 from .datasets import SegDataset
@@ -48,9 +48,13 @@ def evaluate(run_dir: str | Path, threshold: float | None = None, crf: bool = Fa
         raise SegmentationError(f"--threshold must lie in (0, 1), got {threshold}")
     if crf:
         dense_crf.require()
-    conf = OmegaConf.to_container(OmegaConf.load(folder.config), resolve=True)
-    dataset = SegDataset(conf["dataset"])  # type: ignore[index]
+    try:
+        conf = OmegaConf.to_container(OmegaConf.load(folder.config), resolve=True)
+    except Exception as err:  # noqa: BLE001  (YAML or OmegaConf error: a damaged file)
+        raise SegmentationError(f"{folder.config} is unreadable ({one_line(err)}); restore it") from None
+    dataset = SegDataset(dataset_config(folder, conf))  # type: ignore[arg-type]
     names = _finished_in_split_order(folder, dataset)
+    check_readable(folder, dataset, names)
     accs = {v: SweepAccumulator(len(dataset.class_names) + 1) for v in VARIANTS}
     sources: Counter[str] = Counter()
     for name in tqdm(names, desc="evaluate", unit="img", disable=not progress):
@@ -85,6 +89,36 @@ def _finished_in_split_order(folder: RunFolder, dataset: SegDataset) -> list[str
     if not names:
         raise SegmentationError(f"{folder.root} has no finished images (maps/<image>/scores.json); run segmentation first")
     return names
+
+
+def dataset_config(folder: RunFolder, conf: dict[str, Any]) -> dict[str, Any]:
+    """The run's dataset config with its data paths as the run resolved them (identity.json), so the
+    evaluator finds the data from any working directory; older folders: relative paths are tried
+    from the working directory, then from the repository root."""
+    dcfg = dict(conf["dataset"])
+    recorded = folder.root / IDENTITY_FILE
+    if recorded.is_file():
+        try:
+            paths = read_json(recorded)["dataset"]
+            return {**dcfg, "data_root": paths["data_root"], "metadata": paths["metadata"]}
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise SegmentationError(f"{recorded} is unreadable ({err}); restore it or move it away") from None
+    for key in ("data_root", "metadata"):
+        value = dcfg.get(key)
+        if value and not Path(value).expanduser().exists() and (REPO_ROOT / value).exists():
+            dcfg[key] = str(REPO_ROOT / value)
+    return dcfg
+
+
+def check_readable(folder: RunFolder, dataset: SegDataset, names: list[str]) -> None:
+    """Every file the evaluation reads: all problems named at once, not the first one only."""
+    problems = [f"{name}: {p}" for name in names for p in folder.problems(name)]
+    problems += [f"{name}: ground truth {dataset.mask_path(name)} missing" for name in names
+                 if not dataset.mask_path(name).is_file()]
+    if problems:
+        shown = "; ".join(problems[:20]) + (f"; ... ({len(problems) - 20} more)" if len(problems) > 20 else "")
+        raise SegmentationError(f"{len(problems)} file(s) missing or unreadable: {shown}. Rerun the segmentation "
+                                "command with the same config: it recomputes damaged images")
 
 
 def load_image_result(folder: RunFolder, dataset: SegDataset, name: str
@@ -193,11 +227,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="where to write metrics and plots (default: run_dir)")
     parser.add_argument("--overlays", type=int, default=4, help="images in the overlay figure")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an expected error too")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    try:
-        evaluate(args.run_dir, args.threshold, args.crf, args.out, args.overlays, not args.no_progress)
-    except SegmentationError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    debug = debug_requested(["--debug"] if args.debug else [])[0]
+    cli_errors(lambda: evaluate(args.run_dir, args.threshold, args.crf, args.out, args.overlays,
+                                not args.no_progress), (SegmentationError,), debug)
     return 0

@@ -15,6 +15,11 @@ Layout (``<run>`` is ``cfg.output_dir``)::
         baseline_<id>.png    the strength-1 map from the same captured attention
       maps/.tmp-<image>/     the image in flight (a killed run leaves at most this one)
       skipped/<image>.json   an image that could not be read: {"image", "index", "error"}
+      damaged/<image>/       a finished image whose files were found missing or unreadable on
+                             resume, moved aside (the image is computed again)
+      identity.json          what produced the maps: dataset (split and class digests, data paths)
+                             and model (weight digest or hub revision); a relaunch must match it
+      .lock, .lock.shard<i>-of-<n>   held by the running launch (pid, host, start time)
       metrics.json           evaluator: {"elbo": {...}, "baseline": {...}, "delta_mIoU", ...}
       metrics.md             evaluator: the paper's table with the delta, size buckets, classes
       plots/                 miou_vs_threshold.png, miou_by_size.png, overlays.png
@@ -29,6 +34,10 @@ import json
 import os
 from pathlib import Path
 from typing import Any
+
+from PIL import Image
+
+from .. import runfolder
 
 VARIANTS = ("elbo", "baseline")  # calibrated map, strength-1 map
 
@@ -63,6 +72,41 @@ class RunFolder:
             return []
         return sorted(p.name for p in self.maps.iterdir() if not p.name.startswith(".tmp-") and self.is_done(p.name))
 
+    def lock(self, shard_tag: str) -> Path:
+        return self.root / f".lock{shard_tag}"
+
+    def damaged_dir(self, name: str) -> Path:
+        path, n = self.root / "damaged" / name, 1
+        while path.exists():
+            path, n = self.root / "damaged" / f"{name}.{n}", n + 1
+        return path
+
+    def problems(self, name: str) -> list[str]:
+        """What is wrong with the files of a finished image (empty when every file is readable)."""
+        folder = self.image_dir(name)
+        try:
+            scores = read_json(folder / "scores.json")
+            ids, (height, width) = [int(i) for i in scores["class_ids"]], scores["size"]
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            return [f"{folder / 'scores.json'} unreadable ({type(err).__name__}: {err})"]
+        found = []
+        for variant in VARIANTS:
+            for class_id in ids:
+                path = folder / heatmap_name(variant, class_id)
+                try:
+                    with Image.open(path) as img:
+                        img.load()
+                        size = img.size
+                except FileNotFoundError:
+                    found.append(f"{path} missing")
+                    continue
+                except (OSError, SyntaxError, ValueError) as err:
+                    found.append(f"{path} unreadable ({err})")
+                    continue
+                if size != (width, height):
+                    found.append(f"{path} is {size[0]}x{size[1]}, expected {width}x{height}")
+        return found
+
     def skipped_images(self) -> dict[str, dict[str, Any]]:
         if not self.skipped.is_dir():
             return {}
@@ -80,9 +124,4 @@ def read_json(path: Path) -> Any:
 
 def write_json_atomic(path: Path, data: Any) -> None:
     """Write JSON to a temporary name in the same folder, then rename over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=1, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
+    runfolder.write_json_atomic(path, data, indent=1, sort_keys=True)

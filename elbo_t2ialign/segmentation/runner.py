@@ -25,6 +25,14 @@ from PIL import Image
 from tqdm import tqdm
 
 from elbo_t2ialign.options import AlignOptions
+from elbo_t2ialign.runfolder import (
+    RunLock,
+    check_identity,
+    discard_fresh,
+    model_identity,
+    one_line,
+    remove_stale_temps,
+)
 from elbo_t2ialign.runinfo import attach_log, git_revision, save_or_check_config
 
 from .config import (
@@ -41,6 +49,8 @@ from .datasets import ImageInfo, SegDataset
 from .layout import RunFolder, heatmap_name, write_json_atomic
 
 log = logging.getLogger(__name__)
+# what a launch writes into a new folder before any image (removed when that launch fails)
+OWN_FILES = ["config.yaml", "run.json", "launches.jsonl", "identity.json", "segment*.log", ".lock*"]
 
 
 class HeatmapAligner(Protocol):
@@ -52,17 +62,19 @@ class HeatmapAligner(Protocol):
 
 def run(cfg: Any, aligner: HeatmapAligner | None = None) -> Path:
     """Segment every image of the configured split (this shard's part); return the run folder."""
-    conf = to_container(cfg)
+    conf = to_container(cfg, ConfigError)
     options = validate(conf)
     conf["elbo"] = options.to_dict()  # saved in full, so the folder stays reproducible if defaults change
     shard = parse_shard(conf.get("shard"))
     dataset = SegDataset(conf["dataset"])
     folder = RunFolder(conf["output_dir"])
-    _prepare_folder(folder, conf, shard)
+    fresh, ok = not folder.root.exists(), False
+    lock = _open_folder(folder, conf, shard, dataset, fresh)
     handler = attach_log(folder.root / f"segment{shard.tag}.log")
     try:
         items = _select(dataset, conf.get("num_images"), shard)
-        todo = [(i, n) for i, n in items if not folder.is_done(n)]
+        remove_stale_temps(folder.root, [folder.temp_dir(n) for _, n in items])
+        todo = [(i, n) for i, n in items if not _verified(folder, n)]
         log.info("%s/%s: %d images in this shard, %d finished, %d to do -> %s", dataset.name, dataset.split,
                  len(items), len(items) - len(todo), len(todo), folder.root)
         if todo and aligner is None:
@@ -74,11 +86,44 @@ def run(cfg: Any, aligner: HeatmapAligner | None = None) -> Path:
             source = _process(folder, dataset, aligner, conf, index, name)
             fallback += source is not None and source.startswith("class_names (")
         _summarise(folder, dataset, items, fallback)
+        ok = True
     finally:
         dataset.labels.save()
         logging.getLogger("elbo_t2ialign").removeHandler(handler)
         handler.close()
+        lock.release()
+        if fresh and not ok:
+            discard_fresh(folder.root, OWN_FILES)
     return folder.root
+
+
+def _open_folder(folder: RunFolder, conf: dict[str, Any], shard: Shard, dataset: SegDataset, fresh: bool) -> RunLock:
+    """Create and lock the folder (this shard's lock), check and record its config and identity."""
+    identity = {"dataset": dataset.identity(), "model": model_identity(str(conf["model"]["id"]))}
+    folder.root.mkdir(parents=True, exist_ok=True)
+    lock = RunLock(folder.lock(shard.tag), ConfigError, conflicts=(".lock.shard*",) if shard.count == 1 else (".lock",))
+    try:
+        lock.acquire()
+        _prepare_folder(folder, conf, shard, identity)
+    except BaseException:
+        lock.release()
+        if fresh:
+            discard_fresh(folder.root, OWN_FILES)
+        raise
+    return lock
+
+
+def _verified(folder: RunFolder, name: str) -> bool:
+    """A finished image whose files are all readable; a damaged one is moved to damaged/ and redone."""
+    if not folder.is_done(name):
+        return False
+    problems = folder.problems(name)
+    if problems:
+        target = folder.damaged_dir(name)
+        target.parent.mkdir(exist_ok=True)
+        os.rename(folder.image_dir(name), target)
+        log.warning("%s: %s; moved to %s, computing it again", name, "; ".join(problems[:3]), target)
+    return not problems
 
 
 def build_aligner(conf: dict[str, Any], options: AlignOptions) -> HeatmapAligner:
@@ -87,7 +132,10 @@ def build_aligner(conf: dict[str, Any], options: AlignOptions) -> HeatmapAligner
 
     device = resolve_device(conf.get("device"))
     log.info("loading model %s (%s) on %s", conf["model"]["name"], conf["model"]["id"], device)
-    return Aligner.from_config(conf["model"], options=options, device=device, dtype=conf.get("dtype", "auto"))
+    try:
+        return Aligner.from_config(conf["model"], options=options, device=device, dtype=conf.get("dtype", "auto"))
+    except (FileNotFoundError, ValueError) as err:  # unreachable hub id, unusable folder, bad dtype
+        raise ConfigError(one_line(err)) from None
 
 
 def _select(dataset: SegDataset, limit: Any, shard: Shard) -> list[tuple[int, str]]:
@@ -160,10 +208,10 @@ def to_uint8(heat: Any, size: tuple[int, int], what: str) -> np.ndarray:
     return np.round(np.clip(arr, 0.0, 1.0) * 255.0).astype(np.uint8)
 
 
-def _prepare_folder(folder: RunFolder, conf: dict[str, Any], shard: Shard) -> None:
-    """Create the folder, refuse a config that contradicts its outputs, record this launch."""
-    folder.root.mkdir(parents=True, exist_ok=True)
+def _prepare_folder(folder: RunFolder, conf: dict[str, Any], shard: Shard, identity: dict[str, Any]) -> None:
+    """Refuse a config or inputs that contradict the folder's outputs, record this launch."""
     save_or_check_config(folder.config, conf, result_fingerprint, ConfigError)
+    check_identity(folder.root, identity, ConfigError, write=True)
     git = git_revision()
     if not folder.run_info.is_file():
         write_json_atomic(folder.run_info, {
@@ -183,6 +231,8 @@ def _summarise(folder: RunFolder, dataset: SegDataset, items: list[tuple[int, st
     log.info("finished %d of %d images of this shard", done, len(items))
     if skipped:
         log.warning("%d image(s) skipped, see %s: %s", len(skipped), folder.skipped, ", ".join(skipped[:10]))
+    if items and not done:
+        raise InputError(f"every image of this run ({len(items)}) was skipped; the reasons are in {folder.skipped}")
     if fallback:
         log.warning("%d image(s) had no phrase file (%s); their prompts used class names",
                     fallback, dataset.phrase_template)

@@ -325,7 +325,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
     The VAE scaling factor is recomputed from the checkpoint's training scenes
     exactly as `train` computes it.
     """
-    ckpt = torch.load(checkpoint, weights_only=False)
+    ckpt = torch.load(checkpoint, weights_only=True)
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     cfg = TrainConfig(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in ckpt["config"].items() if k in fields})
     torch.manual_seed(cfg.seed)
@@ -381,7 +381,7 @@ def train(cfg: TrainConfig, out: Path, work: Path, progress: bool = True) -> dic
     print(f"parameters: {params}", flush=True)
 
     ckpt_path = work / "checkpoint.pt"
-    ckpt = torch.load(ckpt_path, weights_only=False) if ckpt_path.exists() else None
+    ckpt = torch.load(ckpt_path, weights_only=True) if ckpt_path.exists() else None
     if ckpt is not None and _identity(ckpt.get("config", {})) != _identity(dataclasses.asdict(cfg)):
         print(f"ignoring {ckpt_path}: it was written with other settings", flush=True)
         ckpt = None
