@@ -247,3 +247,24 @@ def test_run_without_elbo_or_baseline_still_reports(tmp_path, data):
     assert all("delta" not in r for r in m["ablation"])
     assert "| cross | strength 3, cross-attention (no refinement) |" in (out / "metrics.md").read_text()
     assert (out / "plots" / "threshold_curves.png").is_file() and not (out / "plots" / "overlays.png").exists()
+
+
+def test_folder_from_before_variants_is_evaluated_and_extended(tmp_path, data):
+    cfg = fixture_config(data, tmp_path / "old", "voc")
+    run(cfg, aligner=PixelAligner())
+    before = evaluate(tmp_path / "old", progress=False, overlays=0)
+    # what this folder looked like before variants existed: no variants.json, no "variants" key
+    (tmp_path / "old" / "variants.json").unlink()
+    for path in (tmp_path / "old" / "maps").glob("*/scores.json"):
+        scores = json.loads(path.read_text())
+        del scores["variants"]
+        path.write_text(json.dumps(scores))
+    old = evaluate(tmp_path / "old", progress=False, overlays=0)
+    assert {r["variant"]: r["mIoU"] for r in old["ablation"]} == {"elbo": before["elbo"]["mIoU"],
+                                                                  "baseline": before["baseline"]["mIoU"]}
+    aligner = PixelAligner()
+    run({**cfg, "variants": ["baseline", "elbo", "s2"]}, aligner=aligner)
+    assert len(aligner.calls) == 8 and {c["elbo"] for c in aligner.calls} <= {"given", None}
+    grown = evaluate(tmp_path / "old", progress=False, overlays=0)
+    assert [r["variant"] for r in grown["ablation"]] == ["baseline", "elbo", "s2"]
+    assert grown["elbo"]["mIoU"] == before["elbo"]["mIoU"]

@@ -29,10 +29,10 @@ ROW_METRICS = ("mIoU", "precision", "recall", "F1", *SIZES)
 def evaluated_variants(folder: RunFolder, names: list[str]) -> dict[str, dict[str, Any]]:
     """Variant -> setting, in the order the run recorded them, for the variants that every
     finished image has; a variant only some images have (a run still adding it) is left out."""
-    settings = recorded(folder)
     counts: Counter[str] = Counter()
     for name in names:
         counts.update(written(read_json(folder.image_dir(name) / "scores.json")))
+    settings = recorded(folder, list(counts))
     partial = [f"{v} ({counts[v]} of {len(names)} images)" for v in settings if 0 < counts[v] < len(names)]
     if partial:
         log.warning("not evaluated, not finished on every image yet: %s; rerun the segmentation to add them",

@@ -7,17 +7,27 @@ Layout (``<run>`` is ``cfg.output_dir``)::
       run.json               git revision, seed, dataset, split, model, creation time
       launches.jsonl         one line per launch: time, shard, argv, git revision, host
       segment.log            the runner's log (segment.shard<i>-of-<n>.log when sharded)
+      variants.json          the calibration variants ever asked of this folder, in order:
+                             [{"name", "strength", "fixed", "refine", "label"}] (variants.py)
       maps/<image>/          one folder per finished image, renamed into place when complete
         scores.json          {"image", "index", "seed", "size": [H, W], "class_ids", "classes",
-                              "phrases", "phrase_source", "elbo": {class: float}, "tau": {class: float}}
+                              "phrases", "phrase_source", "elbo": {class: float}, "tau": {class: float},
+                              "variants": [names on disk], "elbo_from": run folder (only if reused)}
+                             ("elbo": summed ELBO loss, null when no variant needed it; "tau": of
+                             the configured setting; no "variants": elbo and baseline)
         elbo_<id>.png        calibrated heatmap of class <id> (ground-truth id, 3 digits),
                              8-bit grayscale, value = round(255 * heat), image-sized
         baseline_<id>.png    the strength-1 map from the same captured attention
+        <variant>_<id>.png   every other variant of `variants` (s2_<id>.png, fixed3_<id>.png,
+                             cross_<id>.png, ...), from the same network passes
       maps/.tmp-<image>/     the image in flight (a killed run leaves at most this one)
       skipped/<image>.json   an image that could not be read: {"image", "index", "error"}
-      metrics.json           evaluator: {"elbo": {...}, "baseline": {...}, "delta_mIoU", ...}
-      metrics.md             evaluator: the paper's table with the delta, size buckets, classes
-      plots/                 miou_vs_threshold.png, miou_by_size.png, overlays.png
+      metrics.json           evaluator: {"elbo": {...}, "baseline": {...}, "delta_mIoU", ...,
+                             "variants": {name: {...}}, "ablation": [one row per variant]}
+      metrics.md             evaluator: the paper's table with the delta, the ablation table,
+                             size buckets, classes
+      plots/                 miou_vs_threshold.png, miou_by_size.png, overlays.png,
+                             miou_vs_strength.png, threshold_curves.png (every variant)
 
 ``metrics.json`` keys read by other tools: ``elbo.mIoU``, ``elbo.threshold``,
 ``baseline.mIoU``, ``baseline.threshold`` (mIoU in percent, threshold in [0, 1]).
@@ -30,7 +40,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-VARIANTS = ("elbo", "baseline")  # calibrated map, strength-1 map
+VARIANTS = ("elbo", "baseline")  # calibrated map, strength-1 map: what a folder without variants.json holds
 
 
 class RunFolder:

@@ -121,15 +121,21 @@ def record(folder: RunFolder, variants: list[Variant]) -> dict[str, dict[str, An
     return known
 
 
-def recorded(folder: RunFolder) -> dict[str, dict[str, Any]]:
+def recorded(folder: RunFolder, also: Sequence[str] = ()) -> dict[str, dict[str, Any]]:
     """Variant name -> setting of a run folder, in recorded order (folders older than
-    variants.json: elbo and baseline)."""
+    variants.json: elbo and baseline); names in `also` that it lacks (written by a launch whose
+    record was lost) are parsed again with the folder's config."""
     path = folder.root / "variants.json"
     if path.is_file():
-        return {entry["name"]: {k: x for k, x in entry.items() if k != "name"} for entry in read_json(path)}
-    conf = OmegaConf.to_container(OmegaConf.load(folder.config), resolve=True)
-    options = AlignOptions.from_mapping(conf.get("elbo"))  # type: ignore[union-attr]
-    return {v.name: v.setting() for v in parse_variants(list(VARIANTS), options)}
+        out = {entry["name"]: {k: x for k, x in entry.items() if k != "name"} for entry in read_json(path)}
+    else:
+        out, also = {}, [*VARIANTS, *also]
+    extra = [name for name in dict.fromkeys(also) if name not in out]
+    if extra:
+        conf = OmegaConf.to_container(OmegaConf.load(folder.config), resolve=True)
+        options = AlignOptions.from_mapping(conf.get("elbo"))  # type: ignore[union-attr]
+        out |= {v.name: v.setting() for v in parse_variants(extra, options)}
+    return out
 
 
 def written(scores: Mapping[str, Any]) -> list[str]:
