@@ -113,11 +113,11 @@ def write_plots(m: dict[str, Any], folder: Path) -> list[Path]:
                 linestyle="--" if fixed else "-", label=label)
         for r in rows:
             if r["fixed"] == fixed:  # a strength-1 point shared by two lines is named once
-                ax.annotate(r["variant"], (r["strength"], r["mIoU"]), textcoords="offset points", xytext=(3, 4),
-                            fontsize=7)
+                ax.annotate(r["variant"], (r["strength"], r["mIoU"]), textcoords="offset points",
+                            xytext=(4, -10) if fixed else (-4, 5), ha="left" if fixed else "right", fontsize=7)
     ax.set(xlabel="strength (tau = strength ** normalised ELBO loss; fixed: tau = strength)", ylabel="mIoU (%)",
            title=title)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     fig.savefig(files[0], dpi=120)
     plt.close(fig)
