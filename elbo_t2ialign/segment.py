@@ -1,7 +1,7 @@
 """Segmentation experiment (PROTOCOL 6): heatmaps for a dataset split into a resumable run folder.
 
     python -m elbo_t2ialign.segment model=sd15 dataset=voc dataset.split=val_100 elbo.strength=3
-    python -m elbo_t2ialign.segment -m elbo.strength=1,2,3            # multirun sweep
+    python -m elbo_t2ialign.segment 'variants=[baseline,elbo,s2,s4,s5,fixed3,cross]'   # ablation, one pass
     python -m elbo_t2ialign.segment dataset=coco --shard 0/2          # one of two processes
     accelerate launch -m elbo_t2ialign.segment dataset=coco           # one process per GPU
 

@@ -14,6 +14,7 @@ read -r -a DATASETS <<< "${DATASETS:-voc context coco ade20k aep}"   # any of: v
 MODEL=${MODEL:-sd15}                     # a file in configs/model/
 SPLIT=${SPLIT:-val_100}                  # val | val_100 | val_10_car (ADE20K and AEP have only val)
 SEG_ARGS=(elbo.strength=3 seed=0)        # more Hydra overrides, e.g. dataset.phrase_path=... on_error=stop
+                                         # or the ablation in the same pass: 'variants=[baseline,elbo,s2,s4,s5,fixed3,cross]'
 EVAL_ARGS=()                             # e.g. (--threshold 0.4) or (--crf)
 TAG=strength3                            # names this setting's run folders; change it with SEG_ARGS
 OUT_ROOT=${OUT_ROOT:-runs/segment}                   # run folders: $OUT_ROOT/$MODEL/<dataset>-<split>-$TAG

@@ -234,5 +234,5 @@ def test_a_new_run_that_stops_after_finished_images_keeps_its_records(tmp_path, 
     with pytest.raises(InputError, match="image img_002: file not found"):
         run(fixture_config(data, out, on_error="stop"), aligner=PixelAligner())
     assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "identity.json", "launches.jsonl", "maps",
-                                                     "run.json", "segment.log"]
+                                                     "run.json", "segment.log", "variants.json"]
     assert sorted(p.name for p in (out / "maps").iterdir()) == ["img_000", "img_001"]

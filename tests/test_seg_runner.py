@@ -32,10 +32,10 @@ class Interrupting(PixelAligner):
         super().__init__()
         self.after = after
 
-    def heatmaps(self, image, class_names, phrases=None, seed=None, prompt=None):
+    def observe(self, image, class_names, phrases=None, seed=None, **kwargs):
         if len(self.calls) == self.after:
             raise KeyboardInterrupt
-        return super().heatmaps(image, class_names, phrases, seed, prompt)
+        return super().observe(image, class_names, phrases, seed, **kwargs)
 
 
 def test_end_to_end_then_evaluate(tmp_path, data):

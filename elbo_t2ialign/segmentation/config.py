@@ -18,6 +18,7 @@ from elbo_t2ialign.runinfo import check_known, to_container  # noqa: F401  (to_c
 TOP_KEYS = {
     "model", "dataset", "elbo", "seed", "device", "dtype", "output_dir", "on_error",
     "shard", "num_images", "progress", "datasets_dir", "hydra",
+    "variants", "elbo_from",  # calibration variants of one run, ELBO losses from another (variants.py)
 }
 DATASET_KEYS = {
     "name", "root", "metadata", "data_root", "image_path", "gt_path", "split",

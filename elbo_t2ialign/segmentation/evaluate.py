@@ -1,8 +1,10 @@
 """Evaluator: reads a run folder (see `layout.py`), writes metrics.json, metrics.md and plots.
 
-Both variants (calibrated `elbo`, strength-1 `baseline`) are evaluated from one
-pass over the stored heatmaps: an exact sweep over thresholds 0.01..0.99 (or one
-fixed threshold), overall / per-class / per-size-bucket metrics, optional CRF.
+Every calibration variant of the run (by default calibrated `elbo` and strength-1
+`baseline`; see `variants.py`) is evaluated from one pass over the stored
+heatmaps: an exact sweep over thresholds 0.01..0.99 (or one fixed threshold),
+overall / per-class / per-size-bucket metrics, optional CRF, and the ablation
+table and plots of `ablation.py`.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from ..runfolder import IDENTITY_FILE, REPO_ROOT, cli_errors, debug_requested, one_line
+from . import ablation
 from . import crf as dense_crf
 from .config import SegmentationError
 from .datasets import SegDataset
@@ -55,27 +58,32 @@ def evaluate(run_dir: str | Path, threshold: float | None = None, crf: bool = Fa
     dataset = SegDataset(dataset_config(folder, conf))  # type: ignore[arg-type]
     names = _finished_in_split_order(folder, dataset)
     check_readable(folder, dataset, names)
-    accs = {v: SweepAccumulator(len(dataset.class_names) + 1) for v in VARIANTS}
+    settings = ablation.evaluated_variants(folder, names)
+    accs = {v: SweepAccumulator(len(dataset.class_names) + 1) for v in settings}
     sources: Counter[str] = Counter()
     for name in tqdm(names, desc="evaluate", unit="img", disable=not progress):
-        gt, ids, maps, scores = load_image_result(folder, dataset, name)
+        gt, ids, maps, scores = load_image_result(folder, dataset, name, list(settings))
         sources[scores.get("phrase_source", "class_names")] += 1
-        for v in VARIANTS:
+        for v in settings:
             accs[v].add(gt, ids, maps[v], name)
-    results = {v: _variant_result(accs[v], dataset, threshold) for v in VARIANTS}
+    results = {v: _variant_result(accs[v], dataset, threshold) for v in settings}
     if crf:
         for v, crf_summary in _crf_pass(folder, dataset, names, results).items():
             results[v]["crf"] = crf_summary
     metrics = _assemble(conf, folder, dataset, names, results, sources, threshold)
+    metrics["variants"] = {v: {**results[v], "setting": settings[v]} for v in settings}
+    metrics["ablation"] = ablation.rows(results, accs, settings)
     out = Path(out_dir) if out_dir else folder.root
     write_json_atomic(out / "metrics.json", _json_safe(metrics))
     write_markdown(metrics, out / "metrics.md")
-    write_plots(metrics, _overlay_rows(folder, dataset, names[:overlays], results), out / "plots")
-    log.info("baseline mIoU %.2f (th %.2f), ELBO mIoU %.2f (th %.2f) -> %s", results["baseline"]["mIoU"],
-             results["baseline"]["threshold"], results["elbo"]["mIoU"], results["elbo"]["threshold"], out)
+    if set(VARIANTS) <= set(results):  # the calibrated-against-baseline figures
+        write_plots(metrics, _overlay_rows(folder, dataset, names[:overlays], results), out / "plots")
+    ablation.write_plots(metrics, out / "plots")
+    log.info("%s -> %s", ", ".join(f"{v} mIoU {r['mIoU']:.2f} (th {r['threshold']:.2f})" for v, r in results.items()),
+             out)
     if crf:
-        log.info("with dense CRF: baseline mIoU %.2f, ELBO mIoU %.2f", results["baseline"]["crf"]["mIoU"],
-                 results["elbo"]["crf"]["mIoU"])
+        log.info("with dense CRF: %s", ", ".join(f"{v} mIoU {r['crf']['mIoU']:.2f}" for v, r in results.items()
+                                                   if "crf" in r))
     return metrics
 
 
@@ -121,14 +129,14 @@ def check_readable(folder: RunFolder, dataset: SegDataset, names: list[str]) -> 
                                 "command with the same config: it recomputes damaged images")
 
 
-def load_image_result(folder: RunFolder, dataset: SegDataset, name: str
+def load_image_result(folder: RunFolder, dataset: SegDataset, name: str, variants: list[str] | tuple[str, ...] = VARIANTS
                       ) -> tuple[np.ndarray, list[int], dict[str, np.ndarray], dict[str, Any]]:
     """Ground truth (H, W), class ids, {variant: (K, H, W) uint8 maps} and scores.json of one image."""
     scores = read_json(folder.image_dir(name) / "scores.json")
     ids = [int(i) for i in scores["class_ids"]]
     gt = dataset.load_labels(name)
     maps = {}
-    for v in VARIANTS:
+    for v in variants:
         stack = [_read_map(folder.image_dir(name) / heatmap_name(v, c), gt.shape, name) for c in ids]
         maps[v] = np.stack(stack) if stack else np.zeros((0, *gt.shape), np.uint8)
     return gt, ids, maps, scores
@@ -164,15 +172,15 @@ def _variant_result(acc: SweepAccumulator, dataset: SegDataset, fixed: float | N
 def _crf_pass(folder: RunFolder, dataset: SegDataset, names: list[str], results: dict[str, Any]) -> dict[str, Any]:
     """Second pass: CRF on each variant's thresholded label map, pooled areas -> summary."""
     n = len(dataset.class_names) + 1
-    totals = {v: [np.zeros(n, np.int64) for _ in range(4)] for v in VARIANTS}
+    totals = {v: [np.zeros(n, np.int64) for _ in range(4)] for v in results}
     for name in tqdm(names, desc="dense CRF", unit="img"):
-        gt, ids, maps, _ = load_image_result(folder, dataset, name)
+        gt, ids, maps, _ = load_image_result(folder, dataset, name, list(results))
         rgb = np.asarray(dataset.load_image(name))
-        for v in VARIANTS:
+        for v in results:
             labels = dense_crf.refine(rgb, predict(maps[v], ids, results[v]["threshold"]), ids)
             for total, part in zip(totals[v], intersect_and_union(labels, gt, n), strict=True):
                 total += part
-    return {v: {**summary(class_metrics(*totals[v])), "threshold": results[v]["threshold"]} for v in VARIANTS}
+    return {v: {**summary(class_metrics(*totals[v])), "threshold": results[v]["threshold"]} for v in results}
 
 
 def _assemble(conf: Any, folder: RunFolder, dataset: SegDataset, names: list[str], results: dict[str, Any],
@@ -189,8 +197,8 @@ def _assemble(conf: Any, folder: RunFolder, dataset: SegDataset, names: list[str
         "skipped": {k: v.get("error") for k, v in skipped.items() if k not in done},
         "unfinished": sum(n not in done and n not in skipped for n in expected),
         "phrase_sources": dict(sources),
-        "elbo": results["elbo"], "baseline": results["baseline"],
-        "delta_mIoU": results["elbo"]["mIoU"] - results["baseline"]["mIoU"],
+        **{v: results[v] for v in VARIANTS if v in results},
+        **({"delta_mIoU": results["elbo"]["mIoU"] - results["baseline"]["mIoU"]} if set(VARIANTS) <= set(results) else {}),
     }
 
 

@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from elbo_t2ialign.aligner import Evidence
+
 IMAGE_PATH = "{data_root}/images/{img_name}.png"
 GT_PATH = "{data_root}/masks/{img_name}.png"
 
@@ -35,29 +37,53 @@ class FakeResult:
 
 
 @dataclass
+class PixelEvidence(Evidence):
+    """`Evidence` of image-sized maps: `cross` holds the clean closeness maps (the stand-in for the
+    cross-attention), `refined` the noisy normalised ones (the stand-in for the refinement)."""
+
+    refined: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def maps(self, strength: float = 1.0, fixed: bool = False, refine: bool = True) -> dict[str, np.ndarray]:
+        taus = self.temperatures(strength, fixed)
+        source = self.refined if refine else self.cross
+        return {n: (source[n] ** taus[n]).astype(np.float32) for n in self.names}
+
+
+@dataclass
 class PixelAligner:
-    """Deterministic stand-in with the `Aligner.heatmaps` signature; records its calls."""
+    """Deterministic stand-in with the `Aligner.observe` and `Aligner.heatmaps` signatures; records
+    its calls (with "elbo": "computed", "given" or None for the stand-in of the ELBO forwards)."""
 
     strength: float = 3.0
     noise: float = 0.05
     calls: list[dict[str, Any]] = field(default_factory=list)
 
-    def heatmaps(self, image: Image.Image, class_names: list[str], phrases: list[str] | None = None,
-                 seed: int | None = None, prompt: str | None = None) -> FakeResult:
-        self.calls.append({"size": image.size, "classes": list(class_names), "phrases": phrases, "seed": seed,
-                           "prompt": prompt})
+    def observe(self, image: Image.Image, class_names: list[str], phrases: list[str] | None = None,
+                seed: int | None = None, *, prompt: str | None = None, need_elbo: bool = True,
+                elbo_losses: dict[str, float] | None = None) -> tuple[PixelEvidence, dict[str, Any]]:
         gray = np.asarray(image.convert("L"), dtype=np.float32)  # (H, W)
         rng = np.random.default_rng(seed)
-        raw = {}
+        clean, raw = {}, {}
         for name in class_names:
-            heat = np.clip(1.0 - np.abs(gray - class_code(name)) / 30.0, 0.0, 1.0)
-            heat = heat + rng.uniform(0.0, self.noise, gray.shape).astype(np.float32)
+            clean[name] = np.clip(1.0 - np.abs(gray - class_code(name)) / 30.0, 0.0, 1.0)
+            heat = clean[name] + rng.uniform(0.0, self.noise, gray.shape).astype(np.float32)
             raw[name] = (heat / heat.max()).astype(np.float32)
-        loss = {n: float(1.0 - raw[n].mean()) for n in class_names}  # stand-in for the ELBO loss
-        lo, hi = min(loss.values()), max(loss.values())
-        tau = {n: float(self.strength ** ((loss[n] - lo) / (hi - lo + 1e-10))) for n in class_names}
-        heat = {n: (raw[n] ** tau[n]).astype(np.float32) for n in class_names}
-        return FakeResult(heat, raw, loss, tau)
+        if elbo_losses is not None:
+            losses, how = {n: float(elbo_losses[n]) for n in class_names}, "given"
+        elif need_elbo and len(class_names) > 1:
+            losses, how = {n: float(1.0 - raw[n].mean()) for n in class_names}, "computed"  # stand-in for the ELBO
+        else:
+            losses, how = None, None
+        self.calls.append({"size": image.size, "classes": list(class_names), "phrases": phrases, "seed": seed,
+                           "prompt": prompt, "elbo": how})
+        evidence = PixelEvidence(list(class_names), losses, clean, None, None, 0, image.size, refined=raw)
+        return evidence, {"prompts": {}, "positions": {}}
+
+    def heatmaps(self, image: Image.Image, class_names: list[str], phrases: list[str] | None = None,
+                 seed: int | None = None) -> FakeResult:
+        evidence, _ = self.observe(image, class_names, phrases, seed)
+        return FakeResult(evidence.maps(self.strength), evidence.maps(1.0), evidence.losses or {},
+                          evidence.temperatures(self.strength))
 
 
 def write_dataset(root: Path, class_names: list[str], samples: dict[str, tuple[np.ndarray, np.ndarray]],

@@ -7,22 +7,33 @@ Layout (``<run>`` is ``cfg.output_dir``)::
       run.json               git revision, seed, dataset, split, model, creation time
       launches.jsonl         one line per launch: time, shard, argv, git revision, host
       segment.log            the runner's log (segment.shard<i>-of-<n>.log when sharded)
+      variants.json          the calibration variants ever asked of this folder, in order:
+                             [{"name", "strength", "fixed", "refine", "label"}] (variants.py)
       maps/<image>/          one folder per finished image, renamed into place when complete
         scores.json          {"image", "index", "seed", "size": [H, W], "class_ids", "classes",
-                              "phrases", "phrase_source", "elbo": {class: float}, "tau": {class: float}}
+                              "phrases", "phrase_source", "elbo": {class: float}, "tau": {class: float},
+                              "variants": [names on disk], "elbo_from": run folder (only if reused)}
+                             ("elbo": summed ELBO loss, null when no variant needed it; "tau": of
+                             the configured setting; no "variants": elbo and baseline)
         elbo_<id>.png        calibrated heatmap of class <id> (ground-truth id, 3 digits),
                              8-bit grayscale, value = round(255 * heat), image-sized
         baseline_<id>.png    the strength-1 map from the same captured attention
+        <variant>_<id>.png   every other variant of `variants` (s2_<id>.png, fixed3_<id>.png,
+                             cross_<id>.png, ...), from the same network passes
       maps/.tmp-<image>/     the image in flight (a killed run leaves at most this one)
       skipped/<image>.json   an image that could not be read: {"image", "index", "error"}
       damaged/<image>/       a finished image whose files were found missing or unreadable on
                              resume, moved aside (the image is computed again)
       identity.json          what produced the maps: dataset (split and class digests, data paths)
                              and model (weight digest or hub revision); a relaunch must match it
+      variants.json          each variant's settings, in the order they were first asked for
       .lock, .lock.shard<i>-of-<n>   held by the running launch (pid, host, start time)
-      metrics.json           evaluator: {"elbo": {...}, "baseline": {...}, "delta_mIoU", ...}
-      metrics.md             evaluator: the paper's table with the delta, size buckets, classes
-      plots/                 miou_vs_threshold.png, miou_by_size.png, overlays.png
+      metrics.json           evaluator: {"elbo": {...}, "baseline": {...}, "delta_mIoU", ...,
+                             "variants": {name: {...}}, "ablation": [one row per variant]}
+      metrics.md             evaluator: the paper's table with the delta, the ablation table,
+                             size buckets, classes
+      plots/                 miou_vs_threshold.png, miou_by_size.png, overlays.png,
+                             miou_vs_strength.png, threshold_curves.png (every variant)
 
 ``metrics.json`` keys read by other tools: ``elbo.mIoU``, ``elbo.threshold``,
 ``baseline.mIoU``, ``baseline.threshold`` (mIoU in percent, threshold in [0, 1]).
@@ -39,7 +50,7 @@ from PIL import Image
 
 from .. import runfolder
 
-VARIANTS = ("elbo", "baseline")  # calibrated map, strength-1 map
+VARIANTS = ("elbo", "baseline")  # calibrated map, strength-1 map: what a folder without variants.json holds
 
 
 class RunFolder:
@@ -90,7 +101,7 @@ class RunFolder:
         except (OSError, ValueError, KeyError, TypeError) as err:
             return [f"{folder / 'scores.json'} unreadable ({type(err).__name__}: {err})"]
         found = []
-        for variant in VARIANTS:
+        for variant in scores.get("variants") or VARIANTS:  # the maps this image's scores.json lists
             for class_id in ids:
                 path = folder / heatmap_name(variant, class_id)
                 try:

@@ -8,6 +8,8 @@ from typing import Any
 
 import numpy as np
 
+from . import ablation
+
 COLUMNS = ("mIoU", "precision", "recall", "FP", "FN", "F1")
 
 
@@ -23,11 +25,23 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 
 def write_markdown(m: dict[str, Any], path: Path) -> None:
-    """Main table with the delta, size buckets, per-class IoU and notes on the data."""
-    base, elbo = m["baseline"], m["elbo"]
+    """Main table with the delta, the ablation over the run's variants, size buckets, per-class IoU
+    and notes on the data (without `elbo` or `baseline` in the run: the ablation and the notes)."""
     mode = "oracle sweep over 0.01..0.99 (each method its best)" if m["threshold_mode"] == "sweep" else "fixed"
     lines = [f"# Segmentation: {m['dataset']} ({m['split']}), model {m['model']}", "",
              f"Images evaluated: {m['num_images']} of {m['num_expected']}; threshold: {mode}.", ""]
+    if "elbo" in m and "baseline" in m:
+        lines += _comparison(m)
+    else:
+        lines += ablation.markdown(m)
+    lines += ["", *_notes(m)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def _comparison(m: dict[str, Any]) -> list[str]:
+    base, elbo = m["baseline"], m["elbo"]
+    lines: list[str] = []
     rows = [["baseline (strength 1)", _num(base["threshold"]), *(_num(base[k]) for k in COLUMNS)],
             [f"ELBO-T2IAlign (strength {m['strength']})", _num(elbo["threshold"]), *(_num(elbo[k]) for k in COLUMNS)],
             ["delta", "", *(_num(_diff(elbo[k], base[k]), signed=True) for k in COLUMNS)]]
@@ -35,7 +49,8 @@ def write_markdown(m: dict[str, Any], path: Path) -> None:
         rows.insert(2, ["baseline + CRF", _num(base["threshold"]), *(_num(base["crf"][k]) for k in COLUMNS)])
         rows.insert(3, ["ELBO-T2IAlign + CRF", _num(elbo["threshold"]), *(_num(elbo["crf"][k]) for k in COLUMNS)])
     lines += _table(["method", "threshold", *COLUMNS], rows)
-    lines += ["", "## mIoU by ground-truth area (10 equal-count buckets, small objects first)", ""]
+    lines += ["", *ablation.markdown(m)]
+    lines += ["## mIoU by ground-truth area (10 equal-count buckets, small objects first)", ""]
     lines += _table(["bucket", "area / image", "instances", "baseline", "ELBO", "delta"], [
         [str(b["bucket"]), f"{b['min_ratio']:.4f}-{b['max_ratio']:.4f}", str(b["count"]), _num(b["mIoU"]),
          _num(e["mIoU"]), _num(_diff(e["mIoU"], b["mIoU"]), signed=True)]
@@ -46,9 +61,7 @@ def write_markdown(m: dict[str, Any], path: Path) -> None:
     lines += _table(["class", "baseline", "ELBO", "delta", "gt pixels"], [
         [c, _num(_get(base, c)), _num(_get(elbo, c)), _num(_diff(_get(elbo, c), _get(base, c)), signed=True),
          str((base["per_class"].get(c) or elbo["per_class"][c])["gt_pixels"])] for c in classes])
-    lines += ["", *_notes(m)]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return lines
 
 
 def _get(result: dict[str, Any], cls: str) -> float | None:

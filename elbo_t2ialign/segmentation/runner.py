@@ -1,10 +1,11 @@
 """Segmentation runner: one heatmap per (image, class) for a dataset split.
 
 `run(cfg, aligner=None)` is the pure entry point (Hydra's `main` and the tests
-call it). It writes the run folder described in `layout.py`: both the
-calibrated and the strength-1 map of every class from one captured attention,
-so one run yields both rows of the paper's table. Resumable (finished images
-are skipped, an image appears only when complete), shardable by image index
+call it). It writes the run folder described in `layout.py`: the map of every
+class for every calibration variant (`variants.py`; by default calibrated and
+strength 1) from one network pass, so one run yields every row of an ablation.
+Resumable (finished images are skipped, an image appears only when complete;
+variants added later are written beside the others), shardable by image index
 (`shard=i/n` or `accelerate launch`), and a seed per image of
 `cfg.seed + image_index` so the shard layout never changes results.
 """
@@ -46,18 +47,20 @@ from .config import (
     validate,
 )
 from .datasets import ImageInfo, SegDataset
-from .layout import RunFolder, heatmap_name, write_json_atomic
+from .layout import RunFolder, heatmap_name, read_json, write_json_atomic
+from .variants import ElboSource, VariantMaps, VariantPlan, merged_scores, parse_variants, record
 
 log = logging.getLogger(__name__)
 # what a launch writes into a new folder before any image (removed when that launch fails)
-OWN_FILES = ["config.yaml", "run.json", "launches.jsonl", "identity.json", "segment*.log", ".lock*"]
+OWN_FILES = ["config.yaml", "run.json", "launches.jsonl", "identity.json", "variants.json", "segment*.log", ".lock*"]
 
 
 class HeatmapAligner(Protocol):
-    """What the runner needs from `elbo_t2ialign.Aligner`."""
+    """What the runner needs from `elbo_t2ialign.Aligner`: one image's network passes -> (Evidence, info)."""
 
-    def heatmaps(self, image: Image.Image, class_names: list[str], phrases: list[str] | None = None,
-                 seed: int | None = None, prompt: str | None = None) -> Any: ...
+    def observe(self, image: Image.Image, class_names: list[str], phrases: list[str] | None = None,
+                seed: int | None = None, *, prompt: str | None = None, need_elbo: bool | None = None,
+                elbo_losses: dict[str, float] | None = None) -> tuple[Any, dict[str, Any]]: ...
 
 
 def run(cfg: Any, aligner: HeatmapAligner | None = None) -> Path:
@@ -65,16 +68,22 @@ def run(cfg: Any, aligner: HeatmapAligner | None = None) -> Path:
     conf = to_container(cfg, ConfigError)
     options = validate(conf)
     conf["elbo"] = options.to_dict()  # saved in full, so the folder stays reproducible if defaults change
+    plan = VariantPlan(parse_variants(conf.get("variants"), options), options,
+                       ElboSource(conf["elbo_from"], conf) if conf.get("elbo_from") else None)
     shard = parse_shard(conf.get("shard"))
     dataset = SegDataset(conf["dataset"])
     folder = RunFolder(conf["output_dir"])
     fresh, ok = not folder.root.exists(), False
     lock = _open_folder(folder, conf, shard, dataset, fresh)
+    record(folder, plan.variants)
     handler = attach_log(folder.root / f"segment{shard.tag}.log")
     try:
         items = _select(dataset, conf.get("num_images"), shard)
         remove_stale_temps(folder.root, [folder.temp_dir(n) for _, n in items])
-        todo = [(i, n) for i, n in items if not _verified(folder, n)]
+        # damaged finished images are moved aside and computed again; finished ones may lack new variants
+        todo = [(i, n) for i, n in items if not _verified(folder, n) or plan.missing(folder, n)]
+        if plan.source is not None:
+            plan.source.check_images([n for _, n in todo if not folder.is_done(n)])
         log.info("%s/%s: %d images in this shard, %d finished, %d to do -> %s", dataset.name, dataset.split,
                  len(items), len(items) - len(todo), len(todo), folder.root)
         if todo and aligner is None:
@@ -83,7 +92,7 @@ def run(cfg: Any, aligner: HeatmapAligner | None = None) -> Path:
                         desc=f"{dataset.name}{shard.tag}", disable=not conf.get("progress", True))
         fallback = 0
         for index, name in progress:
-            source = _process(folder, dataset, aligner, conf, index, name)
+            source = _process(folder, dataset, aligner, conf, index, name, plan)
             fallback += source is not None and source.startswith("class_names (")
         _summarise(folder, dataset, items, fallback)
         ok = True
@@ -144,7 +153,7 @@ def _select(dataset: SegDataset, limit: Any, shard: Shard) -> list[tuple[int, st
 
 
 def _process(folder: RunFolder, dataset: SegDataset, aligner: HeatmapAligner, conf: dict[str, Any],
-             index: int, name: str) -> str | None:
+             index: int, name: str, plan: VariantPlan) -> str | None:
     """Compute and write one image; returns the phrase source, None when skipped."""
     try:
         image, info = dataset.load_example(name)
@@ -159,10 +168,13 @@ def _process(folder: RunFolder, dataset: SegDataset, aligner: HeatmapAligner, co
     if phrases is None and source != "class_names":
         log.info("%s: %s; prompting with class names", name, source)
     seed = int(conf.get("seed", 0)) + index
-    extra = {}
+    prompt = None
     if phrases is not None:  # as the reference: the collection prompt lists every phrase of the image, in order
-        extra["prompt"] = conf["elbo"]["collect_prompt"].format(", ".join(dataset.phrase_lists(name)[1]))
-    result = aligner.heatmaps(image, names, phrases=phrases, seed=seed, **extra) if names else None
+        prompt = conf["elbo"]["collect_prompt"].format(", ".join(dataset.phrase_lists(name)[1]))
+    if folder.is_done(name):  # finished before: only the variants added since
+        _add_variants(folder, name, aligner, plan, image, prompt)
+        return source
+    result = plan.compute(aligner, image, name, names, phrases, seed, prompt=prompt)
     _write_image(folder, name, index, seed, info, names, phrases, source, result)
     if folder.skip_record(name).exists():
         os.unlink(folder.skip_record(name))  # an earlier failure that is now fixed
@@ -170,21 +182,14 @@ def _process(folder: RunFolder, dataset: SegDataset, aligner: HeatmapAligner, co
 
 
 def _write_image(folder: RunFolder, name: str, index: int, seed: int, info: ImageInfo, names: list[str],
-                 phrases: list[str] | None, source: str, result: Any) -> None:
+                 phrases: list[str] | None, source: str, result: VariantMaps) -> None:
     """Write into maps/.tmp-<name>/, then rename it to maps/<name>/ in one step."""
-    tmp = folder.temp_dir(name)
-    tmp.mkdir(parents=True, exist_ok=True)
-    for stale in tmp.iterdir():  # files of an attempt at this image that was killed
-        stale.unlink()
-    for class_id, class_name in zip(info.class_ids, names, strict=True):
-        for variant, maps in (("elbo", result.heatmaps), ("baseline", result.raw_heatmaps)):
-            pixels = to_uint8(maps[class_name], info.size, f"{variant} map of {class_name!r} for {name}")
-            Image.fromarray(pixels).save(tmp / heatmap_name(variant, class_id), format="PNG")
+    tmp = _fresh_temp(folder, name)
+    _save_maps(tmp, name, info.class_ids, names, info.size, result)
     scores = {
         "image": name, "index": index, "seed": seed, "size": list(info.size),
         "class_ids": info.class_ids, "classes": names, "phrases": phrases, "phrase_source": source,
-        "elbo": {c: _float_or_none(result.elbo.get(c)) for c in names} if names else {},
-        "tau": {c: _float_or_none(result.tau.get(c)) for c in names} if names else {},
+        **result.scores(),  # elbo, tau, variants (and elbo_from when the losses were reused)
     }
     write_json_atomic(tmp / "scores.json", scores)
     try:
@@ -194,8 +199,35 @@ def _write_image(folder: RunFolder, name: str, index: int, seed: int, info: Imag
                           "move it away and rerun") from None
 
 
-def _float_or_none(value: Any) -> float | None:
-    return None if value is None else float(value)  # the core leaves the ELBO out when it is not needed
+def _fresh_temp(folder: RunFolder, name: str) -> Path:
+    tmp = folder.temp_dir(name)
+    tmp.mkdir(parents=True, exist_ok=True)
+    for stale in tmp.iterdir():  # files of an attempt at this image that was killed
+        stale.unlink()
+    return tmp
+
+
+def _save_maps(tmp: Path, name: str, class_ids: list[int], names: list[str], size: tuple[int, int],
+               result: VariantMaps) -> None:
+    for class_id, class_name in zip(class_ids, names, strict=True):
+        for variant, maps in result.maps.items():
+            pixels = to_uint8(maps[class_name], size, f"{variant} map of {class_name!r} for {name}")
+            Image.fromarray(pixels).save(tmp / heatmap_name(variant, class_id), format="PNG")
+
+
+def _add_variants(folder: RunFolder, name: str, aligner: HeatmapAligner, plan: VariantPlan, image: Any,
+                  prompt: str | None) -> None:
+    """Maps of variants added to a finished image: written beside the others, then scores.json lists
+    them (a kill in between leaves files that the next launch writes again)."""
+    scores = read_json(folder.image_dir(name) / "scores.json")
+    result = plan.compute(aligner, image, name, scores["classes"], scores["phrases"], scores["seed"], scores,
+                          prompt=prompt)
+    tmp = _fresh_temp(folder, name)
+    _save_maps(tmp, name, scores["class_ids"], scores["classes"], tuple(scores["size"]), result)
+    for f in tmp.iterdir():
+        os.replace(f, folder.image_dir(name) / f.name)
+    tmp.rmdir()
+    write_json_atomic(folder.image_dir(name) / "scores.json", merged_scores(scores, result))
 
 
 def to_uint8(heat: Any, size: tuple[int, int], what: str) -> np.ndarray:
