@@ -11,8 +11,3 @@
 from pathlib import Path
 
 MODEL_DIR = Path(__file__).resolve().parent / "model"
-
-
-def model_path() -> str:
-    """Absolute path of the committed testbed pipeline (what `model=shapes` points to)."""
-    return str(MODEL_DIR)
