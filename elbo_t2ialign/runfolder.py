@@ -18,7 +18,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import socket
 import sys
 import time
@@ -148,13 +147,31 @@ def _read_holder(fd: int) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
+TEMP_PREFIXES = (".tmp-", ".prepare-partial")  # staging folders: never results
+
+
+def discard_temp_dir(path: Path) -> None:
+    """Delete a staging folder (an image in flight, a damaged archive's extraction) file by file.
+    Refuses any folder whose name is not a staging name, so no result folder can be removed."""
+    if not path.name.startswith(TEMP_PREFIXES):
+        raise ValueError(f"refusing to delete {path}: not a staging folder ({', '.join(TEMP_PREFIXES)}...)")
+    if not path.is_dir():
+        return
+    for sub in sorted(path.rglob("*"), key=lambda p: len(p.parts), reverse=True):  # deepest first
+        if sub.is_dir() and not sub.is_symlink():
+            sub.rmdir()
+        else:
+            sub.unlink()
+    path.rmdir()
+
+
 def remove_stale_temps(folder: Path, temp_dirs: list[Path] = ()) -> list[Path]:
     """Delete the given temporary image folders and every `.<name>.<pid>.tmp` file under `folder`
     whose writer is not running: leftovers of killed launches, never finished output."""
     removed = []
     for tmp in temp_dirs:
         if tmp.is_dir():
-            shutil.rmtree(tmp)  # an unfinished image; finished ones are renamed out of .tmp-<name>
+            discard_temp_dir(tmp)  # an unfinished image; finished ones are renamed out of .tmp-<name>
             removed.append(tmp)
     if folder.is_dir():
         for path in folder.rglob(".*.tmp*"):

@@ -236,3 +236,20 @@ def test_a_new_run_that_stops_after_finished_images_keeps_its_records(tmp_path, 
     assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "identity.json", "launches.jsonl", "maps",
                                                      "run.json", "segment.log", "variants.json"]
     assert sorted(p.name for p in (out / "maps").iterdir()) == ["img_000", "img_001"]
+
+
+def test_discard_temp_dir_removes_only_staging_folders(tmp_path):
+    from elbo_t2ialign.runfolder import discard_temp_dir
+
+    staged = tmp_path / "maps" / ".tmp-img_1"
+    (staged / "sub").mkdir(parents=True)
+    (staged / "elbo_001.png").write_bytes(b"x")
+    (staged / "sub" / "a.json").write_text("{}")
+    result = tmp_path / "maps" / "img_1"
+    result.mkdir()
+    (result / "elbo_001.png").write_bytes(b"y")
+    discard_temp_dir(staged)
+    assert not staged.exists()
+    with pytest.raises(ValueError, match="not a staging folder"):
+        discard_temp_dir(result)
+    assert (result / "elbo_001.png").read_bytes() == b"y"  # a result folder is never touched

@@ -19,13 +19,13 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import shutil
 import tarfile
 import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..runfolder import discard_temp_dir
 from .config import SegmentationError
 
 PREFIX = "datasets_copy/"
@@ -113,7 +113,7 @@ def extract_parts(parts: list[Path], datasets_dir: Path, roots: list[str],
     result.digests = {p.name: reader.digests[p] for p in parts}
     bad = {n: w for n, w in (expected_sha256 or {}).items() if result.digests.get(n, w) != w}
     if bad or stream_error is not None:
-        shutil.rmtree(partial)  # staged from damaged parts: nothing there may be kept by a rerun
+        discard_temp_dir(partial)  # staged from damaged parts: nothing there may be kept by a rerun
     if bad:
         name, want = next(iter(bad.items()))
         raise SegmentationError(
