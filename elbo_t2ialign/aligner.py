@@ -153,7 +153,8 @@ class Aligner:
                                       elbo_losses=elbo_losses, options=opts)
         taus = evidence.temperatures(opts.strength, opts.fixed_temperature)
         raw = evidence.maps(1.0, refine=opts.refine)
-        calibrated = evidence.maps(opts.strength, opts.fixed_temperature, refine=opts.refine)
+        calibrated = ({n: m.copy() for n, m in raw.items()} if all(t == 1.0 for t in taus.values())
+                      else evidence.maps(opts.strength, opts.fixed_temperature, refine=opts.refine))
         losses = evidence.losses or {}
         return HeatmapResult(calibrated, raw, evidence.maps(1.0, refine=False),
                              {n: losses.get(n) for n in evidence.names}, taus, info["prompts"],
