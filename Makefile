@@ -37,7 +37,7 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check elbo_t2ialign tests
 
 bench: $(VENV)/.installed
-	$(PY) -m elbo_t2ialign.bench --compare
+	$(PY) -m elbo_t2ialign.devtools.bench --compare
 
 clean-venv:
 	rm -rf $(VENV)

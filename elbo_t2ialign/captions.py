@@ -52,7 +52,7 @@ def one_line(text: Any) -> str:
 def image_digest(image: Image.Image | str | Path | np.ndarray) -> str:
     """SHA-256 of the image's size and RGB pixels: the same picture from a file, a PIL image or an array
     gives the same digest, whatever the file format."""
-    from .aligner import _as_image
+    from elbo_t2ialign.core.aligner import _as_image
 
     rgb = _as_image(image).convert("RGB")
     h = hashlib.sha256(f"{rgb.width}x{rgb.height}:".encode())
@@ -68,9 +68,9 @@ def tiny_blip(seed: int = 0):
     import torch
     from transformers import BlipConfig, BlipForConditionalGeneration, BlipImageProcessor, BlipProcessor
 
-    from .testbed.world import VOCABULARY
-    from .tiny import WORDS
-    from .tokenizers import build_bert_tokenizer
+    from elbo_t2ialign.devtools.tiny import WORDS
+    from elbo_t2ialign.devtools.tokenizers import build_bert_tokenizer
+    from elbo_t2ialign.testbed.world import VOCABULARY
 
     tok = build_bert_tokenizer([*VOCABULARY, *WORDS])
     text = dict(vocab_size=len(tok), hidden_size=32, encoder_hidden_size=32, intermediate_size=64,
@@ -104,7 +104,7 @@ class BlipCaptioner:
     def from_pretrained(cls, model_id: str = DEFAULT_BLIP, device: Any = "cpu", dtype: str = "float32",
                         **settings: Any) -> BlipCaptioner:
         """A hub id, a local BLIP folder, or "tiny"; an unreachable model fails with what to do."""
-        from .models import resolve_device, resolve_dtype
+        from elbo_t2ialign.core.adapters import resolve_device, resolve_dtype
 
         dev = resolve_device(device)
         if model_id == "tiny":
@@ -233,7 +233,7 @@ class CaptionCache:
 
     def caption(self, image: Image.Image | str | Path | np.ndarray, captioner: Captioner) -> str:
         """The cached caption of this image by this captioner, or a new one (then stored)."""
-        from .aligner import _as_image
+        from elbo_t2ialign.core.aligner import _as_image
 
         image = _as_image(image)
         digest, key = image_digest(image), self.key(captioner.settings)
@@ -260,7 +260,7 @@ CONFIG_KEYS = {"backend", "model", "prompt", "max_new_tokens", "num_beams", "dty
 
 def from_config(conf: Mapping[str, Any], device: Any = "cpu") -> tuple[Captioner, CaptionCache]:
     """(captioner, cache) from a `caption:` config section (configs/explain.yaml)."""
-    from .runinfo import check_known
+    from elbo_t2ialign.runinfo import check_known
 
     check_known("caption", set(conf), CONFIG_KEYS, CaptionError)
     backend = conf.get("backend", "blip")

@@ -27,9 +27,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .options import AlignOptions
-from .runfolder import check_device
-from .runinfo import check_known, git_revision, to_container
+from elbo_t2ialign.core.options import AlignOptions
+from elbo_t2ialign.runfolder import check_device
+from elbo_t2ialign.runinfo import check_known, git_revision, to_container
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 TOP_KEYS = {"model", "elbo", "device", "dtype", "output_dir", "alpha", "cmap", "dpi", "caption"}
@@ -117,7 +117,7 @@ def _options(conf: dict[str, Any]) -> AlignOptions:
 
 
 def _image(path: str) -> Image.Image:
-    from .aligner import _as_image
+    from elbo_t2ialign.core.aligner import _as_image
 
     try:
         return _as_image(path)
@@ -126,7 +126,7 @@ def _image(path: str) -> Image.Image:
 
 
 def load_aligner(conf: dict[str, Any], options: AlignOptions):
-    from . import Aligner
+    from elbo_t2ialign import Aligner
 
     try:
         return Aligner.from_config(conf["model"], options=options, device=conf.get("device", "auto"),
@@ -137,8 +137,8 @@ def load_aligner(conf: dict[str, Any], options: AlignOptions):
 
 def caption_prompt(conf: dict[str, Any], image: Image.Image, words: list[str]) -> tuple[str, bool, str, list[str]]:
     """(caption, whether it came from the cache, prompt, appended words) with the configured captioner."""
-    from . import captions
-    from .models import resolve_device
+    from elbo_t2ialign import captions
+    from elbo_t2ialign.core.adapters import resolve_device
 
     try:
         captioner, cache = captions.from_config(conf.get("caption") or {}, resolve_device(conf.get("device")))
@@ -172,10 +172,10 @@ def run(conf: dict[str, Any], image_path: str, words: list[str], prompt: str | N
     except (TypeError, ValueError) as err:
         raise ExplainError(one_line(err)) from None
 
-    from .captions import image_digest
-    from .plotting import heatmap
-    from .segmentation.layout import write_json_atomic
-    from .segmentation.runner import to_uint8
+    from elbo_t2ialign.captions import image_digest
+    from elbo_t2ialign.plotting import heatmap
+    from elbo_t2ialign.segmentation.layout import write_json_atomic
+    from elbo_t2ialign.segmentation.runner import to_uint8
 
     folder = new_folder(Path(conf.get("output_dir") or "runs/explain"), Path(image_path).stem)
     stems = file_names(list(result.heatmaps))

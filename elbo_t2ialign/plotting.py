@@ -21,7 +21,7 @@ from matplotlib.figure import Figure
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
 
-    from .aligner import HeatmapResult
+    from elbo_t2ialign.core.aligner import HeatmapResult
 
 # kind -> (HeatmapResult attribute, what it is)
 KINDS = {
@@ -60,7 +60,7 @@ def panel_title(result: HeatmapResult, name: str, kind: str) -> str:
 
 
 def _rgb(image: Any, shape: tuple[int, ...]) -> np.ndarray:
-    from .aligner import _as_image
+    from elbo_t2ialign.core.aligner import _as_image
 
     rgb = np.asarray(_as_image(image).convert("RGB"))
     if rgb.shape[:2] != tuple(shape):

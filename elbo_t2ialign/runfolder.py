@@ -25,7 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .runinfo import fingerprint_diff
+from elbo_t2ialign.runinfo import fingerprint_diff
 
 log = logging.getLogger(__name__)
 

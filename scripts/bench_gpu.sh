@@ -9,7 +9,7 @@
 #   sdxl, sd3         SDXL and SD3-medium at 1024 px, 2 classes, 2 images, floor at batch 4 8 16
 #   sd15-compare      SD1.5 at 512 px, 2 classes: optimized vs the reference mode (speedup, max abs diff)
 # One JSON record per step goes to a new file $OUT/bench_gpu_<time>.jsonl (./ without $OUT); at the
-# end the tables are printed from it (python -m elbo_t2ialign.bench --table FILE). A failed or
+# end the tables are printed from it (python -m elbo_t2ialign.devtools.bench --table FILE). A failed or
 # timed-out step leaves a {"step", "failed"} record and the next step still runs.
 #
 #   scripts/bench_gpu.sh            needs CUDA: stops at once with a message where there is none
@@ -60,7 +60,7 @@ step() {  # step NAME SECONDS ARGS...
   fi
   local started=$SECONDS out rc line
   out=$(mktemp)
-  timeout --kill-after=10 "$limit" "$PY" -m elbo_t2ialign.bench --device "$DEVICE" --dtype "$DTYPE" "$@" \
+  timeout --kill-after=10 "$limit" "$PY" -m elbo_t2ialign.devtools.bench --device "$DEVICE" --dtype "$DTYPE" "$@" \
     > "$out" 2> >(grep -v -e torchvision -e '^$' >&2)
   rc=$?
   line=$(grep '^{' "$out" | tail -n 1)
@@ -83,4 +83,4 @@ step() {  # step NAME SECONDS ARGS...
 }
 echo
 echo "$(date -u +%FT%TZ), $SECONDS s in all, records in $LOG"
-[ -s "$LOG" ] && "$PY" -m elbo_t2ialign.bench --table "$LOG"
+[ -s "$LOG" ] && "$PY" -m elbo_t2ialign.devtools.bench --table "$LOG"

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from elbo_t2ialign import Aligner
-from elbo_t2ialign.bench import bench_image, build_pipeline, image_classes
+from elbo_t2ialign.devtools.bench import bench_image, build_pipeline, image_classes
 
 PATHS = {"project": "float32", "reference_style": "model"}  # name -> capture_precision
 

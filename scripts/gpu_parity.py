@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image
 
 from elbo_t2ialign import Aligner
-from elbo_t2ialign.tiny import BUILDERS
+from elbo_t2ialign.devtools.tiny import BUILDERS
 
 OPTS = {"elbo_timesteps": [1, 251, 501, 751], "collect_timesteps": [20, 100, 200]}
 

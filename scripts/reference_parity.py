@@ -3,7 +3,7 @@ image and noise, and print how far the ELBO losses, taus and heatmaps are apart.
 
 Needs a checkout of the reference (github VCG-team/elbo-t2ialign) and its extra import `einops`
 (`pip install einops`); `cv2`, used by the reference only to write PNGs, is stubbed. The model is
-the tiny SD1.5-structured pipeline of `elbo_t2ialign.tiny` with attention sharpened (bench builder),
+the tiny SD1.5-structured pipeline of `elbo_t2ialign.devtools.tiny` with attention sharpened (bench builder),
 so it runs offline on a CPU in seconds:
 
     python scripts/reference_parity.py --reference ../elbo-t2ialign --width 56 --height 40
@@ -22,8 +22,8 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from elbo_t2ialign import Aligner
-from elbo_t2ialign.bench import ATTENTION_SHARPNESS, sharpen_attention
-from elbo_t2ialign.tiny import BUILDERS
+from elbo_t2ialign.devtools.bench import ATTENTION_SHARPNESS, sharpen_attention
+from elbo_t2ialign.devtools.tiny import BUILDERS
 
 
 def main(argv: list[str] | None = None) -> float:

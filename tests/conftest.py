@@ -14,7 +14,7 @@ os.environ.setdefault("ELBO_T2IALIGN_CACHE", tempfile.mkdtemp(prefix="elbo-t2ial
 os.environ["OMP_NUM_THREADS"] = "1"
 torch.set_num_threads(1)
 
-from elbo_t2ialign.tiny import BUILDERS  # noqa: E402
+from elbo_t2ialign.devtools.tiny import BUILDERS  # noqa: E402
 
 FAMILIES = list(BUILDERS)
 _CACHE = {}

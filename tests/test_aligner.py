@@ -6,7 +6,7 @@ import torch
 from conftest import FAMILIES, tiny_aligner
 from PIL import Image
 
-from elbo_t2ialign import calibrate
+from elbo_t2ialign.core import calibrate
 
 
 def _rgb(w=40, h=30, seed=0):

@@ -5,7 +5,8 @@ import pytest
 from conftest import tiny_aligner
 from PIL import Image
 
-from elbo_t2ialign import AlignOptions, calibrate
+from elbo_t2ialign import AlignOptions
+from elbo_t2ialign.core import calibrate
 
 FAST = {"elbo_timesteps": [1, 501], "collect_timesteps": [20]}
 

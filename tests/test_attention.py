@@ -5,7 +5,8 @@ import pytest
 import torch
 from conftest import FAMILIES, tiny_aligner
 
-from elbo_t2ialign.attention import (
+from elbo_t2ialign.core.adapters.base import cat_cond
+from elbo_t2ialign.core.capture import (
     CaptureAttnProcessor,
     CaptureFluxAttnProcessor,
     CaptureJointAttnProcessor,
@@ -13,7 +14,6 @@ from elbo_t2ialign.attention import (
     resize_self,
     stage_index,
 )
-from elbo_t2ialign.models.base import cat_cond
 
 
 def _inputs(aligner, n=2, seed=0):

@@ -14,9 +14,12 @@ import pytest
 import torch
 from conftest import tiny_aligner
 
-import elbo_t2ialign.calibrate
+import elbo_t2ialign.core.calibrate
 from elbo_t2ialign import Aligner
-from elbo_t2ialign.bench import (
+from elbo_t2ialign.core.adapters import adapter_for
+from elbo_t2ialign.core.calibrate import to_image
+from elbo_t2ialign.core.options import AlignOptions
+from elbo_t2ialign.devtools.bench import (
     KeepAllRecorder,
     NetworkTimer,
     ReferenceAligner,
@@ -25,10 +28,7 @@ from elbo_t2ialign.bench import (
     image_classes,
     main,
 )
-from elbo_t2ialign.bench_profile import PARTS, Breakdown, crosses_devices
-from elbo_t2ialign.calibrate import to_image
-from elbo_t2ialign.models import adapter_for
-from elbo_t2ialign.options import AlignOptions
+from elbo_t2ialign.devtools.bench_profile import PARTS, Breakdown, crosses_devices
 
 FIELDS = ("sec_per_image", "forward_samples_per_image", "network_sec_per_image", "overhead_fraction",
           "peak_mem_mb")
@@ -193,7 +193,7 @@ def test_breakdown_charges_each_part_its_own_time_and_changes_nothing(monkeypatc
         assert x.to("meta").device.type == "meta"  # a copy to another device is one
         assert bd.seconds["host_transfers"] > 0.0
     assert vars(ad).get("predict") is None and "to" not in vars(torch.Tensor)
-    assert elbo_t2ialign.calibrate.to_image is to_image
+    assert elbo_t2ialign.core.calibrate.to_image is to_image
     monkeypatch.undo()
     sec = bd.seconds
     assert timer.calls == 7  # 40 ELBO pairs and 10 collection steps at batch 8

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from elbo_t2ialign import calibrate
-from elbo_t2ialign.attention import LayerInfo
-from elbo_t2ialign.tokenizers import build_clip_tokenizer
+from elbo_t2ialign.core import calibrate
+from elbo_t2ialign.core.capture import LayerInfo
+from elbo_t2ialign.devtools.tokenizers import build_clip_tokenizer
 
 
 def test_tau_for_known_losses():

@@ -8,9 +8,9 @@ import torch
 from conftest import FAMILIES, tiny_aligner
 from PIL import Image
 
-from elbo_t2ialign.elbo import elbo_losses
-from elbo_t2ialign.models.base import cat_cond
-from elbo_t2ialign.models.schedules import DDPMSchedule, EDMSchedule, FlowSchedule
+from elbo_t2ialign.core.adapters.base import cat_cond
+from elbo_t2ialign.core.adapters.schedules import DDPMSchedule, EDMSchedule, FlowSchedule
+from elbo_t2ialign.core.elbo import elbo_losses
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -7,8 +7,8 @@ import numpy as np
 from conftest import tiny_aligner
 from PIL import Image
 
+from elbo_t2ialign.devtools.fixtures import fixture_config, random_samples, write_dataset
 from elbo_t2ialign.segmentation import evaluate, run
-from elbo_t2ialign.segmentation.fixtures import fixture_config, random_samples, write_dataset
 
 CLASSES = ["cat", "dog", "bird"]
 

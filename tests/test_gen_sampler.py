@@ -5,9 +5,9 @@ import torch
 from conftest import tiny_pipeline
 from diffusers import DDIMScheduler
 
+from elbo_t2ialign.core.adapters import adapter_for
+from elbo_t2ialign.devtools.tiny import tiny_sd
 from elbo_t2ialign.generation.sampler import ElboSampler, ddim_step, euler_step, sampling_timesteps
-from elbo_t2ialign.models import adapter_for
-from elbo_t2ialign.tiny import tiny_sd
 
 PROMPT = "a photo of a cat and a dog"
 PHRASES = ["a cat", "a dog"]

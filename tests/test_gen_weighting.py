@@ -5,13 +5,13 @@ import torch
 from compel import Compel, CompelForSDXL
 from conftest import tiny_pipeline
 
+from elbo_t2ialign.core.adapters import adapter_for
 from elbo_t2ialign.generation.weighting import (
     compel_syntax,
     phrase_weights,
     token_positions,
     weight_conditioning,
 )
-from elbo_t2ialign.models import adapter_for
 
 PROMPT = "a photo of a cat and a dog"
 PHRASES = ["a cat", "a dog"]

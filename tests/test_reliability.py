@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from elbo_t2ialign.devtools.fixtures import PixelAligner, fixture_config, random_samples, write_dataset
 from elbo_t2ialign.runfolder import RunLock, folder_digest
 from elbo_t2ialign.segmentation import evaluate, run
 from elbo_t2ialign.segmentation.config import ConfigError, InputError, SegmentationError
-from elbo_t2ialign.segmentation.fixtures import PixelAligner, fixture_config, random_samples, write_dataset
 
 CLASSES = ["cat", "dog", "boat"]
 

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from elbo_t2ialign.devtools.fixtures import PixelAligner, fixture_config, random_samples, write_dataset
 from elbo_t2ialign.segmentation import run
 from elbo_t2ialign.segmentation.config import ConfigError, InputError
-from elbo_t2ialign.segmentation.fixtures import PixelAligner, fixture_config, random_samples, write_dataset
 
 CLASSES = ["cat", "dog", "boat"]
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from elbo_t2ialign.devtools.fixtures import PixelAligner, fixture_config, random_samples, write_dataset
 from elbo_t2ialign.segmentation import evaluate, run
-from elbo_t2ialign.segmentation.fixtures import PixelAligner, fixture_config, random_samples, write_dataset
 
 pytest.importorskip("pydensecrf.densecrf", reason="pydensecrf2 not installed (pip install -e '.[crf]')")
 

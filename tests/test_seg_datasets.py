@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from elbo_t2ialign.devtools.fixtures import CONVENTIONS, fixture_config, write_dataset
 from elbo_t2ialign.segmentation.config import ConfigError, InputError
 from elbo_t2ialign.segmentation.datasets import IGNORE, GroundTruthConvention, SegDataset
-from elbo_t2ialign.segmentation.fixtures import CONVENTIONS, fixture_config, write_dataset
 
 CLASSES = ["cat", "dog", "car"]
 

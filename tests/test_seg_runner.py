@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from elbo_t2ialign.devtools.fixtures import PixelAligner, fixture_config, random_samples, write_dataset
 from elbo_t2ialign.segmentation import evaluate, run
 from elbo_t2ialign.segmentation.config import ConfigError, SegmentationError
-from elbo_t2ialign.segmentation.fixtures import PixelAligner, fixture_config, random_samples, write_dataset
 
 CLASSES = ["cat", "dog", "boat"]
 

@@ -5,7 +5,7 @@ import torch
 from PIL import Image
 
 from elbo_t2ialign import Aligner
-from elbo_t2ialign.tiny import tiny_sd, tiny_sd3, tiny_sdxl
+from elbo_t2ialign.devtools.tiny import tiny_sd, tiny_sd3, tiny_sdxl
 
 IMG = Image.fromarray((np.random.RandomState(0).rand(32, 32, 3) * 255).astype(np.uint8))
 FAST = {"elbo_timesteps": [1, 501], "collect_timesteps": [20, 60]}

@@ -4,9 +4,9 @@
     python -m elbo_t2ialign.generation.evaluate <run_dir>             # CLIP score, table, grid
 """
 
-from .phrases import PhraseExtractor, load_spacy
-from .sampler import ElboSampler, SampleResult
-from .weighting import phrase_weights, token_positions, weight_conditioning
+from elbo_t2ialign.generation.phrases import PhraseExtractor, load_spacy
+from elbo_t2ialign.generation.sampler import ElboSampler, SampleResult
+from elbo_t2ialign.generation.weighting import phrase_weights, token_positions, weight_conditioning
 
 __all__ = [
     "ElboSampler", "PhraseExtractor", "SampleResult", "load_spacy", "phrase_weights", "token_positions",

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ..tiny import WORDS
+from elbo_t2ialign.devtools.tiny import WORDS
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ def tiny_clip(seed: int = 0):
     """(model, tokenizer, image processor) of a random 32-px CLIP built in code, offline."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
-    from ..tokenizers import build_clip_tokenizer
+    from elbo_t2ialign.devtools.tokenizers import build_clip_tokenizer
 
     tok = build_clip_tokenizer(WORDS)
     text = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,

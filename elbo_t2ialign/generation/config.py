@@ -23,7 +23,7 @@ PHRASES_KEYS = {"spacy_model", "stopwords", "match", "dedupe"}
 # What determines the files of a run folder; a resume must not change these.
 RESULT_KEYS = ("model", "prompts", "phrases", "steps", "guidance", "strength", "elbo_steps", "after_elbo_steps", "seed")
 BUNDLED_PROMPTS = Path(__file__).resolve().parent / "prompts"
-TINY_PREFIX = "tiny:"  # model.id "tiny:<family>" builds elbo_t2ialign.tiny.BUILDERS[<family>]()
+TINY_PREFIX = "tiny:"  # model.id "tiny:<family>" builds elbo_t2ialign.devtools.tiny.BUILDERS[<family>]()
 
 
 class GenerationError(Exception):

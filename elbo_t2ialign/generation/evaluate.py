@@ -21,9 +21,9 @@ from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
 
-from ..runfolder import one_line
-from .clipscore import DEFAULT_CLIP, ClipScoreError, ClipScorer
-from .layout import VARIANTS, RunFolder, image_stem, write_json_atomic
+from elbo_t2ialign.generation.clipscore import DEFAULT_CLIP, ClipScoreError, ClipScorer
+from elbo_t2ialign.generation.layout import VARIANTS, RunFolder, image_stem, write_json_atomic
+from elbo_t2ialign.runfolder import one_line
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--debug", action="store_true", help="show the traceback of an expected error too")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    from ..models import resolve_device
+    from elbo_t2ialign.core.adapters import resolve_device
 
     try:
         scorer = ClipScorer.from_pretrained(args.clip, device=resolve_device(args.device),

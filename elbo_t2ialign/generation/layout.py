@@ -26,7 +26,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from .. import runfolder
+from elbo_t2ialign import runfolder
 
 VARIANTS = ("elbo", "baseline")
 _NAME = re.compile(r"^(\d+)_(\d+)\.png$")

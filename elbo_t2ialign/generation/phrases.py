@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from ..nlp import PhraseError, load_spacy
+from elbo_t2ialign.core.nlp import PhraseError, load_spacy
 
 __all__ = ["PhraseError", "PhraseExtractor", "load_spacy", "load_stopwords"]
 

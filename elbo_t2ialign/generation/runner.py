@@ -21,11 +21,8 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from elbo_t2ialign.runfolder import RunLock, check_identity, discard_fresh, model_identity, remove_stale_temps
-from elbo_t2ialign.runinfo import attach_log, git_revision, save_or_check_config
-
-from ..models import adapter_for, load_pipeline, resolve_device, resolve_dtype
-from .config import (
+from elbo_t2ialign.core.adapters import adapter_for, load_pipeline, resolve_device, resolve_dtype
+from elbo_t2ialign.generation.config import (
     TINY_PREFIX,
     GenerationError,
     prompt_path,
@@ -34,10 +31,12 @@ from .config import (
     to_container,
     validate,
 )
-from .layout import RunFolder, save_image_atomic, write_json_atomic
-from .phrases import PhraseExtractor
-from .sampler import ElboSampler, SampleResult
-from .weighting import compel_syntax
+from elbo_t2ialign.generation.layout import RunFolder, save_image_atomic, write_json_atomic
+from elbo_t2ialign.generation.phrases import PhraseExtractor
+from elbo_t2ialign.generation.sampler import ElboSampler, SampleResult
+from elbo_t2ialign.generation.weighting import compel_syntax
+from elbo_t2ialign.runfolder import RunLock, check_identity, discard_fresh, model_identity, remove_stale_temps
+from elbo_t2ialign.runinfo import attach_log, git_revision, save_or_check_config
 
 log = logging.getLogger(__name__)
 # what a launch writes into a new folder before any image (removed when that launch fails)
@@ -123,7 +122,7 @@ def build_sampler(conf: dict[str, Any]) -> ElboSampler:
     model_id = str(model["id"])
     log.info("loading model %s (%s) on %s, %s", model["name"], model_id, device, dtype)
     if model_id.startswith(TINY_PREFIX):
-        from ..tiny import BUILDERS
+        from elbo_t2ialign.devtools.tiny import BUILDERS
 
         family = model_id[len(TINY_PREFIX):]
         if family not in BUILDERS:

@@ -20,9 +20,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..models.base import ModelAdapter, cat_cond
-from ..models.schedules import DDPMSchedule, FlowSchedule
-from .weighting import phrase_weights, token_positions, weight_conditioning
+from elbo_t2ialign.core.adapters.base import ModelAdapter, cat_cond
+from elbo_t2ialign.core.adapters.schedules import DDPMSchedule, FlowSchedule
+from elbo_t2ialign.generation.weighting import phrase_weights, token_positions, weight_conditioning
 
 # Guidance scale when the config leaves it null (PROTOCOL 7).
 DEFAULT_GUIDANCE = {"sd": 7.5, "sdxl": 5.0, "sd3": 7.0}

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ..models.base import Cond, ModelAdapter
+from elbo_t2ialign.core.adapters.base import Cond, ModelAdapter
 
 log = logging.getLogger(__name__)
 

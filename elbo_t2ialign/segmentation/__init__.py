@@ -4,9 +4,9 @@
 `evaluate(run_dir)` reads it and writes metrics.json, metrics.md and plots.
 """
 
-from .config import ConfigError, InputError, SegmentationError
-from .datasets import SegDataset
-from .evaluate import evaluate
-from .runner import run
+from elbo_t2ialign.segmentation.config import ConfigError, InputError, SegmentationError
+from elbo_t2ialign.segmentation.datasets import SegDataset
+from elbo_t2ialign.segmentation.evaluate import evaluate
+from elbo_t2ialign.segmentation.runner import run
 
 __all__ = ["ConfigError", "InputError", "SegDataset", "SegmentationError", "evaluate", "run"]

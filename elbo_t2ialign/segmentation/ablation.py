@@ -15,10 +15,10 @@ from typing import Any
 
 import numpy as np
 
-from .config import SegmentationError
-from .layout import RunFolder, read_json
-from .metrics import SweepAccumulator
-from .variants import recorded, written
+from elbo_t2ialign.segmentation.config import SegmentationError
+from elbo_t2ialign.segmentation.layout import RunFolder, read_json
+from elbo_t2ialign.segmentation.metrics import SweepAccumulator
+from elbo_t2ialign.segmentation.variants import recorded, written
 
 log = logging.getLogger(__name__)
 

@@ -25,8 +25,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..runfolder import discard_temp_dir
-from .config import SegmentationError
+from elbo_t2ialign.runfolder import discard_temp_dir
+from elbo_t2ialign.segmentation.config import SegmentationError
 
 PREFIX = "datasets_copy/"
 PARTIAL = ".prepare-partial"

@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from elbo_t2ialign.options import AlignOptions
+from elbo_t2ialign.core.options import AlignOptions
 from elbo_t2ialign.runfolder import check_device, check_integer
 from elbo_t2ialign.runinfo import check_known, to_container  # noqa: F401  (to_container re-exported)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .config import SegmentationError
+from elbo_t2ialign.segmentation.config import SegmentationError
 
 # PROTOCOL 6: bilateral kernel weight w1, spatial alpha, colour beta; smoothness w2, gamma; iterations.
 W1, ALPHA, BETA, W2, GAMMA, ITERATIONS = 10, 80, 13, 3, 3, 5

@@ -21,13 +21,13 @@ from omegaconf import OmegaConf
 from PIL import Image
 from tqdm import tqdm
 
-from ..runfolder import IDENTITY_FILE, REPO_ROOT, cli_errors, debug_requested, one_line
-from . import ablation
-from . import crf as dense_crf
-from .config import SegmentationError
-from .datasets import SegDataset
-from .layout import VARIANTS, RunFolder, heatmap_name, read_json, write_json_atomic
-from .metrics import (
+from elbo_t2ialign.runfolder import IDENTITY_FILE, REPO_ROOT, cli_errors, debug_requested, one_line
+from elbo_t2ialign.segmentation import ablation
+from elbo_t2ialign.segmentation import crf as dense_crf
+from elbo_t2ialign.segmentation.config import SegmentationError
+from elbo_t2ialign.segmentation.datasets import SegDataset
+from elbo_t2ialign.segmentation.layout import VARIANTS, RunFolder, heatmap_name, read_json, write_json_atomic
+from elbo_t2ialign.segmentation.metrics import (
     THRESHOLDS,
     SweepAccumulator,
     best_threshold,
@@ -36,7 +36,7 @@ from .metrics import (
     predict,
     summary,
 )
-from .report import write_markdown, write_plots
+from elbo_t2ialign.segmentation.report import write_markdown, write_plots
 
 log = logging.getLogger(__name__)
 

@@ -48,7 +48,7 @@ from typing import Any
 
 from PIL import Image
 
-from .. import runfolder
+from elbo_t2ialign import runfolder
 
 VARIANTS = ("elbo", "baseline")  # calibrated map, strength-1 map: what a folder without variants.json holds
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from .datasets import IGNORE
+from elbo_t2ialign.segmentation.datasets import IGNORE
 
 THRESHOLDS = np.arange(1, 100) / 100.0  # 0.01 .. 0.99
 LEVELS = np.arange(256) / 255.0  # the heat an 8-bit value stands for

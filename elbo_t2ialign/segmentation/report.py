@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from . import ablation
+from elbo_t2ialign.segmentation import ablation
 
 COLUMNS = ("mIoU", "precision", "recall", "FP", "FN", "F1")
 

@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from elbo_t2ialign.options import AlignOptions
+from elbo_t2ialign.core.options import AlignOptions
 from elbo_t2ialign.runfolder import (
     RunLock,
     check_identity,
@@ -35,8 +35,7 @@ from elbo_t2ialign.runfolder import (
     remove_stale_temps,
 )
 from elbo_t2ialign.runinfo import attach_log, git_revision, save_or_check_config
-
-from .config import (
+from elbo_t2ialign.segmentation.config import (
     ConfigError,
     InputError,
     Shard,
@@ -46,9 +45,16 @@ from .config import (
     to_container,
     validate,
 )
-from .datasets import ImageInfo, SegDataset
-from .layout import RunFolder, heatmap_name, read_json, write_json_atomic
-from .variants import ElboSource, VariantMaps, VariantPlan, merged_scores, parse_variants, record
+from elbo_t2ialign.segmentation.datasets import ImageInfo, SegDataset
+from elbo_t2ialign.segmentation.layout import RunFolder, heatmap_name, read_json, write_json_atomic
+from elbo_t2ialign.segmentation.variants import (
+    ElboSource,
+    VariantMaps,
+    VariantPlan,
+    merged_scores,
+    parse_variants,
+    record,
+)
 
 log = logging.getLogger(__name__)
 # what a launch writes into a new folder before any image (removed when that launch fails)

@@ -2,7 +2,7 @@
 
 Everything that differs between the paper's ablation settings happens after the forwards: tau is a
 function of the per-class ELBO losses and each map is `refine(cross ** tau)` on one captured
-attention (`elbo_t2ialign.aligner.Evidence`). So a run takes a list of variants (config key
+attention (`elbo_t2ialign.core.aligner.Evidence`). So a run takes a list of variants (config key
 `variants`) and writes each variant's maps beside the others, from one network pass per image.
 
 Variant specs (a name is also the prefix of the variant's files, `<name>_<class id>.png`):
@@ -33,10 +33,9 @@ from typing import Any
 import numpy as np
 from omegaconf import OmegaConf
 
-from elbo_t2ialign.options import AlignOptions
-
-from .config import ConfigError
-from .layout import VARIANTS, RunFolder, read_json, write_json_atomic
+from elbo_t2ialign.core.options import AlignOptions
+from elbo_t2ialign.segmentation.config import ConfigError
+from elbo_t2ialign.segmentation.layout import VARIANTS, RunFolder, read_json, write_json_atomic
 
 DEFAULT = ["baseline", "elbo"]
 SPEC_FORMS = "baseline, elbo, s<N> (or strength=<N>), fixed<N> (or fixed=<N>), cross, cross_baseline"

@@ -33,8 +33,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import world
-from .train import DEFAULT_MODEL_DIR
+from elbo_t2ialign.testbed import world
+from elbo_t2ialign.testbed.train import DEFAULT_MODEL_DIR
 
 COLLECT_TIMESTEPS = list(range(20, 201, 20))
 ELBO_TIMESTEPS = list(range(1, 999, 50))
@@ -437,7 +437,7 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     if args.model.endswith(".pt"):  # a training checkpoint: export it as a pipeline first
-        from .train import export_checkpoint
+        from elbo_t2ialign.testbed.train import export_checkpoint
 
         folder = Path(args.model).with_suffix("")
         export_checkpoint(args.model, folder)

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import world
+from elbo_t2ialign.testbed import world
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "model"
 MAX_TEXT_LENGTH = 20  # the longest caption (3 shapes) is 13 tokens with BOS/EOS; prompts of 5 classes fit
@@ -108,7 +108,7 @@ class TrainConfig:
 
 
 def build_tokenizer():
-    from ..tokenizers import build_clip_tokenizer
+    from elbo_t2ialign.devtools.tokenizers import build_clip_tokenizer
 
     # Longest words first: the BPE merges of a long word must come before those of
     # shorter words that share letter pairs ("green" before "red"), or it splits.

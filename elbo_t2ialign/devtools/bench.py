@@ -4,9 +4,9 @@ Builds a random-weight pipeline with a real model's published architecture
 (configs in `bench_configs/`, no weights, no network), runs N images of K
 classes and prints one JSON line.
 
-    python -m elbo_t2ialign.bench --model sd15 --resolution 256 --classes 2 --compare
-    python -m elbo_t2ialign.bench --model sdxl --resolution 1024 --device cuda --dtype float16
-    python -m elbo_t2ialign.bench --model tiny-sd --images 4 --processes 2
+    python -m elbo_t2ialign.devtools.bench --model sd15 --resolution 256 --classes 2 --compare
+    python -m elbo_t2ialign.devtools.bench --model sdxl --resolution 1024 --device cuda --dtype float16
+    python -m elbo_t2ialign.devtools.bench --model tiny-sd --images 4 --processes 2
 
 Modes:
 - `optimized`: the project's path (batched forwards, capture only on weighted
@@ -45,12 +45,19 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .aligner import Aligner
-from .attention import AttentionRecorder
-from .bench_profile import PARTS, Breakdown, Floor, device_sync, format_tables, record_forwards
-from .models import adapter_for, resolve_dtype
-from .options import AlignOptions
-from .tiny import WORDS
+from elbo_t2ialign.core.adapters import adapter_for, resolve_dtype
+from elbo_t2ialign.core.aligner import Aligner
+from elbo_t2ialign.core.capture import AttentionRecorder
+from elbo_t2ialign.core.options import AlignOptions
+from elbo_t2ialign.devtools.bench_profile import (
+    PARTS,
+    Breakdown,
+    Floor,
+    device_sync,
+    format_tables,
+    record_forwards,
+)
+from elbo_t2ialign.devtools.tiny import WORDS
 
 CONFIG_DIR = Path(__file__).with_name("bench_configs")
 FULL_MODELS = ("sd15", "sdxl", "sd3")
@@ -67,7 +74,7 @@ T5_NOTE = "text_encoder_3=None: the SD3 pipeline feeds zeros for the T5 tokens (
 def build_pipeline(model: str, device: torch.device, t5: bool = False) -> tuple[Any, list[str]]:
     """A random-weight pipeline with `model`'s architecture, built on `device` (float32)."""
     if model in TINY_MODELS:
-        from .tiny import BUILDERS
+        from elbo_t2ialign.devtools.tiny import BUILDERS
 
         pipe = BUILDERS[model.removeprefix("tiny-")]()
         sharpen_attention(pipe.unet if hasattr(pipe, "unet") else pipe.transformer, ATTENTION_SHARPNESS / 2)
@@ -76,7 +83,7 @@ def build_pipeline(model: str, device: torch.device, t5: bool = False) -> tuple[
         raise ValueError(f"unknown model {model!r}; choose one of {FULL_MODELS + TINY_MODELS}")
     import diffusers
 
-    from .tokenizers import build_clip_tokenizer, build_word_tokenizer
+    from elbo_t2ialign.devtools.tokenizers import build_clip_tokenizer, build_word_tokenizer
 
     spec = json.loads((CONFIG_DIR / f"{model}.json").read_text())
     notes, parts = [], {}
@@ -267,7 +274,7 @@ def image_classes(index: int, k: int) -> list[str]:
 
 def run_mode(args: argparse.Namespace) -> dict[str, Any]:
     """Build the model, run this process's share of the images in one mode, return the fields."""
-    from .segmentation.config import parse_shard
+    from elbo_t2ialign.segmentation.config import parse_shard
 
     device = torch.device(args.device)
     dtype = resolve_dtype(args.dtype, device)
@@ -412,7 +419,7 @@ def _wait_for_peers(timeout_s: float = 1800.0) -> None:
 
 
 def _child_argv(args: argparse.Namespace, mode: str, maps_out: str | None, threads: int | None) -> list[str]:
-    argv = [sys.executable, "-m", "elbo_t2ialign.bench", "--mode", mode, "--model", args.model,
+    argv = [sys.executable, "-m", "elbo_t2ialign.devtools.bench", "--mode", mode, "--model", args.model,
             "--resolution", str(args.resolution), "--images", str(args.images), "--classes", str(args.classes),
             "--device", args.device, "--dtype", args.dtype, "--batch-size", str(args.batch_size),
             "--warmup", str(args.warmup)]
@@ -511,7 +518,7 @@ def scaling(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m elbo_t2ialign.bench", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m elbo_t2ialign.devtools.bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="sd15", choices=FULL_MODELS + TINY_MODELS)
     p.add_argument("--resolution", type=int, default=256, help="image side in pixels (tiny models: always 32)")
     p.add_argument("--images", type=int, default=1)

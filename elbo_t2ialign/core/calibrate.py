@@ -10,7 +10,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .attention import LayerInfo, stage_index
+from elbo_t2ialign.core.capture import LayerInfo, stage_index
 
 # ---------------------------------------------------------------- tokens
 

@@ -24,10 +24,16 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import calibrate, elbo
-from .models import ModelAdapter, adapter_for, load_pipeline, resolve_device, resolve_dtype
-from .models.base import cat_cond
-from .options import AlignOptions
+from elbo_t2ialign.core import calibrate, elbo
+from elbo_t2ialign.core.adapters import (
+    ModelAdapter,
+    adapter_for,
+    load_pipeline,
+    resolve_device,
+    resolve_dtype,
+)
+from elbo_t2ialign.core.adapters.base import cat_cond
+from elbo_t2ialign.core.options import AlignOptions
 
 log = logging.getLogger(__name__)
 
@@ -78,14 +84,14 @@ class HeatmapResult:
     def plot(self, image: Image.Image | str | Path | np.ndarray, **kwargs: Any):
         """matplotlib Figure: per word the image and its uncalibrated, calibrated and cross-attention
         overlays (options: `plotting.plot`)."""
-        from .plotting import plot
+        from elbo_t2ialign.plotting import plot
 
         return plot(self, image, **kwargs)
 
     def overlay(self, name: str, image: Image.Image | str | Path | np.ndarray, **kwargs: Any):
         """matplotlib Figure: one map of `name` over the image (kind="calibrated"|"raw"|"cross", ax=...;
         options: `plotting.overlay`)."""
-        from .plotting import overlay
+        from elbo_t2ialign.plotting import overlay
 
         return overlay(self, name, image, **kwargs)
 
@@ -309,7 +315,7 @@ class Aligner:
         if name in text.split(" "):
             targets = [name]
         elif opts.phrase_tokens == "nouns":
-            from .nlp import nouns
+            from elbo_t2ialign.core.nlp import nouns
 
             targets = nouns(text, opts.spacy_model)
         else:

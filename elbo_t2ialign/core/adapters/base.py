@@ -12,8 +12,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..attention import AttentionRecorder, LayerInfo
-from .schedules import NoiseSchedule
+from elbo_t2ialign.core.adapters.schedules import NoiseSchedule
+from elbo_t2ialign.core.capture import AttentionRecorder, LayerInfo
 
 Cond = dict[str, torch.Tensor]  # conditioning tensors, batch dimension first
 

@@ -20,10 +20,10 @@ from typing import Any
 
 import torch
 
-from . import calibrate
-from .attention import AttentionRecorder
-from .elbo import is_out_of_memory
-from .models.base import Cond, cat_cond
+from elbo_t2ialign.core import calibrate
+from elbo_t2ialign.core.adapters.base import Cond, cat_cond
+from elbo_t2ialign.core.capture import AttentionRecorder
+from elbo_t2ialign.core.elbo import is_out_of_memory
 
 PARTS = ("vae_encode", "prompts", "noise", "forward_calls", "elbo_loop", "collect_loop",
          "aggregate_refine", "resize", "host_transfers", "network")

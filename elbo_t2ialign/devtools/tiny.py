@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .tokenizers import build_clip_tokenizer, build_word_tokenizer
+from elbo_t2ialign.devtools.tokenizers import build_clip_tokenizer, build_word_tokenizer
 
 WORDS = ["a", "photo", "of", "and", "the", "cat", "dog", "bird", "car", "plant", "person", "red", "blue",
          "green", "circle", "square", "triangle", "on", "with", "sofa", "table"]

@@ -8,9 +8,9 @@ import re
 
 import torch
 
-from ..attention import CaptureAttnProcessor, LayerInfo
-from .base import Cond, ModelAdapter
-from .schedules import NoiseSchedule, schedule_from_scheduler
+from elbo_t2ialign.core.adapters.base import Cond, ModelAdapter
+from elbo_t2ialign.core.adapters.schedules import NoiseSchedule, schedule_from_scheduler
+from elbo_t2ialign.core.capture import CaptureAttnProcessor, LayerInfo
 
 _PATH_RANK = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2}
 _PATH_NAME = {"down_blocks": "down", "mid_block": "mid", "up_blocks": "up"}

@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .models.base import Cond, ModelAdapter, cat_cond
+from elbo_t2ialign.core.adapters.base import Cond, ModelAdapter, cat_cond
 
 
 def is_out_of_memory(err: BaseException) -> bool:

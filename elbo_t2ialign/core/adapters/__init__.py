@@ -6,9 +6,9 @@ from pathlib import Path
 
 import torch
 
-from .base import ModelAdapter
-from .transformers import FluxAdapter, MMDiTAdapter, PixArtAdapter
-from .unet import UNetAdapter
+from elbo_t2ialign.core.adapters.base import ModelAdapter
+from elbo_t2ialign.core.adapters.transformers import FluxAdapter, MMDiTAdapter, PixArtAdapter
+from elbo_t2ialign.core.adapters.unet import UNetAdapter
 
 # Denoiser class -> adapter. The choice is made once, from the pipeline's components.
 TRANSFORMER_ADAPTERS: dict[str, type[ModelAdapter]] = {

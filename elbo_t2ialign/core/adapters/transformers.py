@@ -8,9 +8,14 @@ import re
 
 import torch
 
-from ..attention import CaptureAttnProcessor, CaptureFluxAttnProcessor, CaptureJointAttnProcessor, LayerInfo
-from .base import Cond, ModelAdapter
-from .schedules import FlowSchedule, NoiseSchedule, schedule_from_scheduler
+from elbo_t2ialign.core.adapters.base import Cond, ModelAdapter
+from elbo_t2ialign.core.adapters.schedules import FlowSchedule, NoiseSchedule, schedule_from_scheduler
+from elbo_t2ialign.core.capture import (
+    CaptureAttnProcessor,
+    CaptureFluxAttnProcessor,
+    CaptureJointAttnProcessor,
+    LayerInfo,
+)
 
 
 class _TransformerAdapter(ModelAdapter):

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from elbo_t2ialign.aligner import Evidence
+from elbo_t2ialign.core.aligner import Evidence
 
 IMAGE_PATH = "{data_root}/images/{img_name}.png"
 GT_PATH = "{data_root}/masks/{img_name}.png"
