@@ -260,7 +260,7 @@ CONFIG_KEYS = {"backend", "model", "prompt", "max_new_tokens", "num_beams", "dty
 
 def from_config(conf: Mapping[str, Any], device: Any = "cpu") -> tuple[Captioner, CaptionCache]:
     """(captioner, cache) from a `caption:` config section (configs/explain.yaml)."""
-    from elbo_t2ialign.runinfo import check_known
+    from elbo_t2ialign.cli import check_known
 
     check_known("caption", set(conf), CONFIG_KEYS, CaptionError)
     backend = conf.get("backend", "blip")

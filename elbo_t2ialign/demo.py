@@ -19,7 +19,7 @@ from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 
-from elbo_t2ialign.runfolder import cli_errors, debug_requested
+from elbo_t2ialign.cli import cli_errors, debug_requested
 from elbo_t2ialign.segmentation import ablation, evaluate, run
 from elbo_t2ialign.segmentation.config import SegmentationError
 from elbo_t2ialign.testbed import world

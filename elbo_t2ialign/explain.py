@@ -27,9 +27,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from elbo_t2ialign.cli import check_device, check_known, to_container
 from elbo_t2ialign.core.options import AlignOptions
-from elbo_t2ialign.runfolder import check_device
-from elbo_t2ialign.runinfo import check_known, git_revision, to_container
+from elbo_t2ialign.runfolder import git_revision
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 TOP_KEYS = {"model", "elbo", "device", "dtype", "output_dir", "alpha", "cmap", "dpi", "caption"}
@@ -174,7 +174,7 @@ def run(conf: dict[str, Any], image_path: str, words: list[str], prompt: str | N
 
     from elbo_t2ialign.captions import image_digest
     from elbo_t2ialign.plotting import heatmap
-    from elbo_t2ialign.segmentation.layout import write_json_atomic
+    from elbo_t2ialign.runfolder import write_json_atomic
     from elbo_t2ialign.segmentation.runner import to_uint8
 
     folder = new_folder(Path(conf.get("output_dir") or "runs/explain"), Path(image_path).stem)

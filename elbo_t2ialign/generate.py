@@ -15,10 +15,10 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
+from elbo_t2ialign.cli import cli_errors, debug_requested
 from elbo_t2ialign.generation.config import GenerationError
 from elbo_t2ialign.generation.phrases import PhraseError
 from elbo_t2ialign.generation.runner import run
-from elbo_t2ialign.runfolder import cli_errors, debug_requested
 
 DEBUG = False  # --debug or HYDRA_FULL_ERROR=1: tracebacks of expected errors too
 

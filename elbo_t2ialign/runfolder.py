@@ -1,13 +1,17 @@
-"""Plumbing shared by the segmentation and generation run folders.
+"""Run folders: the plumbing shared by the segmentation and generation runs.
 
+- `RunFolder`: the paths every run folder has (config, run.json, launches, identity, lock, log);
+  each experiment's folder class adds its own (`segmentation/layout.py`, `generation/layout.py`).
+- `launch`: open a run folder for one launch: lock it, refuse a config or inputs that contradict
+  what it holds, record the launch, log to its file; a failed first launch leaves nothing behind.
+- `write_json_atomic`, `save_image_atomic`: every file is written under a temporary name and
+  renamed, so a killed run never leaves half a file; one JSON format for every file.
 - `RunLock`: one process per run folder (per shard when sharded), held with `flock` so a killed
   holder never blocks the folder; the lock file names the holder (pid, host, start time).
 - `model_identity` / `check_identity`: what produced a folder (weight digests or hub revision,
   dataset split and class digests, data paths), recorded at the first launch; a relaunch that
   differs is refused with the differences named.
-- `remove_stale_temps`: temporary files and folders of killed launches.
-- `cli_errors`: expected errors print one line `error: ...` and exit non-zero; the traceback
-  only with `--debug` or HYDRA_FULL_ERROR=1.
+- `remove_stale_temps`, `discard_temp_dir`: temporary files and folders of killed launches.
 """
 
 from __future__ import annotations
@@ -19,23 +23,20 @@ import logging
 import os
 import re
 import socket
+import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-from elbo_t2ialign.runinfo import fingerprint_diff
 
 log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 IDENTITY_FILE = "identity.json"
 _TEMP_FILE = re.compile(r"^\..+\.(\d+)\.tmp(\.\w+)?$")  # .<name>.<pid>.tmp[.png] of write_*_atomic
-
-
-def one_line(text: Any) -> str:
-    return " ".join(str(text).split())
 
 
 def cache_dir() -> Path:
@@ -46,12 +47,95 @@ def cache_dir() -> Path:
     return Path(base).expanduser() / "elbo_t2ialign"
 
 
-def write_json_atomic(path: Path, data: Any, **dump: Any) -> None:
-    """JSON to a temporary name in the same folder, then renamed over `path`."""
+def write_json_atomic(path: Path, data: Any) -> None:
+    """JSON (indent 1, sorted keys, UTF-8) to a temporary name in the same folder, then renamed over `path`."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, **dump) + "\n", encoding="utf-8")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
     os.replace(tmp, path)
+
+
+def read_json(path: Path) -> Any:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def save_image_atomic(image: Any, path: Path) -> None:
+    """PIL image as PNG to a temporary name, then renamed: a killed run never leaves half an image."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
+    image.save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------ folder and launch
+class RunFolder:
+    """The paths every run folder has; an experiment's folder class adds its own. Creating one never
+    touches the disk."""
+
+    log_name = "run.log"
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        self.root = Path(root)
+        self.config = self.root / "config.yaml"  # resolved config of the first launch
+        self.run_info = self.root / "run.json"  # git revision, seed, model, creation time
+        self.launches = self.root / "launches.jsonl"  # one line per launch
+        self.identity = self.root / IDENTITY_FILE  # what produced the outputs
+
+    def lock(self, shard_tag: str = "") -> Path:
+        return self.root / f".lock{shard_tag}"
+
+    def log(self, shard_tag: str = "") -> Path:
+        stem, suffix = self.log_name.rsplit(".", 1)
+        return self.root / f"{stem}{shard_tag}.{suffix}"
+
+
+@dataclass
+class Launch:
+    """What one launch records in its folder, and how its config and inputs are checked."""
+
+    conf: dict[str, Any]  # the resolved config (config.yaml)
+    fingerprint: Callable[[dict], dict]  # the part of a config that decides the results
+    identity: dict[str, Any]  # what produced the outputs (identity.json)
+    run_info: dict[str, Any]  # run.json of the first launch (git revision and "created" are added)
+    details: dict[str, Any]  # this launch's line of launches.jsonl (time, argv, host, pid, git are added)
+    own_files: list[str]  # what a launch writes before any result (removed when a first launch fails)
+    error: type[Exception]  # raised for a folder that contradicts this launch
+    shard_tag: str = ""  # "" or ".shard<i>-of-<n>": lock and log of this shard
+    conflicts: tuple[str, ...] = ()  # other locks that must not be held meanwhile
+
+
+@contextmanager
+def launch(folder: RunFolder, spec: Launch) -> Iterator[None]:
+    """Lock the folder (this shard's lock), check and record the config, identity and launch, and send
+    the package's log to the folder's log file for the duration. When the launch fails and the folder
+    was new, the files it wrote are removed (never a result)."""
+    fresh = not folder.root.exists()
+    folder.root.mkdir(parents=True, exist_ok=True)
+    lock = RunLock(folder.lock(spec.shard_tag), spec.error, conflicts=spec.conflicts)
+    handler, ok = None, False
+    try:
+        lock.acquire()
+        save_or_check_config(folder.config, spec.conf, spec.fingerprint, spec.error)
+        check_identity(folder.root, spec.identity, spec.error, write=True)
+        git = git_revision()
+        now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        if not folder.run_info.is_file():
+            info = {"git_revision": git["revision"], "git_dirty": git["dirty"], **spec.run_info, "created": now}
+            write_json_atomic(folder.run_info, info)
+        line = {"time": now, **spec.details, "argv": sys.argv, "host": socket.gethostname(), "pid": os.getpid(), **git}
+        with open(folder.launches, "a", encoding="utf-8") as f:
+            f.write(json.dumps(line) + "\n")
+        handler = attach_log(folder.log(spec.shard_tag))
+        yield
+        ok = True
+    finally:
+        if handler is not None:
+            logging.getLogger("elbo_t2ialign").removeHandler(handler)
+            handler.close()
+        lock.release()
+        if fresh and not ok:
+            discard_fresh(folder.root, spec.own_files)
 
 
 # ------------------------------------------------------------------ lock
@@ -262,7 +346,7 @@ def check_identity(root: Path, identity: dict[str, Any], error: type[Exception],
             raise error(f"{root} was made from other inputs ({'; '.join(diff[:6])}); restore them, or set "
                         "output_dir=<new folder> for a new run")
     elif write:
-        write_json_atomic(path, identity, indent=1, sort_keys=True)
+        write_json_atomic(path, identity)
 
 
 def list_digest(items: list[str]) -> str:
@@ -282,43 +366,61 @@ def discard_fresh(root: Path, own_files: list[str]) -> None:
     os.rmdir(root)
 
 
-def check_device(name: Any, error: type[Exception]) -> None:
-    """A device name torch accepts and this machine has ('auto' always passes)."""
-    if name in (None, "", "auto"):
+# ------------------------------------------------------------------ provenance
+def git_revision() -> dict[str, Any]:
+    """HEAD of the checkout this package runs from, and whether it has local changes."""
+    repo = REPO_ROOT
+
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(["git", "--no-optional-locks", *args], cwd=repo, capture_output=True,
+                                 text=True, timeout=20)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    revision = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain") if revision else None
+    return {"revision": revision or "unknown", "dirty": None if status is None else bool(status)}
+
+
+def attach_log(path: Path) -> logging.Handler:
+    """Send the package's INFO log to `path` too; the caller removes the handler when done."""
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    package = logging.getLogger("elbo_t2ialign")
+    package.addHandler(handler)
+    if package.level == logging.NOTSET or package.level > logging.INFO:
+        package.setLevel(logging.INFO)
+    return handler
+
+
+def fingerprint_diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two config fingerprints."""
+    diffs = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            diffs += fingerprint_diff(a, b, f"{prefix}{key}.")
+        elif a != b:
+            diffs.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return diffs
+
+
+def save_or_check_config(path: Path, conf: dict[str, Any], fingerprint: Callable[[dict], dict],
+                         error: type[Exception]) -> None:
+    """First launch: write the resolved config (atomically). Later launches: refuse a config whose
+    result-determining part (`fingerprint`) differs, so one folder never mixes two settings."""
+    from omegaconf import OmegaConf
+
+    if path.is_file():
+        old = OmegaConf.to_container(OmegaConf.load(path))
+        diff = fingerprint_diff(fingerprint(old), fingerprint(conf))  # type: ignore[arg-type]
+        if diff:
+            shown = "; ".join(diff[:6]) + ("; ..." if len(diff) > 6 else "")
+            raise error(f"{path.parent} holds a run with another config ({shown}); "
+                        "set output_dir=<new folder> or restore those values")
         return
-    import torch
-
-    try:
-        device = torch.device(str(name))
-    except RuntimeError:
-        raise error(f"device must be auto, cpu, cuda, cuda:<i> or mps, got {name!r}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise error(f"device={name} but torch sees no CUDA device here; use device=auto or device=cpu")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise error(f"device={name} but only {torch.cuda.device_count()} CUDA device(s) are visible")
-
-
-def check_integer(key: str, value: Any, minimum: int, error: type[Exception], none: str = "") -> None:
-    """An integer (not a bool) >= minimum; None passes when `none` says what it means."""
-    if value is None and none:
-        return
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise error(f"{key} must be an integer >= {minimum}{f' (or null for {none})' if none else ''}, got {value!r}")
-
-
-# ------------------------------------------------------------------ command line
-def debug_requested(argv: list[str]) -> tuple[bool, list[str]]:
-    """(--debug given or HYDRA_FULL_ERROR=1, argv without --debug)."""
-    rest = [a for a in argv if a != "--debug"]
-    return len(rest) < len(argv) or os.environ.get("HYDRA_FULL_ERROR") == "1", rest
-
-
-def cli_errors(fn: Callable[[], Any], expected: tuple[type[BaseException], ...], debug: bool, status: int = 2) -> Any:
-    """Run `fn`; an expected error prints `error: <one line>` to stderr and exits with `status`."""
-    try:
-        return fn()
-    except expected as err:
-        if debug:
-            raise
-        print(f"error: {one_line(err)}", file=sys.stderr)
-        sys.exit(status)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    OmegaConf.save(OmegaConf.create(conf), tmp)
+    os.replace(tmp, path)

@@ -15,7 +15,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from elbo_t2ialign.runfolder import cli_errors, debug_requested
+from elbo_t2ialign.cli import cli_errors, debug_requested
 from elbo_t2ialign.segmentation.config import SegmentationError
 from elbo_t2ialign.segmentation.runner import run
 

@@ -8,7 +8,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from PIL import Image
 
-from elbo_t2ialign.generation.config import GenerationError, to_container, validate
+from elbo_t2ialign.cli import to_container
+from elbo_t2ialign.generation.config import GenerationError, validate
 from elbo_t2ialign.generation.runner import run
 
 ROOT = Path(__file__).resolve().parents[1]

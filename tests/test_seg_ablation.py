@@ -11,10 +11,11 @@ from PIL import Image
 from test_seg_runner import CLASSES, Interrupting, _brute_miou, tree
 
 from elbo_t2ialign import Aligner, demo
+from elbo_t2ialign.cli import to_container
 from elbo_t2ialign.core.options import AlignOptions
 from elbo_t2ialign.devtools.fixtures import PixelAligner, fixture_config, random_samples, write_dataset
 from elbo_t2ialign.segmentation import evaluate, run
-from elbo_t2ialign.segmentation.config import ConfigError, to_container
+from elbo_t2ialign.segmentation.config import ConfigError
 from elbo_t2ialign.segmentation.variants import Variant, parse_variants
 from elbo_t2ialign.testbed import train, world
 

@@ -11,10 +11,11 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
+from elbo_t2ialign.cli import to_container
 from elbo_t2ialign.devtools.fixtures import PixelAligner, random_samples, write_dataset
 from elbo_t2ialign.segment import shard_flag_to_override
 from elbo_t2ialign.segmentation import prepare, run
-from elbo_t2ialign.segmentation.config import parse_shard, to_container, validate
+from elbo_t2ialign.segmentation.config import parse_shard, validate
 from elbo_t2ialign.segmentation.datasets import SegDataset
 
 ROOT = Path(__file__).resolve().parents[1]

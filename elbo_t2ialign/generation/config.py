@@ -10,8 +10,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from elbo_t2ialign.runfolder import check_device, check_integer
-from elbo_t2ialign.runinfo import check_known, to_container  # noqa: F401  (to_container re-exported)
+from elbo_t2ialign.cli import check_device, check_integer, check_known
 
 TOP_KEYS = {
     "model", "prompts", "phrases", "steps", "guidance", "strength", "elbo_steps", "after_elbo_steps", "seed",

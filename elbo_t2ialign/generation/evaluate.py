@@ -21,9 +21,10 @@ from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
 
+from elbo_t2ialign.cli import one_line
 from elbo_t2ialign.generation.clipscore import DEFAULT_CLIP, ClipScoreError, ClipScorer
-from elbo_t2ialign.generation.layout import VARIANTS, RunFolder, image_stem, write_json_atomic
-from elbo_t2ialign.runfolder import one_line
+from elbo_t2ialign.generation.layout import VARIANTS, GenerationFolder, image_stem
+from elbo_t2ialign.runfolder import write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ def load_image(path: Path) -> Image.Image:
         ) from None
 
 
-def read_prompts(folder: RunFolder) -> dict[int, dict[str, Any]]:
+def read_prompts(folder: GenerationFolder) -> dict[int, dict[str, Any]]:
     if not folder.prompts.is_file():
         raise EvaluationError(f"{folder.root} is not a generation run folder (no prompts.json); "
                               "run `python -m elbo_t2ialign.generate ...` first")
@@ -58,7 +59,7 @@ def read_prompts(folder: RunFolder) -> dict[int, dict[str, Any]]:
     return {int(e["index"]): e for e in entries}
 
 
-def score_variant(folder: RunFolder, variant: str, prompts: dict[int, dict[str, Any]],
+def score_variant(folder: GenerationFolder, variant: str, prompts: dict[int, dict[str, Any]],
                   scorer: ClipScorer) -> dict[str, Any] | None:
     """Per-image, per-prompt and overall CLIP score of one variant; None when it has no images."""
     items = list(folder.images(variant).items())  # ((index, seed), path)
@@ -93,7 +94,7 @@ def score_variant(folder: RunFolder, variant: str, prompts: dict[int, dict[str, 
 
 def evaluate(run_dir: str | Path, scorer: ClipScorer, grid: int = 4) -> dict[str, Any]:
     """Score both variants of a run folder and write the JSON, markdown and grid; return the JSON."""
-    folder = RunFolder(run_dir)
+    folder = GenerationFolder(run_dir)
     prompts = read_prompts(folder)
     variants = {v: score_variant(folder, v, prompts, scorer) for v in VARIANTS}
     if variants["elbo"] is None and variants["baseline"] is None:
@@ -136,7 +137,7 @@ def markdown(result: dict[str, Any], prompts: dict[int, dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def make_grid(folder: RunFolder, result: dict[str, Any], prompts: dict[int, dict[str, Any]], rows: int,
+def make_grid(folder: GenerationFolder, result: dict[str, Any], prompts: dict[int, dict[str, Any]], rows: int,
               cell: int = 256) -> Image.Image:
     """The first `rows` prompts with both variants: baseline | ELBO (first seed), captioned with scores."""
     shared = sorted(result["variants"]["elbo"]["per_prompt"].keys() & result["variants"]["baseline"]["per_prompt"].keys(),
@@ -183,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name:9s} CLIP score {v['clip_score']:.2f} over {v['num_prompts']} prompts, {v['num_images']} images")
     if "paired" in result:
         print(f"delta (ELBO - baseline) {result['paired']['delta']:+.2f} over {result['paired']['num_prompts']} prompts")
-    print(f"wrote {RunFolder(args.run_dir).report}")
+    print(f"wrote {GenerationFolder(args.run_dir).report}")
     return 0
 
 

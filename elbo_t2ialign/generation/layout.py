@@ -21,12 +21,10 @@ Layout (``<run>`` is ``cfg.output_dir``)::
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
-from typing import Any
 
-from elbo_t2ialign import runfolder
+from elbo_t2ialign.runfolder import RunFolder
 
 VARIANTS = ("elbo", "baseline")
 _NAME = re.compile(r"^(\d+)_(\d+)\.png$")
@@ -42,15 +40,13 @@ def parse_image_name(name: str) -> tuple[int, int] | None:
     return (int(m.group(1)), int(m.group(2))) if m else None
 
 
-class RunFolder:
-    """Paths inside one run folder; creating it never removes anything."""
+class GenerationFolder(RunFolder):
+    """Paths inside one generation run folder; creating it never removes anything."""
 
-    def __init__(self, root: str | os.PathLike) -> None:
-        self.root = Path(root)
-        self.config = self.root / "config.yaml"
-        self.run_info = self.root / "run.json"
-        self.launches = self.root / "launches.jsonl"
-        self.log = self.root / "generate.log"
+    log_name = "generate.log"
+
+    def __init__(self, root: str | Path) -> None:
+        super().__init__(root)
         self.prompts = self.root / "prompts.json"
         self.weights_dir = self.root / "weights"
         self.scores = self.root / "clip_scores.json"
@@ -70,16 +66,3 @@ class RunFolder:
             return {}
         found = {key: p for p in folder.iterdir() if (key := parse_image_name(p.name)) is not None}
         return dict(sorted(found.items()))
-
-
-def write_json_atomic(path: Path, data: Any, indent: int | None = 1) -> None:
-    """Write to a temporary name in the same folder, then rename into place."""
-    runfolder.write_json_atomic(path, data, indent=indent, ensure_ascii=False)
-
-
-def save_image_atomic(image, path: Path) -> None:
-    """PNG to a temporary name, then renamed: a killed run never leaves a half-written image."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)

@@ -11,9 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import socket
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +18,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from elbo_t2ialign.cli import to_container
 from elbo_t2ialign.core.adapters import adapter_for, load_pipeline, resolve_device, resolve_dtype
 from elbo_t2ialign.generation.config import (
     TINY_PREFIX,
@@ -28,15 +26,20 @@ from elbo_t2ialign.generation.config import (
     prompt_path,
     read_prompts,
     result_fingerprint,
-    to_container,
     validate,
 )
-from elbo_t2ialign.generation.layout import RunFolder, save_image_atomic, write_json_atomic
+from elbo_t2ialign.generation.layout import GenerationFolder
 from elbo_t2ialign.generation.phrases import PhraseExtractor
 from elbo_t2ialign.generation.sampler import ElboSampler, SampleResult
 from elbo_t2ialign.generation.weighting import compel_syntax
-from elbo_t2ialign.runfolder import RunLock, check_identity, discard_fresh, model_identity, remove_stale_temps
-from elbo_t2ialign.runinfo import attach_log, git_revision, save_or_check_config
+from elbo_t2ialign.runfolder import (
+    Launch,
+    launch,
+    model_identity,
+    remove_stale_temps,
+    save_image_atomic,
+    write_json_atomic,
+)
 
 log = logging.getLogger(__name__)
 # what a launch writes into a new folder before any image (removed when that launch fails)
@@ -49,22 +52,17 @@ def run(cfg: Any, sampler: ElboSampler | None = None, extractor: PhraseExtractor
     prompts = read_prompts(prompt_path(conf["prompts"]["file"], conf["datasets_dir"]))
     limit = conf["num_prompts"]
     selected = list(enumerate(prompts if limit is None else prompts[: int(limit)]))
-    folder = RunFolder(conf["output_dir"])
-    fresh, ok = not folder.root.exists(), False
-    identity = {"model": model_identity(str(conf["model"]["id"]))}
-    folder.root.mkdir(parents=True, exist_ok=True)
-    lock = RunLock(folder.root / ".lock", GenerationError)
-    try:
-        lock.acquire()
-        _prepare_folder(folder, conf, identity)
+    folder = GenerationFolder(conf["output_dir"])
+    spec = Launch(
+        conf=conf, fingerprint=result_fingerprint, error=GenerationError, own_files=OWN_FILES,
+        identity={"model": model_identity(str(conf["model"]["id"]))},
+        run_info={"seed": conf["seed"], "model": conf["model"]["name"], "model_id": conf["model"]["id"],
+                  "prompts": conf["prompts"]["name"], "torch": torch.__version__},
+        details={"num_prompts": conf["num_prompts"], "images_per_prompt": conf["images_per_prompt"],
+                 "baseline": conf["baseline"]},
+    )
+    with launch(folder, spec):
         remove_stale_temps(folder.root)
-    except BaseException:
-        lock.release()
-        if fresh:
-            discard_fresh(folder.root, OWN_FILES)
-        raise
-    handler = attach_log(folder.log)
-    try:
         seeds = [int(conf["seed"]) + j for j in range(int(conf["images_per_prompt"]))]
         variants = ["elbo"] + (["baseline"] if conf["baseline"] else [])
         todo = [(i, s, v) for i, _ in selected for s in seeds for v in variants
@@ -97,20 +95,13 @@ def run(cfg: Any, sampler: ElboSampler | None = None, extractor: PhraseExtractor
                     "weights": result.weights, "distances": result.distances,
                     "final_prompt": compel_syntax(prompt, result.phrases, result.weights[-1])
                     if result.phrases else prompt,
-                }, indent=None)
+                })
             save_image_atomic(result.image, folder.image(variant, index, seed))
             progress.update(1)
             if n + 1 == len(todo) or todo[n + 1][0] != index:
                 _forget(sampler, [prompt, *phrases[index]])  # type: ignore[arg-type]
         progress.close()
         log.info("finished: %d images in %s", total, folder.root / "images")
-        ok = True
-    finally:
-        logging.getLogger("elbo_t2ialign").removeHandler(handler)
-        handler.close()
-        lock.release()
-        if fresh and not ok:
-            discard_fresh(folder.root, OWN_FILES)
     return folder.root
 
 
@@ -143,7 +134,7 @@ def build_sampler(conf: dict[str, Any]) -> ElboSampler:
         raise GenerationError(f"model {model['name']}: {err}") from None
 
 
-def _write_prompts(folder: RunFolder, selected: list[tuple[int, str]], extractor: PhraseExtractor
+def _write_prompts(folder: GenerationFolder, selected: list[tuple[int, str]], extractor: PhraseExtractor
                    ) -> dict[int, list[str]]:
     """Noun phrases of every selected prompt, merged into prompts.json; a prompt whose text changed
     since earlier images were made is an error."""
@@ -159,7 +150,7 @@ def _write_prompts(folder: RunFolder, selected: list[tuple[int, str]], extractor
     return {i: entries[i]["phrases"] for i, _ in selected}
 
 
-def _intact(folder: RunFolder, path: Path) -> bool:
+def _intact(folder: GenerationFolder, path: Path) -> bool:
     """A finished image that decodes; a damaged one is moved to damaged/ (and generated again)."""
     if not path.is_file():
         return False
@@ -197,23 +188,3 @@ def _check_lengths(sampler: ElboSampler, indices: set[int], texts: dict[int, str
 def _forget(sampler: ElboSampler, prompts: list[str]) -> None:
     """Drop a finished prompt's conditioning from the adapter's per-prompt cache (it grows otherwise)."""
     sampler.adapter.clear_prompt_cache(prompts)
-
-
-def _prepare_folder(folder: RunFolder, conf: dict[str, Any], identity: dict[str, Any]) -> None:
-    """Refuse a config or model that contradicts the folder's outputs, record this launch."""
-    save_or_check_config(folder.config, conf, result_fingerprint, GenerationError)
-    check_identity(folder.root, identity, GenerationError, write=True)
-    git = git_revision()
-    if not folder.run_info.is_file():
-        write_json_atomic(folder.run_info, {
-            "git_revision": git["revision"], "git_dirty": git["dirty"], "seed": conf["seed"],
-            "model": conf["model"]["name"], "model_id": conf["model"]["id"], "prompts": conf["prompts"]["name"],
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "torch": torch.__version__,
-        })
-    launch = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "argv": sys.argv, "host": socket.gethostname(),
-              "pid": os.getpid(), "num_prompts": conf["num_prompts"],
-              "images_per_prompt": conf["images_per_prompt"], "baseline": conf["baseline"], **git}
-    with open(folder.launches, "a", encoding="utf-8") as f:
-        f.write(json.dumps(launch) + "\n")
-
-

@@ -15,8 +15,9 @@ from typing import Any
 
 import numpy as np
 
+from elbo_t2ialign.runfolder import read_json
 from elbo_t2ialign.segmentation.config import SegmentationError
-from elbo_t2ialign.segmentation.layout import RunFolder, read_json
+from elbo_t2ialign.segmentation.layout import SegmentationFolder
 from elbo_t2ialign.segmentation.metrics import SweepAccumulator
 from elbo_t2ialign.segmentation.variants import recorded, written
 
@@ -26,7 +27,7 @@ SIZES = ("small", "medium", "large")  # equal-count thirds of the ground-truth i
 ROW_METRICS = ("mIoU", "precision", "recall", "F1", *SIZES)
 
 
-def evaluated_variants(folder: RunFolder, names: list[str]) -> dict[str, dict[str, Any]]:
+def evaluated_variants(folder: SegmentationFolder, names: list[str]) -> dict[str, dict[str, Any]]:
     """Variant -> setting, in the order the run recorded them, for the variants that every
     finished image has; a variant only some images have (a run still adding it) is left out."""
     counts: Counter[str] = Counter()

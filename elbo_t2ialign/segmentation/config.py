@@ -11,9 +11,8 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from elbo_t2ialign.cli import check_device, check_integer, check_known
 from elbo_t2ialign.core.options import AlignOptions
-from elbo_t2ialign.runfolder import check_device, check_integer
-from elbo_t2ialign.runinfo import check_known, to_container  # noqa: F401  (to_container re-exported)
 
 TOP_KEYS = {
     "model", "dataset", "elbo", "seed", "device", "dtype", "output_dir", "on_error",

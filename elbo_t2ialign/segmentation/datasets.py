@@ -19,9 +19,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from elbo_t2ialign.runfolder import cache_dir, list_digest
+from elbo_t2ialign.runfolder import cache_dir, list_digest, read_json, write_json_atomic
 from elbo_t2ialign.segmentation.config import ConfigError, InputError
-from elbo_t2ialign.segmentation.layout import read_json, write_json_atomic
 
 log = logging.getLogger(__name__)
 

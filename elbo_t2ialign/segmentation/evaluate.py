@@ -21,12 +21,13 @@ from omegaconf import OmegaConf
 from PIL import Image
 from tqdm import tqdm
 
-from elbo_t2ialign.runfolder import IDENTITY_FILE, REPO_ROOT, cli_errors, debug_requested, one_line
+from elbo_t2ialign.cli import cli_errors, debug_requested, one_line
+from elbo_t2ialign.runfolder import IDENTITY_FILE, REPO_ROOT, read_json, write_json_atomic
 from elbo_t2ialign.segmentation import ablation
 from elbo_t2ialign.segmentation import crf as dense_crf
 from elbo_t2ialign.segmentation.config import SegmentationError
 from elbo_t2ialign.segmentation.datasets import SegDataset
-from elbo_t2ialign.segmentation.layout import VARIANTS, RunFolder, heatmap_name, read_json, write_json_atomic
+from elbo_t2ialign.segmentation.layout import VARIANTS, SegmentationFolder, heatmap_name
 from elbo_t2ialign.segmentation.metrics import (
     THRESHOLDS,
     SweepAccumulator,
@@ -44,7 +45,7 @@ log = logging.getLogger(__name__)
 def evaluate(run_dir: str | Path, threshold: float | None = None, crf: bool = False, out_dir: str | Path | None = None,
              overlays: int = 4, progress: bool = True) -> dict[str, Any]:
     """Evaluate a run folder; returns the metrics also written to `<out_dir>/metrics.json`."""
-    folder = RunFolder(run_dir)
+    folder = SegmentationFolder(run_dir)
     if not folder.config.is_file():
         raise SegmentationError(f"{run_dir} is not a segmentation run folder (no config.yaml)")
     if threshold is not None and not 0.0 < threshold < 1.0:
@@ -87,7 +88,7 @@ def evaluate(run_dir: str | Path, threshold: float | None = None, crf: bool = Fa
     return metrics
 
 
-def _finished_in_split_order(folder: RunFolder, dataset: SegDataset) -> list[str]:
+def _finished_in_split_order(folder: SegmentationFolder, dataset: SegDataset) -> list[str]:
     """Finished images of the split, in split order (outputs of images outside the split are left out)."""
     finished = set(folder.finished_images())
     names = [n for n in dataset.images if n in finished]
@@ -99,7 +100,7 @@ def _finished_in_split_order(folder: RunFolder, dataset: SegDataset) -> list[str
     return names
 
 
-def dataset_config(folder: RunFolder, conf: dict[str, Any]) -> dict[str, Any]:
+def dataset_config(folder: SegmentationFolder, conf: dict[str, Any]) -> dict[str, Any]:
     """The run's dataset config with its data paths as the run resolved them (identity.json), so the
     evaluator finds the data from any working directory; older folders: relative paths are tried
     from the working directory, then from the repository root."""
@@ -118,7 +119,7 @@ def dataset_config(folder: RunFolder, conf: dict[str, Any]) -> dict[str, Any]:
     return dcfg
 
 
-def check_readable(folder: RunFolder, dataset: SegDataset, names: list[str]) -> None:
+def check_readable(folder: SegmentationFolder, dataset: SegDataset, names: list[str]) -> None:
     """Every file the evaluation reads: all problems named at once, not the first one only."""
     problems = [f"{name}: {p}" for name in names for p in folder.problems(name)]
     problems += [f"{name}: ground truth {dataset.mask_path(name)} missing" for name in names
@@ -129,7 +130,7 @@ def check_readable(folder: RunFolder, dataset: SegDataset, names: list[str]) -> 
                                 "command with the same config: it recomputes damaged images")
 
 
-def load_image_result(folder: RunFolder, dataset: SegDataset, name: str, variants: list[str] | tuple[str, ...] = VARIANTS
+def load_image_result(folder: SegmentationFolder, dataset: SegDataset, name: str, variants: list[str] | tuple[str, ...] = VARIANTS
                       ) -> tuple[np.ndarray, list[int], dict[str, np.ndarray], dict[str, Any]]:
     """Ground truth (H, W), class ids, {variant: (K, H, W) uint8 maps} and scores.json of one image."""
     scores = read_json(folder.image_dir(name) / "scores.json")
@@ -169,7 +170,7 @@ def _variant_result(acc: SweepAccumulator, dataset: SegDataset, fixed: float | N
             "curve": {"thresholds": THRESHOLDS.tolist(), "mIoU": curve.tolist()}}
 
 
-def _crf_pass(folder: RunFolder, dataset: SegDataset, names: list[str], results: dict[str, Any]) -> dict[str, Any]:
+def _crf_pass(folder: SegmentationFolder, dataset: SegDataset, names: list[str], results: dict[str, Any]) -> dict[str, Any]:
     """Second pass: CRF on each variant's thresholded label map, pooled areas -> summary."""
     n = len(dataset.class_names) + 1
     totals = {v: [np.zeros(n, np.int64) for _ in range(4)] for v in results}
@@ -183,7 +184,7 @@ def _crf_pass(folder: RunFolder, dataset: SegDataset, names: list[str], results:
     return {v: {**summary(class_metrics(*totals[v])), "threshold": results[v]["threshold"]} for v in results}
 
 
-def _assemble(conf: Any, folder: RunFolder, dataset: SegDataset, names: list[str], results: dict[str, Any],
+def _assemble(conf: Any, folder: SegmentationFolder, dataset: SegDataset, names: list[str], results: dict[str, Any],
               sources: Counter[str], threshold: float | None) -> dict[str, Any]:
     limit = conf.get("num_images")
     expected = dataset.images if limit in (None, "") else dataset.images[: int(limit)]
@@ -202,7 +203,7 @@ def _assemble(conf: Any, folder: RunFolder, dataset: SegDataset, names: list[str
     }
 
 
-def _overlay_rows(folder: RunFolder, dataset: SegDataset, names: list[str], results: dict[str, Any]
+def _overlay_rows(folder: SegmentationFolder, dataset: SegDataset, names: list[str], results: dict[str, Any]
                   ) -> list[dict[str, Any]]:
     rows = []
     for name in names:

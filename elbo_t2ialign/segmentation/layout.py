@@ -41,26 +41,23 @@ Layout (``<run>`` is ``cfg.output_dir``)::
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
-from elbo_t2ialign import runfolder
+from elbo_t2ialign.runfolder import RunFolder, read_json
 
 VARIANTS = ("elbo", "baseline")  # calibrated map, strength-1 map: what a folder without variants.json holds
 
 
-class RunFolder:
-    """Paths inside one run folder; creating it never removes anything."""
+class SegmentationFolder(RunFolder):
+    """Paths inside one segmentation run folder; creating it never removes anything."""
 
-    def __init__(self, root: str | os.PathLike) -> None:
-        self.root = Path(root)
-        self.config = self.root / "config.yaml"
-        self.run_info = self.root / "run.json"
-        self.launches = self.root / "launches.jsonl"
+    log_name = "segment.log"
+
+    def __init__(self, root: str | Path) -> None:
+        super().__init__(root)
         self.maps = self.root / "maps"
         self.skipped = self.root / "skipped"
         self.plots = self.root / "plots"
@@ -82,9 +79,6 @@ class RunFolder:
         if not self.maps.is_dir():
             return []
         return sorted(p.name for p in self.maps.iterdir() if not p.name.startswith(".tmp-") and self.is_done(p.name))
-
-    def lock(self, shard_tag: str) -> Path:
-        return self.root / f".lock{shard_tag}"
 
     def damaged_dir(self, name: str) -> Path:
         path, n = self.root / "damaged" / name, 1
@@ -126,13 +120,3 @@ class RunFolder:
 
 def heatmap_name(variant: str, class_id: int) -> str:
     return f"{variant}_{class_id:03d}.png"
-
-
-def read_json(path: Path) -> Any:
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON to a temporary name in the same folder, then rename over `path`."""
-    runfolder.write_json_atomic(path, data, indent=1, sort_keys=True)

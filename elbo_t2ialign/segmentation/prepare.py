@@ -27,10 +27,10 @@ from typing import Any
 from omegaconf import OmegaConf
 from PIL import Image
 
+from elbo_t2ialign.runfolder import read_json, write_json_atomic
 from elbo_t2ialign.segmentation import archive
 from elbo_t2ialign.segmentation.config import SegmentationError
 from elbo_t2ialign.segmentation.datasets import BUILTIN, SegDataset
-from elbo_t2ialign.segmentation.layout import read_json, write_json_atomic
 from elbo_t2ialign.segmentation.prompts import convert_aep_prompts
 
 log = logging.getLogger(__name__)

@@ -14,8 +14,8 @@ import pickle
 from pathlib import Path
 from typing import Any
 
+from elbo_t2ialign.runfolder import write_json_atomic
 from elbo_t2ialign.segmentation.config import InputError
-from elbo_t2ialign.segmentation.layout import write_json_atomic
 
 LFS_POINTER = b"version https://git-lfs"
 

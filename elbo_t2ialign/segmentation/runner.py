@@ -12,12 +12,8 @@ variants added later are written beside the others), shardable by image index
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import socket
-import sys
-import time
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -25,16 +21,16 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from elbo_t2ialign.cli import one_line, to_container
 from elbo_t2ialign.core.options import AlignOptions
 from elbo_t2ialign.runfolder import (
-    RunLock,
-    check_identity,
-    discard_fresh,
+    Launch,
+    launch,
     model_identity,
-    one_line,
+    read_json,
     remove_stale_temps,
+    write_json_atomic,
 )
-from elbo_t2ialign.runinfo import attach_log, git_revision, save_or_check_config
 from elbo_t2ialign.segmentation.config import (
     ConfigError,
     InputError,
@@ -42,11 +38,10 @@ from elbo_t2ialign.segmentation.config import (
     parse_shard,
     resolve_device,
     result_fingerprint,
-    to_container,
     validate,
 )
 from elbo_t2ialign.segmentation.datasets import ImageInfo, SegDataset
-from elbo_t2ialign.segmentation.layout import RunFolder, heatmap_name, read_json, write_json_atomic
+from elbo_t2ialign.segmentation.layout import SegmentationFolder, heatmap_name
 from elbo_t2ialign.segmentation.variants import (
     ElboSource,
     VariantMaps,
@@ -78,57 +73,41 @@ def run(cfg: Any, aligner: HeatmapAligner | None = None) -> Path:
                        ElboSource(conf["elbo_from"], conf) if conf.get("elbo_from") else None)
     shard = parse_shard(conf.get("shard"))
     dataset = SegDataset(conf["dataset"])
-    folder = RunFolder(conf["output_dir"])
-    fresh, ok = not folder.root.exists(), False
-    lock = _open_folder(folder, conf, shard, dataset, fresh)
-    record(folder, plan.variants)
-    handler = attach_log(folder.root / f"segment{shard.tag}.log")
-    try:
-        items = _select(dataset, conf.get("num_images"), shard)
-        remove_stale_temps(folder.root, [folder.temp_dir(n) for _, n in items])
-        # damaged finished images are moved aside and computed again; finished ones may lack new variants
-        todo = [(i, n) for i, n in items if not _verified(folder, n) or plan.missing(folder, n)]
-        if plan.source is not None:
-            plan.source.check_images([n for _, n in todo if not folder.is_done(n)])
-        log.info("%s/%s: %d images in this shard, %d finished, %d to do -> %s", dataset.name, dataset.split,
-                 len(items), len(items) - len(todo), len(todo), folder.root)
-        if todo and aligner is None:
-            aligner = build_aligner(conf, options)
-        progress = tqdm(todo, total=len(items), initial=len(items) - len(todo), unit="img",
-                        desc=f"{dataset.name}{shard.tag}", disable=not conf.get("progress", True))
-        fallback = 0
-        for index, name in progress:
-            source = _process(folder, dataset, aligner, conf, index, name, plan)
-            fallback += source is not None and source.startswith("class_names (")
-        _summarise(folder, dataset, items, fallback)
-        ok = True
-    finally:
-        dataset.labels.save()
-        logging.getLogger("elbo_t2ialign").removeHandler(handler)
-        handler.close()
-        lock.release()
-        if fresh and not ok:
-            discard_fresh(folder.root, OWN_FILES)
+    folder = SegmentationFolder(conf["output_dir"])
+    spec = Launch(
+        conf=conf, fingerprint=result_fingerprint, error=ConfigError, own_files=OWN_FILES,
+        identity={"dataset": dataset.identity(), "model": model_identity(str(conf["model"]["id"]))},
+        run_info={"seed": conf.get("seed", 0), "dataset": conf["dataset"].get("name"),
+                  "split": conf["dataset"].get("split"), "model": conf["model"]["name"]},
+        details={"shard": f"{shard.index}/{shard.count}"},
+        shard_tag=shard.tag, conflicts=(".lock.shard*",) if shard.count == 1 else (".lock",),
+    )
+    with launch(folder, spec):
+        record(folder, plan.variants)
+        try:
+            items = _select(dataset, conf.get("num_images"), shard)
+            remove_stale_temps(folder.root, [folder.temp_dir(n) for _, n in items])
+            # damaged finished images are moved aside and computed again; finished ones may lack new variants
+            todo = [(i, n) for i, n in items if not _verified(folder, n) or plan.missing(folder, n)]
+            if plan.source is not None:
+                plan.source.check_images([n for _, n in todo if not folder.is_done(n)])
+            log.info("%s/%s: %d images in this shard, %d finished, %d to do -> %s", dataset.name, dataset.split,
+                     len(items), len(items) - len(todo), len(todo), folder.root)
+            if todo and aligner is None:
+                aligner = build_aligner(conf, options)
+            progress = tqdm(todo, total=len(items), initial=len(items) - len(todo), unit="img",
+                            desc=f"{dataset.name}{shard.tag}", disable=not conf.get("progress", True))
+            fallback = 0
+            for index, name in progress:
+                source = _process(folder, dataset, aligner, conf, index, name, plan)
+                fallback += source is not None and source.startswith("class_names (")
+            _summarise(folder, dataset, items, fallback)
+        finally:
+            dataset.labels.save()
     return folder.root
 
 
-def _open_folder(folder: RunFolder, conf: dict[str, Any], shard: Shard, dataset: SegDataset, fresh: bool) -> RunLock:
-    """Create and lock the folder (this shard's lock), check and record its config and identity."""
-    identity = {"dataset": dataset.identity(), "model": model_identity(str(conf["model"]["id"]))}
-    folder.root.mkdir(parents=True, exist_ok=True)
-    lock = RunLock(folder.lock(shard.tag), ConfigError, conflicts=(".lock.shard*",) if shard.count == 1 else (".lock",))
-    try:
-        lock.acquire()
-        _prepare_folder(folder, conf, shard, identity)
-    except BaseException:
-        lock.release()
-        if fresh:
-            discard_fresh(folder.root, OWN_FILES)
-        raise
-    return lock
-
-
-def _verified(folder: RunFolder, name: str) -> bool:
+def _verified(folder: SegmentationFolder, name: str) -> bool:
     """A finished image whose files are all readable; a damaged one is moved to damaged/ and redone."""
     if not folder.is_done(name):
         return False
@@ -158,7 +137,7 @@ def _select(dataset: SegDataset, limit: Any, shard: Shard) -> list[tuple[int, st
     return [(i, n) for i, n in enumerate(names) if shard.owns(i)]
 
 
-def _process(folder: RunFolder, dataset: SegDataset, aligner: HeatmapAligner, conf: dict[str, Any],
+def _process(folder: SegmentationFolder, dataset: SegDataset, aligner: HeatmapAligner, conf: dict[str, Any],
              index: int, name: str, plan: VariantPlan) -> str | None:
     """Compute and write one image; returns the phrase source, None when skipped."""
     try:
@@ -187,7 +166,7 @@ def _process(folder: RunFolder, dataset: SegDataset, aligner: HeatmapAligner, co
     return source
 
 
-def _write_image(folder: RunFolder, name: str, index: int, seed: int, info: ImageInfo, names: list[str],
+def _write_image(folder: SegmentationFolder, name: str, index: int, seed: int, info: ImageInfo, names: list[str],
                  phrases: list[str] | None, source: str, result: VariantMaps) -> None:
     """Write into maps/.tmp-<name>/, then rename it to maps/<name>/ in one step."""
     tmp = _fresh_temp(folder, name)
@@ -205,7 +184,7 @@ def _write_image(folder: RunFolder, name: str, index: int, seed: int, info: Imag
                           "move it away and rerun") from None
 
 
-def _fresh_temp(folder: RunFolder, name: str) -> Path:
+def _fresh_temp(folder: SegmentationFolder, name: str) -> Path:
     tmp = folder.temp_dir(name)
     tmp.mkdir(parents=True, exist_ok=True)
     for stale in tmp.iterdir():  # files of an attempt at this image that was killed
@@ -221,7 +200,7 @@ def _save_maps(tmp: Path, name: str, class_ids: list[int], names: list[str], siz
             Image.fromarray(pixels).save(tmp / heatmap_name(variant, class_id), format="PNG")
 
 
-def _add_variants(folder: RunFolder, name: str, aligner: HeatmapAligner, plan: VariantPlan, image: Any,
+def _add_variants(folder: SegmentationFolder, name: str, aligner: HeatmapAligner, plan: VariantPlan, image: Any,
                   prompt: str | None) -> None:
     """Maps of variants added to a finished image: written beside the others, then scores.json lists
     them (a kill in between leaves files that the next launch writes again)."""
@@ -246,24 +225,7 @@ def to_uint8(heat: Any, size: tuple[int, int], what: str) -> np.ndarray:
     return np.round(np.clip(arr, 0.0, 1.0) * 255.0).astype(np.uint8)
 
 
-def _prepare_folder(folder: RunFolder, conf: dict[str, Any], shard: Shard, identity: dict[str, Any]) -> None:
-    """Refuse a config or inputs that contradict the folder's outputs, record this launch."""
-    save_or_check_config(folder.config, conf, result_fingerprint, ConfigError)
-    check_identity(folder.root, identity, ConfigError, write=True)
-    git = git_revision()
-    if not folder.run_info.is_file():
-        write_json_atomic(folder.run_info, {
-            "git_revision": git["revision"], "git_dirty": git["dirty"], "seed": conf.get("seed", 0),
-            "dataset": conf["dataset"].get("name"), "split": conf["dataset"].get("split"),
-            "model": conf["model"]["name"], "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        })
-    launch = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "shard": f"{shard.index}/{shard.count}",
-              "argv": sys.argv, "host": socket.gethostname(), "pid": os.getpid(), **git}
-    with open(folder.launches, "a", encoding="utf-8") as f:
-        f.write(json.dumps(launch) + "\n")
-
-
-def _summarise(folder: RunFolder, dataset: SegDataset, items: list[tuple[int, str]], fallback: int) -> None:
+def _summarise(folder: SegmentationFolder, dataset: SegDataset, items: list[tuple[int, str]], fallback: int) -> None:
     skipped = [n for _, n in items if folder.skip_record(n).exists() and not folder.is_done(n)]
     done = sum(folder.is_done(n) for _, n in items)
     log.info("finished %d of %d images of this shard", done, len(items))

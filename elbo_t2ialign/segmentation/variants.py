@@ -34,8 +34,9 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from elbo_t2ialign.core.options import AlignOptions
+from elbo_t2ialign.runfolder import read_json, write_json_atomic
 from elbo_t2ialign.segmentation.config import ConfigError
-from elbo_t2ialign.segmentation.layout import VARIANTS, RunFolder, read_json, write_json_atomic
+from elbo_t2ialign.segmentation.layout import VARIANTS, SegmentationFolder
 
 DEFAULT = ["baseline", "elbo"]
 SPEC_FORMS = "baseline, elbo, s<N> (or strength=<N>), fixed<N> (or fixed=<N>), cross, cross_baseline"
@@ -106,7 +107,7 @@ def _number(x: float) -> str:
     return f"{x:g}"
 
 
-def record(folder: RunFolder, variants: list[Variant]) -> dict[str, dict[str, Any]]:
+def record(folder: SegmentationFolder, variants: list[Variant]) -> dict[str, dict[str, Any]]:
     """Add this launch's variants to <run>/variants.json, a list of {"name", setting...} in the order
     they were first asked for; returns name -> setting of all recorded. A name recorded with
     another setting (impossible while the config check holds) is refused."""
@@ -120,7 +121,7 @@ def record(folder: RunFolder, variants: list[Variant]) -> dict[str, dict[str, An
     return known
 
 
-def recorded(folder: RunFolder, also: Sequence[str] = ()) -> dict[str, dict[str, Any]]:
+def recorded(folder: SegmentationFolder, also: Sequence[str] = ()) -> dict[str, dict[str, Any]]:
     """Variant name -> setting of a run folder, in recorded order (folders older than
     variants.json: elbo and baseline); names in `also` that it lacks (written by a launch whose
     record was lost) are parsed again with the folder's config."""
@@ -166,7 +167,7 @@ class VariantPlan:
     def __init__(self, variants: list[Variant], options: AlignOptions, source: ElboSource | None = None) -> None:
         self.variants, self.options, self.source = variants, options, source
 
-    def missing(self, folder: RunFolder, name: str) -> list[Variant]:
+    def missing(self, folder: SegmentationFolder, name: str) -> list[Variant]:
         """The variants image `name` still lacks (all of them when it is not finished)."""
         if not folder.is_done(name):
             return list(self.variants)
@@ -231,7 +232,7 @@ class ElboSource:
     classes, phrases and seed; anything else is an error that names it."""
 
     def __init__(self, path: str | Path, conf: Mapping[str, Any]) -> None:
-        self.folder = RunFolder(Path(path).expanduser())
+        self.folder = SegmentationFolder(Path(path).expanduser())
         if not self.folder.config.is_file():
             raise ConfigError(f"elbo_from={path} is not a segmentation run folder (no config.yaml); "
                               "give the output_dir of a finished run")
