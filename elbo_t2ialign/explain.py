@@ -11,7 +11,7 @@ Words are class names put into the prompt template ("a photo of square, triangle
 (BLIP by default, cached; words it lacks are appended). Arguments with "=" are Hydra overrides of
 configs/explain.yaml (model, elbo, device, output_dir, caption.*). The defaults run offline on the
 bundled testbed model. Writes, into a new folder under output_dir: figure.png (per word: the image,
-the uncalibrated, calibrated and cross-attention maps over it, tau and ELBO in the titles), each map
+the baseline, ELBO-calibrated and cross-attention maps over it, tau and loss in the titles), each map
 as <word>.<kind>.npy (float32 in [0, 1]) and .png (8-bit), and result.json.
 """
 
@@ -32,8 +32,8 @@ from elbo_t2ialign.core.options import AlignOptions
 from elbo_t2ialign.runfolder import git_revision
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-TOP_KEYS = {"model", "elbo", "device", "dtype", "output_dir", "alpha", "cmap", "dpi", "caption"}
-KIND_FILES = {"raw": "uncalibrated", "calibrated": "calibrated", "cross": "cross"}  # plotting kind -> file tag
+TOP_KEYS = {"model", "elbo", "device", "output_dir", "alpha", "cmap", "dpi", "caption"}
+KINDS = ("baseline", "elbo", "cross")  # plotting kinds, also the file tags
 OVERRIDE = re.compile(r"^[+~]{0,2}[A-Za-z_][\w.@/-]*=")
 
 
@@ -129,8 +129,7 @@ def load_aligner(conf: dict[str, Any], options: AlignOptions):
     from elbo_t2ialign import Aligner
 
     try:
-        return Aligner.from_config(conf["model"], options=options, device=conf.get("device", "auto"),
-                                   dtype=conf.get("dtype", "auto"))
+        return Aligner.from_config(conf["model"], options=options, device=conf.get("device", "auto"))
     except (OSError, ValueError) as err:
         raise ExplainError(one_line(err)) from None
 
@@ -182,11 +181,11 @@ def run(conf: dict[str, Any], image_path: str, words: list[str], prompt: str | N
     files: dict[str, dict[str, str]] = {}
     for word, stem in stems.items():
         files[word] = {}
-        for kind, tag in KIND_FILES.items():
+        for kind in KINDS:
             heat = np.asarray(heatmap(result, word, kind), dtype=np.float32)
-            np.save(folder / f"{stem}.{tag}.npy", heat)
-            Image.fromarray(to_uint8(heat, heat.shape, f"{word} {tag}")).save(folder / f"{stem}.{tag}.png")
-            files[word][tag] = f"{stem}.{tag}"
+            np.save(folder / f"{stem}.{kind}.npy", heat)
+            Image.fromarray(to_uint8(heat, heat.shape, f"{word} {kind}")).save(folder / f"{stem}.{kind}.png")
+            files[word][kind] = f"{stem}.{kind}"
     title = f"{result.prompts['collect']}   (strength {options.strength:g})"
     fig = result.plot(image, alpha=float(conf.get("alpha", 0.5)), cmap=str(conf.get("cmap", "jet")), title=title)
     fig.savefig(folder / "figure.png", dpi=int(conf.get("dpi", 100)))
@@ -194,7 +193,7 @@ def run(conf: dict[str, Any], image_path: str, words: list[str], prompt: str | N
         "image": str(image_path), "image_sha256": image_digest(image), "words": list(result.heatmaps),
         "mode": "caption" if caption else "prompt" if prompt is not None else "classes",
         "caption": text, "caption_from_cache": cached, "appended_to_caption": appended, "prompts": result.prompts,
-        "token_positions": result.token_positions, "tau": result.tau, "elbo": result.elbo,
+        "token_positions": result.token_positions, "tau": result.tau, "losses": result.losses,
         "files": files, "model": conf.get("model"), "elbo_options": options.to_dict(), "git": git_revision(),
     }
     write_json_atomic(folder / "result.json", info)
@@ -210,12 +209,12 @@ def report(info: dict[str, Any]) -> str:
     lines.append(f"prompt: {info['prompts']['collect']}")
     width = max(len(w) for w in info["words"])
     for word in info["words"]:
-        elbo = info["elbo"][word]
+        loss = info["losses"][word]
         lines.append(f"  {word:<{width}}  tokens {info['token_positions'][word]}  "
-                     f"ELBO {'-' if elbo is None else f'{elbo:.5g}'}  tau {info['tau'][word]:.3g}")
+                     f"loss {'-' if loss is None else f'{loss:.5g}'}  tau {info['tau'][word]:.3g}")
     folder = Path(info["folder"])
     lines.append(f"figure: {folder / 'figure.png'}")
-    lines.append(f"maps:   {folder}/<word>.{{uncalibrated,calibrated,cross}}.{{npy,png}}, result.json")
+    lines.append(f"maps:   {folder}/<word>.{{baseline,elbo,cross}}.{{npy,png}}, result.json")
     return "\n".join(lines)
 
 

@@ -1,6 +1,6 @@
 """Figures of a `HeatmapResult` over its image (DAAM-style overlays), without pyplot.
 
-    result.plot(image)                       # per word: image | uncalibrated | calibrated | cross-attention
+    result.plot(image)                       # per word: image | baseline | ELBO-calibrated | cross-attention
     result.overlay("cat", image)             # one map over the image
     result.overlay("cat", image, kind="cross", ax=my_ax)
 
@@ -25,11 +25,11 @@ if TYPE_CHECKING:
 
 # kind -> (HeatmapResult attribute, what it is)
 KINDS = {
-    "raw": ("raw_heatmaps", "uncalibrated"),
-    "calibrated": ("heatmaps", "calibrated"),
+    "baseline": ("baseline_heatmaps", "baseline (uncalibrated)"),
+    "elbo": ("heatmaps", "ELBO-calibrated"),
     "cross": ("cross", "cross-attention"),
 }
-DEFAULT_KINDS = ("raw", "calibrated", "cross")
+DEFAULT_KINDS = ("baseline", "elbo", "cross")
 
 
 def new_figure(width: float, height: float) -> Figure:
@@ -39,7 +39,7 @@ def new_figure(width: float, height: float) -> Figure:
     return fig
 
 
-def heatmap(result: HeatmapResult, name: str, kind: str = "calibrated") -> np.ndarray:
+def heatmap(result: HeatmapResult, name: str, kind: str = "elbo") -> np.ndarray:
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {sorted(KINDS)}, got {kind!r}")
     maps = getattr(result, KINDS[kind][0])
@@ -49,13 +49,13 @@ def heatmap(result: HeatmapResult, name: str, kind: str = "calibrated") -> np.nd
 
 
 def panel_title(result: HeatmapResult, name: str, kind: str) -> str:
-    """'uncalibrated (tau 1)', 'calibrated: tau 1.73, ELBO 0.0812' or 'cross-attention'."""
-    if kind == "raw":
-        return "uncalibrated (tau 1)"
-    if kind == "calibrated":
-        elbo = result.elbo.get(name)
-        loss = "ELBO not computed" if elbo is None else f"ELBO {elbo:.4g}"
-        return f"calibrated: tau {result.tau[name]:.3g}, {loss}"
+    """'baseline (tau 1)', 'ELBO-calibrated: tau 1.73, loss 0.0812' or 'cross-attention'."""
+    if kind == "baseline":
+        return "baseline (tau 1)"
+    if kind == "elbo":
+        loss = result.losses.get(name)
+        shown = "loss not computed" if loss is None else f"loss {loss:.4g}"
+        return f"ELBO-calibrated: tau {result.tau[name]:.3g}, {shown}"
     return KINDS[kind][1]
 
 
@@ -78,9 +78,9 @@ def _draw(ax: Axes, rgb: np.ndarray, heat: np.ndarray | None, alpha: float, cmap
     ax.set_yticks([])
 
 
-def overlay(result: HeatmapResult, name: str, image: Any, kind: str = "calibrated", ax: Axes | None = None,
+def overlay(result: HeatmapResult, name: str, image: Any, kind: str = "elbo", ax: Axes | None = None,
             alpha: float = 0.5, cmap: str = "jet", title: str | None = None) -> Figure:
-    """One map of `name` (kind: calibrated, raw or cross) over the image; into `ax` when given.
+    """One map of `name` (kind: elbo, baseline or cross) over the image; into `ax` when given.
     Returns the figure that holds it."""
     heat = heatmap(result, name, kind)
     rgb = _rgb(image, heat.shape)
@@ -94,7 +94,7 @@ def plot(result: HeatmapResult, image: Any, names: Sequence[str] | None = None,
          kinds: Sequence[str] = DEFAULT_KINDS, alpha: float = 0.5, cmap: str = "jet", panel: float = 2.6,
          title: str | None = None) -> Figure:
     """A grid: one row per word (all by default), the image and then one overlay per kind; the
-    calibrated panel's title holds tau and the ELBO. `title` defaults to the collection prompt."""
+    ELBO-calibrated panel's title holds tau and the loss. `title` defaults to the collection prompt."""
     names = list(result.heatmaps) if names is None else list(names)
     if not names:
         raise ValueError("names is empty: give at least one word of the result")

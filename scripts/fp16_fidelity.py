@@ -35,8 +35,8 @@ def run_maps(aligner: Aligner, images: int, classes: int, resolution: int, **ove
 
 
 def compare(got, ref) -> dict[str, float]:
-    a = np.concatenate([np.ravel(m) for r in got for m in (*r.heatmaps.values(), *r.raw_heatmaps.values())])
-    b = np.concatenate([np.ravel(m) for r in ref for m in (*r.heatmaps.values(), *r.raw_heatmaps.values())])
+    a = np.concatenate([np.ravel(m) for r in got for m in (*r.heatmaps.values(), *r.baseline_heatmaps.values())])
+    b = np.concatenate([np.ravel(m) for r in ref for m in (*r.heatmaps.values(), *r.baseline_heatmaps.values())])
     tau = max(abs(g.tau[c] - f.tau[c]) for g, f in zip(got, ref, strict=True) for c in f.tau)
     return {"max_abs_diff": float(np.abs(a - b).max()), "mean_abs_diff": float(np.abs(a - b).mean()),
             "correlation": float(np.corrcoef(a, b)[0, 1]), "max_tau_diff": float(tau)}

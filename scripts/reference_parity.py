@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> float:
         mask = ((mask - mask.min()) / (mask.max() - mask.min()))[0, 0].numpy()
         diff = float(np.abs(mask - ours.heatmaps[c]).max())
         worst = max(worst, diff)
-        print(f"{c}: loss reference {losses[k].item():.6f} here {ours.elbo[c]:.6f}; tau reference "
+        print(f"{c}: loss reference {losses[k].item():.6f} here {ours.losses[c]:.6f}; tau reference "
               f"{taus[k].item():.6f} here {ours.tau[c]:.6f}; max heatmap difference {diff:.2e}")
     print(f"max heatmap difference over classes: {worst:.2e}")
     return worst

@@ -18,15 +18,15 @@ def test_heatmaps_every_family(family):
     aligner = tiny_aligner(family, elbo_timesteps=[1, 501], collect_timesteps=[20, 120])
     res = aligner.heatmaps(_rgb(), ["cat", "dog", "bird"])
     assert list(res.heatmaps) == ["cat", "dog", "bird"]
-    for maps in (res.heatmaps, res.raw_heatmaps):
+    for maps in (res.heatmaps, res.baseline_heatmaps):
         for m in maps.values():
             assert m.shape == (30, 40) and np.isfinite(m).all()
             assert m.min() >= 0.0 and m.max() <= 1.0 + 1e-6
-    losses = [res.elbo[c] for c in ("cat", "dog", "bird")]
+    losses = [res.losses[c] for c in ("cat", "dog", "bird")]
     np.testing.assert_allclose([res.tau[c] for c in ("cat", "dog", "bird")],
                                calibrate.temperatures(losses, 3.0), rtol=1e-9)
-    best = min(res.elbo, key=res.elbo.get)
-    np.testing.assert_allclose(res.heatmaps[best], res.raw_heatmaps[best], atol=1e-6)  # tau = 1
+    best = min(res.losses, key=res.losses.get)
+    np.testing.assert_allclose(res.heatmaps[best], res.baseline_heatmaps[best], atol=1e-6)  # tau = 1
 
 
 def test_calibrated_map_is_refined_power_of_the_cross_map():
@@ -62,7 +62,7 @@ def test_same_seed_same_maps_and_single_class():
     a = aligner.heatmaps(_rgb(), ["cat"], seed=1)
     b = aligner.heatmaps(_rgb(), ["cat"], seed=1)
     np.testing.assert_array_equal(a.heatmaps["cat"], b.heatmaps["cat"])
-    assert a.tau == {"cat": 1.0} and a.elbo == {"cat": None}
+    assert a.tau == {"cat": 1.0} and a.losses == {"cat": None}
 
 
 def test_phrases_locate_the_class_word_inside_the_phrase():
@@ -124,7 +124,7 @@ def test_loads_saved_folder_like_a_hub_model(tmp_path):
     res = aligner.heatmaps(_rgb(), ["cat", "dog"])
     ref = tiny_aligner("sd", elbo_timesteps=[1], collect_timesteps=[20]).heatmaps(_rgb(), ["cat", "dog"])
     # same weights, re-loaded: equal up to kernel choices of the loaded text encoder (sdpa vs eager)
-    np.testing.assert_allclose([res.elbo["cat"], res.elbo["dog"]], [ref.elbo["cat"], ref.elbo["dog"]], rtol=1e-4)
+    np.testing.assert_allclose([res.losses["cat"], res.losses["dog"]], [ref.losses["cat"], ref.losses["dog"]], rtol=1e-4)
     np.testing.assert_allclose(res.heatmaps["cat"], ref.heatmaps["cat"], atol=2e-3)
 
 

@@ -151,7 +151,7 @@ def test_evidence_gives_every_setting_of_separate_calls():
             np.testing.assert_array_equal(again[c], single.heatmaps[c])
     unrefined = aligner.heatmaps(img, classes, refine=False)
     for c in classes:
-        np.testing.assert_allclose(res.cross[c], unrefined.raw_heatmaps[c], atol=1e-5)  # other layers on SDPA
+        np.testing.assert_allclose(res.cross[c], unrefined.baseline_heatmaps[c], atol=1e-5)  # other layers on SDPA
 
 
 def test_elbo_losses_can_be_reused(monkeypatch):
@@ -161,7 +161,7 @@ def test_elbo_losses_can_be_reused(monkeypatch):
     sizes = []
     forward = aligner.adapter._forward
     monkeypatch.setattr(aligner.adapter, "_forward", lambda x, t, c: sizes.append(len(x)) or forward(x, t, c))
-    again = aligner.heatmaps(img, classes, elbo_losses=first.elbo)
+    again = aligner.heatmaps(img, classes, elbo_losses=first.losses)
     assert sizes == [1]  # the collection forward only
     assert again.tau == first.tau
     np.testing.assert_array_equal(again.heatmaps["dog"], first.heatmaps["dog"])

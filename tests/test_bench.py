@@ -48,11 +48,11 @@ def test_reference_mode_maps_equal_optimized(model):
     b = ref.heatmaps(image, classes, seed=5)
     assert samples_opt == timer.samples == 20 * 3 + 10  # PROTOCOL: 20 x classes + 10 forwards
     assert timer.calls == timer.samples and calls_opt < timer.calls
-    np.testing.assert_allclose([a.elbo[c] for c in classes], [b.elbo[c] for c in classes], rtol=1e-5)
+    np.testing.assert_allclose([a.losses[c] for c in classes], [b.losses[c] for c in classes], rtol=1e-5)
     assert a.tau == pytest.approx(b.tau, rel=1e-3)  # min-max over close losses amplifies rounding
     for c in classes:
         np.testing.assert_allclose(a.heatmaps[c], b.heatmaps[c], atol=1e-3, rtol=0)
-        np.testing.assert_allclose(a.raw_heatmaps[c], b.raw_heatmaps[c], atol=1e-3, rtol=0)
+        np.testing.assert_allclose(a.baseline_heatmaps[c], b.baseline_heatmaps[c], atol=1e-3, rtol=0)
 
 
 def test_compare_prints_both_modes(capsys):
@@ -202,7 +202,7 @@ def test_breakdown_charges_each_part_its_own_time_and_changes_nothing(monkeypatc
     assert sum(sec.values()) - sec["host_transfers"] == pytest.approx(wall, rel=TOLERANCE)
     for c in classes:
         np.testing.assert_array_equal(plain.heatmaps[c], timed.heatmaps[c])
-        np.testing.assert_array_equal(plain.raw_heatmaps[c], timed.raw_heatmaps[c])
+        np.testing.assert_array_equal(plain.baseline_heatmaps[c], timed.baseline_heatmaps[c])
 
 
 @pytest.mark.parametrize(("method", "args", "kwargs", "expected"), [

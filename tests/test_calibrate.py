@@ -58,7 +58,7 @@ def test_self_weights_first_last():
 def test_refinement_equals_direct_matrix_product():
     rng = np.random.default_rng(0)
     s1, s2, a = rng.random((16, 16)), rng.random((16, 16)), rng.random(16)
-    got = calibrate.refine(torch.tensor(a), torch.tensor(s1), torch.tensor(s2)).numpy()
+    got = calibrate.self_attention_refine(torch.tensor(a), torch.tensor(s1), torch.tensor(s2)).numpy()
     np.testing.assert_allclose(got, s2 @ (s1 @ a), rtol=1e-12)
 
 

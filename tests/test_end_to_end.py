@@ -22,7 +22,7 @@ def test_tiny_model_through_runner_and_evaluator(tmp_path):
     image = Image.open(data / "images" / "img_001.png")
     direct = aligner.heatmaps(image, scores["classes"], seed=1)  # the runner's seed: cfg.seed + index
     for name, cid in zip(scores["classes"], scores["class_ids"], strict=True):
-        for variant, maps in (("elbo", direct.heatmaps), ("baseline", direct.raw_heatmaps)):
+        for variant, maps in (("elbo", direct.heatmaps), ("baseline", direct.baseline_heatmaps)):
             stored = np.asarray(Image.open(out / "maps" / "img_001" / f"{variant}_{cid:03d}.png")) / 255.0
             assert stored.shape == maps[name].shape == (image.height, image.width)
             assert np.abs(stored - maps[name]).max() <= 0.5 / 255 + 1e-5

@@ -49,19 +49,19 @@ def test_plot_has_a_row_per_word_with_the_image_and_three_overlays(small_result)
     assert len(axes) == 2 * 4
     titles = [ax.get_title() for ax in axes]
     for row, word in enumerate(["cat", "red car"]):
-        tau, elbo = res.tau[word], res.elbo[word]
+        tau, elbo = res.tau[word], res.losses[word]
         assert titles[4 * row : 4 * row + 4] == [
-            f"'{word}' (tokens {res.token_positions[word]})", "uncalibrated (tau 1)",
-            f"calibrated: tau {tau:.3g}, ELBO {elbo:.4g}", "cross-attention"]
+            f"'{word}' (tokens {res.token_positions[word]})", "baseline (tau 1)",
+            f"ELBO-calibrated: tau {tau:.3g}, loss {elbo:.4g}", "cross-attention"]
     assert fig.get_suptitle() == "a photo of cat, red car"
     # the image under every panel, the map of each kind over it
     np.testing.assert_array_equal(axes[0].images[0].get_array(), np.asarray(image))
     assert len(axes[0].images) == 1
-    for ax, maps in zip(axes[5:8], (res.raw_heatmaps, res.heatmaps, res.cross), strict=True):
+    for ax, maps in zip(axes[5:8], (res.baseline_heatmaps, res.heatmaps, res.cross), strict=True):
         np.testing.assert_array_equal(ax.images[0].get_array(), np.asarray(image))
         np.testing.assert_array_equal(ax.images[1].get_array(), maps["red car"])
         assert ax.images[1].get_alpha() == 0.5 and ax.images[1].get_clim() == (0.0, 1.0)
-    assert len(res.plot(image, names=["cat"], kinds=["calibrated"], title="x").axes) == 2
+    assert len(res.plot(image, names=["cat"], kinds=["elbo"], title="x").axes) == 2
 
 
 def test_overlay_draws_one_map_over_the_image(small_result):
@@ -77,7 +77,7 @@ def test_overlay_draws_one_map_over_the_image(small_result):
     single = tiny_aligner("sd", elbo_timesteps=[1, 501], collect_timesteps=[20]).heatmaps(image, ["cat"])
     target = fig.add_subplot(2, 1, 2)
     assert single.overlay("cat", np.asarray(image), ax=target) is fig
-    assert target.get_title() == "cat: calibrated: tau 1, ELBO not computed"
+    assert target.get_title() == "cat: ELBO-calibrated: tau 1, loss not computed"
     with pytest.raises(ValueError, match=r"the maps are 24x20 \(WxH\) but the image is 20x24"):
         res.overlay("cat", image.transpose(Image.Transpose.TRANSPOSE))
     with pytest.raises(KeyError, match=r"no map for 'dog'; this result has maps for \['cat', 'red car'\]"):
@@ -128,9 +128,9 @@ def test_words_and_phrases_of_a_prompt(bundled, sample):
     # the files hold the API's maps for the same call
     direct = aligner.heatmaps(sample, words=["a square", "triangle"], prompt=PROMPT, elbo_timesteps=[101, 501],
                               collect_timesteps=[100])
-    assert info["tau"] == direct.tau and info["elbo"] == direct.elbo
+    assert info["tau"] == direct.tau and info["losses"] == direct.losses
     assert sorted(direct.tau.values())[-1] == pytest.approx(3.0)  # strength 3 of elbo=shapes
-    for tag, maps in (("uncalibrated", direct.raw_heatmaps), ("calibrated", direct.heatmaps), ("cross", direct.cross)):
+    for tag, maps in (("baseline", direct.baseline_heatmaps), ("elbo", direct.heatmaps), ("cross", direct.cross)):
         saved = np.load(folder / f"a_square.{tag}.npy")
         np.testing.assert_array_equal(saved, maps["a square"])
         png = np.asarray(Image.open(folder / f"a_square.{tag}.png"))
@@ -208,19 +208,19 @@ def test_command_end_to_end_on_the_bundled_model(tmp_path, sample, bundled):
     assert f"figure: {folder / 'figure.png'}" in done.stdout.splitlines()
     lines = {line.split()[0]: line for line in done.stdout.splitlines() if line.startswith("  ")}
     info = json.loads((folder / "result.json").read_text())
-    assert lines["square"].split() == ["square", "tokens", "[4]", "ELBO", f"{info['elbo']['square']:.5g}",
+    assert lines["square"].split() == ["square", "tokens", "[4]", "loss", f"{info['losses']['square']:.5g}",
                                        "tau", f"{info['tau']['square']:.3g}"]
     assert sorted(p.name for p in folder.iterdir()) == sorted(
         ["figure.png", "result.json"] + [f"{w}.{t}.{e}" for w in ("square", "triangle")
-                                         for t in ("calibrated", "uncalibrated", "cross") for e in ("npy", "png")])
+                                         for t in ("elbo", "baseline", "cross") for e in ("npy", "png")])
     with Image.open(folder / "figure.png") as fig:
         assert fig.size == (4 * 130, round((2 * 2.6 + 0.5) * 50))  # 4 panels of 2.6 in, 2 rows + title, 50 dpi
-    kept = (folder / "square.calibrated.npy").read_bytes()
+    kept = (folder / "square.elbo.npy").read_bytes()
 
     conf, aligner = bundled
     again = explain.run(conf | {"output_dir": str(tmp_path)}, str(sample), ["square", "triangle"], aligner=aligner)
     assert again["folder"] == str(tmp_path / "scene-2") and (tmp_path / "scene-2" / "figure.png").is_file()
-    assert (folder / "square.calibrated.npy").read_bytes() == kept  # a new folder; the first is untouched
+    assert (folder / "square.elbo.npy").read_bytes() == kept  # a new folder; the first is untouched
 
     bad = subprocess.run([*cmd[:4], "square", "heart", "--prompt", PROMPT, *cmd[6:]], capture_output=True,
                          text=True, env=env, cwd=tmp_path, timeout=300)

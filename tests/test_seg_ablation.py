@@ -200,6 +200,9 @@ def test_elbo_reuse_mismatches_are_clear_errors(tmp_path, data):
     assert "has no finished image 'img_003' (nor 4 more)" in message and calls == []
     message, _ = reuse("timesteps", elbo={"strength": 3.0, "elbo_timesteps": [1, 2]})
     assert "other elbo.elbo_timesteps" in message
+    # the losses depend on the precision the model ran in (model.dtype; the source ran with "auto")
+    message, _ = reuse("half", model={"name": "pixel", "id": "none", "dtype": "float16"})
+    assert "other model.dtype" in message
     message, _ = reuse("nowhere", src=tmp_path / "nowhere")
     assert "is not a segmentation run folder" in message
 

@@ -26,7 +26,7 @@ def test_crf_snaps_noisy_labels_to_colour_edges_on_a_read_only_image():
     noisy[flip] = rng.choice([0, 3, 7], flip.sum())
     image = np.asarray(Image.fromarray(rgb))  # read-only, as the evaluator passes it
     assert not image.flags.writeable
-    refined = crf.refine(image, noisy, [3, 7])
+    refined = crf.crf_labels(image, noisy, [3, 7])
     assert (noisy != truth).mean() > 0.08
     assert (refined == truth).all()
     assert set(np.unique(refined).tolist()) == {3, 7}  # dataset ids come back, not local indices

@@ -46,7 +46,7 @@ def test_edm_scheduler_selects_edm_schedule_and_runs():
     aligner = Aligner.from_pipeline(pipe, device="cpu", resolution=32, **FAST)
     assert type(aligner.adapter.schedule).__name__ == "EDMSchedule"
     res = aligner.heatmaps(IMG, ["cat", "dog"])
-    assert all(np.isfinite(v) for v in res.elbo.values())
+    assert all(np.isfinite(v) for v in res.losses.values())
 
 
 def test_v_prediction_model_scores_in_epsilon_space():

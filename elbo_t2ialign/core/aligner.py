@@ -3,9 +3,9 @@
     aligner = Aligner.from_pretrained("stable-diffusion-v1-5/stable-diffusion-v1-5")
     result = aligner.heatmaps(image, ["cat", "dog"])
     result.heatmaps["cat"]      # calibrated (ELBO exponent, then self-attention refinement)
-    result.raw_heatmaps["cat"]  # uncalibrated: strength 1, same attention
+    result.baseline_heatmaps["cat"]  # uncalibrated: strength 1, same attention
     result.cross["cat"]         # cross-attention alone: before the exponent and the refinement
-    result.elbo["cat"], result.tau["cat"]
+    result.losses["cat"], result.tau["cat"]
     result.evidence.maps(strength=5.0)  # any other setting, without another network pass
 
 One call = one image: ELBO forwards (PROTOCOL 3), attention collection (4), then every map is a
@@ -66,30 +66,30 @@ class Evidence:
         """Image-sized (H, W) float32 maps in [0, 1]: refine(minmax(cross) ** tau), resized, min-max."""
         taus = self.temperatures(strength, fixed)
         s1, s2 = (self.self1, self.self2) if refine else (None, None)
-        return {n: calibrate.to_image(calibrate.refine(self.cross[n] ** taus[n], s1, s2), self.res, self.size)
+        return {n: calibrate.to_image(calibrate.self_attention_refine(self.cross[n] ** taus[n], s1, s2), self.res, self.size)
                 for n in self.names}
 
 
 @dataclass
 class HeatmapResult:
-    heatmaps: dict[str, np.ndarray]  # calibrated, (H, W) float32 in [0, 1]
-    raw_heatmaps: dict[str, np.ndarray]  # uncalibrated (strength 1), same attention
+    heatmaps: dict[str, np.ndarray]  # ELBO-calibrated ("elbo"), (H, W) float32 in [0, 1]
+    baseline_heatmaps: dict[str, np.ndarray]  # uncalibrated ("baseline": tau 1), same attention
     cross: dict[str, np.ndarray]  # cross-attention before exponent and refinement, (H, W) in [0, 1]
-    elbo: dict[str, float | None]  # summed diffusion loss per class (lower = better); None if not needed
+    losses: dict[str, float | None]  # summed diffusion loss per class (lower = better); None if not needed
     tau: dict[str, float]  # exponent applied to the normalised cross map
     prompts: dict[str, str] = field(default_factory=dict)  # ELBO prompt per class + "collect"
     token_positions: dict[str, list[int]] = field(default_factory=dict)
     evidence: Evidence | None = None  # for further settings without another network pass
 
     def plot(self, image: Image.Image | str | Path | np.ndarray, **kwargs: Any):
-        """matplotlib Figure: per word the image and its uncalibrated, calibrated and cross-attention
+        """matplotlib Figure: per word the image and its baseline, ELBO-calibrated and cross-attention
         overlays (options: `plotting.plot`)."""
         from elbo_t2ialign.plotting import plot
 
         return plot(self, image, **kwargs)
 
     def overlay(self, name: str, image: Image.Image | str | Path | np.ndarray, **kwargs: Any):
-        """matplotlib Figure: one map of `name` over the image (kind="calibrated"|"raw"|"cross", ax=...;
+        """matplotlib Figure: one map of `name` over the image (kind="elbo"|"baseline"|"cross", ax=...;
         options: `plotting.overlay`)."""
         from elbo_t2ialign.plotting import overlay
 
@@ -129,12 +129,12 @@ class Aligner:
 
     @classmethod
     def from_config(cls, model_cfg: Mapping[str, Any], options: AlignOptions | None = None,
-                    device: str = "auto", dtype: str = "auto") -> Aligner:
-        """Build from a `configs/model/*.yaml` mapping (keys: id; optional resolution, dtype,
-        max_sequence_length)."""
+                    device: str = "auto") -> Aligner:
+        """Build from a `configs/model/*.yaml` mapping (keys: id; optional resolution, dtype (default
+        auto), max_sequence_length)."""
         if "id" not in model_cfg:
             raise ValueError(f"model config {dict(model_cfg)} has no 'id' (a hub id or a local folder)")
-        return cls.from_pretrained(model_cfg["id"], device=device, dtype=model_cfg.get("dtype") or dtype,
+        return cls.from_pretrained(model_cfg["id"], device=device, dtype=model_cfg.get("dtype") or "auto",
                                    resolution=model_cfg.get("resolution"),
                                    max_sequence_length=model_cfg.get("max_sequence_length"), options=options)
 
@@ -143,7 +143,7 @@ class Aligner:
                  phrases: Sequence[str] | None = None, seed: int | None = None, *,
                  words: Sequence[str] | None = None, prompt: str | None = None,
                  elbo_losses: Mapping[str, float] | None = None, **option_overrides: Any) -> HeatmapResult:
-        """Calibrated, uncalibrated and cross-attention heatmaps for each class.
+        """ELBO-calibrated, baseline (uncalibrated) and cross-attention heatmaps for each class.
 
         classes: class names, each put into the prompt templates of the options.
         phrases: optional, one per class, replacing the class names in the prompts; the class
@@ -158,11 +158,11 @@ class Aligner:
         evidence, info = self.observe(image, classes, phrases, seed, words=words, prompt=prompt,
                                       elbo_losses=elbo_losses, options=opts)
         taus = evidence.temperatures(opts.strength, opts.fixed_temperature)
-        raw = evidence.maps(1.0, refine=opts.refine)
-        calibrated = ({n: m.copy() for n, m in raw.items()} if all(t == 1.0 for t in taus.values())
-                      else evidence.maps(opts.strength, opts.fixed_temperature, refine=opts.refine))
+        baseline = evidence.maps(1.0, refine=opts.refine)
+        elbo_maps = ({n: m.copy() for n, m in baseline.items()} if all(t == 1.0 for t in taus.values())
+                     else evidence.maps(opts.strength, opts.fixed_temperature, refine=opts.refine))
         losses = evidence.losses or {}
-        return HeatmapResult(calibrated, raw, evidence.maps(1.0, refine=False),
+        return HeatmapResult(elbo_maps, baseline, evidence.maps(1.0, refine=False),
                              {n: losses.get(n) for n in evidence.names}, taus, info["prompts"],
                              info["positions"], evidence)
 

@@ -133,7 +133,7 @@ def class_cross_maps(cross: torch.Tensor, positions: dict[str, list[int]]) -> di
     return {name: minmax(cross[:, pos].mean(dim=1)) for name, pos in positions.items()}
 
 
-def refine(a: torch.Tensor, s1: torch.Tensor | None, s2: torch.Tensor | None) -> torch.Tensor:
+def self_attention_refine(a: torch.Tensor, s1: torch.Tensor | None, s2: torch.Tensor | None) -> torch.Tensor:
     """S2 @ (S1 @ a); a missing matrix is skipped."""
     for s in (s1, s2):
         if s is not None:

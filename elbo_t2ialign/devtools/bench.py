@@ -308,8 +308,8 @@ def run_mode(args: argparse.Namespace) -> dict[str, Any]:
         for i in indices:
             res = aligner.heatmaps(bench_image(i, resolution), image_classes(i, args.classes), seed=i)
             for name in res.heatmaps:
-                maps[f"{i}/calibrated/{name}"] = res.heatmaps[name]
-                maps[f"{i}/raw/{name}"] = res.raw_heatmaps[name]
+                maps[f"{i}/elbo/{name}"] = res.heatmaps[name]
+                maps[f"{i}/baseline/{name}"] = res.baseline_heatmaps[name]
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         run_sec = time.perf_counter() - start

@@ -108,7 +108,7 @@ class Breakdown:
             (al, "_draw_noise", "noise"), (ad, "predict", "forward_calls"), (ad, "_forward", "network"),
             (al, "_elbo_losses", "elbo_loop"), (al, "_collect", "collect_loop"),
             (calibrate, "temperatures", "aggregate_refine"), (calibrate, "class_cross_maps", "aggregate_refine"),
-            (calibrate, "refine", "aggregate_refine"), (AttentionRecorder, "mean", "aggregate_refine"),
+            (calibrate, "self_attention_refine", "aggregate_refine"), (AttentionRecorder, "mean", "aggregate_refine"),
             (calibrate, "to_image", "resize"),
         ):
             p.set(owner, name, self._timed(part, getattr(owner, name)))

@@ -30,9 +30,9 @@ def class_code(name: str) -> int:
 
 @dataclass
 class FakeResult:
-    heatmaps: dict[str, np.ndarray]  # calibrated, (H, W) float32 in [0, 1]
-    raw_heatmaps: dict[str, np.ndarray]  # strength 1
-    elbo: dict[str, float]
+    heatmaps: dict[str, np.ndarray]  # ELBO-calibrated, (H, W) float32 in [0, 1]
+    baseline_heatmaps: dict[str, np.ndarray]  # tau 1
+    losses: dict[str, float]
     tau: dict[str, float]
 
 
@@ -162,5 +162,5 @@ def fixture_config(root: Path, output_dir: Path, convention: str = "plain", **to
                "image_path": None, "gt_path": None, "phrase_path": None, "label_cache": None,
                **CONVENTIONS[convention]}
     return {"model": {"name": "pixel", "id": "none"}, "dataset": dataset, "elbo": {"strength": 3.0}, "seed": 0,
-            "device": "cpu", "dtype": "auto", "output_dir": str(output_dir), "on_error": "skip", "shard": None,
+            "device": "cpu", "output_dir": str(output_dir), "on_error": "skip", "shard": None,
             "num_images": None, "progress": False, **top}

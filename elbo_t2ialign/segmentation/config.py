@@ -15,7 +15,7 @@ from elbo_t2ialign.cli import check_device, check_integer, check_known
 from elbo_t2ialign.core.options import AlignOptions
 
 TOP_KEYS = {
-    "model", "dataset", "elbo", "seed", "device", "dtype", "output_dir", "on_error",
+    "model", "dataset", "elbo", "seed", "device", "output_dir", "on_error",
     "shard", "num_images", "progress", "datasets_dir", "hydra",
     "variants", "elbo_from",  # calibration variants of one run, ELBO losses from another (variants.py)
 }
@@ -24,7 +24,7 @@ DATASET_KEYS = {
     "ignore_index", "id_shift", "max_id", "phrase_path", "label_cache",
 }
 # Keys whose change makes existing outputs of a run folder invalid.
-RESULT_KEYS = ("model", "elbo", "seed", "dtype")
+RESULT_KEYS = ("model", "elbo", "seed")  # model.dtype is part of "model"
 RESULT_DATASET_KEYS = ("name", "split", "ignore_index", "id_shift", "max_id", "phrase_path")
 
 
@@ -116,7 +116,6 @@ def result_fingerprint(cfg: dict[str, Any]) -> dict[str, Any]:
     out = {key: cfg.get(key) for key in RESULT_KEYS}
     out["elbo"] = AlignOptions.from_mapping(cfg.get("elbo")).to_dict()
     out["seed"] = cfg.get("seed", 0)
-    out["dtype"] = cfg.get("dtype", "auto")
     out["dataset"] = {key: cfg["dataset"].get(key) for key in RESULT_DATASET_KEYS}
     return out
 

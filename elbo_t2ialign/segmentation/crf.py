@@ -30,7 +30,7 @@ def require() -> None:
         raise SegmentationError(INSTALL_HINT) from None
 
 
-def refine(image: np.ndarray, labels: np.ndarray, class_ids: list[int]) -> np.ndarray:
+def crf_labels(image: np.ndarray, labels: np.ndarray, class_ids: list[int]) -> np.ndarray:
     """image: (H, W, 3) uint8 RGB; labels: (H, W) ids in {0} + class_ids -> refined (H, W) ids."""
     import pydensecrf.densecrf as dcrf
     from pydensecrf.utils import unary_from_labels

@@ -178,7 +178,7 @@ def _crf_pass(folder: SegmentationFolder, dataset: SegDataset, names: list[str],
         gt, ids, maps, _ = load_image_result(folder, dataset, name, list(results))
         rgb = np.asarray(dataset.load_image(name))
         for v in results:
-            labels = dense_crf.refine(rgb, predict(maps[v], ids, results[v]["threshold"]), ids)
+            labels = dense_crf.crf_labels(rgb, predict(maps[v], ids, results[v]["threshold"]), ids)
             for total, part in zip(totals[v], intersect_and_union(labels, gt, n), strict=True):
                 total += part
     return {v: {**summary(class_metrics(*totals[v])), "threshold": results[v]["threshold"]} for v in results}

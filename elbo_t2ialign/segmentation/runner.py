@@ -127,7 +127,7 @@ def build_aligner(conf: dict[str, Any], options: AlignOptions) -> HeatmapAligner
     device = resolve_device(conf.get("device"))
     log.info("loading model %s (%s) on %s", conf["model"]["name"], conf["model"]["id"], device)
     try:
-        return Aligner.from_config(conf["model"], options=options, device=device, dtype=conf.get("dtype", "auto"))
+        return Aligner.from_config(conf["model"], options=options, device=device)
     except (FileNotFoundError, ValueError) as err:  # unreachable hub id, unusable folder, bad dtype
         raise ConfigError(one_line(err)) from None
 

@@ -223,7 +223,7 @@ def stored_losses(scores: Mapping[str, Any]) -> dict[str, float] | None:
 
 
 # Config values that decide the ELBO losses of an image (besides its classes, phrases and seed).
-_ELBO_KEYS = (("model", "id"), ("dtype",), ("elbo", "elbo_prompt"), ("elbo", "elbo_timesteps"))
+_ELBO_KEYS = (("model", "id"), ("model", "dtype"), ("elbo", "elbo_prompt"), ("elbo", "elbo_timesteps"))
 
 
 class ElboSource:
@@ -273,4 +273,4 @@ def _elbo_value(conf: Mapping[str, Any], key: tuple[str, ...]) -> Any:
     value: Any = conf
     for part in key:
         value = value.get(part) if isinstance(value, Mapping) else None
-    return "auto" if key == ("dtype",) and value is None else value
+    return "auto" if key == ("model", "dtype") and value is None else value

@@ -17,7 +17,7 @@ TRANSFORMER_ADAPTERS: dict[str, type[ModelAdapter]] = {
     "PixArtTransformer2DModel": PixArtAdapter,
 }
 
-REPO_ROOT = Path(__file__).resolve().parents[2]  # relative model folders are also looked up here
+REPO_ROOT = Path(__file__).resolve().parents[3]  # relative model folders are also looked up here
 
 __all__ = ["ModelAdapter", "adapter_for", "load_pipeline", "resolve_device", "resolve_dtype"]
 
