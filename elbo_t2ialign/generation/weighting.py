@@ -17,6 +17,7 @@ from collections.abc import Sequence
 import torch
 
 from elbo_t2ialign.core.adapters.base import Cond, ModelAdapter
+from elbo_t2ialign.core.calibrate import find_subsequence
 
 log = logging.getLogger(__name__)
 
@@ -47,13 +48,6 @@ def compel_syntax(prompt: str, phrases: Sequence[str], weights: Sequence[float])
     return "".join(out + [prompt[cursor:]])
 
 
-def _find(seq: list[int], sub: list[int], start: int) -> int:
-    for i in range(start, len(seq) - len(sub) + 1):
-        if seq[i : i + len(sub)] == sub:
-            return i
-    return -1
-
-
 def _text_blocks(adapter: ModelAdapter) -> list[tuple[str, object, int, int, bool]]:
     """(name, tokenizer, offset, length, required) of each block of `encoder_hidden_states`' sequence."""
     pipe = adapter.pipe
@@ -82,7 +76,7 @@ def token_positions(adapter: ModelAdapter, prompt: str, phrases: Sequence[str]) 
         cursor = 0
         for k, phrase in enumerate(phrases):
             sub = list(tokenizer(phrase, add_special_tokens=False, truncation=False).input_ids)
-            start = _find(ids, sub, cursor) if sub else -1
+            start = find_subsequence(ids, sub, cursor) if sub else -1
             if start < 0:
                 msg = (f"cannot locate phrase {phrase!r} in the {name} tokens of prompt {prompt!r} "
                        f"(phrase tokens {sub}, prompt tokens {ids})")
