@@ -48,20 +48,6 @@ def compel_syntax(prompt: str, phrases: Sequence[str], weights: Sequence[float])
     return "".join(out + [prompt[cursor:]])
 
 
-def _text_blocks(adapter: ModelAdapter) -> list[tuple[str, object, int, int, bool]]:
-    """(name, tokenizer, offset, length, required) of each block of `encoder_hidden_states`' sequence."""
-    pipe = adapter.pipe
-    clip = pipe.tokenizer
-    if adapter.family == "unet":  # SD1.x/2.x/SDXL: one CLIP sequence (SDXL's encoders share tokens)
-        return [("CLIP", clip, 0, int(clip.model_max_length), True)]
-    if adapter.family == "mmdit":  # SD3: [CLIP-L|CLIP-G (77); T5 (max_sequence_length)]
-        blocks = [("CLIP", clip, 0, int(clip.model_max_length), True)]
-        if getattr(pipe, "tokenizer_3", None) is not None:
-            blocks.append(("T5", pipe.tokenizer_3, int(clip.model_max_length), adapter.max_sequence_length, False))
-        return blocks
-    raise ValueError(f"prompt weighting supports the unet and mmdit families, not {adapter.family!r}")
-
-
 def token_positions(adapter: ModelAdapter, prompt: str, phrases: Sequence[str]) -> list[list[int]]:
     """For each phrase, its positions along `encoder_hidden_states`' sequence axis.
 
@@ -71,7 +57,7 @@ def token_positions(adapter: ModelAdapter, prompt: str, phrases: Sequence[str]) 
     warning.
     """
     positions: list[list[int]] = [[] for _ in phrases]
-    for name, tokenizer, offset, length, required in _text_blocks(adapter):
+    for name, tokenizer, offset, length, required in adapter.text_blocks():
         ids = list(tokenizer(prompt, add_special_tokens=True, truncation=False).input_ids)
         cursor = 0
         for k, phrase in enumerate(phrases):

@@ -8,7 +8,7 @@ import re
 
 import torch
 
-from elbo_t2ialign.core.adapters.base import Cond, ModelAdapter
+from elbo_t2ialign.core.adapters.base import Cond, ModelAdapter, TextBlock
 from elbo_t2ialign.core.adapters.schedules import NoiseSchedule, schedule_from_scheduler
 from elbo_t2ialign.core.capture import CaptureAttnProcessor, LayerInfo
 
@@ -37,6 +37,11 @@ class UNetAdapter(ModelAdapter):
     @property
     def text_length(self) -> int:
         return int(self.pipe.tokenizer.model_max_length)
+
+    def text_blocks(self) -> list[TextBlock]:
+        """One CLIP sequence (SDXL's two encoders share its tokens)."""
+        clip = self.pipe.tokenizer
+        return [TextBlock("CLIP", clip, 0, int(clip.model_max_length), True)]
 
     def build_schedule(self) -> NoiseSchedule:
         return schedule_from_scheduler(self.pipe.scheduler)
