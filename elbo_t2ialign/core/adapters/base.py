@@ -105,6 +105,9 @@ class ModelAdapter:
         raise NotImplementedError
 
     # ---- ELBO-weighted generation (PROTOCOL 7); families that do not support it keep these
+    generation_kind: str | None = None  # "sd", "sdxl" or "sd3": the model kind the generation protocol names
+    default_guidance: float | None = None  # guidance scale when the generation config leaves it null
+
     def text_blocks(self) -> list[TextBlock]:
         """The blocks of `encoder_hidden_states`' sequence, in order, for per-token prompt weighting."""
         raise ValueError(f"prompt weighting supports the unet and mmdit families, not {self.family!r}")

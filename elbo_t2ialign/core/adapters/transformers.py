@@ -55,6 +55,8 @@ class MMDiTAdapter(_TransformerAdapter):
     family = "mmdit"
     capture_processor = CaptureJointAttnProcessor
     max_sequence_length = 256
+    generation_kind = "sd3"
+    default_guidance = 7.0
 
     @property
     def attention_tokenizer(self):

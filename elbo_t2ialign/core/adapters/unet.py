@@ -38,6 +38,14 @@ class UNetAdapter(ModelAdapter):
     def text_length(self) -> int:
         return int(self.pipe.tokenizer.model_max_length)
 
+    @property
+    def generation_kind(self) -> str:
+        return "sdxl" if self.is_xl else "sd"
+
+    @property
+    def default_guidance(self) -> float:
+        return 5.0 if self.is_xl else 7.5
+
     def text_blocks(self) -> list[TextBlock]:
         """One CLIP sequence (SDXL's two encoders share its tokens)."""
         clip = self.pipe.tokenizer
