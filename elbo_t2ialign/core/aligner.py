@@ -113,7 +113,7 @@ class Aligner:
                         options: AlignOptions | None = None, **option_overrides: Any) -> Aligner:
         """Load a hub id or a local diffusers folder; device/dtype "auto" = CUDA+fp16 if present, else CPU+fp32."""
         dev = resolve_device(device)
-        pipe = load_pipeline(model_id, dev, resolve_dtype(dtype, dev))
+        pipe = load_pipeline(model_id, dev, resolve_dtype(dtype, dev), prepare=False)  # from_pipeline prepares it
         return cls.from_pipeline(pipe, device=dev, dtype=dtype, resolution=resolution,
                                  max_sequence_length=max_sequence_length, options=options, **option_overrides)
 
