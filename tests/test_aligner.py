@@ -112,14 +112,23 @@ def test_offline_hub_id_error_names_the_model(monkeypatch):
         Aligner.from_pretrained("no-such-org/no-such-model", device="cpu")
 
 
-def test_loads_saved_folder_like_a_hub_model(tmp_path):
+def test_loads_saved_folder_like_a_hub_model(tmp_path, monkeypatch):
     from conftest import tiny_pipeline
 
     from elbo_t2ialign import Aligner
+    from elbo_t2ialign.core import adapters
 
+    prepared = []
+    original = adapters.prepare_pipeline
+    monkeypatch.setattr(adapters, "prepare_pipeline", lambda *a: prepared.append(a[1:]) or original(*a))
     tiny_pipeline("sd").save_pretrained(tmp_path / "tiny")
     aligner = Aligner.from_pretrained(str(tmp_path / "tiny"), device="cpu", elbo_timesteps=[1],
                                       collect_timesteps=[20])
+    assert prepared == [(torch.device("cpu"), torch.float32)]  # once, by adapter_for
+    modules = [m for m in aligner.adapter.pipe.components.values() if isinstance(m, torch.nn.Module)]
+    assert not any(m.training or any(p.requires_grad for p in m.parameters()) for m in modules)
+    assert adapters.load_pipeline(str(tmp_path / "tiny"), torch.device("cpu"), torch.float16).vae.dtype == torch.float32
+    assert len(prepared) == 2  # load_pipeline alone still prepares (VAE in float32)
     assert aligner.adapter.resolution == 32  # the VAE's sample size
     res = aligner.heatmaps(_rgb(), ["cat", "dog"])
     ref = tiny_aligner("sd", elbo_timesteps=[1], collect_timesteps=[20]).heatmaps(_rgb(), ["cat", "dog"])

@@ -109,3 +109,14 @@ def test_a_class_inside_an_earlier_class_gets_its_own_tokens():
     pos = calibrate.class_token_positions(ids, prompt, ["potted plant", "plant"], start=4)
     assert pos["plant"][0] > pos["potted plant"][-1]
     assert [toks[i] for i in pos["plant"]] == ids("plant", False)
+
+
+def test_find_subsequence_equals_a_byte_string_search():
+    """Against bytes.find on the same values (tokens 0..2, so that matches are frequent)."""
+    rng = np.random.default_rng(0)
+    for _ in range(2000):
+        seq = rng.integers(0, 3, rng.integers(0, 12)).tolist()
+        sub = rng.integers(0, 3, rng.integers(0, 4)).tolist()
+        start = int(rng.integers(0, 14))
+        assert calibrate.find_subsequence(seq, sub, start) == bytes(seq).find(bytes(sub), start), (seq, sub, start)
+    assert calibrate.find_subsequence((5, 6, 7), [6, 7]) == 1  # any sequence type

@@ -144,3 +144,56 @@ def test_one_host_copy_and_the_same_maps_as_a_copy_per_batch(family, monkeypatch
     for name in classes:
         np.testing.assert_allclose(new.heatmaps[name], old.heatmaps[name], atol=1e-6, rtol=0)
         np.testing.assert_allclose(new.baseline_heatmaps[name], old.baseline_heatmaps[name], atol=1e-6, rtol=0)
+
+
+def _oom_above(limit: int):
+    """A step that runs out of memory on slices longer than `limit`, recording the slices that ran."""
+    ran = []
+
+    def step(rows: slice) -> None:
+        if rows.stop - rows.start > limit:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        ran.append((rows.start, rows.stop))
+
+    return step, ran
+
+
+def test_run_batched_halves_on_out_of_memory_and_keeps_finished_slices():
+    from elbo_t2ialign.core.elbo import run_batched
+
+    step, ran = _oom_above(2)
+    assert run_batched(7, 8, step) == 2  # 8 -> 4 -> 2
+    assert ran == [(0, 2), (2, 4), (4, 6), (6, 7)]
+    step, ran = _oom_above(3)
+    assert run_batched(7, 3, step) == 3 and ran == [(0, 3), (3, 6), (6, 7)]
+    step, _ = _oom_above(0)
+    with pytest.raises(RuntimeError, match="out of memory"):  # not even one row fits
+        run_batched(3, 4, step)
+
+    def broken(rows: slice) -> None:
+        raise RuntimeError("shape mismatch")
+
+    with pytest.raises(RuntimeError, match="shape mismatch"):  # other errors are not retried
+        run_batched(3, 4, broken)
+
+
+def test_collection_and_elbo_restart_smaller_after_out_of_memory(monkeypatch):
+    """Every network call above one sample runs out of memory: the maps and losses are those of a
+    run at batch size 1, and the aligner keeps batch size 1 for later calls."""
+    image = Image.fromarray((np.random.RandomState(0).rand(16, 16, 3) * 255).astype(np.uint8))
+    opts = {"elbo_timesteps": [1, 501], "collect_timesteps": [20, 120, 220]}
+    reference = tiny_aligner("sd", batch_size=1, **opts).heatmaps(image, ["cat", "dog"], seed=2)
+    aligner = tiny_aligner("sd", batch_size=4, **opts)
+    original = aligner.adapter.predict
+
+    def predict(z_t, t, cond):
+        if z_t.shape[0] > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return original(z_t, t, cond)
+
+    monkeypatch.setattr(aligner.adapter, "predict", predict)
+    res = aligner.heatmaps(image, ["cat", "dog"], seed=2)
+    assert aligner._fitted_batch == 1
+    assert res.losses == reference.losses
+    for name in ("cat", "dog"):
+        np.testing.assert_array_equal(res.heatmaps[name], reference.heatmaps[name])

@@ -67,6 +67,17 @@ def test_default_guidance_per_model():
         sampler("flux")
 
 
+def test_a_schedule_without_a_deterministic_sampler_is_a_clear_error():
+    from diffusers import EDMDPMSolverMultistepScheduler
+
+    from elbo_t2ialign.core.adapters.schedules import EDMSchedule
+
+    ad = adapter_for(tiny_pipeline("sd"), torch.device("cpu"), torch.float32, 32)
+    ad.schedule = EDMSchedule(EDMDPMSolverMultistepScheduler())  # as Playground v2.5's UNet has
+    with pytest.raises(ValueError, match="no deterministic sampler for the EDMSchedule noise schedule"):
+        ElboSampler(ad)
+
+
 @pytest.mark.parametrize("family", ["sd", "sd3"])
 def test_two_step_generation_is_deterministic(family):
     s = sampler(family)

@@ -86,3 +86,9 @@ def test_sd3_weights_clip_and_t5_tokens():
 def test_phrase_missing_from_the_prompt_is_an_error():
     with pytest.raises(ValueError, match="cannot locate phrase 'a bird'"):
         token_positions(adapter("sd"), PROMPT, ["a bird"])
+
+
+@pytest.mark.parametrize("family", ["flux", "pixart"])
+def test_families_without_text_blocks_are_a_clear_error(family):
+    with pytest.raises(ValueError, match=f"prompt weighting supports the unet and mmdit families, not '{family}'"):
+        token_positions(adapter(family), PROMPT, PHRASES)

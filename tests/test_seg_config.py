@@ -15,7 +15,7 @@ from elbo_t2ialign.cli import to_container
 from elbo_t2ialign.devtools.fixtures import PixelAligner, random_samples, write_dataset
 from elbo_t2ialign.segment import shard_flag_to_override
 from elbo_t2ialign.segmentation import prepare, run
-from elbo_t2ialign.segmentation.config import parse_shard, validate
+from elbo_t2ialign.segmentation.config import ConfigError, parse_shard, resolve_rank_device, validate
 from elbo_t2ialign.segmentation.datasets import SegDataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,6 +66,19 @@ def test_shard_flag_and_environment():
     assert parse_shard("1/4").index == 1 and parse_shard("1/4").count == 4
     assert parse_shard(None, {"WORLD_SIZE": "2", "RANK": "1"}) == parse_shard("1/2")
     assert parse_shard(None, {}) == parse_shard("0/1")
+
+
+def test_rank_device_is_this_process_gpu_or_the_given_name(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert [resolve_rank_device(x, {"LOCAL_RANK": "1"}) for x in (None, "", "auto", "cpu")] == ["cpu"] * 4
+    with pytest.raises(ConfigError, match="no CUDA device"):
+        resolve_rank_device("cuda:0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_rank_device("auto", {"LOCAL_RANK": "3"}) == "cuda:1"  # rank 3 of 2 GPUs
+    assert resolve_rank_device("", {}) == "cuda:0" and resolve_rank_device("cuda:1", {}) == "cuda:1"
 
 
 def _cli(*args, cwd):

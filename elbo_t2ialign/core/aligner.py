@@ -113,7 +113,7 @@ class Aligner:
                         options: AlignOptions | None = None, **option_overrides: Any) -> Aligner:
         """Load a hub id or a local diffusers folder; device/dtype "auto" = CUDA+fp16 if present, else CPU+fp32."""
         dev = resolve_device(device)
-        pipe = load_pipeline(model_id, dev, resolve_dtype(dtype, dev))
+        pipe = load_pipeline(model_id, dev, resolve_dtype(dtype, dev), prepare=False)  # from_pipeline prepares it
         return cls.from_pipeline(pipe, device=dev, dtype=dtype, resolution=resolution,
                                  max_sequence_length=max_sequence_length, options=options, **option_overrides)
 
@@ -275,25 +275,27 @@ class Aligner:
         return values.tolist()
 
     def _collect(self, z0, prompt: str, noise: torch.Tensor, opts: AlignOptions, weights):
-        """Run the collection timesteps under the recorder; restart with half the batch on out-of-memory."""
+        """Run the collection timesteps under the recorder; restart, with a fresh recorder and half
+        the batch, on out-of-memory (the maps summed so far would be incomplete)."""
         cond = self.adapter.encode_prompt(prompt)
         ts = torch.tensor(opts.collect_timesteps, dtype=torch.long, device=self.adapter.device)
         noise = noise.to(self.adapter.device)
-        batch = self._batch(opts)
-        while True:
+
+        def attempt(batch: int):
             rec = self.adapter.recorder(weights, chunk_mb=opts.self_attention_chunk_mb,
                                         precision=opts.capture_precision)
-            try:
-                with rec:
-                    for lo in range(0, len(ts), batch):
-                        t = ts[lo : lo + batch]
-                        z_t = self.adapter.schedule.add_noise(z0, noise[lo : lo + len(t)], t)
-                        self.adapter.predict(z_t, t, cat_cond([cond] * len(t)))
-                return rec
-            except (torch.OutOfMemoryError, RuntimeError) as err:
-                if not elbo.is_out_of_memory(err) or batch == 1:
-                    raise
-                batch = self._fitted_batch = batch // 2
+            with rec:
+                for lo in range(0, len(ts), batch):
+                    t = ts[lo : lo + batch]
+                    z_t = self.adapter.schedule.add_noise(z0, noise[lo : lo + len(t)], t)
+                    self.adapter.predict(z_t, t, cat_cond([cond] * len(t)))
+            return rec
+
+        def lowered(batch: int) -> None:  # for good, even if the smaller batch fails too
+            self._fitted_batch = batch
+
+        rec, _ = elbo.halve_on_oom(self._batch(opts), attempt, on_halve=lowered)
+        return rec
 
     def _positions(self, prompt: str, names: list[str], texts: list[str], start: int,
                    opts: AlignOptions) -> dict[str, list[int]]:

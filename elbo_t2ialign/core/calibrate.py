@@ -15,6 +15,17 @@ from elbo_t2ialign.core.capture import LayerInfo, stage_index
 # ---------------------------------------------------------------- tokens
 
 
+def find_subsequence(seq: Sequence[int], sub: Sequence[int], start: int = 0) -> int:
+    """Index of the first occurrence of `sub` in `seq` at or after `start`, or -1 (an empty `sub`
+    is found at `start`). The one token sub-sequence search of the package."""
+    seq, sub = list(seq), list(sub)
+    n = len(sub)
+    for i in range(start, len(seq) - n + 1):
+        if seq[i : i + n] == sub:
+            return i
+    return -1
+
+
 def locate_tokens(token_ids: Callable[[str, bool], list[int]], prompt: str, name: str,
                   search_from: int = 0, search_to: int | None = None) -> list[int]:
     """Positions of `name`'s tokens in `prompt`'s token sequence (with special tokens).
@@ -26,9 +37,9 @@ def locate_tokens(token_ids: Callable[[str, bool], list[int]], prompt: str, name
     if not name_ids:
         raise ValueError(f"{name!r} tokenises to nothing; give a non-empty class name or word")
     n, stop = len(name_ids), len(prompt_ids) if search_to is None else min(search_to, len(prompt_ids))
-    for start in range(search_from, stop - n + 1):
-        if prompt_ids[start : start + n] == name_ids:
-            return list(range(start, start + n))
+    start = find_subsequence(prompt_ids[: max(stop, 0)], name_ids, search_from)
+    if start >= 0:
+        return list(range(start, start + n))
     where = "" if (search_from, stop) == (0, len(prompt_ids)) else f" between token positions {search_from} and {stop}"
     raise ValueError(
         f"cannot locate {name!r} in prompt {prompt!r}{where}: its tokens {name_ids} do not occur in the "
@@ -38,11 +49,8 @@ def locate_tokens(token_ids: Callable[[str, bool], list[int]], prompt: str, name
 
 def leading_specials(token_ids: Callable[[str, bool], list[int]], text: str) -> int:
     """Number of special tokens (BOS) the tokenizer puts before the text's own tokens."""
-    with_special, plain = token_ids(text, True), token_ids(text, False)
-    for offset in range(len(with_special) - len(plain) + 1):
-        if with_special[offset : offset + len(plain)] == plain:
-            return offset
-    return 0
+    offset = find_subsequence(token_ids(text, True), token_ids(text, False))
+    return max(offset, 0)
 
 
 def template_start(token_ids: Callable[[str, bool], list[int]], template: str) -> int:

@@ -5,34 +5,53 @@ classes, batched over (class x timestep) pairs."""
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import torch
 
 from elbo_t2ialign.core.adapters.base import Cond, ModelAdapter, cat_cond
+
+T = TypeVar("T")
 
 
 def is_out_of_memory(err: BaseException) -> bool:
     return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
 
 
+def halve_on_oom(batch_size: int, attempt: Callable[[int], T],
+                 on_halve: Callable[[int], None] | None = None) -> tuple[T, int]:
+    """`attempt(batch_size)`, called again with half the batch size after each out-of-memory error
+    (the device cache emptied first, `on_halve` told the new size) until it succeeds; an
+    out-of-memory at batch size 1, or any other error, is raised. Returns (its result, the size
+    that worked)."""
+    while True:
+        try:
+            return attempt(batch_size), batch_size
+        except (torch.OutOfMemoryError, RuntimeError) as err:
+            if not is_out_of_memory(err) or batch_size == 1:
+                raise
+            batch_size = max(1, batch_size // 2)
+            if on_halve is not None:
+                on_halve(batch_size)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
+
 def run_batched(n: int, batch_size: int, step: Callable[[slice], None]) -> int:
-    """Call `step` on consecutive slices of range(n); halve the batch size on out-of-memory.
+    """Call `step` on consecutive slices of range(n); halve the batch size on out-of-memory (the
+    failed slice is retried, smaller; earlier slices are kept).
 
     Returns the batch size that worked, so callers can start there next time.
     """
     start = 0
     while start < n:
-        stop = min(start + batch_size, n)
-        try:
+
+        def attempt(size: int, start: int = start) -> int:
+            stop = min(start + size, n)
             step(slice(start, stop))
-        except (torch.OutOfMemoryError, RuntimeError) as err:
-            if not is_out_of_memory(err) or batch_size == 1:
-                raise
-            batch_size = max(1, batch_size // 2)
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            continue
-        start = stop
+            return stop
+
+        start, batch_size = halve_on_oom(batch_size, attempt)
     return batch_size
 
 

@@ -122,7 +122,7 @@ def build_sampler(conf: dict[str, Any]) -> ElboSampler:
         pipe = BUILDERS[family]()
     else:
         try:
-            pipe = load_pipeline(model_id, device, dtype)
+            pipe = load_pipeline(model_id, device, dtype, prepare=False)  # adapter_for prepares it
         except FileNotFoundError as err:
             raise GenerationError(str(err)) from None
     adapter = adapter_for(pipe, device, dtype, model.get("resolution"), model.get("max_sequence_length"))

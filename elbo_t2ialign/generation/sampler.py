@@ -24,16 +24,13 @@ from elbo_t2ialign.core.adapters.base import ModelAdapter, cat_cond
 from elbo_t2ialign.core.adapters.schedules import DDPMSchedule, FlowSchedule
 from elbo_t2ialign.generation.weighting import phrase_weights, token_positions, weight_conditioning
 
-# Guidance scale when the config leaves it null (PROTOCOL 7).
-DEFAULT_GUIDANCE = {"sd": 7.5, "sdxl": 5.0, "sd3": 7.0}
-
 
 def model_kind(adapter: ModelAdapter) -> str:
-    """"sd" (SD1.x/2.x-like UNet), "sdxl" (UNet with pooled text + time ids) or "sd3" (MMDiT)."""
-    if adapter.family == "unet":
-        return "sdxl" if getattr(adapter, "is_xl", False) else "sd"
-    if adapter.family == "mmdit":
-        return "sd3"
+    """"sd" (SD1.x/2.x-like UNet), "sdxl" (UNet with pooled text + time ids) or "sd3" (MMDiT), as the
+    adapter declares it; an adapter that declares none does not support generation."""
+    kind = adapter.generation_kind
+    if kind is not None:
+        return kind
     raise ValueError(
         f"ELBO-weighted generation supports the UNet family (SD1.x, SD2.x, SDXL) and SD3/SD3.5, "
         f"not the {adapter.family!r} family"
@@ -62,6 +59,10 @@ def euler_step(schedule: FlowSchedule, z: torch.Tensor, t: int, t_next: int, v: 
     return z + (sigma[1] - sigma[0]) * v
 
 
+# the step function of each schedule's `deterministic_sampler`
+STEPS = {"ddim": ddim_step, "euler": euler_step}
+
+
 @dataclass
 class SampleResult:
     image: Image.Image
@@ -79,16 +80,13 @@ class ElboSampler:
         self.adapter = adapter
         self.kind = model_kind(adapter)
         schedule = adapter.schedule
-        if isinstance(schedule, FlowSchedule):
-            self._step = euler_step
-        elif isinstance(schedule, DDPMSchedule):
-            self._step = ddim_step
-        else:
+        self._step = STEPS.get(schedule.deterministic_sampler)
+        if self._step is None:
             raise ValueError(f"no deterministic sampler for the {type(schedule).__name__} noise schedule "
                              "(DDIM needs a DDPM-family scheduler, Euler a flow-matching one)")
         self.steps = int(steps)
         self.timesteps = sampling_timesteps(schedule.num_train_timesteps, self.steps)
-        self.guidance = float(DEFAULT_GUIDANCE[self.kind] if guidance is None else guidance)
+        self.guidance = float(adapter.default_guidance if guidance is None else guidance)
         if strength <= 0:
             raise ValueError(f"strength must be positive, got {strength}")
         self.strength = float(strength)

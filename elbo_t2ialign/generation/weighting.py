@@ -17,6 +17,7 @@ from collections.abc import Sequence
 import torch
 
 from elbo_t2ialign.core.adapters.base import Cond, ModelAdapter
+from elbo_t2ialign.core.calibrate import find_subsequence
 
 log = logging.getLogger(__name__)
 
@@ -47,27 +48,6 @@ def compel_syntax(prompt: str, phrases: Sequence[str], weights: Sequence[float])
     return "".join(out + [prompt[cursor:]])
 
 
-def _find(seq: list[int], sub: list[int], start: int) -> int:
-    for i in range(start, len(seq) - len(sub) + 1):
-        if seq[i : i + len(sub)] == sub:
-            return i
-    return -1
-
-
-def _text_blocks(adapter: ModelAdapter) -> list[tuple[str, object, int, int, bool]]:
-    """(name, tokenizer, offset, length, required) of each block of `encoder_hidden_states`' sequence."""
-    pipe = adapter.pipe
-    clip = pipe.tokenizer
-    if adapter.family == "unet":  # SD1.x/2.x/SDXL: one CLIP sequence (SDXL's encoders share tokens)
-        return [("CLIP", clip, 0, int(clip.model_max_length), True)]
-    if adapter.family == "mmdit":  # SD3: [CLIP-L|CLIP-G (77); T5 (max_sequence_length)]
-        blocks = [("CLIP", clip, 0, int(clip.model_max_length), True)]
-        if getattr(pipe, "tokenizer_3", None) is not None:
-            blocks.append(("T5", pipe.tokenizer_3, int(clip.model_max_length), adapter.max_sequence_length, False))
-        return blocks
-    raise ValueError(f"prompt weighting supports the unet and mmdit families, not {adapter.family!r}")
-
-
 def token_positions(adapter: ModelAdapter, prompt: str, phrases: Sequence[str]) -> list[list[int]]:
     """For each phrase, its positions along `encoder_hidden_states`' sequence axis.
 
@@ -77,12 +57,12 @@ def token_positions(adapter: ModelAdapter, prompt: str, phrases: Sequence[str]) 
     warning.
     """
     positions: list[list[int]] = [[] for _ in phrases]
-    for name, tokenizer, offset, length, required in _text_blocks(adapter):
+    for name, tokenizer, offset, length, required in adapter.text_blocks():
         ids = list(tokenizer(prompt, add_special_tokens=True, truncation=False).input_ids)
         cursor = 0
         for k, phrase in enumerate(phrases):
             sub = list(tokenizer(phrase, add_special_tokens=False, truncation=False).input_ids)
-            start = _find(ids, sub, cursor) if sub else -1
+            start = find_subsequence(ids, sub, cursor) if sub else -1
             if start < 0:
                 msg = (f"cannot locate phrase {phrase!r} in the {name} tokens of prompt {prompt!r} "
                        f"(phrase tokens {sub}, prompt tokens {ids})")

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from elbo_t2ialign.cli import check_device, check_integer, check_known
+from elbo_t2ialign.core.adapters import resolve_device
 from elbo_t2ialign.core.options import AlignOptions
 
 TOP_KEYS = {
@@ -76,7 +77,7 @@ def validate(cfg: dict[str, Any]) -> AlignOptions:
     if not isinstance(cfg.get("progress", True), bool):
         raise ConfigError(f"progress must be true or false, got {cfg.get('progress')!r}")
     parse_shard(cfg.get("shard"))
-    resolve_device(cfg.get("device"))
+    resolve_rank_device(cfg.get("device"))
     try:
         return AlignOptions.from_mapping(cfg.get("elbo"))
     except (TypeError, ValueError) as err:
@@ -98,17 +99,17 @@ def parse_shard(spec: Any, env: dict[str, str] | None = None) -> Shard:
     return Shard(index, count)
 
 
-def resolve_device(name: str | None, env: dict[str, str] | None = None) -> str:
-    """'auto' -> cuda (this process's local rank) when available, else cpu."""
+def resolve_rank_device(name: str | None, env: dict[str, str] | None = None) -> str:
+    """The device of this process in a (possibly sharded) run, as a name: unlike the core's
+    `resolve_device`, 'auto' (or empty) picks this process's own GPU, `LOCAL_RANK` as `accelerate
+    launch` sets it, so that shards do not share one GPU; other names are checked (ConfigError)."""
     import torch
 
     env = os.environ if env is None else env
-    if name in (None, "", "auto"):
-        if not torch.cuda.is_available():
-            return "cpu"
+    if name in (None, "", "auto") and torch.cuda.is_available():
         return f"cuda:{int(env.get('LOCAL_RANK', '0')) % torch.cuda.device_count()}"
     check_device(name, ConfigError)
-    return str(torch.device(name))
+    return str(resolve_device(None if name == "" else name))
 
 
 def result_fingerprint(cfg: dict[str, Any]) -> dict[str, Any]:

@@ -36,7 +36,7 @@ from elbo_t2ialign.segmentation.config import (
     InputError,
     Shard,
     parse_shard,
-    resolve_device,
+    resolve_rank_device,
     result_fingerprint,
     validate,
 )
@@ -124,7 +124,7 @@ def build_aligner(conf: dict[str, Any], options: AlignOptions) -> HeatmapAligner
     """The real model (imported lazily: a finished run needs no model)."""
     from elbo_t2ialign import Aligner
 
-    device = resolve_device(conf.get("device"))
+    device = resolve_rank_device(conf.get("device"))
     log.info("loading model %s (%s) on %s", conf["model"]["name"], conf["model"]["id"], device)
     try:
         return Aligner.from_config(conf["model"], options=options, device=device)

@@ -55,9 +55,11 @@ def prepare_pipeline(pipe, device: torch.device, dtype: torch.dtype):
     return pipe
 
 
-def load_pipeline(model_id: str, device: torch.device, dtype: torch.dtype):
+def load_pipeline(model_id: str, device: torch.device, dtype: torch.dtype, prepare: bool = True):
     """A diffusers pipeline from a hub id or a local folder (relative: from the working directory, else
-    from the repository root), with a clear message when it is unreachable."""
+    from the repository root), with a clear message when it is unreachable. Prepared for `device` and
+    `dtype` (`prepare_pipeline`), unless `prepare=False`: for a pipeline that goes straight to
+    `adapter_for`, which prepares every pipeline it wraps, so that it is prepared once."""
     from diffusers import DiffusionPipeline
 
     local = Path(model_id).expanduser()
@@ -76,12 +78,13 @@ def load_pipeline(model_id: str, device: torch.device, dtype: torch.dtype):
             f"(`hf download {model_id} --local-dir <folder>`) and pass that folder instead, e.g. "
             "Aligner.from_pretrained('<folder>') or model.id=<folder> on the command line."
         ) from err
-    return prepare_pipeline(pipe, device, dtype)
+    return prepare_pipeline(pipe, device, dtype) if prepare else pipe
 
 
 def adapter_for(pipe, device: torch.device, dtype: torch.dtype, resolution: int | None = None,
                 max_sequence_length: int | None = None) -> ModelAdapter:
-    """The adapter of the pipeline's architecture family, chosen from its denoiser component."""
+    """The adapter of the pipeline's architecture family, chosen from its denoiser component; the
+    pipeline is prepared for `device` and `dtype` first (`prepare_pipeline`)."""
     prepare_pipeline(pipe, device, dtype)
     if getattr(pipe, "unet", None) is not None:
         return UNetAdapter(pipe, device, dtype, resolution, max_sequence_length)

@@ -8,6 +8,8 @@ kind, order and resolution. Everything above the adapters is family-agnostic.
 
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
 import numpy as np
 import torch
 from PIL import Image
@@ -16,6 +18,17 @@ from elbo_t2ialign.core.adapters.schedules import NoiseSchedule
 from elbo_t2ialign.core.capture import AttentionRecorder, LayerInfo
 
 Cond = dict[str, torch.Tensor]  # conditioning tensors, batch dimension first
+
+
+class TextBlock(NamedTuple):
+    """One block of the `encoder_hidden_states` sequence: the tokenizer whose ids fill it, where it
+    starts, how many positions it has, and whether a phrase must be found in it."""
+
+    name: str
+    tokenizer: Any
+    offset: int
+    length: int
+    required: bool
 
 
 def cat_cond(conds: list[Cond]) -> Cond:
@@ -90,6 +103,14 @@ class ModelAdapter:
     def text_length(self) -> int:
         """Number of text tokens (keys) the denoiser attends to."""
         raise NotImplementedError
+
+    # ---- ELBO-weighted generation (PROTOCOL 7); families that do not support it keep these
+    generation_kind: str | None = None  # "sd", "sdxl" or "sd3": the model kind the generation protocol names
+    default_guidance: float | None = None  # guidance scale when the generation config leaves it null
+
+    def text_blocks(self) -> list[TextBlock]:
+        """The blocks of `encoder_hidden_states`' sequence, in order, for per-token prompt weighting."""
+        raise ValueError(f"prompt weighting supports the unet and mmdit families, not {self.family!r}")
 
     # ---- shared
     def default_resolution(self) -> int:

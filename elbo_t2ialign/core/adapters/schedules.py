@@ -17,6 +17,8 @@ class NoiseSchedule:
     """z_t = a_t * z0 + b_t * eps; the loss compares `target` with `to_target(pred)`."""
 
     num_train_timesteps: int = 1000
+    # the deterministic sampler generation uses with this schedule: "ddim", "euler", or None (none)
+    deterministic_sampler: str | None = None
 
     def coefficients(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(a_t, b_t), each (B,) float32 on t's device."""
@@ -48,6 +50,8 @@ def _bcast(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 class DDPMSchedule(NoiseSchedule):
     """Variance-preserving DDPM family: epsilon, v-prediction and sample models; eps is the target."""
 
+    deterministic_sampler = "ddim"
+
     def __init__(self, alphas_cumprod: torch.Tensor, prediction_type: str = "epsilon"):
         if prediction_type not in ("epsilon", "v_prediction", "sample"):
             raise ValueError(
@@ -72,6 +76,8 @@ class DDPMSchedule(NoiseSchedule):
 
 class FlowSchedule(NoiseSchedule):
     """Rectified flow (SD3, FLUX): z_t = (1 - sigma) z0 + sigma eps, target eps - z0."""
+
+    deterministic_sampler = "euler"
 
     def __init__(self, sigmas: torch.Tensor, num_train_timesteps: int = 1000, timestep_scale: float = 1.0):
         # sigmas[t]: noise level at training index t, ascending in t.

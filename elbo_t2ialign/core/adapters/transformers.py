@@ -8,7 +8,7 @@ import re
 
 import torch
 
-from elbo_t2ialign.core.adapters.base import Cond, ModelAdapter
+from elbo_t2ialign.core.adapters.base import Cond, ModelAdapter, TextBlock
 from elbo_t2ialign.core.adapters.schedules import FlowSchedule, NoiseSchedule, schedule_from_scheduler
 from elbo_t2ialign.core.capture import (
     CaptureAttnProcessor,
@@ -55,6 +55,8 @@ class MMDiTAdapter(_TransformerAdapter):
     family = "mmdit"
     capture_processor = CaptureJointAttnProcessor
     max_sequence_length = 256
+    generation_kind = "sd3"
+    default_guidance = 7.0
 
     @property
     def attention_tokenizer(self):
@@ -63,6 +65,16 @@ class MMDiTAdapter(_TransformerAdapter):
     @property
     def text_length(self) -> int:
         return int(self.pipe.tokenizer.model_max_length) + self.max_sequence_length
+
+    def text_blocks(self) -> list[TextBlock]:
+        """[CLIP-L|CLIP-G (77); T5 (max_sequence_length)]; a phrase T5 splits differently in context
+        may be missing from the T5 block (not required)."""
+        clip = self.pipe.tokenizer
+        blocks = [TextBlock("CLIP", clip, 0, int(clip.model_max_length), True)]
+        if getattr(self.pipe, "tokenizer_3", None) is not None:
+            blocks.append(TextBlock("T5", self.pipe.tokenizer_3, int(clip.model_max_length),
+                                    self.max_sequence_length, False))
+        return blocks
 
     def build_schedule(self) -> NoiseSchedule:
         return FlowSchedule.from_scheduler_config(self.pipe.scheduler.config, image_seq_len=self.grid**2,

@@ -8,7 +8,7 @@ import re
 
 import torch
 
-from elbo_t2ialign.core.adapters.base import Cond, ModelAdapter
+from elbo_t2ialign.core.adapters.base import Cond, ModelAdapter, TextBlock
 from elbo_t2ialign.core.adapters.schedules import NoiseSchedule, schedule_from_scheduler
 from elbo_t2ialign.core.capture import CaptureAttnProcessor, LayerInfo
 
@@ -37,6 +37,19 @@ class UNetAdapter(ModelAdapter):
     @property
     def text_length(self) -> int:
         return int(self.pipe.tokenizer.model_max_length)
+
+    @property
+    def generation_kind(self) -> str:
+        return "sdxl" if self.is_xl else "sd"
+
+    @property
+    def default_guidance(self) -> float:
+        return 5.0 if self.is_xl else 7.5
+
+    def text_blocks(self) -> list[TextBlock]:
+        """One CLIP sequence (SDXL's two encoders share its tokens)."""
+        clip = self.pipe.tokenizer
+        return [TextBlock("CLIP", clip, 0, int(clip.model_max_length), True)]
 
     def build_schedule(self) -> NoiseSchedule:
         return schedule_from_scheduler(self.pipe.scheduler)
