@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from elbo_t2ialign.core import calibrate
+from elbo_t2ialign.core import calibrate, capture
 from elbo_t2ialign.core.capture import LayerInfo
 from elbo_t2ialign.devtools.tokenizers import build_clip_tokenizer
 
@@ -27,7 +27,7 @@ def _sd15_like_layers():
 
 
 def test_gaussian_weights_sd15():
-    w = calibrate.gaussian_layer_weights(_sd15_like_layers(), sigma=3.0)
+    w = capture.gaussian_layer_weights(_sd15_like_layers(), sigma=3.0)
     raw = np.exp(-((np.arange(16) - 6.0) ** 2) / 18.0)
     expected = raw / raw.sum() * 16
     np.testing.assert_allclose([w[f"l{i}"] for i in range(16)], expected, rtol=1e-12)
@@ -36,21 +36,21 @@ def test_gaussian_weights_sd15():
 
 def test_gaussian_centre_without_mid_block():
     layers = [LayerInfo(f"l{i}", "joint", i, 64, "stack") for i in range(24)]
-    w = calibrate.gaussian_layer_weights(layers, 3.0)
+    w = capture.gaussian_layer_weights(layers, 3.0)
     assert math.isclose(w["l11"], w["l12"]) and w["l11"] > w["l10"]
 
 
 def test_stage_weights_sd15_and_wrong_length():
-    w = calibrate.stage_layer_weights(_sd15_like_layers(), [1, 1, 10, 15, 10, 1, 1], "cross")
+    w = capture.stage_layer_weights(_sd15_like_layers(), [1, 1, 10, 15, 10, 1, 1], "cross")
     assert [w[f"l{i}"] for i in range(16)] == [1, 1, 1, 1, 10, 10, 15, 10, 10, 10, 1, 1, 1, 1, 1, 1]
     with pytest.raises(ValueError, match="7 resolution stages"):
-        calibrate.stage_layer_weights(_sd15_like_layers(), [1, 2, 3], "cross")
+        capture.stage_layer_weights(_sd15_like_layers(), [1, 2, 3], "cross")
 
 
 def test_self_weights_first_last():
     layers = [LayerInfo(x.name, "self", x.order, x.resolution, x.path) for x in _sd15_like_layers()]
-    w1 = calibrate.self_stage_weights(layers, "first_last")
-    w2 = calibrate.self_stage_weights(layers, "last")
+    w1 = capture.self_stage_weights(layers, "first_last")
+    w2 = capture.self_stage_weights(layers, "last")
     assert [w1[f"l{i}"] for i in range(16)] == [1, 1] + [0] * 11 + [1, 1, 1]
     assert [w2[f"l{i}"] for i in range(16)] == [0] * 13 + [1, 1, 1]
 

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from elbo_t2ialign.core import calibrate, elbo
+from elbo_t2ialign.core import calibrate, capture, elbo
 from elbo_t2ialign.core.adapters import (
     ModelAdapter,
     adapter_for,
@@ -104,7 +104,7 @@ class Aligner:
         self.options = options or AlignOptions()
         self._fitted_batch = self.options.batch_size  # lowered for good after an out-of-memory
         self.layers = adapter.attention_layers()
-        self._weights = self._layer_weights()
+        self._weights = capture.layer_weights(self.layers, self.options)
 
     # ------------------------------------------------------------ loading
     @classmethod
@@ -202,7 +202,7 @@ class Aligner:
             values = self._elbo_losses(z0, conds, opts.elbo_timesteps, elbo_noise, self._batch(opts))
             losses = dict(zip(names, values, strict=True))
 
-        weights = self._weights if opts is self.options else self._layer_weights(opts)
+        weights = self._weights if opts is self.options else capture.layer_weights(self.layers, opts)
         rec = self._collect(z0, collect_prompt, collect_noise, opts, weights)
         cross = calibrate.class_cross_maps(rec.mean("cross"), positions)
         s1 = rec.mean("self1") if opts.refine and "self1" in rec.sums else None
@@ -253,18 +253,6 @@ class Aligner:
         collect = torch.randn((len(opts.collect_timesteps), *shape), generator=gen)
         elbo = torch.randn((len(opts.elbo_timesteps), *shape), generator=gen)
         return collect, elbo
-
-    def _layer_weights(self, opts: AlignOptions | None = None) -> dict[str, dict[str, float]]:
-        opts = opts or self.options
-        if opts.gaussian_sigma > 0:
-            cross = calibrate.gaussian_layer_weights(self.layers, opts.gaussian_sigma)
-        else:
-            cross = calibrate.stage_layer_weights(self.layers, opts.cross_stage_weights, "cross")
-        weights = {"cross": cross}
-        if opts.refine:
-            weights["self1"] = calibrate.self_stage_weights(self.layers, opts.self_weights_1)
-            weights["self2"] = calibrate.self_stage_weights(self.layers, opts.self_weights_2)
-        return weights
 
     def _elbo_losses(self, z0: torch.Tensor, conds, timesteps: Sequence[int], noise: torch.Tensor,
                      batch: int) -> list[float]:

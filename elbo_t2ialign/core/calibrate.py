@@ -1,16 +1,13 @@
-"""Calibration (PROTOCOL 4-5): class token positions, layer weights, the
-ELBO exponent, self-attention refinement and image-sized heatmaps."""
+"""Calibration (PROTOCOL 3.5-5): class token positions, the ELBO exponent, self-attention
+refinement and image-sized heatmaps."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-
-from elbo_t2ialign.core.capture import LayerInfo, stage_index
 
 # ---------------------------------------------------------------- tokens
 
@@ -74,51 +71,6 @@ def class_token_positions(token_ids, prompt: str, names: Sequence[str], start: i
         out[name] = pos
         cursor = pos[-1] + 1
     return out
-
-
-# --------------------------------------------------------------- weights
-
-
-def gaussian_layer_weights(layers: list[LayerInfo], sigma: float) -> dict[str, float]:
-    """w_l = exp(-(l - l_mid)^2 / (2 sigma^2)) over the cross-carrying layers, renormalised to sum
-    to their count. l_mid = (#down cross layers) + (#mid cross layers - 1) / 2, or the stack centre."""
-    cross = sorted((layer for layer in layers if layer.has_cross), key=lambda x: x.order)
-    n_down = sum(layer.path == "down" for layer in cross)
-    n_mid = sum(layer.path == "mid" for layer in cross)
-    l_mid = n_down + (n_mid - 1) / 2 if n_mid else (len(cross) - 1) / 2
-    raw = [math.exp(-((i - l_mid) ** 2) / (2 * sigma**2)) for i in range(len(cross))]
-    scale = len(cross) / sum(raw)
-    return {layer.name: w * scale for layer, w in zip(cross, raw, strict=True)}
-
-
-def stage_layer_weights(layers: list[LayerInfo], stage_weights: Sequence[float], block: str) -> dict[str, float]:
-    """One weight per resolution stage (stages counted over the layers that carry `block`)."""
-    carrying = [layer for layer in layers if (layer.has_cross if block == "cross" else layer.has_self)]
-    stages = stage_index(carrying)
-    n_stages = max(stages.values()) + 1
-    if len(stage_weights) != n_stages:
-        raise ValueError(
-            f"{len(stage_weights)} stage weights given but this model's {block}-attention layers form "
-            f"{n_stages} resolution stages ({sorted({x.resolution for x in carrying}, reverse=True)} ...); "
-            f"give {n_stages} weights"
-        )
-    return {layer.name: float(stage_weights[stages[layer.name]]) for layer in carrying}
-
-
-def self_stage_weights(layers: list[LayerInfo], spec) -> dict[str, float]:
-    """Self-attention refinement weights. "first_last": the first and last stage (the finest
-    resolution of the down and up paths in a UNet; all layers of a one-stage transformer);
-    "last": the last stage; or an explicit per-stage list."""
-    carrying = [layer for layer in layers if layer.has_self]
-    if not carrying:
-        return {}
-    n_stages = max(stage_index(carrying).values()) + 1
-    if isinstance(spec, str):
-        chosen = {"first_last": {0, n_stages - 1}, "last": {n_stages - 1}}.get(spec)
-        if chosen is None:
-            raise ValueError(f"unknown self-attention weight spec {spec!r}; use first_last, last or a list")
-        spec = [1.0 if s in chosen else 0.0 for s in range(n_stages)]
-    return stage_layer_weights(layers, list(spec), "self")
 
 
 # ------------------------------------------------------------- calibration
