@@ -89,6 +89,12 @@ class RunFolder:
         stem, suffix = self.log_name.rsplit(".", 1)
         return self.root / f"{stem}{shard_tag}.{suffix}"
 
+    def launch_files(self) -> list[str]:
+        """Glob patterns of what every launch writes before any result."""
+        stem, suffix = self.log_name.rsplit(".", 1)
+        return [self.config.name, self.run_info.name, self.launches.name, self.identity.name, ".lock*",
+                f"{stem}*.{suffix}"]
+
 
 @dataclass
 class Launch:
@@ -99,7 +105,7 @@ class Launch:
     identity: dict[str, Any]  # what produced the outputs (identity.json)
     run_info: dict[str, Any]  # run.json of the first launch (git revision and "created" are added)
     details: dict[str, Any]  # this launch's line of launches.jsonl (time, argv, host, pid, git are added)
-    own_files: list[str]  # what a launch writes before any result (removed when a first launch fails)
+    own_files: list[str]  # files of the experiment written before any result (glob patterns)
     error: type[Exception]  # raised for a folder that contradicts this launch
     shard_tag: str = ""  # "" or ".shard<i>-of-<n>": lock and log of this shard
     conflicts: tuple[str, ...] = ()  # other locks that must not be held meanwhile
@@ -135,7 +141,7 @@ def launch(folder: RunFolder, spec: Launch) -> Iterator[None]:
             handler.close()
         lock.release()
         if fresh and not ok:
-            discard_fresh(folder.root, spec.own_files)
+            discard_fresh(folder.root, folder.launch_files() + spec.own_files)
 
 
 # ------------------------------------------------------------------ lock

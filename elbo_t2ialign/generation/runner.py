@@ -42,8 +42,8 @@ from elbo_t2ialign.runfolder import (
 )
 
 log = logging.getLogger(__name__)
-# what a launch writes into a new folder before any image (removed when that launch fails)
-OWN_FILES = ["config.yaml", "run.json", "launches.jsonl", "identity.json", "generate.log", "prompts.json", ".lock"]
+# written by a launch before any result, besides RunFolder.launch_files() (removed when a first launch fails)
+OWN_FILES = ["prompts.json"]
 
 
 def run(cfg: Any, sampler: ElboSampler | None = None, extractor: PhraseExtractor | None = None) -> Path:

@@ -52,8 +52,8 @@ from elbo_t2ialign.segmentation.variants import (
 )
 
 log = logging.getLogger(__name__)
-# what a launch writes into a new folder before any image (removed when that launch fails)
-OWN_FILES = ["config.yaml", "run.json", "launches.jsonl", "identity.json", "variants.json", "segment*.log", ".lock*"]
+# written by a launch before any result, besides RunFolder.launch_files() (removed when a first launch fails)
+OWN_FILES = ["variants.json"]
 
 
 class HeatmapAligner(Protocol):

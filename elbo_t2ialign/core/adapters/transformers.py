@@ -95,7 +95,18 @@ class MMDiTAdapter(_TransformerAdapter):
         return self._layers(lambda name, module: "joint" if module.add_q_proj is not None else "self")
 
 
-class FluxAdapter(_TransformerAdapter):
+class _T5TextAdapter(_TransformerAdapter):
+    """The denoiser attends to T5 tokens only, `max_sequence_length` of them, padding included."""
+
+    @property
+    def text_length(self) -> int:
+        return self.max_sequence_length
+
+    def max_prompt_tokens(self) -> int:
+        return self.max_sequence_length
+
+
+class FluxAdapter(_T5TextAdapter):
     """FLUX.1: sequence [text; image] (T5 tokens), 2x2-packed latents, RoPE, single-stream blocks."""
 
     family = "flux"
@@ -110,13 +121,6 @@ class FluxAdapter(_TransformerAdapter):
     @property
     def attention_tokenizer(self):
         return self.pipe.tokenizer_2  # T5: the only text the transformer attends to
-
-    @property
-    def text_length(self) -> int:
-        return self.max_sequence_length
-
-    def max_prompt_tokens(self) -> int:
-        return self.max_sequence_length
 
     def default_resolution(self) -> int:
         return int(getattr(self.pipe, "default_sample_size", 128)) * self.vae_scale_factor
@@ -153,7 +157,7 @@ class FluxAdapter(_TransformerAdapter):
         return self._layers(lambda name, module: "joint")
 
 
-class PixArtAdapter(_TransformerAdapter):
+class PixArtAdapter(_T5TextAdapter):
     """PixArt-Sigma: DiT blocks with self-attention (attn1) and T5 cross-attention (attn2)."""
 
     family = "pixart"
@@ -163,13 +167,6 @@ class PixArtAdapter(_TransformerAdapter):
     @property
     def attention_tokenizer(self):
         return self.pipe.tokenizer
-
-    @property
-    def text_length(self) -> int:
-        return self.max_sequence_length
-
-    def max_prompt_tokens(self) -> int:
-        return self.max_sequence_length
 
     def build_schedule(self) -> NoiseSchedule:
         return schedule_from_scheduler(self.pipe.scheduler)
