@@ -63,28 +63,6 @@ def image_digest(image: Image.Image | str | Path | np.ndarray) -> str:
 # ---------------------------------------------------------------- BLIP
 
 
-def tiny_blip(seed: int = 0):
-    """(model, processor) of a random BLIP captioner for 32-px inputs, built in code, offline."""
-    import torch
-    from transformers import BlipConfig, BlipForConditionalGeneration, BlipImageProcessor, BlipProcessor
-
-    from elbo_t2ialign.devtools.tiny import WORDS
-    from elbo_t2ialign.devtools.tokenizers import build_bert_tokenizer
-    from elbo_t2ialign.testbed.world import VOCABULARY
-
-    tok = build_bert_tokenizer([*VOCABULARY, *WORDS])
-    text = dict(vocab_size=len(tok), hidden_size=32, encoder_hidden_size=32, intermediate_size=64,
-                num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=tok.model_max_length,
-                bos_token_id=tok.bos_token_id, eos_token_id=tok.sep_token_id, pad_token_id=tok.pad_token_id,
-                sep_token_id=tok.sep_token_id)
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                  image_size=32, patch_size=8)
-    torch.manual_seed(seed)
-    model = BlipForConditionalGeneration(BlipConfig(text_config=text, vision_config=vision, projection_dim=16))
-    processor = BlipProcessor(image_processor=BlipImageProcessor(size={"height": 32, "width": 32}), tokenizer=tok)
-    return model.eval(), processor
-
-
 class BlipCaptioner:
     """BLIP image captioning (`BlipForConditionalGeneration`), optionally continuing a prompt."""
 
@@ -108,6 +86,8 @@ class BlipCaptioner:
 
         dev = resolve_device(device)
         if model_id == "tiny":
+            from elbo_t2ialign.devtools.tiny import tiny_blip
+
             model, processor = tiny_blip()
             return cls(model, processor, "tiny", device=dev, **settings)
         from transformers import BlipForConditionalGeneration, BlipProcessor

@@ -14,7 +14,8 @@ from PIL import Image
 from transformers import BlipForConditionalGeneration, BlipProcessor
 
 from elbo_t2ialign import captions
-from elbo_t2ialign.captions import BlipCaptioner, CaptionCache, CaptionError, ChatCaptioner, tiny_blip
+from elbo_t2ialign.captions import BlipCaptioner, CaptionCache, CaptionError, ChatCaptioner
+from elbo_t2ialign.devtools.tiny import tiny_blip
 
 
 def _rgb(seed=0, w=24, h=20):

@@ -6,7 +6,8 @@ import json
 import pytest
 from test_gen_clipscore import fake_run
 
-from elbo_t2ialign.generation.clipscore import DEFAULT_CLIP, ClipScoreError, ClipScorer, tiny_clip
+from elbo_t2ialign.devtools.tiny import tiny_clip
+from elbo_t2ialign.generation.clipscore import DEFAULT_CLIP, ClipScoreError, ClipScorer
 from elbo_t2ialign.generation.evaluate import main
 
 

@@ -7,7 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from elbo_t2ialign.generation.clipscore import ClipScoreError, ClipScorer, tiny_clip
+from elbo_t2ialign.devtools.tiny import tiny_clip
+from elbo_t2ialign.generation.clipscore import ClipScoreError, ClipScorer
 from elbo_t2ialign.generation.config import GenerationError, read_prompts
 from elbo_t2ialign.generation.evaluate import EvaluationError, evaluate, main
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from elbo_t2ialign.devtools.tokenizers import build_clip_tokenizer, build_word_tokenizer
+from elbo_t2ialign.devtools.tokenizers import build_bert_tokenizer, build_clip_tokenizer, build_word_tokenizer
 
 WORDS = ["a", "photo", "of", "and", "the", "cat", "dog", "bird", "car", "plant", "person", "red", "blue",
          "green", "circle", "square", "triangle", "on", "with", "sofa", "table"]
@@ -154,3 +154,42 @@ def tiny_pixart(seed: int = 0):
 
 
 BUILDERS = {"sd": tiny_sd, "sdxl": tiny_sdxl, "sd3": tiny_sd3, "flux": tiny_flux, "pixart": tiny_pixart}
+
+
+# ------------------------------------------------ scorers and captioners
+
+
+def tiny_clip(seed: int = 0):
+    """(model, tokenizer, image processor) of a random 32-px CLIP built in code, offline."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    tok = build_clip_tokenizer(WORDS)
+    text = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=4, max_position_embeddings=tok.model_max_length,
+                bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    vision = dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4)
+    torch.manual_seed(seed)
+    model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).eval()
+    processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    return model, tok, processor
+
+
+def tiny_blip(seed: int = 0):
+    """(model, processor) of a random BLIP captioner for 32-px inputs, built in code, offline."""
+    import torch
+    from transformers import BlipConfig, BlipForConditionalGeneration, BlipImageProcessor, BlipProcessor
+
+    from elbo_t2ialign.testbed.world import VOCABULARY
+
+    tok = build_bert_tokenizer([*VOCABULARY, *WORDS])
+    text = dict(vocab_size=len(tok), hidden_size=32, encoder_hidden_size=32, intermediate_size=64,
+                num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=tok.model_max_length,
+                bos_token_id=tok.bos_token_id, eos_token_id=tok.sep_token_id, pad_token_id=tok.pad_token_id,
+                sep_token_id=tok.sep_token_id)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  image_size=32, patch_size=8)
+    torch.manual_seed(seed)
+    model = BlipForConditionalGeneration(BlipConfig(text_config=text, vision_config=vision, projection_dim=16))
+    processor = BlipProcessor(image_processor=BlipImageProcessor(size={"height": 32, "width": 32}), tokenizer=tok)
+    return model.eval(), processor

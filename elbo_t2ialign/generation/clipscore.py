@@ -16,8 +16,6 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from elbo_t2ialign.devtools.tiny import WORDS
-
 log = logging.getLogger(__name__)
 
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"
@@ -25,24 +23,6 @@ DEFAULT_CLIP = "openai/clip-vit-base-patch32"
 
 class ClipScoreError(Exception):
     """A model, prompt or image the CLIP score cannot use."""
-
-
-def tiny_clip(seed: int = 0):
-    """(model, tokenizer, image processor) of a random 32-px CLIP built in code, offline."""
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
-
-    from elbo_t2ialign.devtools.tokenizers import build_clip_tokenizer
-
-    tok = build_clip_tokenizer(WORDS)
-    text = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                num_attention_heads=4, max_position_embeddings=tok.model_max_length,
-                bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    vision = dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                  num_attention_heads=4)
-    torch.manual_seed(seed)
-    model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).eval()
-    processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    return model, tok, processor
 
 
 class ClipScorer:
@@ -63,7 +43,9 @@ class ClipScorer:
     def from_pretrained(cls, model_id: str = DEFAULT_CLIP, device: str | torch.device = "cpu",
                         **kwargs) -> ClipScorer:
         """A CLIP hub id or local folder, or "tiny"; unreachable models fail with what to do."""
-        if model_id == "tiny":
+        if model_id == "tiny":  # a random CLIP built in code, for tests and offline smoke runs
+            from elbo_t2ialign.devtools.tiny import tiny_clip
+
             return cls(*tiny_clip(), device=device, name="tiny", **kwargs)
         from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer
 
