@@ -15,3 +15,36 @@ def test_every_function_in_the_protocol_table_exists():
         for part in qualname.split("."):
             obj = getattr(obj, part)  # AttributeError names the stale entry
         assert callable(obj), f"{module_name}:{qualname} is not a function or class"
+
+
+PACKAGE = Path(__file__).resolve().parents[1] / "elbo_t2ialign"
+
+
+def _package_imports(path: Path) -> list[tuple[str, bool]]:
+    """(imported elbo_t2ialign module, at module level?) of every import in a file."""
+    import ast
+
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    top = {id(node) for node in tree.body}
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("elbo_t2ialign"):
+            found += [(f"{node.module}.{a.name}" if node.module == "elbo_t2ialign" else node.module, id(node) in top)
+                      for a in node.names]
+        elif isinstance(node, ast.Import):
+            found += [(a.name, id(node) in top) for a in node.names if a.name.startswith("elbo_t2ialign")]
+    return found
+
+
+def test_imports_go_one_way():
+    """The core imports only the core (plotting is loaded by HeatmapResult.plot when called); user
+    modules load developer tools only inside the functions that build tiny models."""
+    core = list((PACKAGE / "core").rglob("*.py"))
+    assert len(core) >= 10
+    for path in core:
+        for module, _ in _package_imports(path):
+            assert module.startswith("elbo_t2ialign.core") or module == "elbo_t2ialign.plotting", (path, module)
+    users = [p for p in PACKAGE.rglob("*.py") if not {"devtools", "testbed"} & set(p.relative_to(PACKAGE).parts)]
+    for path in users:
+        for module, top_level in _package_imports(path):
+            assert not (module.startswith("elbo_t2ialign.devtools") and top_level), (path, module)
