@@ -66,8 +66,16 @@ def image_digest(image: Image.Image | str | Path | np.ndarray) -> str:
 class BlipCaptioner:
     """BLIP image captioning (`BlipForConditionalGeneration`), optionally continuing a prompt."""
 
-    def __init__(self, model, processor, name: str, prompt: str | None = BLIP_PROMPT, max_new_tokens: int = 30,
-                 num_beams: int = 1, device: Any = "cpu"):
+    def __init__(
+        self,
+        model,
+        processor,
+        name: str,
+        prompt: str | None = BLIP_PROMPT,
+        max_new_tokens: int = 30,
+        num_beams: int = 1,
+        device: Any = "cpu",
+    ):
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise CaptionError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
         if not isinstance(num_beams, int) or num_beams < 1:
@@ -75,12 +83,19 @@ class BlipCaptioner:
         self.model = model.to(device).eval()
         self.processor = processor
         self.prompt = prompt or None
-        self.settings = {"backend": "blip", "model": name, "prompt": self.prompt, "max_new_tokens": max_new_tokens,
-                         "num_beams": num_beams, "dtype": str(model.dtype).removeprefix("torch.")}
+        self.settings = {
+            "backend": "blip",
+            "model": name,
+            "prompt": self.prompt,
+            "max_new_tokens": max_new_tokens,
+            "num_beams": num_beams,
+            "dtype": str(model.dtype).removeprefix("torch."),
+        }
 
     @classmethod
-    def from_pretrained(cls, model_id: str = DEFAULT_BLIP, device: Any = "cpu", dtype: str = "float32",
-                        **settings: Any) -> BlipCaptioner:
+    def from_pretrained(
+        cls, model_id: str = DEFAULT_BLIP, device: Any = "cpu", dtype: str = "float32", **settings: Any
+    ) -> BlipCaptioner:
         """A hub id, a local BLIP folder, or "tiny"; an unreachable model fails with what to do."""
         from elbo_t2ialign.core.adapters import resolve_device, resolve_dtype
 
@@ -113,8 +128,9 @@ class BlipCaptioner:
         inputs = inputs.to(self.model.device)
         inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
         with torch.no_grad():
-            out = self.model.generate(**inputs, max_new_tokens=self.settings["max_new_tokens"],
-                                      num_beams=self.settings["num_beams"])
+            out = self.model.generate(
+                **inputs, max_new_tokens=self.settings["max_new_tokens"], num_beams=self.settings["num_beams"]
+            )
         return one_line(self.processor.decode(out[0], skip_special_tokens=True))
 
 
@@ -125,8 +141,12 @@ PostJson = Callable[[str, dict[str, Any], dict[str, str], float], Any]
 
 def post_json(url: str, payload: dict[str, Any], headers: dict[str, str], timeout: float) -> Any:
     """POST a JSON body, return the decoded JSON answer; network and HTTP failures as CaptionError."""
-    request = urllib.request.Request(url, data=json.dumps(payload).encode("utf-8"), method="POST",
-                                     headers={"Content-Type": "application/json", **headers})
+    request = urllib.request.Request(
+        url,
+        data=json.dumps(payload).encode("utf-8"),
+        method="POST",
+        headers={"Content-Type": "application/json", **headers},
+    )
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             body = response.read()
@@ -134,8 +154,9 @@ def post_json(url: str, payload: dict[str, Any], headers: dict[str, str], timeou
         detail = one_line(err.read().decode("utf-8", errors="replace"))[:300]
         raise CaptionError(f"{url} answered HTTP {err.code}: {detail}") from None
     except (urllib.error.URLError, OSError) as err:
-        raise CaptionError(f"cannot reach {url} ({one_line(getattr(err, 'reason', err))}); "
-                           "check caption.url and the network") from None
+        raise CaptionError(
+            f"cannot reach {url} ({one_line(getattr(err, 'reason', err))}); check caption.url and the network"
+        ) from None
     try:
         return json.loads(body.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError):
@@ -146,30 +167,55 @@ class ChatCaptioner:
     """Captions from an OpenAI-compatible chat-completions endpoint that accepts images (OpenAI, vLLM,
     Ollama, ...): the image goes as a base64 PNG data URL in the user message."""
 
-    def __init__(self, url: str, model: str, api_key: str | None = None, prompt: str = DEFAULT_CHAT_PROMPT,
-                 system_prompt: str = "", max_completion_tokens: int = 70, timeout: float = 60.0,
-                 post: PostJson | None = None):
+    def __init__(
+        self,
+        url: str,
+        model: str,
+        api_key: str | None = None,
+        prompt: str = DEFAULT_CHAT_PROMPT,
+        system_prompt: str = "",
+        max_completion_tokens: int = 70,
+        timeout: float = 60.0,
+        post: PostJson | None = None,
+    ):
         if not url or not model:
-            raise CaptionError("the chat backend needs caption.url (e.g. https://api.openai.com/v1) and "
-                               "caption.model (e.g. gpt-4o-mini)")
+            raise CaptionError(
+                "the chat backend needs caption.url (e.g. https://api.openai.com/v1) and "
+                "caption.model (e.g. gpt-4o-mini)"
+            )
         url = url.rstrip("/")
         self.endpoint = url if url.endswith("/chat/completions") else url + "/chat/completions"
         self.api_key = api_key
         self.prompt, self.system_prompt = prompt or DEFAULT_CHAT_PROMPT, system_prompt or ""
         self.timeout = timeout
         self.post = post or post_json
-        self.settings = {"backend": "chat", "model": model, "prompt": self.prompt,
-                         "system_prompt": self.system_prompt, "max_completion_tokens": max_completion_tokens}
+        self.settings = {
+            "backend": "chat",
+            "model": model,
+            "prompt": self.prompt,
+            "system_prompt": self.system_prompt,
+            "max_completion_tokens": max_completion_tokens,
+        }
 
     def payload(self, image: Image.Image) -> dict[str, Any]:
         buf = io.BytesIO()
         image.convert("RGB").save(buf, format="PNG")
         data_url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
         messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
-        messages.append({"role": "user", "content": [{"type": "text", "text": self.prompt},
-                                                     {"type": "image_url", "image_url": {"url": data_url}}]})
-        return {"model": self.settings["model"], "messages": messages,
-                "max_completion_tokens": self.settings["max_completion_tokens"]}
+        messages.append(
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": self.prompt},
+                    {"type": "image_url", "image_url": {"url": data_url}},
+                ],
+            }
+        )
+        return {
+            "model": self.settings["model"],
+            "messages": messages,
+            "max_completion_tokens": self.settings["max_completion_tokens"],
+        }
 
     def caption(self, image: Image.Image) -> str:
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
@@ -179,7 +225,9 @@ class ChatCaptioner:
         except (KeyError, IndexError, TypeError):
             text = None
         if not isinstance(text, str) or not text.strip():
-            raise CaptionError(f"{self.endpoint} answered without a caption: {one_line(json.dumps(answer))[:300]}")
+            raise CaptionError(
+                f"{self.endpoint} answered without a caption: {one_line(json.dumps(answer))[:300]}"
+            )
         return one_line(text)
 
 
@@ -200,11 +248,15 @@ class CaptionCache:
         try:
             data = json.loads(self.path.read_text(encoding="utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise CaptionError(f"the caption cache {self.path} is not valid JSON ({one_line(err)}); "
-                               "move it away (or set caption.cache=<another file>)") from None
+            raise CaptionError(
+                f"the caption cache {self.path} is not valid JSON ({one_line(err)}); "
+                "move it away (or set caption.cache=<another file>)"
+            ) from None
         if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
-            raise CaptionError(f"the caption cache {self.path} does not hold {{image digest: {{settings: "
-                               "caption}}}; move it away (or set caption.cache=<another file>)")
+            raise CaptionError(
+                f"the caption cache {self.path} does not hold {{image digest: {{settings: "
+                "caption}}}; move it away (or set caption.cache=<another file>)"
+            )
         return data
 
     @staticmethod
@@ -234,8 +286,20 @@ class CaptionCache:
 
 # ---------------------------------------------------------------- from a config
 
-CONFIG_KEYS = {"backend", "model", "prompt", "max_new_tokens", "num_beams", "dtype", "cache", "url",
-               "api_key_env", "system_prompt", "max_completion_tokens", "timeout"}
+CONFIG_KEYS = {
+    "backend",
+    "model",
+    "prompt",
+    "max_new_tokens",
+    "num_beams",
+    "dtype",
+    "cache",
+    "url",
+    "api_key_env",
+    "system_prompt",
+    "max_completion_tokens",
+    "timeout",
+}
 
 
 def from_config(conf: Mapping[str, Any], device: Any = "cpu") -> tuple[Captioner, CaptionCache]:
@@ -247,16 +311,24 @@ def from_config(conf: Mapping[str, Any], device: Any = "cpu") -> tuple[Captioner
     cache = CaptionCache(conf.get("cache") or "runs/cache/captions.json")
     if backend == "blip":
         captioner: Captioner = BlipCaptioner.from_pretrained(
-            conf.get("model") or DEFAULT_BLIP, device=device, dtype=conf.get("dtype") or "float32",
+            conf.get("model") or DEFAULT_BLIP,
+            device=device,
+            dtype=conf.get("dtype") or "float32",
             prompt=BLIP_PROMPT if conf.get("prompt") is None else conf["prompt"],
-            max_new_tokens=conf.get("max_new_tokens", 30), num_beams=conf.get("num_beams", 1))
+            max_new_tokens=conf.get("max_new_tokens", 30),
+            num_beams=conf.get("num_beams", 1),
+        )
     elif backend == "chat":
         env = conf.get("api_key_env") or "OPENAI_API_KEY"
-        captioner = ChatCaptioner(conf.get("url"), conf.get("model"), api_key=os.environ.get(env),
-                                  prompt=conf.get("prompt") or DEFAULT_CHAT_PROMPT,
-                                  system_prompt=conf.get("system_prompt") or "",
-                                  max_completion_tokens=conf.get("max_completion_tokens", 70),
-                                  timeout=conf.get("timeout", 60.0))
+        captioner = ChatCaptioner(
+            conf.get("url"),
+            conf.get("model"),
+            api_key=os.environ.get(env),
+            prompt=conf.get("prompt") or DEFAULT_CHAT_PROMPT,
+            system_prompt=conf.get("system_prompt") or "",
+            max_completion_tokens=conf.get("max_completion_tokens", 70),
+            timeout=conf.get("timeout", 60.0),
+        )
     else:
         raise CaptionError(f"caption.backend must be 'blip' or 'chat', got {backend!r}")
     return captioner, cache

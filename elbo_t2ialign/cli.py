@@ -65,7 +65,9 @@ def check_integer(key: str, value: Any, minimum: int, error: type[Exception], no
     if value is None and none:
         return
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise error(f"{key} must be an integer >= {minimum}{f' (or null for {none})' if none else ''}, got {value!r}")
+        raise error(
+            f"{key} must be an integer >= {minimum}{f' (or null for {none})' if none else ''}, got {value!r}"
+        )
 
 
 def debug_requested(argv: list[str]) -> tuple[bool, list[str]]:
@@ -74,7 +76,9 @@ def debug_requested(argv: list[str]) -> tuple[bool, list[str]]:
     return len(rest) < len(argv) or os.environ.get("HYDRA_FULL_ERROR") == "1", rest
 
 
-def cli_errors(fn: Callable[[], Any], expected: tuple[type[BaseException], ...], debug: bool, status: int = 2) -> Any:
+def cli_errors(
+    fn: Callable[[], Any], expected: tuple[type[BaseException], ...], debug: bool, status: int = 2
+) -> Any:
     """Run `fn`; an expected error prints `error: <one line>` to stderr and exits with `status`."""
     try:
         return fn()

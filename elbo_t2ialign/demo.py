@@ -43,8 +43,15 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.out) / f"shapes-{args.split}"
     overrides = [
         # elbo=shapes: the method's defaults, refinement from this model's 16x16 self-attention
-        "model=shapes", "dataset=shapes", "elbo=shapes", f"dataset.split={args.split}", f"datasets_dir={args.datasets_dir}",
-        f"output_dir={out}", "device=cpu", VARIANTS, *([f"num_images={args.images}"] if args.images else []),
+        "model=shapes",
+        "dataset=shapes",
+        "elbo=shapes",
+        f"dataset.split={args.split}",
+        f"datasets_dir={args.datasets_dir}",
+        f"output_dir={out}",
+        "device=cpu",
+        VARIANTS,
+        *([f"num_images={args.images}"] if args.images else []),
         *args.overrides,
     ]
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):

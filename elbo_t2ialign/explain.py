@@ -47,11 +47,13 @@ def one_line(text: Any) -> str:
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str], list[str]]:
     """-> (flags, words, Hydra overrides); an argument is an override when it starts with `key=`."""
-    parser = argparse.ArgumentParser(prog="python -m elbo_t2ialign.explain",
-                                     description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m elbo_t2ialign.explain", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("image", help="an image file")
-    parser.add_argument("items", nargs="*", metavar="WORD | key=value",
-                        help="words or phrases to map, and config overrides")
+    parser.add_argument(
+        "items", nargs="*", metavar="WORD | key=value", help="words or phrases to map, and config overrides"
+    )
     parser.add_argument("--prompt", help="your prompt; the words are located in it")
     parser.add_argument("--caption", action="store_true", help="use the image's caption as the prompt")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an expected error too")
@@ -134,7 +136,9 @@ def load_aligner(conf: dict[str, Any], options: AlignOptions):
         raise ExplainError(one_line(err)) from None
 
 
-def caption_prompt(conf: dict[str, Any], image: Image.Image, words: list[str]) -> tuple[str, bool, str, list[str]]:
+def caption_prompt(
+    conf: dict[str, Any], image: Image.Image, words: list[str]
+) -> tuple[str, bool, str, list[str]]:
     """(caption, whether it came from the cache, prompt, appended words) with the configured captioner."""
     from elbo_t2ialign import captions
     from elbo_t2ialign.core.adapters import resolve_device
@@ -147,13 +151,21 @@ def caption_prompt(conf: dict[str, Any], image: Image.Image, words: list[str]) -
     return (text, cache.hits > 0, *with_words(text, words))
 
 
-def run(conf: dict[str, Any], image_path: str, words: list[str], prompt: str | None = None,
-        caption: bool = False, aligner: Any = None) -> dict[str, Any]:
+def run(
+    conf: dict[str, Any],
+    image_path: str,
+    words: list[str],
+    prompt: str | None = None,
+    caption: bool = False,
+    aligner: Any = None,
+) -> dict[str, Any]:
     """Compute the maps and write the folder; returns what result.json holds (with "folder").
     `aligner`: an already loaded one (its options are replaced by the config's)."""
     options = _options(conf)
     if not words:
-        raise ExplainError("give at least one word to map, e.g. `python -m elbo_t2ialign.explain img.png cat dog`")
+        raise ExplainError(
+            "give at least one word to map, e.g. `python -m elbo_t2ialign.explain img.png cat dog`"
+        )
     if prompt is not None and caption:
         raise ExplainError("give --prompt or --caption, not both")
     if prompt is not None and not prompt.strip():
@@ -187,14 +199,26 @@ def run(conf: dict[str, Any], image_path: str, words: list[str], prompt: str | N
             Image.fromarray(to_uint8(heat, heat.shape, f"{word} {kind}")).save(folder / f"{stem}.{kind}.png")
             files[word][kind] = f"{stem}.{kind}"
     title = f"{result.prompts['collect']}   (strength {options.strength:g})"
-    fig = result.plot(image, alpha=float(conf.get("alpha", 0.5)), cmap=str(conf.get("cmap", "jet")), title=title)
+    fig = result.plot(
+        image, alpha=float(conf.get("alpha", 0.5)), cmap=str(conf.get("cmap", "jet")), title=title
+    )
     fig.savefig(folder / "figure.png", dpi=int(conf.get("dpi", 100)))
     info = {
-        "image": str(image_path), "image_sha256": image_digest(image), "words": list(result.heatmaps),
+        "image": str(image_path),
+        "image_sha256": image_digest(image),
+        "words": list(result.heatmaps),
         "mode": "caption" if caption else "prompt" if prompt is not None else "classes",
-        "caption": text, "caption_from_cache": cached, "appended_to_caption": appended, "prompts": result.prompts,
-        "token_positions": result.token_positions, "tau": result.tau, "losses": result.losses,
-        "files": files, "model": conf.get("model"), "elbo_options": options.to_dict(), "git": git_revision(),
+        "caption": text,
+        "caption_from_cache": cached,
+        "appended_to_caption": appended,
+        "prompts": result.prompts,
+        "token_positions": result.token_positions,
+        "tau": result.tau,
+        "losses": result.losses,
+        "files": files,
+        "model": conf.get("model"),
+        "elbo_options": options.to_dict(),
+        "git": git_revision(),
     }
     write_json_atomic(folder / "result.json", info)
     return info | {"folder": str(folder)}
@@ -204,14 +228,22 @@ def report(info: dict[str, Any]) -> str:
     lines = []
     if info["caption"] is not None:
         source = " (from the cache)" if info["caption_from_cache"] else ""
-        lines.append(f"caption{source}: {info['caption']}" + (f"  (appended: {', '.join(info['appended_to_caption'])})"
-                                                      if info["appended_to_caption"] else ""))
+        lines.append(
+            f"caption{source}: {info['caption']}"
+            + (
+                f"  (appended: {', '.join(info['appended_to_caption'])})"
+                if info["appended_to_caption"]
+                else ""
+            )
+        )
     lines.append(f"prompt: {info['prompts']['collect']}")
     width = max(len(w) for w in info["words"])
     for word in info["words"]:
         loss = info["losses"][word]
-        lines.append(f"  {word:<{width}}  tokens {info['token_positions'][word]}  "
-                     f"loss {'-' if loss is None else f'{loss:.5g}'}  tau {info['tau'][word]:.3g}")
+        lines.append(
+            f"  {word:<{width}}  tokens {info['token_positions'][word]}  "
+            f"loss {'-' if loss is None else f'{loss:.5g}'}  tau {info['tau'][word]:.3g}"
+        )
     folder = Path(info["folder"])
     lines.append(f"figure: {folder / 'figure.png'}")
     lines.append(f"maps:   {folder}/<word>.{{baseline,elbo,cross}}.{{npy,png}}, result.json")

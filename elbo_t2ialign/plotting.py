@@ -64,8 +64,10 @@ def _rgb(image: Any, shape: tuple[int, ...]) -> np.ndarray:
 
     rgb = np.asarray(_as_image(image).convert("RGB"))
     if rgb.shape[:2] != tuple(shape):
-        raise ValueError(f"the maps are {shape[1]}x{shape[0]} (WxH) but the image is {rgb.shape[1]}x{rgb.shape[0]}; "
-                         "pass the image the maps were made from")
+        raise ValueError(
+            f"the maps are {shape[1]}x{shape[0]} (WxH) but the image is {rgb.shape[1]}x{rgb.shape[0]}; "
+            "pass the image the maps were made from"
+        )
     return rgb
 
 
@@ -78,21 +80,38 @@ def _draw(ax: Axes, rgb: np.ndarray, heat: np.ndarray | None, alpha: float, cmap
     ax.set_yticks([])
 
 
-def overlay(result: HeatmapResult, name: str, image: Any, kind: str = "elbo", ax: Axes | None = None,
-            alpha: float = 0.5, cmap: str = "jet", title: str | None = None) -> Figure:
+def overlay(
+    result: HeatmapResult,
+    name: str,
+    image: Any,
+    kind: str = "elbo",
+    ax: Axes | None = None,
+    alpha: float = 0.5,
+    cmap: str = "jet",
+    title: str | None = None,
+) -> Figure:
     """One map of `name` (kind: elbo, baseline or cross) over the image; into `ax` when given.
     Returns the figure that holds it."""
     heat = heatmap(result, name, kind)
     rgb = _rgb(image, heat.shape)
     if ax is None:
         ax = new_figure(4.0, 4.0 * rgb.shape[0] / rgb.shape[1] + 0.4).subplots()
-    _draw(ax, rgb, heat, alpha, cmap, f"{name}: {panel_title(result, name, kind)}" if title is None else title)
+    _draw(
+        ax, rgb, heat, alpha, cmap, f"{name}: {panel_title(result, name, kind)}" if title is None else title
+    )
     return ax.figure
 
 
-def plot(result: HeatmapResult, image: Any, names: Sequence[str] | None = None,
-         kinds: Sequence[str] = DEFAULT_KINDS, alpha: float = 0.5, cmap: str = "jet", panel: float = 2.6,
-         title: str | None = None) -> Figure:
+def plot(
+    result: HeatmapResult,
+    image: Any,
+    names: Sequence[str] | None = None,
+    kinds: Sequence[str] = DEFAULT_KINDS,
+    alpha: float = 0.5,
+    cmap: str = "jet",
+    panel: float = 2.6,
+    title: str | None = None,
+) -> Figure:
     """A grid: one row per word (all by default), the image and then one overlay per kind; the
     ELBO-calibrated panel's title holds tau and the loss. `title` defaults to the collection prompt."""
     names = list(result.heatmaps) if names is None else list(names)

@@ -92,8 +92,14 @@ class RunFolder:
     def launch_files(self) -> list[str]:
         """Glob patterns of what every launch writes before any result."""
         stem, suffix = self.log_name.rsplit(".", 1)
-        return [self.config.name, self.run_info.name, self.launches.name, self.identity.name, ".lock*",
-                f"{stem}*.{suffix}"]
+        return [
+            self.config.name,
+            self.run_info.name,
+            self.launches.name,
+            self.identity.name,
+            ".lock*",
+            f"{stem}*.{suffix}",
+        ]
 
 
 @dataclass
@@ -127,9 +133,21 @@ def launch(folder: RunFolder, spec: Launch) -> Iterator[None]:
         git = git_revision()
         now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         if not folder.run_info.is_file():
-            info = {"git_revision": git["revision"], "git_dirty": git["dirty"], **spec.run_info, "created": now}
+            info = {
+                "git_revision": git["revision"],
+                "git_dirty": git["dirty"],
+                **spec.run_info,
+                "created": now,
+            }
             write_json_atomic(folder.run_info, info)
-        line = {"time": now, **spec.details, "argv": sys.argv, "host": socket.gethostname(), "pid": os.getpid(), **git}
+        line = {
+            "time": now,
+            **spec.details,
+            "argv": sys.argv,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            **git,
+        }
         with open(folder.launches, "a", encoding="utf-8") as f:
             f.write(json.dumps(line) + "\n")
         handler = attach_log(folder.log(spec.shard_tag))
@@ -165,10 +183,15 @@ class RunLock:
     def _busy(self, fd: int, path: Path) -> Exception:
         holder = _read_holder(fd)
         os.close(fd)
-        who = f"pid {holder.get('pid')} on {holder.get('host')} since {holder.get('started')}" if holder \
+        who = (
+            f"pid {holder.get('pid')} on {holder.get('host')} since {holder.get('started')}"
+            if holder
             else "another process"
-        return self.error(f"{path.parent} is in use by {who} (lock {path}); wait for that run to finish, or give "
-                          "this one another output_dir")
+        )
+        return self.error(
+            f"{path.parent} is in use by {who} (lock {path}); wait for that run to finish, or give "
+            "this one another output_dir"
+        )
 
     def _check_conflicts(self) -> None:
         """Called while holding our own lock, so of two conflicting launches at least one sees the other."""
@@ -203,9 +226,18 @@ class RunLock:
             os.close(fd)
         old = _read_holder(fd)
         if old:  # the kernel dropped that holder's flock: it is no longer running
-            log.warning("taking over the stale lock %s of pid %s on %s (started %s), which is no longer running",
-                        self.path, old.get("pid"), old.get("host"), old.get("started"))
-        holder = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+            log.warning(
+                "taking over the stale lock %s of pid %s on %s (started %s), which is no longer running",
+                self.path,
+                old.get("pid"),
+                old.get("host"),
+                old.get("started"),
+            )
+        holder = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
         self.fd = fd
@@ -301,8 +333,9 @@ def folder_digest(folder: Path) -> str:
     before = dict(cache)
     h = hashlib.sha256()
     for path in sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")):
-        h.update(f"{path.relative_to(folder).as_posix()}\0{path.stat().st_size}\0{_sha256_cached(path, cache)}\n"
-                 .encode())
+        h.update(
+            f"{path.relative_to(folder).as_posix()}\0{path.stat().st_size}\0{_sha256_cached(path, cache)}\n".encode()
+        )
     if cache != before:
         try:
             write_json_atomic(cache_file, cache)
@@ -349,8 +382,10 @@ def check_identity(root: Path, identity: dict[str, Any], error: type[Exception],
             identity = {**identity, "model": {k: v for k, v in new_model.items() if k != "revision"}}
         diff = fingerprint_diff(old, identity)
         if diff:
-            raise error(f"{root} was made from other inputs ({'; '.join(diff[:6])}); restore them, or set "
-                        "output_dir=<new folder> for a new run")
+            raise error(
+                f"{root} was made from other inputs ({'; '.join(diff[:6])}); restore them, or set "
+                "output_dir=<new folder> for a new run"
+            )
     elif write:
         write_json_atomic(path, identity)
 
@@ -379,8 +414,9 @@ def git_revision() -> dict[str, Any]:
 
     def git(*args: str) -> str | None:
         try:
-            out = subprocess.run(["git", "--no-optional-locks", *args], cwd=repo, capture_output=True,
-                                 text=True, timeout=20)
+            out = subprocess.run(
+                ["git", "--no-optional-locks", *args], cwd=repo, capture_output=True, text=True, timeout=20
+            )
         except (OSError, subprocess.SubprocessError):
             return None
         return out.stdout.strip() if out.returncode == 0 else None
@@ -413,8 +449,9 @@ def fingerprint_diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "")
     return diffs
 
 
-def save_or_check_config(path: Path, conf: dict[str, Any], fingerprint: Callable[[dict], dict],
-                         error: type[Exception]) -> None:
+def save_or_check_config(
+    path: Path, conf: dict[str, Any], fingerprint: Callable[[dict], dict], error: type[Exception]
+) -> None:
     """First launch: write the resolved config (atomically). Later launches: refuse a config whose
     result-determining part (`fingerprint`) differs, so one folder never mixes two settings."""
     from omegaconf import OmegaConf
@@ -424,8 +461,10 @@ def save_or_check_config(path: Path, conf: dict[str, Any], fingerprint: Callable
         diff = fingerprint_diff(fingerprint(old), fingerprint(conf))  # type: ignore[arg-type]
         if diff:
             shown = "; ".join(diff[:6]) + ("; ..." if len(diff) > 6 else "")
-            raise error(f"{path.parent} holds a run with another config ({shown}); "
-                        "set output_dir=<new folder> or restore those values")
+            raise error(
+                f"{path.parent} holds a run with another config ({shown}); "
+                "set output_dir=<new folder> or restore those values"
+            )
         return
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     OmegaConf.save(OmegaConf.create(conf), tmp)

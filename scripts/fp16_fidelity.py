@@ -35,11 +35,19 @@ def run_maps(aligner: Aligner, images: int, classes: int, resolution: int, **ove
 
 
 def compare(got, ref) -> dict[str, float]:
-    a = np.concatenate([np.ravel(m) for r in got for m in (*r.heatmaps.values(), *r.baseline_heatmaps.values())])
-    b = np.concatenate([np.ravel(m) for r in ref for m in (*r.heatmaps.values(), *r.baseline_heatmaps.values())])
+    a = np.concatenate(
+        [np.ravel(m) for r in got for m in (*r.heatmaps.values(), *r.baseline_heatmaps.values())]
+    )
+    b = np.concatenate(
+        [np.ravel(m) for r in ref for m in (*r.heatmaps.values(), *r.baseline_heatmaps.values())]
+    )
     tau = max(abs(g.tau[c] - f.tau[c]) for g, f in zip(got, ref, strict=True) for c in f.tau)
-    return {"max_abs_diff": float(np.abs(a - b).max()), "mean_abs_diff": float(np.abs(a - b).mean()),
-            "correlation": float(np.corrcoef(a, b)[0, 1]), "max_tau_diff": float(tau)}
+    return {
+        "max_abs_diff": float(np.abs(a - b).max()),
+        "mean_abs_diff": float(np.abs(a - b).mean()),
+        "correlation": float(np.corrcoef(a, b)[0, 1]),
+        "max_tau_diff": float(tau),
+    }
 
 
 def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
@@ -53,22 +61,37 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     args = p.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda but CUDA is not available here; use --device cpu with a tiny model")
+        raise SystemExit(
+            "error: --device cuda but CUDA is not available here; use --device cpu with a tiny model"
+        )
     resolution = 32 if args.model.startswith("tiny-") else args.resolution
     pipe, _ = build_pipeline(args.model, device)
     common = {"device": device, "resolution": resolution, "max_sequence_length": 16}
     t0 = time.perf_counter()
-    ref = run_maps(Aligner.from_pipeline(pipe, dtype="float32", **common), args.images, args.classes, resolution)
+    ref = run_maps(
+        Aligner.from_pipeline(pipe, dtype="float32", **common), args.images, args.classes, resolution
+    )
     half = Aligner.from_pipeline(pipe, dtype=args.dtype, **common)  # casts the networks in place
     summary = {}
     for name, precision in PATHS.items():
         got = run_maps(half, args.images, args.classes, resolution, capture_precision=precision)
         summary[name] = compare(got, ref)
-        print(json.dumps({"path": name, "capture_precision": precision, "model": args.model,
-                          "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                          "dtype": args.dtype, "resolution": resolution, "images": args.images,
-                          "classes": args.classes, **{k: round(v, 6) for k, v in summary[name].items()}}),
-              flush=True)
+        print(
+            json.dumps(
+                {
+                    "path": name,
+                    "capture_precision": precision,
+                    "model": args.model,
+                    "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                    "dtype": args.dtype,
+                    "resolution": resolution,
+                    "images": args.images,
+                    "classes": args.classes,
+                    **{k: round(v, 6) for k, v in summary[name].items()},
+                }
+            ),
+            flush=True,
+        )
     print(f"total {time.perf_counter() - t0:.1f} s", flush=True)
     return summary
 

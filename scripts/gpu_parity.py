@@ -20,8 +20,9 @@ OPTS = {"elbo_timesteps": [1, 251, 501, 751], "collect_timesteps": [20, 100, 200
 
 
 def maps(family: str, device: str, dtype: str):
-    aligner = Aligner.from_pipeline(BUILDERS[family](), device=device, dtype=dtype, resolution=32,
-                                    max_sequence_length=16, **OPTS)
+    aligner = Aligner.from_pipeline(
+        BUILDERS[family](), device=device, dtype=dtype, resolution=32, max_sequence_length=16, **OPTS
+    )
     image = Image.fromarray((np.random.RandomState(0).rand(40, 48, 3) * 255).astype(np.uint8))
     return aligner.heatmaps(image, ["cat", "dog", "bird"], seed=0)
 
@@ -38,11 +39,24 @@ def main() -> None:
             except Exception as err:  # report and go on: one broken family must not hide the others
                 print(json.dumps({"family": family, "dtype": dtype, "error": repr(err)[:300]}), flush=True)
                 continue
-            diff = max(float(np.abs(got.baseline_heatmaps[c] - ref.baseline_heatmaps[c]).max()) for c in ref.heatmaps)
+            diff = max(
+                float(np.abs(got.baseline_heatmaps[c] - ref.baseline_heatmaps[c]).max()) for c in ref.heatmaps
+            )
             elbo = max(abs(got.losses[c] - ref.losses[c]) / abs(ref.losses[c]) for c in ref.losses)
-            print(json.dumps({"family": family, "device": args.device, "dtype": dtype,
-                              "max_raw_map_diff": round(diff, 6), "max_elbo_rel_diff": round(elbo, 6),
-                              "tau_cpu": ref.tau, "tau_dev": got.tau}), flush=True)
+            print(
+                json.dumps(
+                    {
+                        "family": family,
+                        "device": args.device,
+                        "dtype": dtype,
+                        "max_raw_map_diff": round(diff, 6),
+                        "max_elbo_rel_diff": round(elbo, 6),
+                        "tau_cpu": ref.tau,
+                        "tau_dev": got.tau,
+                    }
+                ),
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -48,8 +48,12 @@ def main(argv: list[str] | None = None) -> float:
     image = Image.fromarray((rng.rand(args.height, args.width, 3) * 255).astype(np.uint8))
     ours = aligner.heatmaps(image, args.classes, seed=args.seed)
     n_stages = 3  # the tiny UNet: 16 / 8 / 16; PROTOCOL's [1,0,..,1] / [0,..,1] for its stage count
-    cfg = OmegaConf.create({"cross_gaussian_var": aligner.options.gaussian_sigma,
-                            "self_weight": [[1] + [0] * (n_stages - 2) + [1], [0] * (n_stages - 1) + [1]]})
+    cfg = OmegaConf.create(
+        {
+            "cross_gaussian_var": aligner.options.gaussian_sigma,
+            "self_weight": [[1] + [0] * (n_stages - 2) + [1], [0] * (n_stages - 1) + [1]],
+        }
+    )
 
     # the reference's per-image loop (run_segmentation.py), fed the noise this project draws
     pipe.unet.set_attn_processor(AttnProcessor())
@@ -57,10 +61,15 @@ def main(argv: list[str] | None = None) -> float:
     z = diffusion.encode_vae_image(image).float()
     collect_noise, elbo_noise = aligner._draw_noise(z, aligner.options, args.seed)
     timesteps = aligner.options.elbo_timesteps
-    losses = torch.stack([
-        sum(diffusion.get_elbo(z, diffusion.encode_prompt(f"a photo of {c}"), t, elbo_noise[i : i + 1])
-            for i, t in enumerate(timesteps))
-        for c in args.classes])
+    losses = torch.stack(
+        [
+            sum(
+                diffusion.get_elbo(z, diffusion.encode_prompt(f"a photo of {c}"), t, elbo_noise[i : i + 1])
+                for i, t in enumerate(timesteps)
+            )
+            for c in args.classes
+        ]
+    )
     taus = 3.0 ** ((losses - losses.min()) / (losses.max() - losses.min() + 1e-10))
     prompt = "a photo of " + ", ".join(args.classes)
     emb = diffusion.encode_prompt(prompt)
@@ -74,12 +83,16 @@ def main(argv: list[str] | None = None) -> float:
         cross = aggregate_cross_att(hook, 0, ours.token_positions[c], cfg)
         cross = ((cross - cross.min()) / (cross.max() - cross.min())) ** taus[k]
         r = round((cross.shape[0]) ** 0.5)
-        mask = F.interpolate((refined @ cross).view(1, 1, r, r), size=(args.height, args.width), mode="bilinear")
+        mask = F.interpolate(
+            (refined @ cross).view(1, 1, r, r), size=(args.height, args.width), mode="bilinear"
+        )
         mask = ((mask - mask.min()) / (mask.max() - mask.min()))[0, 0].numpy()
         diff = float(np.abs(mask - ours.heatmaps[c]).max())
         worst = max(worst, diff)
-        print(f"{c}: loss reference {losses[k].item():.6f} here {ours.losses[c]:.6f}; tau reference "
-              f"{taus[k].item():.6f} here {ours.tau[c]:.6f}; max heatmap difference {diff:.2e}")
+        print(
+            f"{c}: loss reference {losses[k].item():.6f} here {ours.losses[c]:.6f}; tau reference "
+            f"{taus[k].item():.6f} here {ours.tau[c]:.6f}; max heatmap difference {diff:.2e}"
+        )
     print(f"max heatmap difference over classes: {worst:.2e}")
     return worst
 

@@ -31,8 +31,9 @@ def tiny_aligner(family: str, **options):
     from elbo_t2ialign import Aligner
 
     # T5 text kept short (16 tokens) in tests; ignored by CLIP-only families
-    return Aligner.from_pipeline(tiny_pipeline(family), device="cpu", resolution=32, max_sequence_length=16,
-                                 **options)
+    return Aligner.from_pipeline(
+        tiny_pipeline(family), device="cpu", resolution=32, max_sequence_length=16, **options
+    )
 
 
 @pytest.fixture(params=FAMILIES)

@@ -23,8 +23,9 @@ def test_heatmaps_every_family(family):
             assert m.shape == (30, 40) and np.isfinite(m).all()
             assert m.min() >= 0.0 and m.max() <= 1.0 + 1e-6
     losses = [res.losses[c] for c in ("cat", "dog", "bird")]
-    np.testing.assert_allclose([res.tau[c] for c in ("cat", "dog", "bird")],
-                               calibrate.temperatures(losses, 3.0), rtol=1e-9)
+    np.testing.assert_allclose(
+        [res.tau[c] for c in ("cat", "dog", "bird")], calibrate.temperatures(losses, 3.0), rtol=1e-9
+    )
     best = min(res.losses, key=res.losses.get)
     np.testing.assert_allclose(res.heatmaps[best], res.baseline_heatmaps[best], atol=1e-6)  # tau = 1
 
@@ -122,18 +123,24 @@ def test_loads_saved_folder_like_a_hub_model(tmp_path, monkeypatch):
     original = adapters.prepare_pipeline
     monkeypatch.setattr(adapters, "prepare_pipeline", lambda *a: prepared.append(a[1:]) or original(*a))
     tiny_pipeline("sd").save_pretrained(tmp_path / "tiny")
-    aligner = Aligner.from_pretrained(str(tmp_path / "tiny"), device="cpu", elbo_timesteps=[1],
-                                      collect_timesteps=[20])
+    aligner = Aligner.from_pretrained(
+        str(tmp_path / "tiny"), device="cpu", elbo_timesteps=[1], collect_timesteps=[20]
+    )
     assert prepared == [(torch.device("cpu"), torch.float32)]  # once, by adapter_for
     modules = [m for m in aligner.adapter.pipe.components.values() if isinstance(m, torch.nn.Module)]
     assert not any(m.training or any(p.requires_grad for p in m.parameters()) for m in modules)
-    assert adapters.load_pipeline(str(tmp_path / "tiny"), torch.device("cpu"), torch.float16).vae.dtype == torch.float32
+    assert (
+        adapters.load_pipeline(str(tmp_path / "tiny"), torch.device("cpu"), torch.float16).vae.dtype
+        == torch.float32
+    )
     assert len(prepared) == 2  # load_pipeline alone still prepares (VAE in float32)
     assert aligner.adapter.resolution == 32  # the VAE's sample size
     res = aligner.heatmaps(_rgb(), ["cat", "dog"])
     ref = tiny_aligner("sd", elbo_timesteps=[1], collect_timesteps=[20]).heatmaps(_rgb(), ["cat", "dog"])
     # same weights, re-loaded: equal up to kernel choices of the loaded text encoder (sdpa vs eager)
-    np.testing.assert_allclose([res.losses["cat"], res.losses["dog"]], [ref.losses["cat"], ref.losses["dog"]], rtol=1e-4)
+    np.testing.assert_allclose(
+        [res.losses["cat"], res.losses["dog"]], [ref.losses["cat"], ref.losses["dog"]], rtol=1e-4
+    )
     np.testing.assert_allclose(res.heatmaps["cat"], ref.heatmaps["cat"], atol=2e-3)
 
 

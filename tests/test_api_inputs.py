@@ -49,17 +49,20 @@ def test_bad_strength_is_refused_with_its_name(bad):
         aligner.heatmaps(_rgb(), ["cat", "dog"], strength=bad)
 
 
-@pytest.mark.parametrize("field,value,message", [
-    ("batch_size", 0, "batch_size must be an integer >= 1"),
-    ("batch_size", 2.5, "batch_size must be an integer >= 1"),
-    ("seed", 2**70, r"seed must be an integer in \[0, 2\*\*64 - 1\]"),
-    ("seed", -1, r"seed must be an integer"),
-    ("elbo_timesteps", [], "elbo_timesteps must be a non-empty list"),
-    ("collect_timesteps", [20, -5], "collect_timesteps must be a non-empty list"),
-    ("gaussian_sigma", -1, "gaussian_sigma must be a finite number >= 0"),
-    ("collect_prompt", "a photo", r"collect_prompt must be a string with exactly one '\{\}'"),
-    ("phrase_tokens", "verbs", "phrase_tokens must be 'nouns' or 'phrase'"),
-])
+@pytest.mark.parametrize(
+    "field,value,message",
+    [
+        ("batch_size", 0, "batch_size must be an integer >= 1"),
+        ("batch_size", 2.5, "batch_size must be an integer >= 1"),
+        ("seed", 2**70, r"seed must be an integer in \[0, 2\*\*64 - 1\]"),
+        ("seed", -1, r"seed must be an integer"),
+        ("elbo_timesteps", [], "elbo_timesteps must be a non-empty list"),
+        ("collect_timesteps", [20, -5], "collect_timesteps must be a non-empty list"),
+        ("gaussian_sigma", -1, "gaussian_sigma must be a finite number >= 0"),
+        ("collect_prompt", "a photo", r"collect_prompt must be a string with exactly one '\{\}'"),
+        ("phrase_tokens", "verbs", "phrase_tokens must be 'nouns' or 'phrase'"),
+    ],
+)
 def test_bad_options_are_refused(field, value, message):
     with pytest.raises(ValueError, match=message):
         AlignOptions(**{field: value})
@@ -68,7 +71,9 @@ def test_bad_options_are_refused(field, value, message):
 def test_timesteps_beyond_the_schedule_are_refused_before_any_forward(monkeypatch):
     aligner = tiny_aligner("sd", **FAST)
     monkeypatch.setattr(aligner.adapter, "_forward", lambda *a: pytest.fail("a forward pass ran"))
-    with pytest.raises(ValueError, match=r"timesteps \[5000\] are outside this model's training range 0..999"):
+    with pytest.raises(
+        ValueError, match=r"timesteps \[5000\] are outside this model's training range 0..999"
+    ):
         aligner.heatmaps(_rgb(), ["cat", "dog"], collect_timesteps=[5000])
     with pytest.raises(ValueError, match=r"seed must be an integer"):
         aligner.heatmaps(_rgb(), ["cat", "dog"], seed=2**70)
@@ -117,12 +122,18 @@ def test_phrase_without_its_class_word_uses_the_phrase_nouns():
     prompt = res.prompts["collect"]
     assert prompt == "a photo of the red car, a green sofa"
     # spaCy tags "car" and "sofa" as the nouns: only their tokens, not "the red" / "a green"
-    assert _tokens_at(aligner, prompt, res.token_positions["person"]) == aligner.adapter.token_ids("car", False)
-    assert _tokens_at(aligner, prompt, res.token_positions["plant"]) == aligner.adapter.token_ids("sofa", False)
-    whole = aligner.heatmaps(_rgb(), ["person", "plant"], phrases=["the red car", "a green sofa"],
-                             phrase_tokens="phrase")
+    assert _tokens_at(aligner, prompt, res.token_positions["person"]) == aligner.adapter.token_ids(
+        "car", False
+    )
+    assert _tokens_at(aligner, prompt, res.token_positions["plant"]) == aligner.adapter.token_ids(
+        "sofa", False
+    )
+    whole = aligner.heatmaps(
+        _rgb(), ["person", "plant"], phrases=["the red car", "a green sofa"], phrase_tokens="phrase"
+    )
     assert _tokens_at(aligner, prompt, whole.token_positions["person"]) == aligner.adapter.token_ids(
-        "the red car", False)
+        "the red car", False
+    )
 
 
 def test_words_of_a_user_prompt():
@@ -131,10 +142,14 @@ def test_words_of_a_user_prompt():
     res = aligner.heatmaps(_rgb(), words=["red sofa", "dog", "cat"], prompt=prompt)
     assert res.prompts["collect"] == prompt
     for word in ("red sofa", "dog", "cat"):
-        assert _tokens_at(aligner, prompt, res.token_positions[word]) == aligner.adapter.token_ids(word, False)
+        assert _tokens_at(aligner, prompt, res.token_positions[word]) == aligner.adapter.token_ids(
+            word, False
+        )
     assert res.token_positions["cat"] == [2]  # searched from the start of a user prompt, after BOS
     assert set(res.tau) == {"red sofa", "dog", "cat"} and max(res.tau.values()) == pytest.approx(3.0)
-    with pytest.raises(ValueError, match=r"cannot locate 'bird' in prompt 'a cat on a red sofa with the dog'"):
+    with pytest.raises(
+        ValueError, match=r"cannot locate 'bird' in prompt 'a cat on a red sofa with the dog'"
+    ):
         aligner.heatmaps(_rgb(), words=["cat", "bird"], prompt=prompt)
     with pytest.raises(TypeError, match="one of them"):
         aligner.heatmaps(_rgb(), ["cat"], words=["cat"])
@@ -151,7 +166,9 @@ def test_evidence_gives_every_setting_of_separate_calls():
             np.testing.assert_array_equal(again[c], single.heatmaps[c])
     unrefined = aligner.heatmaps(img, classes, refine=False)
     for c in classes:
-        np.testing.assert_allclose(res.cross[c], unrefined.baseline_heatmaps[c], atol=1e-5)  # other layers on SDPA
+        np.testing.assert_allclose(
+            res.cross[c], unrefined.baseline_heatmaps[c], atol=1e-5
+        )  # other layers on SDPA
 
 
 def test_elbo_losses_can_be_reused(monkeypatch):

@@ -29,8 +29,13 @@ def _package_imports(path: Path) -> list[tuple[str, bool]]:
     found = []
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("elbo_t2ialign"):
-            found += [(f"{node.module}.{a.name}" if node.module == "elbo_t2ialign" else node.module, id(node) in top)
-                      for a in node.names]
+            found += [
+                (
+                    f"{node.module}.{a.name}" if node.module == "elbo_t2ialign" else node.module,
+                    id(node) in top,
+                )
+                for a in node.names
+            ]
         elif isinstance(node, ast.Import):
             found += [(a.name, id(node) in top) for a in node.names if a.name.startswith("elbo_t2ialign")]
     return found
@@ -43,8 +48,13 @@ def test_imports_go_one_way():
     assert len(core) >= 10
     for path in core:
         for module, _ in _package_imports(path):
-            assert module.startswith("elbo_t2ialign.core") or module == "elbo_t2ialign.plotting", (path, module)
-    users = [p for p in PACKAGE.rglob("*.py") if not {"devtools", "testbed"} & set(p.relative_to(PACKAGE).parts)]
+            assert module.startswith("elbo_t2ialign.core") or module == "elbo_t2ialign.plotting", (
+                path,
+                module,
+            )
+    users = [
+        p for p in PACKAGE.rglob("*.py") if not {"devtools", "testbed"} & set(p.relative_to(PACKAGE).parts)
+    ]
     for path in users:
         for module, top_level in _package_imports(path):
             assert not (module.startswith("elbo_t2ialign.devtools") and top_level), (path, module)

@@ -145,8 +145,15 @@ class _Sink:
 def test_attend_and_capture_matches_sdpa_and_hand_softmax():
     g = torch.Generator().manual_seed(1)
     q, k, v = (torch.randn(2, 3, 10, 4, generator=g) for _ in range(3))
-    out, maps = attend_and_capture(q, k, v, scale=0.5, image_rows=slice(2, 8),
-                                   blocks={"a": slice(0, 2), "b": slice(2, 10)}, chunk_mb=1e-4)
+    out, maps = attend_and_capture(
+        q,
+        k,
+        v,
+        scale=0.5,
+        image_rows=slice(2, 8),
+        blocks={"a": slice(0, 2), "b": slice(2, 10)},
+        chunk_mb=1e-4,
+    )
     ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=0.5)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
     probs = _hand_probs(q, k, 0.5)
@@ -159,8 +166,17 @@ def test_sd3_joint_blocks_are_image_rows_of_one_softmax():
     from diffusers.models.attention_processor import Attention, JointAttnProcessor2_0
 
     torch.manual_seed(0)
-    attn = Attention(query_dim=16, cross_attention_dim=None, added_kv_proj_dim=16, dim_head=4, heads=4,
-                     out_dim=16, context_pre_only=False, bias=True, processor=JointAttnProcessor2_0()).eval()
+    attn = Attention(
+        query_dim=16,
+        cross_attention_dim=None,
+        added_kv_proj_dim=16,
+        dim_head=4,
+        heads=4,
+        out_dim=16,
+        context_pre_only=False,
+        bias=True,
+        processor=JointAttnProcessor2_0(),
+    ).eval()
     x, c = torch.randn(2, 9, 16), torch.randn(2, 5, 16)
     with torch.no_grad():
         ref_x, ref_c = attn(x, encoder_hidden_states=c)
@@ -186,12 +202,17 @@ def test_flux_blocks_are_text_first_with_rope():
     from diffusers.models.transformers.transformer_flux import FluxAttention, FluxPosEmbed
 
     torch.manual_seed(0)
-    attn = FluxAttention(query_dim=16, heads=2, dim_head=8, added_kv_proj_dim=16, context_pre_only=False,
-                         bias=True).eval()
+    attn = FluxAttention(
+        query_dim=16, heads=2, dim_head=8, added_kv_proj_dim=16, context_pre_only=False, bias=True
+    ).eval()
     n_txt, n_img = 3, 4
     x, c = torch.randn(1, n_img, 16), torch.randn(1, n_txt, 16)
-    ids = torch.cat([torch.zeros(n_txt, 3), torch.stack([torch.zeros(4), torch.arange(4.0) // 2,
-                                                         torch.arange(4.0) % 2], 1)])
+    ids = torch.cat(
+        [
+            torch.zeros(n_txt, 3),
+            torch.stack([torch.zeros(4), torch.arange(4.0) // 2, torch.arange(4.0) % 2], 1),
+        ]
+    )
     rope = FluxPosEmbed(theta=10000, axes_dim=[2, 2, 4])(ids)
     with torch.no_grad():
         ref_x, ref_c = attn(x, encoder_hidden_states=c, image_rotary_emb=rope)
@@ -234,8 +255,9 @@ def test_resize_self_repeats_query_rows_and_resizes_keys():
     g = torch.Generator().manual_seed(0)
     m = torch.rand(4, 4, generator=g)  # r = 2
     big = resize_self(m, 2, 4)  # (16, 16)
-    keys = torch.nn.functional.interpolate(m.reshape(1, 4, 2, 2), size=(4, 4), mode="bilinear",
-                                           align_corners=False).reshape(4, 16)
+    keys = torch.nn.functional.interpolate(
+        m.reshape(1, 4, 2, 2), size=(4, 4), mode="bilinear", align_corners=False
+    ).reshape(4, 16)
     for qi in range(4):
         for qj in range(4):
             torch.testing.assert_close(big[qi * 4 + qj], keys[(qi // 2) * 2 + qj // 2])
@@ -246,9 +268,13 @@ def test_running_sums_do_not_grow_with_timesteps():
     aligner = tiny_aligner("sd")
     sizes = []
     for n_steps in (2, 6):
-        rec = aligner._collect(aligner.adapter.encode_image(_image()), "a photo of cat, dog",
-                               torch.randn(n_steps, 4, 16, 16), aligner.options.replace(
-                                   collect_timesteps=list(range(20, 20 * n_steps + 1, 20))), aligner._weights)
+        rec = aligner._collect(
+            aligner.adapter.encode_image(_image()),
+            "a photo of cat, dog",
+            torch.randn(n_steps, 4, 16, 16),
+            aligner.options.replace(collect_timesteps=list(range(20, 20 * n_steps + 1, 20))),
+            aligner._weights,
+        )
         sizes.append({k: v.numel() for k, v in rec.sums.items()})
         assert set(rec.samples.values()) == {n_steps}
     assert sizes[0] == sizes[1]

@@ -30,8 +30,13 @@ from elbo_t2ialign.devtools.bench import (
 )
 from elbo_t2ialign.devtools.bench_profile import PARTS, Breakdown, crosses_devices
 
-FIELDS = ("sec_per_image", "forward_samples_per_image", "network_sec_per_image", "overhead_fraction",
-          "peak_mem_mb")
+FIELDS = (
+    "sec_per_image",
+    "forward_samples_per_image",
+    "network_sec_per_image",
+    "overhead_fraction",
+    "peak_mem_mb",
+)
 
 
 @pytest.mark.parametrize("model", ["tiny-sd", "tiny-sdxl", "tiny-sd3"])
@@ -68,7 +73,8 @@ def test_compare_prints_both_modes(capsys):
     assert result["optimized"]["network_calls_per_image"] < 50
     assert result["max_abs_diff"] <= 1e-3
     assert result["speedup"] == pytest.approx(
-        result["reference"]["sec_per_image"] / result["optimized"]["sec_per_image"])
+        result["reference"]["sec_per_image"] / result["optimized"]["sec_per_image"]
+    )
 
 
 def test_processes_split_the_images():
@@ -83,8 +89,13 @@ def test_full_size_configs_have_the_published_parameter_counts():
     published = {
         "sd15": {"unet": 859.52, "vae": 83.65, "text_encoder": 123.06},
         "sdxl": {"unet": 2567.46, "vae": 83.65, "text_encoder": 123.06, "text_encoder_2": 694.66},
-        "sd3": {"transformer": 2028.33, "vae": 83.82, "text_encoder": 123.65, "text_encoder_2": 694.66,
-                "text_encoder_3": 4762.31},
+        "sd3": {
+            "transformer": 2028.33,
+            "vae": 83.82,
+            "text_encoder": 123.65,
+            "text_encoder_2": 694.66,
+            "text_encoder_3": 4762.31,
+        },
     }
     for model, sizes in published.items():
         pipe, notes = build_pipeline(model, torch.device("meta"), t5=True)
@@ -103,7 +114,9 @@ def test_recorder_memory_is_flat_in_collection_timesteps():
     z0 = torch.zeros(1, 4, ad.latent_size, ad.latent_size)
 
     def stored_bytes(rec):
-        tensors = list(rec.sums.values()) + [m for _, maps, _ in getattr(rec, "kept", []) for m in maps.values()]
+        tensors = list(rec.sums.values()) + [
+            m for _, maps, _ in getattr(rec, "kept", []) for m in maps.values()
+        ]
         return sum(t.numel() * t.element_size() for t in tensors)
 
     lean, kept = [], []
@@ -117,7 +130,9 @@ def test_recorder_memory_is_flat_in_collection_timesteps():
         with ref:
             for lo in range(n):
                 t = torch.tensor([20 * (lo + 1)])
-                ad.predict(ad.schedule.add_noise(z0, noise[lo : lo + 1], t), t, ad.encode_prompt("a photo of cat"))
+                ad.predict(
+                    ad.schedule.add_noise(z0, noise[lo : lo + 1], t), t, ad.encode_prompt("a photo of cat")
+                )
         kept.append(stored_bytes(ref))
     assert lean[0] == lean[1] > 0
     assert kept[1] == 6 * kept[0]
@@ -134,8 +149,9 @@ def test_prompt_cache_is_bounded():
             ad.encode_prompt(f"a photo of {word}")
         assert len(ad._cond_cache) == 3 and "a photo of cat" not in ad._cond_cache
         assert ad.encode_prompt("a photo of car") is ad.encode_prompt("a photo of car")  # a hit
-        torch.testing.assert_close(ad.encode_prompt("a photo of cat")["encoder_hidden_states"],
-                                   first["encoder_hidden_states"])
+        torch.testing.assert_close(
+            ad.encode_prompt("a photo of cat")["encoder_hidden_states"], first["encoder_hidden_states"]
+        )
     finally:
         ad.prompt_cache_size = old
         ad.clear_prompt_cache()
@@ -146,8 +162,20 @@ TOLERANCE = 0.05  # the parts and the network must account for the wall time to 
 
 @pytest.mark.parametrize(("model", "classes"), [("tiny-sd", 2), ("tiny-sd3", 3), ("tiny-sdxl", 1)])
 def test_floor_replays_the_same_samples_and_the_breakdown_adds_up(model, classes):
-    run = main(["--model", model, "--classes", str(classes), "--images", "2", "--floor-batches", "3", "16",
-                "--unsynced"])
+    run = main(
+        [
+            "--model",
+            model,
+            "--classes",
+            str(classes),
+            "--images",
+            "2",
+            "--floor-batches",
+            "3",
+            "16",
+            "--unsynced",
+        ]
+    )
     # the second, untimed-network pass ran the same images (on a CPU nothing is synchronised anyway)
     assert 0 < run["sec_per_image_unsynced"] < 3 * run["sec_per_image"]
     n_samples = 20 * classes + 10 if classes > 1 else 10  # PROTOCOL: one class needs no ELBO
@@ -205,36 +233,70 @@ def test_breakdown_charges_each_part_its_own_time_and_changes_nothing(monkeypatc
         np.testing.assert_array_equal(plain.baseline_heatmaps[c], timed.baseline_heatmaps[c])
 
 
-@pytest.mark.parametrize(("method", "args", "kwargs", "expected"), [
-    ("to", (torch.float64,), {}, False), ("to", ("meta",), {}, True), ("to", (), {"device": "meta"}, True),
-    ("to", ("cpu", torch.float16), {}, False), ("to", (torch.zeros(1, device="meta"),), {}, True),
-    ("cpu", (), {}, False), ("tolist", (), {}, False),
-])
+@pytest.mark.parametrize(
+    ("method", "args", "kwargs", "expected"),
+    [
+        ("to", (torch.float64,), {}, False),
+        ("to", ("meta",), {}, True),
+        ("to", (), {"device": "meta"}, True),
+        ("to", ("cpu", torch.float16), {}, False),
+        ("to", (torch.zeros(1, device="meta"),), {}, True),
+        ("cpu", (), {}, False),
+        ("tolist", (), {}, False),
+    ],
+)
 def test_crosses_devices(method, args, kwargs, expected):
     assert crosses_devices(torch.zeros(2), method, args, kwargs) is expected
     assert crosses_devices(torch.zeros(2, device="meta"), "cpu", (), {}) is True
 
 
 def test_tables_of_a_gpu_log(tmp_path, capsys):
-    run = {"device_name": "GPU X", "model": "sd15", "resolution": 512, "dtype": "float16", "classes": 2,
-           "batch_size": 8, "sec_per_image": 0.4061, "sec_per_image_unsynced": 0.38, "peak_mem_mb": 3046.4, "overhead_fraction": 0.117,
-           "floor_sec_per_image": 0.3, "floor_batch": 16, "sec_per_floor": 0.4061 / 0.3,
-           "network_sec_per_floor": 0.358 / 0.3,
-           "breakdown_sec_per_image": dict.fromkeys(PARTS, 0.001) | {"network": 0.358, "unaccounted": 0.0002}}
+    run = {
+        "device_name": "GPU X",
+        "model": "sd15",
+        "resolution": 512,
+        "dtype": "float16",
+        "classes": 2,
+        "batch_size": 8,
+        "sec_per_image": 0.4061,
+        "sec_per_image_unsynced": 0.38,
+        "peak_mem_mb": 3046.4,
+        "overhead_fraction": 0.117,
+        "floor_sec_per_image": 0.3,
+        "floor_batch": 16,
+        "sec_per_floor": 0.4061 / 0.3,
+        "network_sec_per_floor": 0.358 / 0.3,
+        "breakdown_sec_per_image": dict.fromkeys(PARTS, 0.001) | {"network": 0.358, "unaccounted": 0.0002},
+    }
     log = tmp_path / "bench.jsonl"
-    log.write_text("\n".join(json.dumps(r) for r in [
-        {"step": "sd15-k2", "result": run},
-        {"step": "sd15-compare", "result": {"optimized": run, "speedup": 5.381, "max_abs_diff": 2.4e-4}},
-        {"step": "sd3", "failed": "exit 124 after 125 s"},
-    ]) + "\n")
+    log.write_text(
+        "\n".join(
+            json.dumps(r)
+            for r in [
+                {"step": "sd15-k2", "result": run},
+                {
+                    "step": "sd15-compare",
+                    "result": {"optimized": run, "speedup": 5.381, "max_abs_diff": 2.4e-4},
+                },
+                {"step": "sd3", "failed": "exit 124 after 125 s"},
+            ]
+        )
+        + "\n"
+    )
     main(["--table", str(log)])
     lines = capsys.readouterr().out.splitlines()
-    assert lines[2] == ("| sd15-k2 | GPU X | sd15 | 512 | float16 | 2 | 8 | 0.406 | 0.380 | 3046 | 0.300 (16) | 1.35 "
-                        "| 1.19 | 0.117 |  |")
+    assert lines[2] == (
+        "| sd15-k2 | GPU X | sd15 | 512 | float16 | 2 | 8 | 0.406 | 0.380 | 3046 | 0.300 (16) | 1.35 "
+        "| 1.19 | 0.117 |  |"
+    )
     assert lines[3].endswith("| 0.117 | 5.38 (2.4e-04) |")
     assert lines[4] == "| sd3 | failed: exit 124 after 125 s |"
     breakdown = lines[-2].split(" | ")
-    assert breakdown[0] == "| sd15-k2" and breakdown[1:-2] == ["1.0"] * 9 and breakdown[-2:] == ["358.0", "0.2 |"]
+    assert (
+        breakdown[0] == "| sd15-k2"
+        and breakdown[1:-2] == ["1.0"] * 9
+        and breakdown[-2:] == ["358.0", "0.2 |"]
+    )
     with pytest.raises(SystemExit, match="no file"):
         main(["--table", str(tmp_path / "missing.jsonl")])
 

@@ -118,5 +118,9 @@ def test_find_subsequence_equals_a_byte_string_search():
         seq = rng.integers(0, 3, rng.integers(0, 12)).tolist()
         sub = rng.integers(0, 3, rng.integers(0, 4)).tolist()
         start = int(rng.integers(0, 14))
-        assert calibrate.find_subsequence(seq, sub, start) == bytes(seq).find(bytes(sub), start), (seq, sub, start)
+        assert calibrate.find_subsequence(seq, sub, start) == bytes(seq).find(bytes(sub), start), (
+            seq,
+            sub,
+            start,
+        )
     assert calibrate.find_subsequence((5, 6, 7), [6, 7]) == 1  # any sequence type

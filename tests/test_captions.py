@@ -40,8 +40,11 @@ def hand_caption(folder, image, prompt="a photo of", max_new_tokens=5):
     processor = BlipProcessor.from_pretrained(folder)
     model = BlipForConditionalGeneration.from_pretrained(folder).eval()
     with torch.no_grad():
-        out = model.generate(**processor(images=image, text=prompt, return_tensors="pt"),
-                             max_new_tokens=max_new_tokens, num_beams=1)
+        out = model.generate(
+            **processor(images=image, text=prompt, return_tensors="pt"),
+            max_new_tokens=max_new_tokens,
+            num_beams=1,
+        )
     return " ".join(processor.decode(out[0], skip_special_tokens=True).split())
 
 
@@ -67,8 +70,14 @@ def test_blip_folder_caption_matches_transformers(blip_folders):
     text = captioner.caption(img)
     assert text == hand_caption(blip_folders[0], img)
     assert text.startswith("a photo of ") and len(text.split()) > 3  # the prompt, continued
-    assert captioner.settings == {"backend": "blip", "model": str(blip_folders[0].resolve()), "prompt": "a photo of",
-                                  "max_new_tokens": 5, "num_beams": 1, "dtype": "float32"}
+    assert captioner.settings == {
+        "backend": "blip",
+        "model": str(blip_folders[0].resolve()),
+        "prompt": "a photo of",
+        "max_new_tokens": 5,
+        "num_beams": 1,
+        "dtype": "float32",
+    }
     free = BlipCaptioner.from_pretrained(str(blip_folders[0]), prompt="", max_new_tokens=5)
     assert free.settings["prompt"] is None
     assert free.caption(img) == hand_caption(blip_folders[0], img, prompt=None)
@@ -88,18 +97,24 @@ def test_cache_hit_miss_and_model_change(blip_folders, tmp_path):
     assert CaptionCache(tmp_path / "cache" / "captions.json").caption(tmp_path / "same.png", a) == first
     assert len(calls_a) == 1  # same pixels from a file, another cache object on the same file: hit
 
-    assert cache.caption(other, a) == hand_caption(blip_folders[0], other) and len(calls_a) == 2  # other image
+    assert (
+        cache.caption(other, a) == hand_caption(blip_folders[0], other) and len(calls_a) == 2
+    )  # other image
     by_b = cache.caption(img, b)  # other model: a miss, computed with that model
     assert len(calls_b) == 1 and by_b == hand_caption(blip_folders[1], img)
     assert by_b != first
     shorter = BlipCaptioner.from_pretrained(str(blip_folders[0]), max_new_tokens=2)
-    assert cache.caption(img, shorter) == hand_caption(blip_folders[0], img, max_new_tokens=2)  # other settings
+    assert cache.caption(img, shorter) == hand_caption(
+        blip_folders[0], img, max_new_tokens=2
+    )  # other settings
     assert (cache.hits, cache.misses) == (1, 4)
 
     stored = json.loads((tmp_path / "cache" / "captions.json").read_text())
     digest = captions.image_digest(img)
     assert set(stored) == {digest, captions.image_digest(other)}
-    assert sorted(stored[digest].values()) == sorted([first, by_b, hand_caption(blip_folders[0], img, max_new_tokens=2)])
+    assert sorted(stored[digest].values()) == sorted(
+        [first, by_b, hand_caption(blip_folders[0], img, max_new_tokens=2)]
+    )
     assert stored[digest][CaptionCache.key(a.settings)] == first  # earlier captions are kept
 
 
@@ -133,8 +148,14 @@ def test_chat_backend_request_and_answer(tmp_path):
         return {"choices": [{"message": {"role": "assistant", "content": " A red  circle\n on a wall. "}}]}
 
     img = _rgb()
-    chat = ChatCaptioner("http://localhost:8000/v1/", "llava", api_key="k", system_prompt="Be brief.",
-                         max_completion_tokens=40, post=post)
+    chat = ChatCaptioner(
+        "http://localhost:8000/v1/",
+        "llava",
+        api_key="k",
+        system_prompt="Be brief.",
+        max_completion_tokens=40,
+        post=post,
+    )
     assert chat.caption(img) == "A red circle on a wall."
     url, payload, headers, timeout = sent[0]
     assert url == "http://localhost:8000/v1/chat/completions" and headers == {"Authorization": "Bearer k"}
@@ -173,34 +194,55 @@ def test_post_json_through_urllib_without_network(monkeypatch):
     seen = {}
 
     def urlopen(request, timeout):
-        seen.update(url=request.full_url, body=json.loads(request.data), headers=dict(request.header_items()),
-                    timeout=timeout)
+        seen.update(
+            url=request.full_url,
+            body=json.loads(request.data),
+            headers=dict(request.header_items()),
+            timeout=timeout,
+        )
         return FakeResponse(b'{"choices": [{"message": {"content": "a cat"}}]}')
 
     monkeypatch.setattr(captions.urllib.request, "urlopen", urlopen)
     assert ChatCaptioner("https://api.example/v1", "gpt", api_key="s3").caption(_rgb()) == "a cat"
     assert seen["url"] == "https://api.example/v1/chat/completions" and seen["body"]["model"] == "gpt"
-    assert seen["headers"]["Authorization"] == "Bearer s3" and seen["headers"]["Content-type"] == "application/json"
+    assert (
+        seen["headers"]["Authorization"] == "Bearer s3"
+        and seen["headers"]["Content-type"] == "application/json"
+    )
 
     def refused(request, timeout):
-        raise urllib.error.HTTPError(request.full_url, 401, "Unauthorized", {}, io.BytesIO(b'{"error":\n"bad key"}'))
+        raise urllib.error.HTTPError(
+            request.full_url, 401, "Unauthorized", {}, io.BytesIO(b'{"error":\n"bad key"}')
+        )
 
     monkeypatch.setattr(captions.urllib.request, "urlopen", refused)
-    with pytest.raises(CaptionError, match=r'^https://api.example/v1/chat/completions answered HTTP 401: \{"error": "bad key"\}$'):
+    with pytest.raises(
+        CaptionError,
+        match=r'^https://api.example/v1/chat/completions answered HTTP 401: \{"error": "bad key"\}$',
+    ):
         ChatCaptioner("https://api.example/v1", "gpt").caption(_rgb())
 
     def offline(request, timeout):
         raise urllib.error.URLError("Name or service not known")
 
     monkeypatch.setattr(captions.urllib.request, "urlopen", offline)
-    with pytest.raises(CaptionError, match=r"cannot reach https://api.example/v1/chat/completions \(Name or service"):
+    with pytest.raises(
+        CaptionError, match=r"cannot reach https://api.example/v1/chat/completions \(Name or service"
+    ):
         ChatCaptioner("https://api.example/v1", "gpt").caption(_rgb())
 
 
 def test_from_config(monkeypatch, tmp_path):
     monkeypatch.setenv("MY_KEY", "abc")
-    chat, cache = captions.from_config({"backend": "chat", "url": "http://h/v1", "model": "m",
-                                        "api_key_env": "MY_KEY", "cache": str(tmp_path / "c.json")})
+    chat, cache = captions.from_config(
+        {
+            "backend": "chat",
+            "url": "http://h/v1",
+            "model": "m",
+            "api_key_env": "MY_KEY",
+            "cache": str(tmp_path / "c.json"),
+        }
+    )
     assert isinstance(chat, ChatCaptioner) and chat.api_key == "abc" and cache.path == tmp_path / "c.json"
     assert chat.settings["prompt"] == captions.DEFAULT_CHAT_PROMPT
     blip, _ = captions.from_config({"model": "tiny", "max_new_tokens": 4})

@@ -44,7 +44,9 @@ def test_ddpm_noising_and_targets_by_hand():
     torch.testing.assert_close(z_t, a * z0 + b * eps)
     # v = a eps - b z0; a v-model that is exactly right gives back eps
     v = a * eps - b * z0
-    torch.testing.assert_close(DDPMSchedule(ac, "v_prediction").to_target(v, z_t, t), eps, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        DDPMSchedule(ac, "v_prediction").to_target(v, z_t, t), eps, rtol=1e-4, atol=1e-5
+    )
     # a sample model that predicts z0 exactly gives back eps
     torch.testing.assert_close(DDPMSchedule(ac, "sample").to_target(z0, z_t, t), eps, rtol=1e-4, atol=1e-4)
     assert torch.equal(DDPMSchedule(ac).target(z0, eps, t), eps)
@@ -82,8 +84,13 @@ def test_flow_dynamic_shift_matches_flux_formula():
 def test_edm_epsilon_recovered_through_preconditioning():
     from diffusers import EDMDPMSolverMultistepScheduler
 
-    sched = EDMDPMSolverMultistepScheduler(sigma_min=0.002, sigma_max=80.0, sigma_data=0.5,
-                                           sigma_schedule="exponential", prediction_type="epsilon")
+    sched = EDMDPMSolverMultistepScheduler(
+        sigma_min=0.002,
+        sigma_max=80.0,
+        sigma_data=0.5,
+        sigma_schedule="exponential",
+        prediction_type="epsilon",
+    )
     es = EDMSchedule(sched)
     assert math.isclose(float(es.sigmas[0]), 0.002, rel_tol=1e-5)
     assert math.isclose(float(es.sigmas[-1]), 80.0, rel_tol=1e-5)
@@ -110,7 +117,9 @@ def _losses_with_a_copy_per_batch(adapter, z0, conds, timesteps, noise, batch_si
         eps, t = noise[idx_t], ts[idx_t]
         z_t = adapter.schedule.add_noise(z0, eps, t)
         pred = adapter.predict(z_t, t, cat_cond([conds[i] for i, _ in rows]))
-        out[lo : lo + len(rows)] = ((adapter.schedule.target(z0, eps, t) - pred) ** 2).flatten(1).mean(1).cpu()
+        out[lo : lo + len(rows)] = (
+            ((adapter.schedule.target(z0, eps, t) - pred) ** 2).flatten(1).mean(1).cpu()
+        )
     return out.view(len(conds), len(timesteps)).sum(dim=1)
 
 
@@ -129,7 +138,9 @@ def test_one_host_copy_and_the_same_maps_as_a_copy_per_batch(family, monkeypatch
 
     copies = []
     original = torch.Tensor.cpu
-    monkeypatch.setattr(torch.Tensor, "cpu", lambda self, *a, **k: copies.append(1) or original(self, *a, **k))
+    monkeypatch.setattr(
+        torch.Tensor, "cpu", lambda self, *a, **k: copies.append(1) or original(self, *a, **k)
+    )
     losses, _ = elbo_losses(ad, z0, conds, ts, noise, batch_size=5)  # 12 pairs: 3 batches
     assert len(copies) == 1
     monkeypatch.undo()
@@ -137,13 +148,18 @@ def test_one_host_copy_and_the_same_maps_as_a_copy_per_batch(family, monkeypatch
 
     classes = ["cat", "dog", "bird"]
     new = aligner.heatmaps(image, classes, seed=7)
-    monkeypatch.setattr(aligner, "_elbo_losses", lambda z, cs, t, n, batch: _losses_with_a_copy_per_batch(
-        ad, z, cs, t, n, batch).tolist())
+    monkeypatch.setattr(
+        aligner,
+        "_elbo_losses",
+        lambda z, cs, t, n, batch: _losses_with_a_copy_per_batch(ad, z, cs, t, n, batch).tolist(),
+    )
     old = aligner.heatmaps(image, classes, seed=7)
     assert new.losses == old.losses and new.tau == old.tau
     for name in classes:
         np.testing.assert_allclose(new.heatmaps[name], old.heatmaps[name], atol=1e-6, rtol=0)
-        np.testing.assert_allclose(new.baseline_heatmaps[name], old.baseline_heatmaps[name], atol=1e-6, rtol=0)
+        np.testing.assert_allclose(
+            new.baseline_heatmaps[name], old.baseline_heatmaps[name], atol=1e-6, rtol=0
+        )
 
 
 def _oom_above(limit: int):

@@ -51,8 +51,11 @@ def test_plot_has_a_row_per_word_with_the_image_and_three_overlays(small_result)
     for row, word in enumerate(["cat", "red car"]):
         tau, elbo = res.tau[word], res.losses[word]
         assert titles[4 * row : 4 * row + 4] == [
-            f"'{word}' (tokens {res.token_positions[word]})", "baseline (tau 1)",
-            f"ELBO-calibrated: tau {tau:.3g}, loss {elbo:.4g}", "cross-attention"]
+            f"'{word}' (tokens {res.token_positions[word]})",
+            "baseline (tau 1)",
+            f"ELBO-calibrated: tau {tau:.3g}, loss {elbo:.4g}",
+            "cross-attention",
+        ]
     assert fig.get_suptitle() == "a photo of cat, red car"
     # the image under every panel, the map of each kind over it
     np.testing.assert_array_equal(axes[0].images[0].get_array(), np.asarray(image))
@@ -104,7 +107,11 @@ def bundled(tmp_path_factory):
     """(config, aligner) of the default command config with few timesteps; the model loaded once."""
     out = tmp_path_factory.mktemp("runs")
     conf = explain.compose([*FAST, f"output_dir={out}"])
-    assert conf["model"]["id"] == "elbo_t2ialign/testbed/model" and conf["elbo"]["self_weights_1"] == [0, 1, 0]
+    assert conf["model"]["id"] == "elbo_t2ialign/testbed/model" and conf["elbo"]["self_weights_1"] == [
+        0,
+        1,
+        0,
+    ]
     return conf, explain.load_aligner(conf, explain._options(conf))
 
 
@@ -119,18 +126,29 @@ def token_positions(prompt, word):
 def test_words_and_phrases_of_a_prompt(bundled, sample):
     conf, aligner = bundled
     info = explain.run(conf, str(sample), ["a square", "triangle"], prompt=PROMPT, aligner=aligner)
-    assert info["token_positions"] == {"a square": token_positions(PROMPT, "a square"),
-                                       "triangle": token_positions(PROMPT, "triangle")}
+    assert info["token_positions"] == {
+        "a square": token_positions(PROMPT, "a square"),
+        "triangle": token_positions(PROMPT, "triangle"),
+    }
     assert info["token_positions"]["a square"] == [4, 5]  # BOS a photo of | a square
     assert info["prompts"]["collect"] == PROMPT and info["mode"] == "prompt"
     folder = Path(info["folder"])
     assert json.loads((folder / "result.json").read_text())["token_positions"] == info["token_positions"]
     # the files hold the API's maps for the same call
-    direct = aligner.heatmaps(sample, words=["a square", "triangle"], prompt=PROMPT, elbo_timesteps=[101, 501],
-                              collect_timesteps=[100])
+    direct = aligner.heatmaps(
+        sample,
+        words=["a square", "triangle"],
+        prompt=PROMPT,
+        elbo_timesteps=[101, 501],
+        collect_timesteps=[100],
+    )
     assert info["tau"] == direct.tau and info["losses"] == direct.losses
     assert sorted(direct.tau.values())[-1] == pytest.approx(3.0)  # strength 3 of elbo=shapes
-    for tag, maps in (("baseline", direct.baseline_heatmaps), ("elbo", direct.heatmaps), ("cross", direct.cross)):
+    for tag, maps in (
+        ("baseline", direct.baseline_heatmaps),
+        ("elbo", direct.heatmaps),
+        ("cross", direct.cross),
+    ):
         saved = np.load(folder / f"a_square.{tag}.npy")
         np.testing.assert_array_equal(saved, maps["a square"])
         png = np.asarray(Image.open(folder / f"a_square.{tag}.png"))
@@ -141,8 +159,11 @@ def test_words_and_phrases_of_a_prompt(bundled, sample):
 def test_class_names_go_into_the_template(bundled, sample):
     conf, aligner = bundled
     info = explain.run(conf, str(sample), ["triangle", "square"], aligner=aligner)
-    assert info["prompts"] == {"triangle": "a photo of triangle", "square": "a photo of square",
-                               "collect": "a photo of triangle, square"}
+    assert info["prompts"] == {
+        "triangle": "a photo of triangle",
+        "square": "a photo of square",
+        "collect": "a photo of triangle, square",
+    }
     assert info["token_positions"] == {"triangle": [4], "square": [6]} and info["mode"] == "classes"
 
 
@@ -151,7 +172,10 @@ def test_bad_input_is_one_error_and_writes_nothing(bundled, sample):
     root = Path(conf["output_dir"])
     before = sorted(root.iterdir())
     cases = [
-        (dict(words=["square", "heart"], prompt=PROMPT), r"^cannot locate 'heart' in prompt 'a photo of a square and a triangle'"),
+        (
+            dict(words=["square", "heart"], prompt=PROMPT),
+            r"^cannot locate 'heart' in prompt 'a photo of a square and a triangle'",
+        ),
         (dict(words=[]), "give at least one word"),
         (dict(words=["square"], prompt=PROMPT, caption=True), "give --prompt or --caption, not both"),
         (dict(words=["square"], prompt="  "), "--prompt is empty"),
@@ -166,25 +190,51 @@ def test_bad_input_is_one_error_and_writes_nothing(bundled, sample):
     with pytest.raises(ExplainError, match=r"in elbo: strength must be a finite number > 0"):
         explain.run(conf | {"elbo": conf["elbo"] | {"strength": 0}}, str(sample), ["square"], aligner=aligner)
     assert sorted(root.iterdir()) == before
-    with pytest.raises(ExplainError, match=r"bad override in \['elbo.strenght=2'\]: Could not override 'elbo.strenght'"):
+    with pytest.raises(
+        ExplainError, match=r"bad override in \['elbo.strenght=2'\]: Could not override 'elbo.strenght'"
+    ):
         explain.compose(["elbo.strenght=2"])
 
 
 def test_arguments_split_into_words_and_overrides():
     args, words, overrides = explain.parse_args(
-        ["img.png", "cat", "red sofa", "--prompt", "a cat on a red sofa", "model=sd15", "elbo.strength=2", "+x.y=1"])
+        [
+            "img.png",
+            "cat",
+            "red sofa",
+            "--prompt",
+            "a cat on a red sofa",
+            "model=sd15",
+            "elbo.strength=2",
+            "+x.y=1",
+        ]
+    )
     assert (args.image, args.prompt, args.caption) == ("img.png", "a cat on a red sofa", False)
     assert words == ["cat", "red sofa"] and overrides == ["model=sd15", "elbo.strength=2", "+x.y=1"]
     assert explain.with_words("a photo of a cat on a sofa", ["cat", "dog", "so"]) == (
-        "a photo of a cat on a sofa, dog, so", ["dog", "so"])
-    assert explain.file_names(["red sofa", "red_sofa", "a/b"]) == {"red sofa": "red_sofa", "red_sofa": "red_sofa-2",
-                                                                  "a/b": "a_b"}
+        "a photo of a cat on a sofa, dog, so",
+        ["dog", "so"],
+    )
+    assert explain.file_names(["red sofa", "red_sofa", "a/b"]) == {
+        "red sofa": "red_sofa",
+        "red_sofa": "red_sofa-2",
+        "a/b": "a_b",
+    }
 
 
 def test_caption_prompt_and_its_cache(tmp_path, sample, capsys):
     cache = tmp_path / "captions.json"
-    argv = [str(sample), "square", "triangle", "--caption", *FAST, f"output_dir={tmp_path / 'out'}",
-            "caption.model=tiny", "caption.max_new_tokens=3", f"caption.cache={cache}"]
+    argv = [
+        str(sample),
+        "square",
+        "triangle",
+        "--caption",
+        *FAST,
+        f"output_dir={tmp_path / 'out'}",
+        "caption.model=tiny",
+        "caption.max_new_tokens=3",
+        f"caption.cache={cache}",
+    ]
     assert explain.main(argv) == 0
     first = capsys.readouterr().out
     info = json.loads((tmp_path / "out" / "scene-1" / "result.json").read_text())
@@ -200,30 +250,63 @@ def test_caption_prompt_and_its_cache(tmp_path, sample, capsys):
 
 def test_command_end_to_end_on_the_bundled_model(tmp_path, sample, bundled):
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "elbo_t2ialign.explain", str(sample), "square", "triangle", *FAST,
-           f"output_dir={tmp_path}", "dpi=50"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "elbo_t2ialign.explain",
+        str(sample),
+        "square",
+        "triangle",
+        *FAST,
+        f"output_dir={tmp_path}",
+        "dpi=50",
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert done.returncode == 0, done.stderr
     folder = tmp_path / "scene-1"
     assert f"figure: {folder / 'figure.png'}" in done.stdout.splitlines()
     lines = {line.split()[0]: line for line in done.stdout.splitlines() if line.startswith("  ")}
     info = json.loads((folder / "result.json").read_text())
-    assert lines["square"].split() == ["square", "tokens", "[4]", "loss", f"{info['losses']['square']:.5g}",
-                                       "tau", f"{info['tau']['square']:.3g}"]
+    assert lines["square"].split() == [
+        "square",
+        "tokens",
+        "[4]",
+        "loss",
+        f"{info['losses']['square']:.5g}",
+        "tau",
+        f"{info['tau']['square']:.3g}",
+    ]
     assert sorted(p.name for p in folder.iterdir()) == sorted(
-        ["figure.png", "result.json"] + [f"{w}.{t}.{e}" for w in ("square", "triangle")
-                                         for t in ("elbo", "baseline", "cross") for e in ("npy", "png")])
+        ["figure.png", "result.json"]
+        + [
+            f"{w}.{t}.{e}"
+            for w in ("square", "triangle")
+            for t in ("elbo", "baseline", "cross")
+            for e in ("npy", "png")
+        ]
+    )
     with Image.open(folder / "figure.png") as fig:
-        assert fig.size == (4 * 130, round((2 * 2.6 + 0.5) * 50))  # 4 panels of 2.6 in, 2 rows + title, 50 dpi
+        assert fig.size == (
+            4 * 130,
+            round((2 * 2.6 + 0.5) * 50),
+        )  # 4 panels of 2.6 in, 2 rows + title, 50 dpi
     kept = (folder / "square.elbo.npy").read_bytes()
 
     conf, aligner = bundled
-    again = explain.run(conf | {"output_dir": str(tmp_path)}, str(sample), ["square", "triangle"], aligner=aligner)
+    again = explain.run(
+        conf | {"output_dir": str(tmp_path)}, str(sample), ["square", "triangle"], aligner=aligner
+    )
     assert again["folder"] == str(tmp_path / "scene-2") and (tmp_path / "scene-2" / "figure.png").is_file()
     assert (folder / "square.elbo.npy").read_bytes() == kept  # a new folder; the first is untouched
 
-    bad = subprocess.run([*cmd[:4], "square", "heart", "--prompt", PROMPT, *cmd[6:]], capture_output=True,
-                         text=True, env=env, cwd=tmp_path, timeout=300)
+    bad = subprocess.run(
+        [*cmd[:4], "square", "heart", "--prompt", PROMPT, *cmd[6:]],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=300,
+    )
     assert bad.returncode == 1 and "Traceback" not in bad.stderr
     errors = [line for line in bad.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and errors[0].startswith("error: cannot locate 'heart' in prompt")

@@ -19,14 +19,24 @@ from elbo_t2ialign.testbed import train, world
 
 CONFIGS = str(train.DEFAULT_MODEL_DIR.parents[2] / "configs")
 IMAGES = 4
-pytestmark = pytest.mark.skipif(not (train.DEFAULT_MODEL_DIR / "model_index.json").is_file(),
-                                reason="no committed testbed model")
+pytestmark = pytest.mark.skipif(
+    not (train.DEFAULT_MODEL_DIR / "model_index.json").is_file(), reason="no committed testbed model"
+)
 
 
 def _overrides(datasets, out):
-    return ["model=shapes", "dataset=shapes", "elbo=shapes", f"datasets_dir={datasets}", "device=cpu",
-            "progress=false", "elbo.elbo_timesteps=[1,501]", "elbo.collect_timesteps=[20,100]",
-            f"num_images={IMAGES}", f"output_dir={out}"]
+    return [
+        "model=shapes",
+        "dataset=shapes",
+        "elbo=shapes",
+        f"datasets_dir={datasets}",
+        "device=cpu",
+        "progress=false",
+        "elbo.elbo_timesteps=[1,501]",
+        "elbo.collect_timesteps=[20,100]",
+        f"num_images={IMAGES}",
+        f"output_dir={out}",
+    ]
 
 
 def _config(datasets, out):
@@ -86,8 +96,13 @@ def test_kill_anywhere_then_rerun_gives_the_uninterrupted_bytes(setup, seed, mom
     rng = random.Random(seed)
     out = root / f"killed-{seed}"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-c", SLOW_WRITES, *_overrides(root / "datasets", out)],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SLOW_WRITES, *_overrides(root / "datasets", out)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     _wait(lambda: (out / ".lock").exists(), proc)
     if seed == 0 and proc.poll() is None:  # a second launch meanwhile exits at once, naming the holder
         with pytest.raises(ConfigError, match=rf"{out} is in use by pid {proc.pid} on "):

@@ -17,7 +17,9 @@ ROOT = Path(__file__).resolve().parents[1]
 def _photo(w, h, seed=4307):
     """A photo-like image: smooth structure plus fine texture (what antialiasing acts on)."""
     rng = np.random.RandomState(seed)
-    smooth = np.asarray(Image.fromarray((rng.rand(5, 7, 3) * 255).astype(np.uint8)).resize((w, h), Image.BICUBIC))
+    smooth = np.asarray(
+        Image.fromarray((rng.rand(5, 7, 3) * 255).astype(np.uint8)).resize((w, h), Image.BICUBIC)
+    )
     grain = rng.randint(-40, 41, size=(h, w, 3))
     return Image.fromarray(np.clip(smooth.astype(int) + grain, 0, 255).astype(np.uint8))
 
@@ -63,7 +65,9 @@ BOUNDS = {"float16": 0.01, "bfloat16": 0.06}
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("model", ["tiny-sd", "tiny-sd3"])
 def test_half_precision_maps_stay_close_to_float32(model, dtype):
-    summary = _fidelity_script().main(["--model", model, "--device", "cpu", "--dtype", dtype, "--images", "1"])
+    summary = _fidelity_script().main(
+        ["--model", model, "--device", "cpu", "--dtype", dtype, "--images", "1"]
+    )
     project, reference_style = summary["project"], summary["reference_style"]
     assert project["max_abs_diff"] <= BOUNDS[dtype]
     assert project["correlation"] >= 0.997

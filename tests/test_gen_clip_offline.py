@@ -25,8 +25,9 @@ def test_clip_folder_scores_as_the_model_it_holds(tmp_path):
     got, expected = (json.loads((run / "clip_scores.json").read_text()) for run in runs.values())
     assert got["clip_model"] == str(folder)
     for variant in ("elbo", "baseline"):
-        assert got["variants"][variant]["per_image"] == pytest.approx(expected["variants"][variant]["per_image"],
-                                                                      abs=1e-4)
+        assert got["variants"][variant]["per_image"] == pytest.approx(
+            expected["variants"][variant]["per_image"], abs=1e-4
+        )
 
 
 def test_default_clip_offline_is_one_line(tmp_path, capsys, monkeypatch):

@@ -23,7 +23,9 @@ def images(n: int, seed: int = 0) -> list[Image.Image]:
 def hand_scores(model, tokenizer, ims, prompts) -> list[float]:
     """100 * cos through CLIPModel.forward, with the pixels normalised by hand (32 px: no resize)."""
     mean, std = np.array([0.48145466, 0.4578275, 0.40821073]), np.array([0.26862954, 0.26130258, 0.27577711])
-    pixels = torch.tensor(np.stack([(np.asarray(im) / 255.0 - mean) / std for im in ims]), dtype=torch.float32)
+    pixels = torch.tensor(
+        np.stack([(np.asarray(im) / 255.0 - mean) / std for im in ims]), dtype=torch.float32
+    )
     out = []
     for k, prompt in enumerate(prompts):
         ids = tokenizer([prompt], return_tensors="pt").input_ids
@@ -56,8 +58,9 @@ def test_long_prompt_is_a_clear_error_unless_truncated(caplog):
 
 def fake_run(root, scores_seed: int = 0):
     """A run folder with prompts.json and 2 seeds x 3 prompts of each variant (prompt 2: elbo only)."""
-    (root / "prompts.json").write_text(json.dumps(
-        [{"index": i, "prompt": p, "phrases": [p]} for i, p in enumerate(PROMPTS)]))
+    (root / "prompts.json").write_text(
+        json.dumps([{"index": i, "prompt": p, "phrases": [p]} for i, p in enumerate(PROMPTS)])
+    )
     ims = images(12, scores_seed)
     paths = {}
     for v, variant in enumerate(("elbo", "baseline")):
@@ -74,7 +77,10 @@ def test_evaluate_run_folder_means_per_prompt_then_overall(tmp_path):
     paths = fake_run(tmp_path)
     model, tok, proc = tiny_clip()
     result = evaluate(tmp_path, ClipScorer(model, tok, proc, batch_size=4), grid=2)
-    per = {k: hand_scores(model, tok, [Image.open(p).convert("RGB")], [PROMPTS[k[1]]])[0] for k, p in paths.items()}
+    per = {
+        k: hand_scores(model, tok, [Image.open(p).convert("RGB")], [PROMPTS[k[1]]])[0]
+        for k, p in paths.items()
+    }
     for variant, n in (("elbo", 3), ("baseline", 2)):
         prompt_means = [(per[(variant, i, 4307)] + per[(variant, i, 4308)]) / 2 for i in range(n)]
         got = result["variants"][variant]
@@ -85,7 +91,10 @@ def test_evaluate_run_folder_means_per_prompt_then_overall(tmp_path):
     b = result["variants"]["baseline"]["clip_score"]
     assert result["paired"]["num_prompts"] == 2
     np.testing.assert_allclose(result["paired"]["delta"], e - b, atol=1e-6)
-    assert json.loads((tmp_path / "clip_scores.json").read_text())["paired"]["delta"] == result["paired"]["delta"]
+    assert (
+        json.loads((tmp_path / "clip_scores.json").read_text())["paired"]["delta"]
+        == result["paired"]["delta"]
+    )
     md = (tmp_path / "clip_scores.md").read_text()
     assert f"**delta {e - b:+.2f}**" in md and "| 2 | a bird on a sofa |" in md
     assert Image.open(tmp_path / "grid.png").size == (512, 2 * (256 + 34))

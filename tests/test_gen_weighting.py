@@ -63,7 +63,9 @@ def test_weighted_embeddings_equal_compel_sdxl():
     theirs = CompelForSDXL(pipe)(compel_syntax(PROMPT, PHRASES, weights))
     torch.testing.assert_close(ours["encoder_hidden_states"], theirs.embeds, rtol=0, atol=1e-6)
     # pooled text and time ids stay those of the plain prompt (Compel pools its syntax string instead)
-    assert torch.equal(ours["text_embeds"], full["text_embeds"]) and torch.equal(ours["time_ids"], full["time_ids"])
+    assert torch.equal(ours["text_embeds"], full["text_embeds"]) and torch.equal(
+        ours["time_ids"], full["time_ids"]
+    )
 
 
 def test_sd3_weights_clip_and_t5_tokens():
@@ -90,5 +92,7 @@ def test_phrase_missing_from_the_prompt_is_an_error():
 
 @pytest.mark.parametrize("family", ["flux", "pixart"])
 def test_families_without_text_blocks_are_a_clear_error(family):
-    with pytest.raises(ValueError, match=f"prompt weighting supports the unet and mmdit families, not '{family}'"):
+    with pytest.raises(
+        ValueError, match=f"prompt weighting supports the unet and mmdit families, not '{family}'"
+    ):
         token_positions(adapter(family), PROMPT, PHRASES)

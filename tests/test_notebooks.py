@@ -11,17 +11,23 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def execute(name: str, **params) -> nbformat.NotebookNode:
     nb = nbformat.read(ROOT / "scripts" / name, as_version=4)
-    assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), "commit notebooks output-free"
+    assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), (
+        "commit notebooks output-free"
+    )
     for key, value in params.items():  # override a line of the parameters cell
         cell = nb.cells[1]
         lines = [f"{key} = {value!r}" if ln.startswith(f"{key} =") else ln for ln in cell.source.splitlines()]
         cell.source = "\n".join(lines)
-    NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}).execute()
+    NotebookClient(
+        nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}
+    ).execute()
     return nb
 
 
 def images(nb) -> int:
-    return sum("image/png" in out.get("data", {}) for c in nb.cells if c.cell_type == "code" for out in c.outputs)
+    return sum(
+        "image/png" in out.get("data", {}) for c in nb.cells if c.cell_type == "code" for out in c.outputs
+    )
 
 
 @pytest.mark.parametrize("name,figures", [("run_segmentation.ipynb", 3), ("run_generation.ipynb", 1)])

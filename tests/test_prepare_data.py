@@ -31,7 +31,7 @@ def voc_files(names, seed=0):
         jpg = io.BytesIO()
         Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(jpg, "JPEG")
         mask = np.zeros((h, w), np.uint8)
-        mask[4:h - 4, 3:w // 2] = 7
+        mask[4 : h - 4, 3 : w // 2] = 7
         mask[[0, -1], :] = 255
         mask[:, [0, -1]] = 255
         png = Image.fromarray(mask, "P")
@@ -61,7 +61,7 @@ def build_parts(folder, files, n_parts=3, malicious=True):
     parts = []
     for i in range(n_parts):
         parts.append(folder / f"dataset.tar.gz.{i:02d}")
-        parts[-1].write_bytes(blob[cuts[i]:cuts[i + 1]])
+        parts[-1].write_bytes(blob[cuts[i] : cuts[i + 1]])
     return parts
 
 
@@ -103,15 +103,29 @@ def test_interrupted_extraction_resumes(tmp_path, names):
 def test_checksum_mismatch_moves_nothing_into_place(tmp_path, names):
     parts = build_parts(tmp_path / "dl", voc_files(names))
     target = tmp_path / "datasets"
-    with pytest.raises(SegmentationError, match=r"dataset.tar.gz.01: sha256 .* differs .* delete that file and rerun"):
+    with pytest.raises(
+        SegmentationError, match=r"dataset.tar.gz.01: sha256 .* differs .* delete that file and rerun"
+    ):
         archive.extract_parts(parts, target, [VOC], expected_sha256={"dataset.tar.gz.01": "0" * 64})
     assert not (target / VOC).exists()
 
 
 def test_missing_part_is_named(tmp_path, names, capsys):
     parts = build_parts(tmp_path / "dl", voc_files(names))
-    rc = prepare.main(["--datasets", "voc", "--split", SPLIT, "--dir", str(tmp_path / "d"), "--no-prompts",
-                       "--archive", str(parts[0]), str(parts[2])])
+    rc = prepare.main(
+        [
+            "--datasets",
+            "voc",
+            "--split",
+            SPLIT,
+            "--dir",
+            str(tmp_path / "d"),
+            "--no-prompts",
+            "--archive",
+            str(parts[0]),
+            str(parts[2]),
+        ]
+    )
     assert rc == 2
     assert "not one complete .tar.gz" in capsys.readouterr().err
 
@@ -137,7 +151,17 @@ def test_check_only_reports_empty_and_unreadable_files(tmp_path, names, capsys):
 def test_local_parts_digest_is_recorded_and_checked_on_rerun(tmp_path, names, capsys):
     parts = build_parts(tmp_path / "dl", voc_files(names))
     target = tmp_path / "datasets"
-    argv = ["--datasets", "voc", "--split", SPLIT, "--dir", str(target), "--no-prompts", "--archive", *map(str, parts)]
+    argv = [
+        "--datasets",
+        "voc",
+        "--split",
+        SPLIT,
+        "--dir",
+        str(target),
+        "--no-prompts",
+        "--archive",
+        *map(str, parts),
+    ]
     assert prepare.main(argv) == 0
     recorded = json.loads((target / "archive_sha256.json").read_text())
     assert recorded == {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in parts}
@@ -155,18 +179,24 @@ AEP_CLASSES = SegDataset({"name": "aep", "data_root": "/nonexistent"}).class_nam
 
 def test_aep_prompts_become_phrase_files(tmp_path):
     a, b = AEP_CLASSES[0], AEP_CLASSES[5]
-    prompts = {"img_1": {"subject": [a, b, a], "phrase": [f"a red {a}", f"two {b}s", f"another {a}"]},
-               "img_2": {"subject": [b], "phrase": [f"a {b} on grass"]}}
+    prompts = {
+        "img_1": {"subject": [a, b, a], "phrase": [f"a red {a}", f"two {b}s", f"another {a}"]},
+        "img_2": {"subject": [b], "phrase": [f"a {b} on grass"]},
+    }
     path = tmp_path / "prompts.pkl"
     path.write_bytes(pickle.dumps(prompts))
     assert convert_aep_prompts(path, tmp_path / "phrases", AEP_CLASSES) == 2
-    assert json.loads((tmp_path / "phrases" / "img_1.json").read_text()) == prompts["img_1"]  # as is, in order
+    assert (
+        json.loads((tmp_path / "phrases" / "img_1.json").read_text()) == prompts["img_1"]
+    )  # as is, in order
     assert json.loads((tmp_path / "phrases" / "img_2.json").read_text()) == prompts["img_2"]
     # the dataset reads them, in the order of the image's class ids
     data = tmp_path / "aep"
     (data / "phrases").mkdir(parents=True)
     shutil.copy(tmp_path / "phrases" / "img_1.json", data / "phrases")
-    ds = SegDataset({"name": "aep", "data_root": str(data), "phrase_path": "{data_root}/phrases/{img_name}.json"})
+    ds = SegDataset(
+        {"name": "aep", "data_root": str(data), "phrase_path": "{data_root}/phrases/{img_name}.json"}
+    )
     # a class takes its first subject's phrase (the reference's subject.index); all phrases in file order
     assert ds.phrases_for("img_1", [6, 1]) == ([f"two {b}s", f"a red {a}"], "phrase_file")
     assert ds.phrase_lists("img_1") == (prompts["img_1"]["subject"], prompts["img_1"]["phrase"])
@@ -177,13 +207,16 @@ class Evil:
         return (print, ("pwned",))
 
 
-@pytest.mark.parametrize(("payload", "message"), [
-    (pickle.dumps({"x": Evil()}), r"refused to load builtins.print"),
-    (pickle.dumps({"x": {"subject": ["cat"], "phrase": ("a cat",)}}), r"entry 'x' is not"),
-    (pickle.dumps({"x": {"subject": ["cat", "dog"], "phrase": ["a cat"]}}), "one phrase per subject"),
-    (b"version https://git-lfs.github.com/spec/v1\noid sha256:00\n", "Git LFS pointer"),
-    (b"garbage", "not a plain prompts pickle"),
-])
+@pytest.mark.parametrize(
+    ("payload", "message"),
+    [
+        (pickle.dumps({"x": Evil()}), r"refused to load builtins.print"),
+        (pickle.dumps({"x": {"subject": ["cat"], "phrase": ("a cat",)}}), r"entry 'x' is not"),
+        (pickle.dumps({"x": {"subject": ["cat", "dog"], "phrase": ["a cat"]}}), "one phrase per subject"),
+        (b"version https://git-lfs.github.com/spec/v1\noid sha256:00\n", "Git LFS pointer"),
+        (b"garbage", "not a plain prompts pickle"),
+    ],
+)
 def test_restricted_unpickler_refuses_anything_else(tmp_path, payload, message, capsys):
     path = tmp_path / "prompts.pkl"
     path.write_bytes(payload)
@@ -208,6 +241,7 @@ def test_aep_config_reads_phrase_files_by_default(tmp_path):
 
 # -- rehearsal: the path a new user takes, hub mocked --
 
+
 def test_rehearsal_hub_archive_to_segment_to_evaluate(tmp_path, names, monkeypatch, capsys):
     import huggingface_hub
     from huggingface_hub.hf_api import RepoFile
@@ -218,9 +252,19 @@ def test_rehearsal_hub_archive_to_segment_to_evaluate(tmp_path, names, monkeypat
     files = voc_files(names)
     hub = tmp_path / "hub"
     parts = build_parts(hub, files)
-    listing = [RepoFile(path=p.name, size=p.stat().st_size, oid="x",
-                        lfs={"size": p.stat().st_size, "oid": hashlib.sha256(p.read_bytes()).hexdigest(),
-                             "pointerSize": 130}) for p in parts]
+    listing = [
+        RepoFile(
+            path=p.name,
+            size=p.stat().st_size,
+            oid="x",
+            lfs={
+                "size": p.stat().st_size,
+                "oid": hashlib.sha256(p.read_bytes()).hexdigest(),
+                "pointerSize": 130,
+            },
+        )
+        for p in parts
+    ]
     listing.append(RepoFile(path=".gitattributes", size=10, oid="y"))
     downloads = []
 
@@ -252,9 +296,19 @@ def test_rehearsal_hub_archive_to_segment_to_evaluate(tmp_path, names, monkeypat
     assert downloads == [p.name for p in parts] and "in place voc" in capsys.readouterr().out
 
     configs = Path(prepare.PROJECT) / "configs"
-    overrides = ["model=shapes", "dataset=voc", "elbo=shapes", f"dataset.split={SPLIT}", f"datasets_dir={datasets}",
-                 f"output_dir={tmp_path / 'run'}", "device=cpu", "num_images=2", "progress=false",
-                 "elbo.elbo_timesteps=[1,501]", "elbo.collect_timesteps=[20]"]
+    overrides = [
+        "model=shapes",
+        "dataset=voc",
+        "elbo=shapes",
+        f"dataset.split={SPLIT}",
+        f"datasets_dir={datasets}",
+        f"output_dir={tmp_path / 'run'}",
+        "device=cpu",
+        "num_images=2",
+        "progress=false",
+        "elbo.elbo_timesteps=[1,501]",
+        "elbo.collect_timesteps=[20]",
+    ]
     with initialize_config_dir(config_dir=str(configs), version_base="1.3"):
         cfg = compose("segment", overrides=overrides)
     out = run(cfg)
@@ -282,7 +336,10 @@ def test_repository_of_plain_folders_is_fetched_directly(tmp_path, monkeypatch, 
     import huggingface_hub
     from huggingface_hub.hf_api import RepoFile
 
-    listing = [RepoFile(path=f"{VOC}/JPEGImages/a.jpg", size=1, oid="a"), RepoFile(path="AnE.txt", size=1, oid="b")]
+    listing = [
+        RepoFile(path=f"{VOC}/JPEGImages/a.jpg", size=1, oid="a"),
+        RepoFile(path="AnE.txt", size=1, oid="b"),
+    ]
     calls = []
     monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_tree", lambda self, *a, **k: iter(listing))
     monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda **kw: calls.append(kw))

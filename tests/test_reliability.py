@@ -30,15 +30,21 @@ def _maps(out):
 
 
 # ------------------------------------------------------------------ item 7: checks before any file
-@pytest.mark.parametrize(("override", "message"), [
-    ({"elbo": {"strength": "abc"}}, "in elbo: strength must be a finite number > 0, got 'abc'"),
-    ({"num_images": "abc"}, "num_images must be an integer >= 0 (or null for the whole split), got 'abc'"),
-    ({"seed": 1.5}, "seed must be an integer >= 0, got 1.5"),
-    ({"shard": "2/2"}, "shard '2/2': need 0 <= i < n"),
-    ({"on_error": "maybe"}, "on_error must be 'skip' or 'stop', got 'maybe'"),
-    ({"device": "cuda"}, "device=cuda but torch sees no CUDA device here; use device=auto or device=cpu"),
-    ({"device": "toaster"}, "device must be auto, cpu, cuda, cuda:<i> or mps, got 'toaster'"),
-])
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ({"elbo": {"strength": "abc"}}, "in elbo: strength must be a finite number > 0, got 'abc'"),
+        (
+            {"num_images": "abc"},
+            "num_images must be an integer >= 0 (or null for the whole split), got 'abc'",
+        ),
+        ({"seed": 1.5}, "seed must be an integer >= 0, got 1.5"),
+        ({"shard": "2/2"}, "shard '2/2': need 0 <= i < n"),
+        ({"on_error": "maybe"}, "on_error must be 'skip' or 'stop', got 'maybe'"),
+        ({"device": "cuda"}, "device=cuda but torch sees no CUDA device here; use device=auto or device=cpu"),
+        ({"device": "toaster"}, "device must be auto, cpu, cuda, cuda:<i> or mps, got 'toaster'"),
+    ],
+)
 def test_bad_value_fails_before_any_file_is_written(tmp_path, data, monkeypatch, override, message):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     out = tmp_path / "run"
@@ -51,8 +57,9 @@ def test_bad_value_fails_before_any_file_is_written(tmp_path, data, monkeypatch,
 def _cli(module, *args, cwd):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     env.pop("HYDRA_FULL_ERROR", None)
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120
+    )
 
 
 def test_command_line_prints_one_line_and_traceback_only_on_request(tmp_path):
@@ -60,11 +67,18 @@ def test_command_line_prints_one_line_and_traceback_only_on_request(tmp_path):
     common = ["dataset=folder", "model.name=pixel", "model.id=none", f"output_dir={out}"]
     missing = _cli("elbo_t2ialign.segment", *common, cwd=tmp_path)
     assert missing.returncode == 2
-    assert missing.stderr.strip().splitlines() == ["error: dataset.root is not set; give it on the command line "
-                                                   "(dataset.root=...)"]
+    assert missing.stderr.strip().splitlines() == [
+        "error: dataset.root is not set; give it on the command line (dataset.root=...)"
+    ]
     assert not out.exists()  # Hydra does not create output_dir either
-    bad = _cli("elbo_t2ialign.segment", *common, f"dataset.root={tmp_path}", "elbo.strength=abc", "--debug",
-               cwd=tmp_path)
+    bad = _cli(
+        "elbo_t2ialign.segment",
+        *common,
+        f"dataset.root={tmp_path}",
+        "elbo.strength=abc",
+        "--debug",
+        cwd=tmp_path,
+    )
     assert bad.returncode != 0 and "Traceback" in bad.stderr
     assert "ConfigError: in elbo: strength must be a finite number > 0, got 'abc'" in bad.stderr
     assert not out.exists()
@@ -91,15 +105,20 @@ def test_label_cache_leaves_user_files_alone(tmp_path, data):
     out = run(fixture_config(data, tmp_path / "run", num_images=2), aligner=PixelAligner())
     assert user.read_text() == '{"mine": true}\n'
     cached = list((Path(os.environ["ELBO_T2IALIGN_CACHE"]) / "labels").glob("fixture-*.json"))
-    assert cached and all(json.loads(p.read_text())["format"] == "elbo_t2ialign label cache 1" for p in cached)
+    assert cached and all(
+        json.loads(p.read_text())["format"] == "elbo_t2ialign label cache 1" for p in cached
+    )
     assert (out / "maps" / "img_001" / "scores.json").is_file()
 
     for content in ("[1, 2]\n", '{"mine": true}\n', "not json"):
         user.write_text(content)
         cfg = fixture_config(data, tmp_path / "other", num_images=2)
         cfg["dataset"]["label_cache"] = str(user)
-        with pytest.raises(ConfigError, match=r"dataset.label_cache .*image_labels.json holds a file that is not a "
-                                              "label cache of this project; it is left untouched"):
+        with pytest.raises(
+            ConfigError,
+            match=r"dataset.label_cache .*image_labels.json holds a file that is not a "
+            "label cache of this project; it is left untouched",
+        ):
             run(cfg, aligner=PixelAligner())
         assert user.read_text() == content and not (tmp_path / "other").exists()
 
@@ -119,11 +138,15 @@ def test_relaunch_with_other_data_or_weights_is_refused(tmp_path, data):
 
     other = write_dataset(tmp_path / "other", CLASSES, random_samples(CLASSES, 4, seed=1))
     moved = {**cfg, "dataset": {**cfg["dataset"], "data_root": str(other)}}
-    with pytest.raises(ConfigError, match=rf"made from other inputs \(dataset.data_root: '{data}' -> '{other}'\)"):
+    with pytest.raises(
+        ConfigError, match=rf"made from other inputs \(dataset.data_root: '{data}' -> '{other}'\)"
+    ):
         run(moved, aligner=PixelAligner())
 
     weights.write_bytes(b"\1" + b"\0" * 63)  # retrained in place: same names and sizes
-    with pytest.raises(ConfigError, match=r"made from other inputs \(model.digest: '[0-9a-f]{64}' -> '[0-9a-f]{64}'\)"):
+    with pytest.raises(
+        ConfigError, match=r"made from other inputs \(model.digest: '[0-9a-f]{64}' -> '[0-9a-f]{64}'\)"
+    ):
         run(cfg, aligner=PixelAligner())
     assert _maps(out) == before
 
@@ -138,7 +161,9 @@ def test_second_launch_exits_at_once_and_shards_lock_separately(tmp_path, data):
     out.mkdir()
     held = RunLock(out / ".lock", ConfigError).acquire()  # another launch of the unsharded folder
     aligner = PixelAligner()
-    with pytest.raises(ConfigError, match=rf"{out} is in use by pid {os.getpid()} on {socket.gethostname()} since "):
+    with pytest.raises(
+        ConfigError, match=rf"{out} is in use by pid {os.getpid()} on {socket.gethostname()} since "
+    ):
         run(fixture_config(data, out), aligner=aligner)
     assert aligner.calls == [] and not (out / "config.yaml").exists()
     held.release()
@@ -146,7 +171,9 @@ def test_second_launch_exits_at_once_and_shards_lock_separately(tmp_path, data):
     shard0 = RunLock(out / ".lock.shard0-of-2", ConfigError).acquire()  # shard 0 runs elsewhere
     run(fixture_config(data, out, shard="1/2"), aligner=aligner)
     assert sorted(p.name for p in (out / "maps").iterdir()) == ["img_001", "img_003"]
-    with pytest.raises(ConfigError, match=rf"in use by pid {os.getpid()} .*\(lock {out / '.lock.shard0-of-2'}\)"):
+    with pytest.raises(
+        ConfigError, match=rf"in use by pid {os.getpid()} .*\(lock {out / '.lock.shard0-of-2'}\)"
+    ):
         run(fixture_config(data, out), aligner=aligner)  # an unsharded launch would redo shard 0's images
     shard0.release()
     assert not any(out.glob(".lock*"))
@@ -156,7 +183,9 @@ def test_stale_lock_and_temporaries_of_a_killed_launch_are_cleared(tmp_path, dat
     reference = run(fixture_config(data, tmp_path / "ref"), aligner=PixelAligner())
     out = tmp_path / "run"
     run(fixture_config(data, out, num_images=2), aligner=PixelAligner())
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
     pid = int(dead.stdout)  # a process that has exited
     (out / ".lock").write_text(json.dumps({"pid": pid, "host": socket.gethostname(), "started": "then"}))
     (out / "maps" / ".tmp-img_002").mkdir()
@@ -164,8 +193,10 @@ def test_stale_lock_and_temporaries_of_a_killed_launch_are_cleared(tmp_path, dat
     (out / f".run.json.{pid}.tmp").write_text("{")
     caplog.set_level("INFO", logger="elbo_t2ialign")
     run(fixture_config(data, out), aligner=PixelAligner())
-    assert f"taking over the stale lock {out / '.lock'} of pid {pid} on {socket.gethostname()} (started then), " \
-           "which is no longer running" in caplog.text
+    assert (
+        f"taking over the stale lock {out / '.lock'} of pid {pid} on {socket.gethostname()} (started then), "
+        "which is no longer running" in caplog.text
+    )
     assert "removed 2 temporary file(s) of an interrupted launch" in caplog.text
     assert sorted(p.name for p in out.rglob(".*")) == []  # no lock, no temporary left
     assert _maps(out) == _maps(reference)
@@ -200,9 +231,14 @@ def test_damaged_images_are_named_by_evaluate_and_recomputed_on_resume(tmp_path,
 def test_run_whose_every_image_is_skipped_fails(tmp_path, data):
     for name in ("img_000", "img_001"):
         (data / "images" / f"{name}.png").unlink()
-    with pytest.raises(InputError, match=r"every image of this run \(2\) was skipped; the reasons are in .*skipped"):
+    with pytest.raises(
+        InputError, match=r"every image of this run \(2\) was skipped; the reasons are in .*skipped"
+    ):
         run(fixture_config(data, tmp_path / "run", num_images=2), aligner=PixelAligner())
-    assert sorted(p.name for p in (tmp_path / "run" / "skipped").iterdir()) == ["img_000.json", "img_001.json"]
+    assert sorted(p.name for p in (tmp_path / "run" / "skipped").iterdir()) == [
+        "img_000.json",
+        "img_001.json",
+    ]
 
 
 def test_evaluator_finds_relative_data_from_another_directory(tmp_path, data, monkeypatch):
@@ -214,7 +250,6 @@ def test_evaluator_finds_relative_data_from_another_directory(tmp_path, data, mo
     assert evaluate(out, progress=False, overlays=0)["num_images"] == 4
 
 
-
 def test_explain_checks_the_device_before_loading(tmp_path, monkeypatch, capsys):
     from PIL import Image
 
@@ -222,9 +257,13 @@ def test_explain_checks_the_device_before_loading(tmp_path, monkeypatch, capsys)
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
-    assert explain.main([str(tmp_path / "a.png"), "square", "device=cuda", f"output_dir={tmp_path / 'out'}"]) == 1
-    assert capsys.readouterr().err == ("error: device=cuda but torch sees no CUDA device here; "
-                                       "use device=auto or device=cpu\n")
+    assert (
+        explain.main([str(tmp_path / "a.png"), "square", "device=cuda", f"output_dir={tmp_path / 'out'}"])
+        == 1
+    )
+    assert capsys.readouterr().err == (
+        "error: device=cuda but torch sees no CUDA device here; use device=auto or device=cpu\n"
+    )
     assert not (tmp_path / "out").exists()
 
 
@@ -233,8 +272,15 @@ def test_a_new_run_that_stops_after_finished_images_keeps_its_records(tmp_path, 
     out = tmp_path / "run"
     with pytest.raises(InputError, match="image img_002: file not found"):
         run(fixture_config(data, out, on_error="stop"), aligner=PixelAligner())
-    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "identity.json", "launches.jsonl", "maps",
-                                                     "run.json", "segment.log", "variants.json"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "config.yaml",
+        "identity.json",
+        "launches.jsonl",
+        "maps",
+        "run.json",
+        "segment.log",
+        "variants.json",
+    ]
     assert sorted(p.name for p in (out / "maps").iterdir()) == ["img_000", "img_001"]
 
 

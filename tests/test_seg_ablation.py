@@ -21,9 +21,16 @@ from elbo_t2ialign.testbed import train, world
 
 ALL = ["baseline", "elbo", "s2", "s4", "s5", "fixed3", "cross", "cross_baseline"]
 # each variant as one run's only setting: elbo.* overrides that make the `elbo` map that variant
-SINGLE = {"baseline": {"strength": 1.0}, "elbo": {}, "s2": {"strength": 2.0}, "s4": {"strength": 4.0},
-          "s5": {"strength": 5.0}, "fixed3": {"strength": 3.0, "fixed_temperature": True},
-          "cross": {"refine": False}, "cross_baseline": {"strength": 1.0, "refine": False}}
+SINGLE = {
+    "baseline": {"strength": 1.0},
+    "elbo": {},
+    "s2": {"strength": 2.0},
+    "s4": {"strength": 4.0},
+    "s5": {"strength": 5.0},
+    "fixed3": {"strength": 3.0, "fixed_temperature": True},
+    "cross": {"refine": False},
+    "cross_baseline": {"strength": 1.0, "refine": False},
+}
 
 
 @pytest.fixture
@@ -33,8 +40,11 @@ def data(tmp_path):
 
 def maps_of(out: Path, variant: str) -> dict[str, np.ndarray]:
     """image/class id -> the variant's stored 8-bit map."""
-    return {f"{d.name}/{p.stem.rsplit('_', 1)[1]}": np.asarray(Image.open(p)).astype(int)
-            for d in sorted((out / "maps").iterdir()) for p in sorted(d.glob(f"{variant}_[0-9][0-9][0-9].png"))}
+    return {
+        f"{d.name}/{p.stem.rsplit('_', 1)[1]}": np.asarray(Image.open(p)).astype(int)
+        for d in sorted((out / "maps").iterdir())
+        for p in sorted(d.glob(f"{variant}_[0-9][0-9][0-9].png"))
+    }
 
 
 # ------------------------------------------------------------------ the real model
@@ -56,24 +66,46 @@ class Counting(Aligner):
         return super()._collect(*args)
 
 
-@pytest.mark.skipif(not (train.DEFAULT_MODEL_DIR / "model_index.json").is_file(), reason="no committed testbed model")
+@pytest.mark.skipif(
+    not (train.DEFAULT_MODEL_DIR / "model_index.json").is_file(), reason="no committed testbed model"
+)
 def test_variants_equal_single_setting_runs_and_resume_adds_only_them(tmp_path):
     world.ensure_dataset(tmp_path / "shapes")
     with initialize_config_dir(config_dir=str(demo.CONFIGS), version_base="1.3"):
-        cfg = to_container(compose("segment", overrides=[
-            "model=shapes", "dataset=shapes", "elbo=shapes", f"datasets_dir={tmp_path}", "num_images=3",
-            "device=cpu", "progress=false", "elbo.elbo_timesteps=[1,501]", "elbo.collect_timesteps=[20,100]"]))
+        cfg = to_container(
+            compose(
+                "segment",
+                overrides=[
+                    "model=shapes",
+                    "dataset=shapes",
+                    "elbo=shapes",
+                    f"datasets_dir={tmp_path}",
+                    "num_images=3",
+                    "device=cpu",
+                    "progress=false",
+                    "elbo.elbo_timesteps=[1,501]",
+                    "elbo.collect_timesteps=[20,100]",
+                ],
+            )
+        )
     cfg["model"]["id"] = str(demo.MODEL)
     base = Aligner.from_config(cfg["model"], device="cpu")
 
     def launch(out, variants, **elbo):
-        conf = {**cfg, "output_dir": str(tmp_path / out), "variants": variants, "elbo": {**cfg["elbo"], **elbo}}
+        conf = {
+            **cfg,
+            "output_dir": str(tmp_path / out),
+            "variants": variants,
+            "elbo": {**cfg["elbo"], **elbo},
+        }
         aligner = Counting(base.adapter, AlignOptions.from_mapping(conf["elbo"]))
         run(conf, aligner=aligner)
         return aligner
 
     first = launch("multi", ["baseline", "elbo"])
-    scores = [json.loads((d / "scores.json").read_text()) for d in sorted((tmp_path / "multi" / "maps").iterdir())]
+    scores = [
+        json.loads((d / "scores.json").read_text()) for d in sorted((tmp_path / "multi" / "maps").iterdir())
+    ]
     multi_class = sum(len(s["classes"]) > 1 for s in scores)  # a one-class image needs no ELBO
     assert multi_class >= 1 and (first.elbo_passes, first.collect_passes) == (multi_class, 3)
     before = tree(tmp_path / "multi")
@@ -84,7 +116,9 @@ def test_variants_equal_single_setting_runs_and_resume_adds_only_them(tmp_path):
     again = launch("multi", ALL)
     assert (again.elbo_passes, again.collect_passes) == (0, 0)
 
-    scores = [json.loads((d / "scores.json").read_text()) for d in sorted((tmp_path / "multi" / "maps").iterdir())]
+    scores = [
+        json.loads((d / "scores.json").read_text()) for d in sorted((tmp_path / "multi" / "maps").iterdir())
+    ]
     assert [s["variants"] for s in scores] == [ALL] * 3
     assert any(len(set(s["tau"].values())) > 1 for s in scores)  # the ELBO made the classes differ
     for variant, elbo in SINGLE.items():
@@ -94,7 +128,13 @@ def test_variants_equal_single_setting_runs_and_resume_adds_only_them(tmp_path):
         assert max(np.abs(single[k] - multi[k]).max() for k in multi) <= 1, variant  # 8-bit rounding
     # the variants differ from each other where their settings do
     multi = {v: maps_of(tmp_path / "multi", v) for v in ALL}
-    for a, b in [("baseline", "elbo"), ("elbo", "s5"), ("elbo", "fixed3"), ("elbo", "cross"), ("cross", "cross_baseline")]:
+    for a, b in [
+        ("baseline", "elbo"),
+        ("elbo", "s5"),
+        ("elbo", "fixed3"),
+        ("elbo", "cross"),
+        ("cross", "cross_baseline"),
+    ]:
         assert max(np.abs(multi[a][k] - multi[b][k]).max() for k in multi[a]) > 5, (a, b)
 
 
@@ -103,21 +143,38 @@ def test_variants_equal_single_setting_runs_and_resume_adds_only_them(tmp_path):
 
 def test_variant_specs_parse_to_settings():
     opts = AlignOptions(strength=4.0)
-    got = parse_variants(["baseline", "elbo", "s2", "strength=2.5", "fixed=3", "fixed0.5", "cross", "cross_baseline"],
-                         opts)
-    assert got == [Variant("baseline", 1.0), Variant("elbo", 4.0), Variant("s2", 2.0), Variant("s2.5", 2.5),
-                   Variant("fixed3", 3.0, True), Variant("fixed0.5", 0.5, True), Variant("cross", 4.0, False, False),
-                   Variant("cross_baseline", 1.0, False, False)]
+    got = parse_variants(
+        ["baseline", "elbo", "s2", "strength=2.5", "fixed=3", "fixed0.5", "cross", "cross_baseline"], opts
+    )
+    assert got == [
+        Variant("baseline", 1.0),
+        Variant("elbo", 4.0),
+        Variant("s2", 2.0),
+        Variant("s2.5", 2.5),
+        Variant("fixed3", 3.0, True),
+        Variant("fixed0.5", 0.5, True),
+        Variant("cross", 4.0, False, False),
+        Variant("cross_baseline", 1.0, False, False),
+    ]
     assert [v.needs_elbo for v in got] == [False, True, True, True, False, False, True, False]
-    fixed = parse_variants(["elbo", "cross"], AlignOptions(strength=2.0, fixed_temperature=True, refine=False))
+    fixed = parse_variants(
+        ["elbo", "cross"], AlignOptions(strength=2.0, fixed_temperature=True, refine=False)
+    )
     assert fixed == [Variant("elbo", 2.0, True, False), Variant("cross", 2.0, True, False)]
     assert [v.name for v in parse_variants(None, opts)] == ["baseline", "elbo"]
 
 
-@pytest.mark.parametrize("specs, message", [
-    (["s0"], "unknown calibration variant 's0'"), (["bogus"], "unknown calibration variant 'bogus'"),
-    (["s-1"], "unknown"), (["s2", "strength=2"], "'s2' is listed twice"), ([], "non-empty list"),
-    ("elbo", "non-empty list")])
+@pytest.mark.parametrize(
+    "specs, message",
+    [
+        (["s0"], "unknown calibration variant 's0'"),
+        (["bogus"], "unknown calibration variant 'bogus'"),
+        (["s-1"], "unknown"),
+        (["s2", "strength=2"], "'s2' is listed twice"),
+        ([], "non-empty list"),
+        ("elbo", "non-empty list"),
+    ],
+)
 def test_bad_variant_specs_are_named_before_anything_is_written(tmp_path, data, specs, message):
     with pytest.raises(ConfigError, match=message):
         parse_variants(specs, AlignOptions())
@@ -163,7 +220,10 @@ def test_removing_a_variant_keeps_its_maps_and_changing_strength_is_refused(tmp_
         run({**cfg, "elbo": {"strength": 2.0}}, aligner=PixelAligner())
     recorded = json.loads((tmp_path / "run" / "variants.json").read_text())
     assert [(v["name"], v["strength"], v["fixed"], v["refine"]) for v in recorded] == [
-        ("baseline", 1.0, False, True), ("elbo", 3.0, False, True), ("s5", 5.0, False, True)]
+        ("baseline", 1.0, False, True),
+        ("elbo", 3.0, False, True),
+        ("s5", 5.0, False, True),
+    ]
 
 
 # ------------------------------------------------------------------ ELBO from another run
@@ -172,15 +232,21 @@ def test_removing_a_variant_keeps_its_maps_and_changing_strength_is_refused(tmp_
 def test_elbo_losses_reused_from_another_run(tmp_path, data):
     run(fixture_config(data, tmp_path / "source", "voc"), aligner=PixelAligner())
     aligner = PixelAligner()
-    out = run(fixture_config(data, tmp_path / "reuse", "voc", variants=["elbo", "s5"],
-                             elbo_from=str(tmp_path / "source")), aligner=aligner)
+    out = run(
+        fixture_config(
+            data, tmp_path / "reuse", "voc", variants=["elbo", "s5"], elbo_from=str(tmp_path / "source")
+        ),
+        aligner=aligner,
+    )
     multi = [c for c in aligner.calls if len(c["classes"]) > 1]
     assert multi and {c["elbo"] for c in multi} == {"given"}
     assert maps_of(out, "elbo").keys() == maps_of(tmp_path / "source", "elbo").keys()
     for k, v in maps_of(tmp_path / "source", "elbo").items():
         assert np.array_equal(maps_of(out, "elbo")[k], v)
     for name in ("img_000", "img_004"):
-        mine, theirs = (json.loads((d / "maps" / name / "scores.json").read_text()) for d in (out, tmp_path / "source"))
+        mine, theirs = (
+            json.loads((d / "maps" / name / "scores.json").read_text()) for d in (out, tmp_path / "source")
+        )
         assert mine["elbo"] == theirs["elbo"] and mine["tau"] == theirs["tau"]
         assert mine.get("elbo_from") == (str(tmp_path / "source") if len(mine["classes"]) > 1 else None)
 
@@ -192,8 +258,10 @@ def test_elbo_reuse_mismatches_are_clear_errors(tmp_path, data):
     def reuse(name, **top):
         aligner = PixelAligner()
         with pytest.raises(ConfigError) as err:
-            run(fixture_config(data, tmp_path / name, "voc", elbo_from=str(top.pop("src", source)), **top),
-                aligner=aligner)
+            run(
+                fixture_config(data, tmp_path / name, "voc", elbo_from=str(top.pop("src", source)), **top),
+                aligner=aligner,
+            )
         return str(err.value), aligner.calls
 
     message, calls = reuse("more_images")
@@ -229,17 +297,26 @@ def test_ablation_report_rows_match_brute_force(tmp_path, data):
     m = evaluate(out, progress=False, overlays=1)
     saved = json.loads((out / "metrics.json").read_text())
     rows = {r["variant"]: r for r in saved["ablation"]}
-    assert list(rows) == variants and sorted(saved["variants"]) == sorted(variants)  # the table keeps the order
+    assert list(rows) == variants and sorted(saved["variants"]) == sorted(
+        variants
+    )  # the table keeps the order
     for v, r in rows.items():
         assert r["mIoU"] == pytest.approx(_brute_miou(data, out, v, r["threshold"]))
-        assert r["mIoU"] == pytest.approx(max(x for x in saved["variants"][v]["curve"]["mIoU"] if x is not None))
+        assert r["mIoU"] == pytest.approx(
+            max(x for x in saved["variants"][v]["curve"]["mIoU"] if x is not None)
+        )
         if v != "baseline":
             for k in ("mIoU", "precision", "recall", "F1", "small", "medium", "large"):
                 assert r["delta"][k] == pytest.approx(r[k] - rows["baseline"][k])
     assert (rows["s5"]["strength"], rows["fixed3"]["fixed"], rows["cross"]["refine"]) == (5.0, True, False)
-    assert m["elbo"]["mIoU"] == rows["elbo"]["mIoU"] and saved["delta_mIoU"] == pytest.approx(rows["elbo"]["delta"]["mIoU"])
+    assert m["elbo"]["mIoU"] == rows["elbo"]["mIoU"] and saved["delta_mIoU"] == pytest.approx(
+        rows["elbo"]["delta"]["mIoU"]
+    )
     text = (out / "metrics.md").read_text()
-    assert f"| s5 | strength 5 | {rows['s5']['threshold']:.2f} | {rows['s5']['mIoU']:.2f} ({rows['s5']['delta']['mIoU']:+.2f}) |" in text
+    assert (
+        f"| s5 | strength 5 | {rows['s5']['threshold']:.2f} | {rows['s5']['mIoU']:.2f} ({rows['s5']['delta']['mIoU']:+.2f}) |"
+        in text
+    )
     for plot in ("miou_vs_strength.png", "threshold_curves.png", "miou_vs_threshold.png", "overlays.png"):
         assert Image.open(out / "plots" / plot).size[0] > 100
 
@@ -247,10 +324,14 @@ def test_ablation_report_rows_match_brute_force(tmp_path, data):
 def test_run_without_elbo_or_baseline_still_reports(tmp_path, data):
     out = run(fixture_config(data, tmp_path / "run", "voc", variants=["s2", "cross"]), aligner=PixelAligner())
     m = evaluate(out, progress=False, overlays=1)
-    assert "elbo" not in m and "delta_mIoU" not in m and [r["variant"] for r in m["ablation"]] == ["s2", "cross"]
+    assert (
+        "elbo" not in m and "delta_mIoU" not in m and [r["variant"] for r in m["ablation"]] == ["s2", "cross"]
+    )
     assert all("delta" not in r for r in m["ablation"])
     assert "| cross | strength 3, cross-attention (no refinement) |" in (out / "metrics.md").read_text()
-    assert (out / "plots" / "threshold_curves.png").is_file() and not (out / "plots" / "overlays.png").exists()
+    assert (out / "plots" / "threshold_curves.png").is_file() and not (
+        out / "plots" / "overlays.png"
+    ).exists()
 
 
 def test_folder_from_before_variants_is_evaluated_and_extended(tmp_path, data):
@@ -264,8 +345,10 @@ def test_folder_from_before_variants_is_evaluated_and_extended(tmp_path, data):
         del scores["variants"]
         path.write_text(json.dumps(scores))
     old = evaluate(tmp_path / "old", progress=False, overlays=0)
-    assert {r["variant"]: r["mIoU"] for r in old["ablation"]} == {"elbo": before["elbo"]["mIoU"],
-                                                                  "baseline": before["baseline"]["mIoU"]}
+    assert {r["variant"]: r["mIoU"] for r in old["ablation"]} == {
+        "elbo": before["elbo"]["mIoU"],
+        "baseline": before["baseline"]["mIoU"],
+    }
     aligner = PixelAligner()
     run({**cfg, "variants": ["baseline", "elbo", "s2"]}, aligner=aligner)
     assert len(aligner.calls) == 8 and {c["elbo"] for c in aligner.calls} <= {"given", None}

@@ -88,14 +88,20 @@ def test_a_fixed_image_is_retried_and_its_skip_record_removed(setup):
     aligner = PixelAligner()
     run(fixture_config(data, out), aligner=aligner)
     assert [c["seed"] for c in aligner.calls] == [3]
-    assert not (out / "skipped" / "img_003.json").exists() and (out / "maps" / "img_003" / "scores.json").is_file()
+    assert (
+        not (out / "skipped" / "img_003.json").exists()
+        and (out / "maps" / "img_003" / "scores.json").is_file()
+    )
 
 
-@pytest.mark.parametrize(("where", "pattern"), [
-    ("top", r"unknown key\(s\) in the segmentation config: \['bogus'\]"),
-    ("dataset", r"unknown key\(s\) in dataset: \['bogus'\]"),
-    ("elbo", r"in elbo: unknown option\(s\) \['bogus'\]"),
-])
+@pytest.mark.parametrize(
+    ("where", "pattern"),
+    [
+        ("top", r"unknown key\(s\) in the segmentation config: \['bogus'\]"),
+        ("dataset", r"unknown key\(s\) in dataset: \['bogus'\]"),
+        ("elbo", r"in elbo: unknown option\(s\) \['bogus'\]"),
+    ],
+)
 def test_unknown_config_key_is_named_and_nothing_is_touched(setup, where, pattern):
     data, out, before = setup
     cfg = fixture_config(data, out)

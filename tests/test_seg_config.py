@@ -83,8 +83,14 @@ def test_rank_device_is_this_process_gpu_or_the_given_name(monkeypatch):
 
 def _cli(*args, cwd):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "elbo_t2ialign.segment", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "elbo_t2ialign.segment", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_command_line_resume_and_multirun(tmp_path):
@@ -98,8 +104,14 @@ def test_command_line_resume_and_multirun(tmp_path):
     assert "1 images in this shard, 1 finished, 0 to do" in done.stdout + done.stderr
     assert json.loads((tmp_path / "run" / "launches.jsonl").read_text().splitlines()[-1])["shard"] == "1/2"
     # a sweep: one folder per strength, each with its resolved config
-    sweep = _cli("-m", *common, "num_images=0", "elbo.strength=1,2",
-                 f"output_dir={tmp_path}/sweep/s${{elbo.strength}}", cwd=tmp_path)
+    sweep = _cli(
+        "-m",
+        *common,
+        "num_images=0",
+        "elbo.strength=1,2",
+        f"output_dir={tmp_path}/sweep/s${{elbo.strength}}",
+        cwd=tmp_path,
+    )
     assert sweep.returncode == 0, sweep.stderr
     for s in (1, 2):
         assert OmegaConf.load(tmp_path / "sweep" / f"s{s}" / "config.yaml").elbo.strength == s

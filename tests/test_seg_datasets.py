@@ -71,7 +71,11 @@ def test_label_cache_is_json_and_reused_without_the_mask(tmp_path):
     ds.labels.save()
     cache = json.loads(ds.labels.path.read_text())
     st = ds.mask_path("a").stat()
-    assert cache["images"]["a"] == {"class_ids": [1, 3], "size": [2, 2], "stamp": [st.st_size, st.st_mtime_ns]}
+    assert cache["images"]["a"] == {
+        "class_ids": [1, 3],
+        "size": [2, 2],
+        "stamp": [st.st_size, st.st_mtime_ns],
+    }
     ds.mask_path("a").unlink()  # a second dataset object must not need the mask any more
     again = SegDataset(ds.cfg)
     assert again.labels.get("a").class_ids == [1, 3]
@@ -96,20 +100,25 @@ def test_label_cache_rereads_a_mask_that_changed(tmp_path):
 
 def test_split_names_and_unknown_split(tmp_path):
     samples = {n: (np.zeros((2, 2, 3), np.uint8), np.zeros((2, 2), np.uint8)) for n in "abc"}
-    root = write_dataset(tmp_path / "d", CLASSES, samples, splits={"val": ["a", "b", "c"], "val_2": ["b", "c"]})
+    root = write_dataset(
+        tmp_path / "d", CLASSES, samples, splits={"val": ["a", "b", "c"], "val_2": ["b", "c"]}
+    )
     cfg = fixture_config(root, tmp_path / "run")["dataset"]
     assert SegDataset({**cfg, "split": "val_2"}).images == ["b", "c"]
     with pytest.raises(ConfigError, match=r"split 'val_9'.*available: \['val', 'val_2'\]"):
         SegDataset({**cfg, "split": "val_9"})
 
 
-@pytest.mark.parametrize(("name", "num_classes", "first", "splits"), [
-    ("voc", 20, "plane", {"val": 1449, "val_100": 100, "val_10_car": 10, "train": 1464}),
-    ("context", 59, "airplane", {"val": 5104, "val_100": 100, "val_10_car": 10}),
-    ("coco", 80, "person", {"val": 5000, "val_100": 100, "val_10_car": 10}),
-    ("ade20k", 150, "wall", {"val": 2000}),
-    ("aep", 38, "backpack", {"val": 741}),
-])
+@pytest.mark.parametrize(
+    ("name", "num_classes", "first", "splits"),
+    [
+        ("voc", 20, "plane", {"val": 1449, "val_100": 100, "val_10_car": 10, "train": 1464}),
+        ("context", 59, "airplane", {"val": 5104, "val_100": 100, "val_10_car": 10}),
+        ("coco", 80, "person", {"val": 5000, "val_100": 100, "val_10_car": 10}),
+        ("ade20k", 150, "wall", {"val": 2000}),
+        ("aep", 38, "backpack", {"val": 741}),
+    ],
+)
 def test_builtin_metadata(name, num_classes, first, splits):
     for split, count in splits.items():
         ds = SegDataset({"name": name, "data_root": "/nonexistent", "split": split})

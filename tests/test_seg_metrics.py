@@ -84,10 +84,15 @@ def _random_images(seed, num_classes=6, n=5):
     images = []
     for i in range(n):
         shape = (int(rng.integers(3, 7)), int(rng.integers(3, 7)))
-        ids = sorted(rng.choice(np.arange(1, num_classes), size=int(rng.integers(0 if i == 0 else 1, 4)),
-                                replace=False).tolist())
+        ids = sorted(
+            rng.choice(
+                np.arange(1, num_classes), size=int(rng.integers(0 if i == 0 else 1, 4)), replace=False
+            ).tolist()
+        )
         # few distinct values -> many ties; 51/255 and 204/255 equal the thresholds 0.2 and 0.8 exactly
-        maps = rng.choice(np.array([0, 3, 25, 26, 51, 100, 127, 128, 204, 255], np.uint8), size=(len(ids), *shape))
+        maps = rng.choice(
+            np.array([0, 3, 25, 26, 51, 100, 127, 128, 204, 255], np.uint8), size=(len(ids), *shape)
+        )
         gt = rng.integers(0, num_classes, size=shape)
         gt[rng.random(shape) < 0.15] = IGNORE
         images.append((gt, ids, maps))
@@ -123,10 +128,12 @@ def test_size_buckets_equal_brute_force():
             instances.append(((gt == c).sum() / gt.size, c, inter[c], area_pred[c], area_gt[c]))
     instances.sort(key=lambda t: t[0])
     buckets = acc.size_buckets(th, n_buckets=4)
-    assert [b["count"] for b in buckets] == [len(part) for part in np.array_split(np.arange(len(instances)), 4)]
+    assert [b["count"] for b in buckets] == [
+        len(part) for part in np.array_split(np.arange(len(instances)), 4)
+    ]
     start = 0
     for b in buckets:
-        part = instances[start:start + b["count"]]
+        part = instances[start : start + b["count"]]
         start += b["count"]
         ious = []
         for c in sorted({p[1] for p in part}):

@@ -13,7 +13,9 @@ from elbo_t2ialign.segmentation.metrics import (
     summary,
 )
 
-iou_metric = pytest.importorskip("mmseg.evaluation", reason="mmsegmentation not installed (pip install -e '.[mmseg]')")
+iou_metric = pytest.importorskip(
+    "mmseg.evaluation", reason="mmsegmentation not installed (pip install -e '.[mmseg]')"
+)
 
 NUM_CLASSES = 7  # with background; 5 only predicted, 6 nowhere (NaN, left out of the mean)
 THRESHOLD = 0.37
@@ -47,8 +49,10 @@ def test_per_class_iou_miou_and_ignore_match_mmseg(seed):
         pred = predict(maps, ids, THRESHOLD)
         for total, part in zip(totals, intersect_and_union(pred, gt, NUM_CLASSES), strict=True):
             total += part
-        sample = {"pred_sem_seg": {"data": torch.from_numpy(pred)[None]},
-                  "gt_sem_seg": {"data": torch.from_numpy(raw.astype(np.int64))[None]}}
+        sample = {
+            "pred_sem_seg": {"data": torch.from_numpy(pred)[None]},
+            "gt_sem_seg": {"data": torch.from_numpy(raw.astype(np.int64))[None]},
+        }
         metric.process({}, [sample])
 
     areas = [sum(r[i] for r in metric.results) for i in range(4)]  # torch tensors, as mmseg sums them
@@ -57,7 +61,10 @@ def test_per_class_iou_miou_and_ignore_match_mmseg(seed):
 
     summary_sweep, per_class_sweep = acc.at(THRESHOLD)  # the evaluator's main path (histograms)
     per_class_direct = class_metrics(*totals)  # its CRF path (label maps)
-    for ours, ours_summary in ((per_class_sweep, summary_sweep), (per_class_direct, summary(per_class_direct))):
+    for ours, ours_summary in (
+        (per_class_sweep, summary_sweep),
+        (per_class_direct, summary(per_class_direct)),
+    ):
         np.testing.assert_allclose(ours["IoU"], theirs, rtol=1e-6, equal_nan=True)  # mmseg divides in float32
         assert ours_summary["mIoU"] == pytest.approx(theirs_miou, abs=0.005)
     assert np.isnan(theirs[6]) and theirs[5] == 0.0
@@ -65,4 +72,7 @@ def test_per_class_iou_miou_and_ignore_match_mmseg(seed):
         assert mine.tolist() == theirs_area.long().tolist()
     # ignore handling matters here: counting the 255 pixels as background changes the areas
     with_ignored = sum(int((raw == 255).sum()) for raw, _, _ in random_images(seed))
-    assert with_ignored > 0 and int(totals[3].sum()) == sum(raw.size for raw, _, _ in random_images(seed)) - with_ignored
+    assert (
+        with_ignored > 0
+        and int(totals[3].sum()) == sum(raw.size for raw, _, _ in random_images(seed)) - with_ignored
+    )

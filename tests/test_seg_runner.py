@@ -22,7 +22,11 @@ def data(tmp_path):
 
 def tree(folder: Path) -> dict[str, bytes]:
     """Every file under maps/ by relative path -> bytes."""
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted((folder / "maps").rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): p.read_bytes()
+        for p in sorted((folder / "maps").rglob("*"))
+        if p.is_file()
+    }
 
 
 class Interrupting(PixelAligner):
@@ -57,7 +61,9 @@ def test_end_to_end_then_evaluate(tmp_path, data):
     saved = json.loads((out / "metrics.json").read_text())
     for variant in ("elbo", "baseline"):
         assert saved[variant]["mIoU"] == pytest.approx(m[variant]["mIoU"])
-        assert saved[variant]["mIoU"] == pytest.approx(max(v for v in saved[variant]["curve"]["mIoU"] if v is not None))
+        assert saved[variant]["mIoU"] == pytest.approx(
+            max(v for v in saved[variant]["curve"]["mIoU"] if v is not None)
+        )
         expected = _brute_miou(data, out, variant, saved[variant]["threshold"])
         assert saved[variant]["mIoU"] == pytest.approx(expected)
     assert saved["delta_mIoU"] == pytest.approx(saved["elbo"]["mIoU"] - saved["baseline"]["mIoU"])
@@ -69,7 +75,9 @@ def test_end_to_end_then_evaluate(tmp_path, data):
     fixed = evaluate(out, threshold=0.3, out_dir=tmp_path / "fixed", progress=False, overlays=0)
     assert fixed["threshold_mode"] == "fixed" and fixed["elbo"]["threshold"] == 0.3
     assert fixed["elbo"]["mIoU"] == pytest.approx(_brute_miou(data, out, "elbo", 0.3))
-    assert (tmp_path / "fixed" / "metrics.md").is_file() and (tmp_path / "fixed" / "plots" / "overlays.png").is_file()
+    assert (tmp_path / "fixed" / "metrics.md").is_file() and (
+        tmp_path / "fixed" / "plots" / "overlays.png"
+    ).is_file()
 
 
 def test_crf_without_its_package_says_what_to_install(tmp_path, data, monkeypatch):
@@ -156,8 +164,9 @@ def test_phrase_files_reach_the_aligner_and_fallback_is_reported(tmp_path, data)
     samples = random_samples(CLASSES, 8, convention="voc")  # same seed -> same masks as `data`
     labels = sorted({int(v) for v in np.unique(samples["img_000"][1]) if 0 < v < 255})
     other = next(c for c in CLASSES if c != CLASSES[labels[0] - 1])
-    (data / "phrases" / "img_000.json").write_text(json.dumps(
-        {"subject": [other, CLASSES[labels[0] - 1]], "phrase": ["a green wing", "a fluffy thing"]}))
+    (data / "phrases" / "img_000.json").write_text(
+        json.dumps({"subject": [other, CLASSES[labels[0] - 1]], "phrase": ["a green wing", "a fluffy thing"]})
+    )
     cfg = fixture_config(data, tmp_path / "run", "voc", num_images=2)
     cfg["dataset"]["phrase_path"] = "{data_root}/phrases/{img_name}.json"
     aligner = PixelAligner()
@@ -166,7 +175,9 @@ def test_phrase_files_reach_the_aligner_and_fallback_is_reported(tmp_path, data)
     # as the reference: the collection prompt lists every phrase of the file, in its order
     assert aligner.calls[0]["prompt"] == "a photo of a green wing, a fluffy thing"
     assert aligner.calls[1]["phrases"] is None and aligner.calls[1]["prompt"] is None
-    assert json.loads((out / "maps" / "img_001" / "scores.json").read_text())["phrase_source"].startswith("class_names (")
+    assert json.loads((out / "maps" / "img_001" / "scores.json").read_text())["phrase_source"].startswith(
+        "class_names ("
+    )
     assert "1 image(s) had no phrase file" in (out / "segment.log").read_text()
     evaluate(out, progress=False, overlays=1)
     assert "1 image(s) had no per-image phrase file" in (out / "metrics.md").read_text()
@@ -181,4 +192,7 @@ def test_image_without_foreground_classes(tmp_path):
     assert json.loads((out / "maps" / "empty" / "scores.json").read_text())["class_ids"] == []
     m = evaluate(out, progress=False)
     # every pixel is predicted background and is background: IoU 1 for the only class present
-    assert m["elbo"]["mIoU"] == pytest.approx(100.0) and m["baseline"]["per_class"]["background"]["gt_pixels"] == 48
+    assert (
+        m["elbo"]["mIoU"] == pytest.approx(100.0)
+        and m["baseline"]["per_class"]["background"]["gt_pixels"] == 48
+    )

@@ -9,16 +9,30 @@ import torch
 from elbo_t2ialign.testbed import train, world
 
 TINY = dict(
-    threads=1, train_images=16, vae_channels=(16, 16), vae_steps=2, vae_batch=4, unet_channels=(16, 32),
-    unet_heads=(1, 2), norm_groups=8, text_hidden=16, text_heads=1, text_layers=1, steps=3, batch=4,
-    warmup=1, checkpoint_every=2,
+    threads=1,
+    train_images=16,
+    vae_channels=(16, 16),
+    vae_steps=2,
+    vae_batch=4,
+    unet_channels=(16, 32),
+    unet_heads=(1, 2),
+    norm_groups=8,
+    text_hidden=16,
+    text_heads=1,
+    text_layers=1,
+    steps=3,
+    batch=4,
+    warmup=1,
+    checkpoint_every=2,
 )
 
 
 def load(folder):
     from diffusers import StableDiffusionPipeline
 
-    return StableDiffusionPipeline.from_pretrained(str(folder), safety_checker=None, requires_safety_checker=False)
+    return StableDiffusionPipeline.from_pretrained(
+        str(folder), safety_checker=None, requires_safety_checker=False
+    )
 
 
 def test_tokenizer_holds_every_caption_word_as_one_token():
@@ -93,8 +107,9 @@ def test_committed_model_loads_as_a_plain_diffusers_pipeline_and_runs():
     x = torch.from_numpy(s.image).permute(2, 0, 1)[None].float() / 127.5 - 1
     with torch.no_grad():
         z = pipe.vae.encode(x).latent_dist.mean * pipe.vae.config.scaling_factor
-        ids = pipe.tokenizer([s.caption], padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                             return_tensors="pt").input_ids
+        ids = pipe.tokenizer(
+            [s.caption], padding="max_length", max_length=pipe.tokenizer.model_max_length, return_tensors="pt"
+        ).input_ids
         cond = pipe.text_encoder(ids)[0]
         eps = torch.randn(z.shape, generator=torch.Generator().manual_seed(0))
         t = torch.tensor([400])

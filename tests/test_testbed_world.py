@@ -49,7 +49,11 @@ def test_every_class_is_drawn_in_its_own_hue_family():
 
 
 def test_sizes_span_a_few_pixels_to_half_the_image():
-    areas = [(s.mask == o.class_id).sum() for s in (world.generate(i, "val") for i in range(150)) for o in s.objects]
+    areas = [
+        (s.mask == o.class_id).sum()
+        for s in (world.generate(i, "val") for i in range(150))
+        for o in s.objects
+    ]
     assert min(areas) <= 20 and max(areas) >= 900
 
 
@@ -101,7 +105,9 @@ def test_written_dataset_has_the_real_layout(tmp_path):
     # the same seed writes the same bytes
     other = tmp_path / "again"
     world.write_dataset(other, splits=splits)
-    assert (other / "images" / f"{names[1]}.png").read_bytes() == (tmp_path / "images" / f"{names[1]}.png").read_bytes()
+    assert (other / "images" / f"{names[1]}.png").read_bytes() == (
+        tmp_path / "images" / f"{names[1]}.png"
+    ).read_bytes()
 
 
 def test_segmentation_datasets_read_it(tmp_path):

@@ -14,8 +14,10 @@ FAST = {"elbo_timesteps": [1, 501], "collect_timesteps": [20, 60]}
 def _call_order(aligner):
     modules = dict(aligner.adapter.denoiser.named_modules())
     seen = []
-    hooks = [modules[x.name].register_forward_pre_hook(lambda m, a, n=x.name: seen.append(n))
-             for x in aligner.layers]
+    hooks = [
+        modules[x.name].register_forward_pre_hook(lambda m, a, n=x.name: seen.append(n))
+        for x in aligner.layers
+    ]
     ad = aligner.adapter
     ad.predict(torch.zeros(1, 4, 16, 16), torch.tensor([10]), ad.encode_prompt("a photo of cat"))
     for h in hooks:
@@ -24,17 +26,24 @@ def _call_order(aligner):
 
 
 def test_sd35_dual_attention_layers():
-    aligner = Aligner.from_pipeline(tiny_sd3(dual_attention=True), device="cpu", resolution=32,
-                                    max_sequence_length=16, **FAST)
+    aligner = Aligner.from_pipeline(
+        tiny_sd3(dual_attention=True), device="cpu", resolution=32, max_sequence_length=16, **FAST
+    )
     assert [(x.name, x.kind) for x in aligner.layers] == [
-        ("transformer_blocks.0.attn", "joint"), ("transformer_blocks.0.attn2", "self"),
-        ("transformer_blocks.1.attn", "joint"), ("transformer_blocks.2.attn", "joint")]
+        ("transformer_blocks.0.attn", "joint"),
+        ("transformer_blocks.0.attn2", "self"),
+        ("transformer_blocks.1.attn", "joint"),
+        ("transformer_blocks.2.attn", "joint"),
+    ]
     assert [x.name for x in aligner.layers] == _call_order(aligner)
     res = aligner.heatmaps(IMG, ["cat", "dog"])
     np.testing.assert_allclose(sorted(res.tau.values()), [1.0, 3.0], rtol=1e-6)  # two classes: 1 and strength
     # the Gaussian runs over the three joint layers only; the image-only attn2 feeds refinement
-    assert set(aligner._weights["cross"]) == {"transformer_blocks.0.attn", "transformer_blocks.1.attn",
-                                              "transformer_blocks.2.attn"}
+    assert set(aligner._weights["cross"]) == {
+        "transformer_blocks.0.attn",
+        "transformer_blocks.1.attn",
+        "transformer_blocks.2.attn",
+    }
     assert aligner._weights["self2"]["transformer_blocks.0.attn2"] == 1.0
 
 

@@ -57,8 +57,10 @@ class Evidence:
             tau = float(strength) if fixed else 1.0
             return dict.fromkeys(self.names, tau)
         if self.losses is None:
-            raise ValueError("this evidence holds no ELBO losses; compute them (a strength other than 1 "
-                             "when the heatmaps are made) or pass elbo_losses=")
+            raise ValueError(
+                "this evidence holds no ELBO losses; compute them (a strength other than 1 "
+                "when the heatmaps are made) or pass elbo_losses="
+            )
         losses = [self.losses[n] for n in self.names]
         return dict(zip(self.names, calibrate.temperatures(losses, strength), strict=True))
 
@@ -66,8 +68,12 @@ class Evidence:
         """Image-sized (H, W) float32 maps in [0, 1]: refine(minmax(cross) ** tau), resized, min-max."""
         taus = self.temperatures(strength, fixed)
         s1, s2 = (self.self1, self.self2) if refine else (None, None)
-        return {n: calibrate.to_image(calibrate.self_attention_refine(self.cross[n] ** taus[n], s1, s2), self.res, self.size)
-                for n in self.names}
+        return {
+            n: calibrate.to_image(
+                calibrate.self_attention_refine(self.cross[n] ** taus[n], s1, s2), self.res, self.size
+            )
+            for n in self.names
+        }
 
 
 @dataclass
@@ -108,19 +114,42 @@ class Aligner:
 
     # ------------------------------------------------------------ loading
     @classmethod
-    def from_pretrained(cls, model_id: str, device: str | torch.device = "auto", dtype: str = "auto",
-                        resolution: int | None = None, max_sequence_length: int | None = None,
-                        options: AlignOptions | None = None, **option_overrides: Any) -> Aligner:
+    def from_pretrained(
+        cls,
+        model_id: str,
+        device: str | torch.device = "auto",
+        dtype: str = "auto",
+        resolution: int | None = None,
+        max_sequence_length: int | None = None,
+        options: AlignOptions | None = None,
+        **option_overrides: Any,
+    ) -> Aligner:
         """Load a hub id or a local diffusers folder; device/dtype "auto" = CUDA+fp16 if present, else CPU+fp32."""
         dev = resolve_device(device)
-        pipe = load_pipeline(model_id, dev, resolve_dtype(dtype, dev), prepare=False)  # from_pipeline prepares it
-        return cls.from_pipeline(pipe, device=dev, dtype=dtype, resolution=resolution,
-                                 max_sequence_length=max_sequence_length, options=options, **option_overrides)
+        pipe = load_pipeline(
+            model_id, dev, resolve_dtype(dtype, dev), prepare=False
+        )  # from_pipeline prepares it
+        return cls.from_pipeline(
+            pipe,
+            device=dev,
+            dtype=dtype,
+            resolution=resolution,
+            max_sequence_length=max_sequence_length,
+            options=options,
+            **option_overrides,
+        )
 
     @classmethod
-    def from_pipeline(cls, pipe, device: str | torch.device | None = None, dtype: str | torch.dtype = "auto",
-                      resolution: int | None = None, max_sequence_length: int | None = None,
-                      options: AlignOptions | None = None, **option_overrides: Any) -> Aligner:
+    def from_pipeline(
+        cls,
+        pipe,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype = "auto",
+        resolution: int | None = None,
+        max_sequence_length: int | None = None,
+        options: AlignOptions | None = None,
+        **option_overrides: Any,
+    ) -> Aligner:
         """Wrap an already loaded diffusers pipeline (its modules stay where they are unless `device` is given)."""
         dev = resolve_device(device) if device is not None else pipe.device
         torch_dtype = resolve_dtype(dtype, dev)
@@ -128,21 +157,35 @@ class Aligner:
         return cls(adapter_for(pipe, dev, torch_dtype, resolution, max_sequence_length), opts)
 
     @classmethod
-    def from_config(cls, model_cfg: Mapping[str, Any], options: AlignOptions | None = None,
-                    device: str = "auto") -> Aligner:
+    def from_config(
+        cls, model_cfg: Mapping[str, Any], options: AlignOptions | None = None, device: str = "auto"
+    ) -> Aligner:
         """Build from a `configs/model/*.yaml` mapping (keys: id; optional resolution, dtype (default
         auto), max_sequence_length)."""
         if "id" not in model_cfg:
             raise ValueError(f"model config {dict(model_cfg)} has no 'id' (a hub id or a local folder)")
-        return cls.from_pretrained(model_cfg["id"], device=device, dtype=model_cfg.get("dtype") or "auto",
-                                   resolution=model_cfg.get("resolution"),
-                                   max_sequence_length=model_cfg.get("max_sequence_length"), options=options)
+        return cls.from_pretrained(
+            model_cfg["id"],
+            device=device,
+            dtype=model_cfg.get("dtype") or "auto",
+            resolution=model_cfg.get("resolution"),
+            max_sequence_length=model_cfg.get("max_sequence_length"),
+            options=options,
+        )
 
     # ------------------------------------------------------------ the method
-    def heatmaps(self, image: Image.Image | str | Path | np.ndarray, classes: Sequence[str] | None = None,
-                 phrases: Sequence[str] | None = None, seed: int | None = None, *,
-                 words: Sequence[str] | None = None, prompt: str | None = None,
-                 elbo_losses: Mapping[str, float] | None = None, **option_overrides: Any) -> HeatmapResult:
+    def heatmaps(
+        self,
+        image: Image.Image | str | Path | np.ndarray,
+        classes: Sequence[str] | None = None,
+        phrases: Sequence[str] | None = None,
+        seed: int | None = None,
+        *,
+        words: Sequence[str] | None = None,
+        prompt: str | None = None,
+        elbo_losses: Mapping[str, float] | None = None,
+        **option_overrides: Any,
+    ) -> HeatmapResult:
         """ELBO-calibrated, baseline (uncalibrated) and cross-attention heatmaps for each class.
 
         classes: class names, each put into the prompt templates of the options.
@@ -155,20 +198,41 @@ class Aligner:
         Option overrides (strength=..., batch_size=...) apply to this call only.
         """
         opts = self.options.replace(**option_overrides) if option_overrides else self.options
-        evidence, info = self.observe(image, classes, phrases, seed, words=words, prompt=prompt,
-                                      elbo_losses=elbo_losses, options=opts)
+        evidence, info = self.observe(
+            image, classes, phrases, seed, words=words, prompt=prompt, elbo_losses=elbo_losses, options=opts
+        )
         taus = evidence.temperatures(opts.strength, opts.fixed_temperature)
         baseline = evidence.maps(1.0, refine=opts.refine)
-        elbo_maps = ({n: m.copy() for n, m in baseline.items()} if all(t == 1.0 for t in taus.values())
-                     else evidence.maps(opts.strength, opts.fixed_temperature, refine=opts.refine))
+        elbo_maps = (
+            {n: m.copy() for n, m in baseline.items()}
+            if all(t == 1.0 for t in taus.values())
+            else evidence.maps(opts.strength, opts.fixed_temperature, refine=opts.refine)
+        )
         losses = evidence.losses or {}
-        return HeatmapResult(elbo_maps, baseline, evidence.maps(1.0, refine=False),
-                             {n: losses.get(n) for n in evidence.names}, taus, info["prompts"],
-                             info["positions"], evidence)
+        return HeatmapResult(
+            elbo_maps,
+            baseline,
+            evidence.maps(1.0, refine=False),
+            {n: losses.get(n) for n in evidence.names},
+            taus,
+            info["prompts"],
+            info["positions"],
+            evidence,
+        )
 
-    def observe(self, image, classes=None, phrases=None, seed=None, *, words=None, prompt=None,
-                elbo_losses=None, options: AlignOptions | None = None,
-                need_elbo: bool | None = None) -> tuple[Evidence, dict[str, Any]]:
+    def observe(
+        self,
+        image,
+        classes=None,
+        phrases=None,
+        seed=None,
+        *,
+        words=None,
+        prompt=None,
+        elbo_losses=None,
+        options: AlignOptions | None = None,
+        need_elbo: bool | None = None,
+    ) -> tuple[Evidence, dict[str, Any]]:
         """The network passes of one image -> (Evidence, {"prompts", "positions"}).
 
         `need_elbo` (default: whether the options' setting needs it) asks for the ELBO forwards even
@@ -214,14 +278,20 @@ class Aligner:
     # ------------------------------------------------------------ parts
     def _check_classes(self, classes, words, phrases) -> list[str]:
         if (classes is None) == (words is None):
-            raise TypeError("give the class names (classes=[...]) or the prompt words (words=[...]), one of them")
+            raise TypeError(
+                "give the class names (classes=[...]) or the prompt words (words=[...]), one of them"
+            )
         given = classes if classes is not None else words
         if isinstance(given, str):
-            raise TypeError(f"classes must be a list of names, got the string {given!r}; wrap it: [{given!r}]")
+            raise TypeError(
+                f"classes must be a list of names, got the string {given!r}; wrap it: [{given!r}]"
+            )
         names = list(given)
         bad = [(i, c) for i, c in enumerate(names) if not isinstance(c, str)]
         if bad:
-            raise TypeError(f"class names must be strings; got {bad[0][1]!r} at position {bad[0][0]} of {names}")
+            raise TypeError(
+                f"class names must be strings; got {bad[0][1]!r} at position {bad[0][0]} of {names}"
+            )
         if not names:
             raise ValueError("the class list is empty: give at least one class name to segment")
         if any(not n.strip() for n in names):
@@ -230,7 +300,9 @@ class Aligner:
             raise ValueError(f"duplicate class names in {names}")
         if phrases is not None:
             if isinstance(phrases, str) or len(phrases) != len(names):
-                raise ValueError(f"phrases must be a list with one phrase per class ({len(names)}), got {phrases!r}")
+                raise ValueError(
+                    f"phrases must be a list with one phrase per class ({len(names)}), got {phrases!r}"
+                )
             if not all(isinstance(p, str) and p.strip() for p in phrases):
                 raise ValueError(f"every phrase must be a non-empty string, got {list(phrases)}")
         return names
@@ -239,14 +311,18 @@ class Aligner:
         n = self.adapter.schedule.num_train_timesteps
         bad = sorted({t for t in (*opts.elbo_timesteps, *opts.collect_timesteps) if t >= n})
         if bad:
-            raise ValueError(f"timesteps {bad} are outside this model's training range 0..{n - 1}; "
-                             "give elbo_timesteps and collect_timesteps below that")
+            raise ValueError(
+                f"timesteps {bad} are outside this model's training range 0..{n - 1}; "
+                "give elbo_timesteps and collect_timesteps below that"
+            )
 
     def _batch(self, opts: AlignOptions) -> int:
         """The call's batch size, never above one that ran out of memory before."""
         return min(opts.batch_size, self._fitted_batch)
 
-    def _draw_noise(self, z0: torch.Tensor, opts: AlignOptions, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _draw_noise(
+        self, z0: torch.Tensor, opts: AlignOptions, seed: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Collection noise first, then ELBO noise, from one CPU generator (reference-compatible)."""
         gen = torch.Generator("cpu").manual_seed(int(seed))
         shape = tuple(z0.shape[1:])
@@ -254,8 +330,9 @@ class Aligner:
         elbo = torch.randn((len(opts.elbo_timesteps), *shape), generator=gen)
         return collect, elbo
 
-    def _elbo_losses(self, z0: torch.Tensor, conds, timesteps: Sequence[int], noise: torch.Tensor,
-                     batch: int) -> list[float]:
+    def _elbo_losses(
+        self, z0: torch.Tensor, conds, timesteps: Sequence[int], noise: torch.Tensor, batch: int
+    ) -> list[float]:
         """Summed diffusion loss per class, all (class, timestep) pairs batched."""
         values, used = elbo.elbo_losses(self.adapter, z0, conds, timesteps, noise, batch)
         if used < batch:  # ran out of memory: later calls start at the size that fit
@@ -270,8 +347,9 @@ class Aligner:
         noise = noise.to(self.adapter.device)
 
         def attempt(batch: int):
-            rec = self.adapter.recorder(weights, chunk_mb=opts.self_attention_chunk_mb,
-                                        precision=opts.capture_precision)
+            rec = self.adapter.recorder(
+                weights, chunk_mb=opts.self_attention_chunk_mb, precision=opts.capture_precision
+            )
             with rec:
                 for lo in range(0, len(ts), batch):
                     t = ts[lo : lo + batch]
@@ -285,8 +363,9 @@ class Aligner:
         rec, _ = elbo.halve_on_oom(self._batch(opts), attempt, on_halve=lowered)
         return rec
 
-    def _positions(self, prompt: str, names: list[str], texts: list[str], start: int,
-                   opts: AlignOptions) -> dict[str, list[int]]:
+    def _positions(
+        self, prompt: str, names: list[str], texts: list[str], start: int, opts: AlignOptions
+    ) -> dict[str, list[int]]:
         """Token positions per class in the collection prompt, searched from token `start` on
         (after the template's own words). With phrases: the phrase is located first, then inside
         it the class word if it is one of the phrase's words, else the phrase's nouns (the
@@ -301,7 +380,9 @@ class Aligner:
             cursor = span[-1] + 1
         return out
 
-    def _phrase_positions(self, prompt: str, name: str, text: str, span: list[int], opts: AlignOptions) -> list[int]:
+    def _phrase_positions(
+        self, prompt: str, name: str, text: str, span: list[int], opts: AlignOptions
+    ) -> list[int]:
         if name in text.split(" "):
             targets = [name]
         elif opts.phrase_tokens == "nouns":
@@ -313,10 +394,17 @@ class Aligner:
         found: set[int] = set()
         for word in targets:
             try:
-                found.update(calibrate.locate_tokens(self.adapter.token_ids, prompt, word, span[0], span[-1] + 1))
+                found.update(
+                    calibrate.locate_tokens(self.adapter.token_ids, prompt, word, span[0], span[-1] + 1)
+                )
             except ValueError:
-                log.warning("%r of phrase %r is not a token sequence of the prompt; using the whole phrase "
-                            "for class %r", word, text, name)
+                log.warning(
+                    "%r of phrase %r is not a token sequence of the prompt; using the whole phrase "
+                    "for class %r",
+                    word,
+                    text,
+                    name,
+                )
                 return span
         return sorted(found) if found else span
 
@@ -336,12 +424,20 @@ def _as_image(image: Any) -> Image.Image:
         except OSError as err:
             raise ValueError(f"cannot read an image from {path}: {err}") from None
     elif isinstance(image, np.ndarray):
-        if image.dtype != np.uint8 or image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (3, 4)):
-            raise ValueError(f"an image array must be uint8 of shape (H, W), (H, W, 3) or (H, W, 4); got "
-                             f"{image.dtype} {image.shape}")
+        if (
+            image.dtype != np.uint8
+            or image.ndim not in (2, 3)
+            or (image.ndim == 3 and image.shape[2] not in (3, 4))
+        ):
+            raise ValueError(
+                f"an image array must be uint8 of shape (H, W), (H, W, 3) or (H, W, 4); got "
+                f"{image.dtype} {image.shape}"
+            )
         image = Image.fromarray(image)
     elif not isinstance(image, Image.Image):
-        raise TypeError(f"image must be a PIL image, a file path or a uint8 array, got {type(image).__name__}")
+        raise TypeError(
+            f"image must be a PIL image, a file path or a uint8 array, got {type(image).__name__}"
+        )
     if image.width < 2 or image.height < 2:
         raise ValueError(f"the image is {image.width}x{image.height}; heatmaps need at least 2x2 pixels")
     return image
@@ -354,8 +450,10 @@ def _check_seed(seed: Any) -> int:
 def _check_losses(losses: Mapping[str, float], names: list[str]) -> dict[str, float]:
     missing = [n for n in names if n not in losses]
     if missing:
-        raise ValueError(f"elbo_losses has no value for {missing} (it has {sorted(losses)}); "
-                         "reuse losses computed for the same classes")
+        raise ValueError(
+            f"elbo_losses has no value for {missing} (it has {sorted(losses)}); "
+            "reuse losses computed for the same classes"
+        )
     out = {n: float(losses[n]) for n in names}
     if not all(np.isfinite(v) for v in out.values()):
         raise ValueError(f"elbo_losses must be finite numbers, got {out}")

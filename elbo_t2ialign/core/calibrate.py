@@ -23,8 +23,13 @@ def find_subsequence(seq: Sequence[int], sub: Sequence[int], start: int = 0) -> 
     return -1
 
 
-def locate_tokens(token_ids: Callable[[str, bool], list[int]], prompt: str, name: str,
-                  search_from: int = 0, search_to: int | None = None) -> list[int]:
+def locate_tokens(
+    token_ids: Callable[[str, bool], list[int]],
+    prompt: str,
+    name: str,
+    search_from: int = 0,
+    search_to: int | None = None,
+) -> list[int]:
     """Positions of `name`'s tokens in `prompt`'s token sequence (with special tokens).
 
     The first occurrence of the name's token sub-sequence (tokenised without
@@ -37,7 +42,11 @@ def locate_tokens(token_ids: Callable[[str, bool], list[int]], prompt: str, name
     start = find_subsequence(prompt_ids[: max(stop, 0)], name_ids, search_from)
     if start >= 0:
         return list(range(start, start + n))
-    where = "" if (search_from, stop) == (0, len(prompt_ids)) else f" between token positions {search_from} and {stop}"
+    where = (
+        ""
+        if (search_from, stop) == (0, len(prompt_ids))
+        else f" between token positions {search_from} and {stop}"
+    )
     raise ValueError(
         f"cannot locate {name!r} in prompt {prompt!r}{where}: its tokens {name_ids} do not occur in the "
         f"prompt's tokens {prompt_ids}. Use the word as it appears in the prompt."
@@ -59,7 +68,9 @@ def template_start(token_ids: Callable[[str, bool], list[int]], template: str) -
     return lead + (len(token_ids(prefix, False)) if prefix else 0)
 
 
-def class_token_positions(token_ids, prompt: str, names: Sequence[str], start: int = 0) -> dict[str, list[int]]:
+def class_token_positions(
+    token_ids, prompt: str, names: Sequence[str], start: int = 0
+) -> dict[str, list[int]]:
     """Token positions of every class in the collection prompt, searched left to right from
     token `start` so that a class repeated inside another's name does not steal its tokens."""
     out, cursor = {}, start

@@ -79,7 +79,9 @@ def gaussian_layer_weights(layers: list[LayerInfo], sigma: float) -> dict[str, f
     return {layer.name: w * scale for layer, w in zip(cross, raw, strict=True)}
 
 
-def stage_layer_weights(layers: list[LayerInfo], stage_weights: Sequence[float], block: str) -> dict[str, float]:
+def stage_layer_weights(
+    layers: list[LayerInfo], stage_weights: Sequence[float], block: str
+) -> dict[str, float]:
     """One weight per resolution stage (stages counted over the layers that carry `block`)."""
     carrying = [layer for layer in layers if (layer.has_cross if block == "cross" else layer.has_self)]
     stages = stage_index(carrying)
@@ -156,8 +158,10 @@ def attend_and_capture(
         out[:, :, :start] = _sdpa_rows(query, key, value, mask, scale, slice(0, start))
     if stop < sq:
         out[:, :, stop:] = _sdpa_rows(query, key, value, mask, scale, slice(stop, sq))
-    maps = {name: query.new_zeros((stop - start, len(range(sk)[blk])), dtype=torch.float32)
-            for name, blk in blocks.items()}
+    maps = {
+        name: query.new_zeros((stop - start, len(range(sk)[blk])), dtype=torch.float32)
+        for name, blk in blocks.items()
+    }
     # rows per chunk so that the chunk's two float32 (B, H, rows, Sk) blocks, scores and
     # probabilities, stay under chunk_mb together (scaling and masking happen in place)
     step = max(1, int(chunk_mb * 2**20 // (2 * 4 * b * h * sk)))
@@ -200,8 +204,9 @@ class _CaptureBase:
 class CaptureAttnProcessor(_CaptureBase):
     """diffusers `Attention` (UNet and DiT self/cross layers), AttnProcessor2_0 semantics."""
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
-                 *args, **kwargs):
+    def __call__(
+        self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs
+    ):
         residual = hidden_states
         if attn.spatial_norm is not None:
             hidden_states = attn.spatial_norm(hidden_states, temb)
@@ -223,7 +228,9 @@ class CaptureAttnProcessor(_CaptureBase):
         query, key, value = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
         head_dim = key.shape[-1] // attn.heads
         # (B, S, H*D) -> (B, H, S, D)
-        query, key, value = (x.view(batch, -1, attn.heads, head_dim).transpose(1, 2) for x in (query, key, value))
+        query, key, value = (
+            x.view(batch, -1, attn.heads, head_dim).transpose(1, 2) for x in (query, key, value)
+        )
         if attn.norm_q is not None:
             query = attn.norm_q(query)
         if attn.norm_k is not None:
@@ -231,8 +238,15 @@ class CaptureAttnProcessor(_CaptureBase):
 
         block = "cross" if is_cross else "self"
         out, maps = attend_and_capture(
-            query, key, value, scale=attn.scale, image_rows=slice(None), blocks={block: slice(None)},
-            mask=attention_mask, chunk_mb=self.recorder.chunk_mb, precision=self.recorder.precision,
+            query,
+            key,
+            value,
+            scale=attn.scale,
+            image_rows=slice(None),
+            blocks={block: slice(None)},
+            mask=attention_mask,
+            chunk_mb=self.recorder.chunk_mb,
+            precision=self.recorder.precision,
         )
         self.recorder.add(self.layer, maps, batch)
 
@@ -262,8 +276,10 @@ class CaptureJointAttnProcessor(_CaptureBase):
             key = attn.norm_k(key)
         blocks = {"self": slice(0, n_img)}
         if encoder_hidden_states is not None:
-            cq, ck, cv = (split_heads(f(encoder_hidden_states))
-                          for f in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))
+            cq, ck, cv = (
+                split_heads(f(encoder_hidden_states))
+                for f in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj)
+            )
             if attn.norm_added_q is not None:
                 cq = attn.norm_added_q(cq)
             if attn.norm_added_k is not None:
@@ -271,8 +287,14 @@ class CaptureJointAttnProcessor(_CaptureBase):
             query, key, value = (torch.cat(p, dim=2) for p in ((query, cq), (key, ck), (value, cv)))
             blocks["cross"] = slice(n_img, None)
         out, maps = attend_and_capture(
-            query, key, value, scale=attn.scale, image_rows=slice(0, n_img), blocks=blocks,
-            chunk_mb=self.recorder.chunk_mb, precision=self.recorder.precision,
+            query,
+            key,
+            value,
+            scale=attn.scale,
+            image_rows=slice(0, n_img),
+            blocks=blocks,
+            chunk_mb=self.recorder.chunk_mb,
+            precision=self.recorder.precision,
         )
         self.recorder.add(self.layer, maps, batch)
 
@@ -289,8 +311,15 @@ class CaptureJointAttnProcessor(_CaptureBase):
 class CaptureFluxAttnProcessor(_CaptureBase):
     """FLUX attention: sequence [text; image]; single-stream blocks get it already concatenated."""
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
-                 image_rotary_emb=None, **kwargs):
+    def __call__(
+        self,
+        attn,
+        hidden_states,
+        encoder_hidden_states=None,
+        attention_mask=None,
+        image_rotary_emb=None,
+        **kwargs,
+    ):
         from diffusers.models.embeddings import apply_rotary_emb
 
         def heads(x):  # (B, S, H*D) -> (B, S, H, D)
@@ -300,8 +329,9 @@ class CaptureFluxAttnProcessor(_CaptureBase):
         query, key = attn.norm_q(query), attn.norm_k(key)
         if encoder_hidden_states is not None:  # double-stream block
             n_txt = encoder_hidden_states.shape[1]
-            cq, ck, cv = (heads(f(encoder_hidden_states))
-                          for f in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))
+            cq, ck, cv = (
+                heads(f(encoder_hidden_states)) for f in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj)
+            )
             cq, ck = attn.norm_added_q(cq), attn.norm_added_k(ck)
             query, key, value = (torch.cat(p, dim=1) for p in ((cq, query), (ck, key), (cv, value)))
         else:  # single-stream block: hidden_states is already [text; image]
@@ -312,9 +342,15 @@ class CaptureFluxAttnProcessor(_CaptureBase):
         # (B, S, H, D) -> (B, H, S, D)
         query, key, value = (x.transpose(1, 2) for x in (query, key, value))
         out, maps = attend_and_capture(
-            query, key, value, scale=query.shape[-1] ** -0.5, image_rows=slice(n_txt, None),
-            blocks={"cross": slice(0, n_txt), "self": slice(n_txt, None)}, mask=attention_mask,
-            chunk_mb=self.recorder.chunk_mb, precision=self.recorder.precision,
+            query,
+            key,
+            value,
+            scale=query.shape[-1] ** -0.5,
+            image_rows=slice(n_txt, None),
+            blocks={"cross": slice(0, n_txt), "self": slice(n_txt, None)},
+            mask=attention_mask,
+            chunk_mb=self.recorder.chunk_mb,
+            precision=self.recorder.precision,
         )
         self.recorder.add(self.layer, maps, query.shape[0])
         out = out.transpose(1, 2).flatten(2, 3).to(query.dtype)  # (B, S, H*D)
@@ -342,8 +378,9 @@ def resize_self(m: torch.Tensor, r: int, target: int) -> torch.Tensor:
     query row repeated target/r times along both query axes."""
     if r == target:
         return m
-    keys = F.interpolate(m.reshape(1, r * r, r, r), size=(target, target), mode="bilinear",
-                         align_corners=False).reshape(r, r, target * target)
+    keys = F.interpolate(
+        m.reshape(1, r * r, r, r), size=(target, target), mode="bilinear", align_corners=False
+    ).reshape(r, r, target * target)
     factor = target // r
     return keys.repeat_interleave(factor, 0).repeat_interleave(factor, 1).reshape(target * target, -1)
 
@@ -388,14 +425,20 @@ class AttentionRecorder:
     @property
     def captured(self) -> list[str]:
         """Names of the layers whose processors are replaced (non-zero weight somewhere)."""
-        return [n for n in self.layers if any(w.get(n, 0.0) != 0.0 for w in self.weights.values())
-                or (self.per_layer and not self.weights)]
+        return [
+            n
+            for n in self.layers
+            if any(w.get(n, 0.0) != 0.0 for w in self.weights.values())
+            or (self.per_layer and not self.weights)
+        ]
 
     def __enter__(self) -> AttentionRecorder:
         self._saved = dict(self.denoiser.attn_processors)
         captured = set(self.captured)
-        new = {name: (self.processor_factory(self, self.layers[name]) if name in captured else proc)
-               for name, proc in ((k.removesuffix(".processor"), v) for k, v in self._saved.items())}
+        new = {
+            name: (self.processor_factory(self, self.layers[name]) if name in captured else proc)
+            for name, proc in ((k.removesuffix(".processor"), v) for k, v in self._saved.items())
+        }
         self.denoiser.set_attn_processor({f"{k}.processor": v for k, v in new.items()})
         return self
 
@@ -422,7 +465,11 @@ class AttentionRecorder:
             block = "cross" if agg.startswith("cross") else "self"
             if w == 0.0 or block not in maps:
                 continue
-            resized = resize_cross(maps[block], r, target) if block == "cross" else resize_self(maps[block], r, target)
+            resized = (
+                resize_cross(maps[block], r, target)
+                if block == "cross"
+                else resize_self(maps[block], r, target)
+            )
             if agg in self.sums:
                 self.sums[agg].add_(resized, alpha=w)  # in place: no (R^2, R^2) temporaries per layer call
             else:

@@ -18,8 +18,9 @@ def is_out_of_memory(err: BaseException) -> bool:
     return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
 
 
-def halve_on_oom(batch_size: int, attempt: Callable[[int], T],
-                 on_halve: Callable[[int], None] | None = None) -> tuple[T, int]:
+def halve_on_oom(
+    batch_size: int, attempt: Callable[[int], T], on_halve: Callable[[int], None] | None = None
+) -> tuple[T, int]:
     """`attempt(batch_size)`, called again with half the batch size after each out-of-memory error
     (the device cache emptied first, `on_halve` told the new size) until it succeeds; an
     out-of-memory at batch size 1, or any other error, is raised. Returns (its result, the size

@@ -56,14 +56,20 @@ class AlignOptions:
         for name in ("elbo_prompt", "collect_prompt"):
             template = getattr(self, name)
             if not isinstance(template, str) or template.count("{}") != 1:
-                raise ValueError(f"{name} must be a string with exactly one '{{}}' for the class text, "
-                                 f"got {template!r}")
+                raise ValueError(
+                    f"{name} must be a string with exactly one '{{}}' for the class text, got {template!r}"
+                )
         for name in ("elbo_timesteps", "collect_timesteps"):
             steps = getattr(self, name)
-            if (isinstance(steps, (str, bytes)) or not hasattr(steps, "__len__") or not len(steps)
-                    or not all(_is_int(t) and t >= 0 for t in steps)):
-                raise ValueError(f"{name} must be a non-empty list of training timesteps (integers >= 0), "
-                                 f"got {steps!r}")
+            if (
+                isinstance(steps, (str, bytes))
+                or not hasattr(steps, "__len__")
+                or not len(steps)
+                or not all(_is_int(t) and t >= 0 for t in steps)
+            ):
+                raise ValueError(
+                    f"{name} must be a non-empty list of training timesteps (integers >= 0), got {steps!r}"
+                )
         if self.phrase_tokens not in ("nouns", "phrase"):
             raise ValueError(f"phrase_tokens must be 'nouns' or 'phrase', got {self.phrase_tokens!r}")
         _check_number("gaussian_sigma", self.gaussian_sigma, positive=False)
@@ -73,7 +79,9 @@ class AlignOptions:
         if not _is_int(self.seed) or not 0 <= self.seed <= MAX_SEED:
             raise ValueError(f"seed must be an integer in [0, 2**64 - 1], got {self.seed!r}")
         if self.capture_precision not in ("float32", "model"):
-            raise ValueError(f"capture_precision must be 'float32' or 'model', got {self.capture_precision!r}")
+            raise ValueError(
+                f"capture_precision must be 'float32' or 'model', got {self.capture_precision!r}"
+            )
 
     def replace(self, **changes: Any) -> AlignOptions:
         unknown = sorted(set(changes) - {f.name for f in fields(self)})

@@ -65,7 +65,9 @@ TINY_MODELS = ("tiny-sd", "tiny-sdxl", "tiny-sd3")
 CLASS_POOL = ["cat", "dog", "bird", "car", "person", "plant", "sofa", "table"]
 EXPLICIT_MB = 1e12  # chunk bound so large that every captured layer runs one full softmax
 ATTENTION_SHARPNESS = 16.0  # query scale of the random-weight benchmark models, see sharpen_attention
-T5_NOTE = "text_encoder_3=None: the SD3 pipeline feeds zeros for the T5 tokens (same sequence length and cost)"
+T5_NOTE = (
+    "text_encoder_3=None: the SD3 pipeline feeds zeros for the T5 tokens (same sequence length and cost)"
+)
 
 
 # ------------------------------------------------------------------ models
@@ -146,7 +148,9 @@ def _text_model(cfg: dict[str, Any], tokenizer) -> torch.nn.Module:
     else:
         config = transformers.T5Config(**cfg, **ids, decoder_start_token_id=tokenizer.pad_token_id)
     if len(tokenizer) > config.vocab_size:
-        raise ValueError(f"tokenizer has {len(tokenizer)} ids but the model's vocab_size is {config.vocab_size}")
+        raise ValueError(
+            f"tokenizer has {len(tokenizer)} ids but the model's vocab_size is {config.vocab_size}"
+        )
     return cls(config).eval()
 
 
@@ -158,8 +162,14 @@ class KeepAllRecorder(AttentionRecorder):
     every map of every step is stored and only summed by `aggregate()` at the end."""
 
     def __init__(self, adapter, weights: dict[str, dict[str, float]], keep: bool):
-        super().__init__(adapter.denoiser, adapter.attention_layers(), weights, adapter.capture_processor,
-                         chunk_mb=EXPLICIT_MB, text_length=adapter.text_length)
+        super().__init__(
+            adapter.denoiser,
+            adapter.attention_layers(),
+            weights,
+            adapter.capture_processor,
+            chunk_mb=EXPLICIT_MB,
+            text_length=adapter.text_length,
+        )
         self.keep = keep
         self.kept: list[tuple[Any, dict[str, torch.Tensor], int]] = []
 
@@ -317,9 +327,16 @@ def run_mode(args: argparse.Namespace) -> dict[str, Any]:
     if args.maps_out:
         np.savez(args.maps_out, **maps)
     result = {
-        "model": args.model, "mode": args.mode, "device": str(device), "device_name": _device_name(device),
-        "dtype": str(dtype).removeprefix("torch."), "resolution": resolution, "images": len(indices),
-        "classes": args.classes, "threads": torch.get_num_threads(), "batch_size": aligner._fitted_batch,
+        "model": args.model,
+        "mode": args.mode,
+        "device": str(device),
+        "device_name": _device_name(device),
+        "dtype": str(dtype).removeprefix("torch."),
+        "resolution": resolution,
+        "images": len(indices),
+        "classes": args.classes,
+        "threads": torch.get_num_threads(),
+        "batch_size": aligner._fitted_batch,
         "shard": f"{shard.index}/{shard.count}",
         "sec_per_image": run_sec / n,
         "forward_samples_per_image": timer.samples / n,
@@ -327,18 +344,28 @@ def run_mode(args: argparse.Namespace) -> dict[str, Any]:
         "network_sec_per_image": timer.seconds / n,
         "overhead_fraction": (run_sec - timer.seconds) / run_sec if run_sec > 0 else 0.0,
         "peak_mem_mb": round(peak_memory_mb(device), 1),
-        "build_sec": round(build_sec, 2), "run_sec": run_sec, "notes": notes,
+        "build_sec": round(build_sec, 2),
+        "run_sec": run_sec,
+        "notes": notes,
         "breakdown_sec_per_image": breakdown_per_image(breakdown.seconds, run_sec, n),
     }
     if args.unsynced and indices:
-        result["sec_per_image_unsynced"] = time_unsynced(aligner, timer, device, resolution, indices, args.classes)
+        result["sec_per_image_unsynced"] = time_unsynced(
+            aligner, timer, device, resolution, indices, args.classes
+        )
     if args.floor and args.mode == "optimized" and indices:
         result.update(measure_floor(args, aligner, timer, resolution, indices, result))
     return result
 
 
-def time_unsynced(aligner: Aligner, timer: NetworkTimer, device: torch.device, resolution: int,
-                  indices: list[int], classes: int) -> float:
+def time_unsynced(
+    aligner: Aligner,
+    timer: NetworkTimer,
+    device: torch.device,
+    resolution: int,
+    indices: list[int],
+    classes: int,
+) -> float:
     """Seconds per image of the same images again, with neither the network timer nor the breakdown
     in the way: on a GPU nothing waits for the device between the steps (one synchronisation at the
     end), which is the throughput a segmentation run gets."""
@@ -363,8 +390,14 @@ def breakdown_per_image(seconds: dict[str, float], run_sec: float, n: int) -> di
     return out
 
 
-def measure_floor(args: argparse.Namespace, aligner: Aligner, timer: NetworkTimer, resolution: int,
-                  indices: list[int], run: dict[str, Any]) -> dict[str, Any]:
+def measure_floor(
+    args: argparse.Namespace,
+    aligner: Aligner,
+    timer: NetworkTimer,
+    resolution: int,
+    indices: list[int],
+    run: dict[str, Any],
+) -> dict[str, Any]:
     """The network's own time for the network samples of one image (recorded from the first
     image's `heatmaps` call), replayed without capture at each of `--floor-batches`; the best
     batch gives `floor_sec_per_image`. Each replay stands for one image: `len(indices)` timed
@@ -384,7 +417,8 @@ def measure_floor(args: argparse.Namespace, aligner: Aligner, timer: NetworkTime
     replays = (args.warmup + len(indices)) * len(fitted)
     sec = by_batch[best]
     return {
-        "floor_sec_per_image": sec, "floor_batch": best,
+        "floor_sec_per_image": sec,
+        "floor_batch": best,
         "floor_sec_by_batch": {str(b): v for b, v in by_batch.items()},
         "floor_forward_samples_per_image": timer.samples / replays,
         "floor_processors": floor.processors(),
@@ -411,7 +445,9 @@ def _wait_for_peers(timeout_s: float = 1800.0) -> None:
     deadline = time.monotonic() + timeout_s
     while len(list(Path(folder).glob("ready*"))) < world:
         if time.monotonic() > deadline:
-            raise TimeoutError(f"only {len(list(Path(folder).glob('ready*')))} of {world} bench processes started")
+            raise TimeoutError(
+                f"only {len(list(Path(folder).glob('ready*')))} of {world} bench processes started"
+            )
         time.sleep(0.05)
 
 
@@ -419,10 +455,29 @@ def _wait_for_peers(timeout_s: float = 1800.0) -> None:
 
 
 def _child_argv(args: argparse.Namespace, mode: str, maps_out: str | None, threads: int | None) -> list[str]:
-    argv = [sys.executable, "-m", "elbo_t2ialign.devtools.bench", "--mode", mode, "--model", args.model,
-            "--resolution", str(args.resolution), "--images", str(args.images), "--classes", str(args.classes),
-            "--device", args.device, "--dtype", args.dtype, "--batch-size", str(args.batch_size),
-            "--warmup", str(args.warmup)]
+    argv = [
+        sys.executable,
+        "-m",
+        "elbo_t2ialign.devtools.bench",
+        "--mode",
+        mode,
+        "--model",
+        args.model,
+        "--resolution",
+        str(args.resolution),
+        "--images",
+        str(args.images),
+        "--classes",
+        str(args.classes),
+        "--device",
+        args.device,
+        "--dtype",
+        args.dtype,
+        "--batch-size",
+        str(args.batch_size),
+        "--warmup",
+        str(args.warmup),
+    ]
     if args.chunk_mb:
         argv += ["--chunk-mb", str(args.chunk_mb)]
     if args.t5:
@@ -442,13 +497,18 @@ def _child_argv(args: argparse.Namespace, mode: str, maps_out: str | None, threa
 
 def _run_children(argvs: list[list[str]], envs: list[dict[str, str]]) -> list[dict[str, Any]]:
     """Start the processes together, wait for all, return each one's last JSON line."""
-    procs = [subprocess.Popen(a, env=e, stdout=subprocess.PIPE, text=True) for a, e in zip(argvs, envs, strict=True)]
+    procs = [
+        subprocess.Popen(a, env=e, stdout=subprocess.PIPE, text=True)
+        for a, e in zip(argvs, envs, strict=True)
+    ]
     results = []
     for proc in procs:
         out, _ = proc.communicate()
         lines = [line for line in out.splitlines() if line.startswith("{")]
         if proc.returncode != 0 or not lines:
-            raise RuntimeError(f"bench subprocess {' '.join(proc.args)} failed with exit code {proc.returncode}")
+            raise RuntimeError(
+                f"bench subprocess {' '.join(proc.args)} failed with exit code {proc.returncode}"
+            )
         results.append(json.loads(lines[-1]))
     return results
 
@@ -472,9 +532,14 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
         diff = max_abs_diff(Path(tmp, "optimized0.npz"), Path(tmp, "reference0.npz"))
     best = {mode: _median_run(rs) for mode, rs in runs.items()}
     return {
-        "model": args.model, "resolution": best["optimized"]["resolution"], "device": args.device,
-        "dtype": best["optimized"]["dtype"], "images": args.images, "classes": args.classes,
-        "optimized": best["optimized"], "reference": best["reference"],
+        "model": args.model,
+        "resolution": best["optimized"]["resolution"],
+        "device": args.device,
+        "dtype": best["optimized"]["dtype"],
+        "images": args.images,
+        "classes": args.classes,
+        "optimized": best["optimized"],
+        "reference": best["reference"],
         "speedup": best["reference"]["sec_per_image"] / best["optimized"]["sec_per_image"],
         "max_abs_diff": diff,
         "runs_sec_per_image": {m: [round(r["sec_per_image"], 3) for r in rs] for m, rs in runs.items()},
@@ -489,28 +554,38 @@ def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
 def max_abs_diff(a: Path, b: Path) -> float:
     with np.load(a) as x, np.load(b) as y:
         if set(x.files) != set(y.files):
-            raise RuntimeError(f"the two modes produced different maps: {sorted(set(x.files) ^ set(y.files))}")
+            raise RuntimeError(
+                f"the two modes produced different maps: {sorted(set(x.files) ^ set(y.files))}"
+            )
         return max((float(np.abs(x[k] - y[k]).max()) for k in x.files), default=0.0)
 
 
 def scaling(args: argparse.Namespace) -> dict[str, Any]:
     """Images/s of 1 process vs `args.processes` shard processes running concurrently on one device
     (data parallelism as under `accelerate launch`: process i takes images i, i+n, ...)."""
-    out: dict[str, Any] = {"model": args.model, "device": args.device, "images": args.images,
-                           "classes": args.classes, "throughput": {}}
+    out: dict[str, Any] = {
+        "model": args.model,
+        "device": args.device,
+        "images": args.images,
+        "classes": args.classes,
+        "throughput": {},
+    }
     cpu_threads = torch.get_num_threads() if args.device == "cpu" else None
     args = argparse.Namespace(**{**vars(args), "floor": False})  # a floor would overlap the peers' timed runs
     for n in sorted({1, args.processes}):
         # on a CPU the cores are split between the processes instead of oversubscribed
         threads = args.threads or (max(1, cpu_threads // n) if cpu_threads else None)
         with tempfile.TemporaryDirectory() as barrier:
-            results = _run_children([_child_argv(args, "optimized", None, threads)] * n,
-                                    [_env(rank, n, barrier) for rank in range(n)])
+            results = _run_children(
+                [_child_argv(args, "optimized", None, threads)] * n,
+                [_env(rank, n, barrier) for rank in range(n)],
+            )
         wall = max(r["run_sec"] for r in results)
         out["throughput"][str(n)] = {
             "images_per_sec": sum(r["images"] for r in results) / wall,
             "peak_mem_mb_per_process": max(r["peak_mem_mb"] for r in results),
-            "threads_per_process": results[0]["threads"], "sec_per_image": [r["sec_per_image"] for r in results],
+            "threads_per_process": results[0]["threads"],
+            "sec_per_image": [r["sec_per_image"] for r in results],
         }
     one, many = out["throughput"]["1"], out["throughput"][str(args.processes)]
     out["scaling"] = many["images_per_sec"] / one["images_per_sec"]
@@ -518,9 +593,13 @@ def scaling(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m elbo_t2ialign.devtools.bench", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m elbo_t2ialign.devtools.bench", description=__doc__.split("\n\n")[0]
+    )
     p.add_argument("--model", default="sd15", choices=FULL_MODELS + TINY_MODELS)
-    p.add_argument("--resolution", type=int, default=256, help="image side in pixels (tiny models: always 32)")
+    p.add_argument(
+        "--resolution", type=int, default=256, help="image side in pixels (tiny models: always 32)"
+    )
     p.add_argument("--images", type=int, default=1)
     p.add_argument("--classes", type=int, default=2)
     p.add_argument("--device", default="cpu")
@@ -530,23 +609,48 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=1, help="--compare: alternate the modes this many times")
     p.add_argument("--processes", type=int, default=1, help=">1: images/s of 1 vs this many shard processes")
     p.add_argument("--batch-size", type=int, default=AlignOptions.batch_size, help="network samples per call")
-    p.add_argument("--chunk-mb", type=float, default=None,
-                   help="bound on one chunk of explicit self-attention (default: the option's default)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed images first (default: 1 on CUDA, 0 on CPU)")
+    p.add_argument(
+        "--chunk-mb",
+        type=float,
+        default=None,
+        help="bound on one chunk of explicit self-attention (default: the option's default)",
+    )
+    p.add_argument(
+        "--warmup", type=int, default=None, help="untimed images first (default: 1 on CUDA, 0 on CPU)"
+    )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--t5", action="store_true", help="SD3: build the 4.7B-parameter T5-XXL text encoder too")
-    p.add_argument("--unsynced", action="store_true",
-                   help="time the images a second time without the timers' synchronisations (sec_per_image_unsynced)")
-    p.add_argument("--no-floor", dest="floor", action="store_false",
-                   help="optimized mode: skip the floor (the same network samples replayed without capture)")
-    p.add_argument("--floor-batches", type=int, nargs="+", default=None, metavar="B",
-                   help="batch sizes the floor is measured at, the fastest reported (default: --batch-size)")
-    p.add_argument("--table", default=None, metavar="JSONL",
-                   help="print the tables of a scripts/bench_gpu.sh log (one JSON record a line) and exit")
+    p.add_argument(
+        "--unsynced",
+        action="store_true",
+        help="time the images a second time without the timers' synchronisations (sec_per_image_unsynced)",
+    )
+    p.add_argument(
+        "--no-floor",
+        dest="floor",
+        action="store_false",
+        help="optimized mode: skip the floor (the same network samples replayed without capture)",
+    )
+    p.add_argument(
+        "--floor-batches",
+        type=int,
+        nargs="+",
+        default=None,
+        metavar="B",
+        help="batch sizes the floor is measured at, the fastest reported (default: --batch-size)",
+    )
+    p.add_argument(
+        "--table",
+        default=None,
+        metavar="JSONL",
+        help="print the tables of a scripts/bench_gpu.sh log (one JSON record a line) and exit",
+    )
     p.add_argument("--maps-out", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
-        p.error(f"--device {args.device}: torch sees no CUDA device here; use --device cpu or run on a GPU machine")
+        p.error(
+            f"--device {args.device}: torch sees no CUDA device here; use --device cpu or run on a GPU machine"
+        )
     if args.warmup is None:
         args.warmup = 1 if args.device.startswith("cuda") else 0
     return args
@@ -556,7 +660,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     if args.table:
         if not Path(args.table).is_file():
-            raise SystemExit(f"--table: no file {args.table}; give the JSONL log that scripts/bench_gpu.sh wrote")
+            raise SystemExit(
+                f"--table: no file {args.table}; give the JSONL log that scripts/bench_gpu.sh wrote"
+            )
         records = [json.loads(line) for line in Path(args.table).read_text().splitlines() if line.strip()]
         print(format_tables(records), flush=True)
         return {"records": records}

@@ -25,8 +25,18 @@ from elbo_t2ialign.core.adapters.base import Cond, cat_cond
 from elbo_t2ialign.core.capture import AttentionRecorder
 from elbo_t2ialign.core.elbo import is_out_of_memory
 
-PARTS = ("vae_encode", "prompts", "noise", "forward_calls", "elbo_loop", "collect_loop",
-         "aggregate_refine", "resize", "host_transfers", "network")
+PARTS = (
+    "vae_encode",
+    "prompts",
+    "noise",
+    "forward_calls",
+    "elbo_loop",
+    "collect_loop",
+    "aggregate_refine",
+    "resize",
+    "host_transfers",
+    "network",
+)
 PART_NOTES = {
     "vae_encode": "adapter.encode_image (resize to the model resolution, VAE encoder)",
     "prompts": "adapter.encode_prompt (text encoders, cached per prompt) and token positions",
@@ -104,11 +114,18 @@ class Breakdown:
     def __enter__(self) -> Breakdown:
         al, ad, p = self.aligner, self.aligner.adapter, self._patches
         for owner, name, part in (
-            (ad, "encode_image", "vae_encode"), (ad, "encode_prompt", "prompts"), (al, "_positions", "prompts"),
-            (al, "_draw_noise", "noise"), (ad, "predict", "forward_calls"), (ad, "_forward", "network"),
-            (al, "_elbo_losses", "elbo_loop"), (al, "_collect", "collect_loop"),
-            (calibrate, "temperatures", "aggregate_refine"), (calibrate, "class_cross_maps", "aggregate_refine"),
-            (calibrate, "self_attention_refine", "aggregate_refine"), (AttentionRecorder, "mean", "aggregate_refine"),
+            (ad, "encode_image", "vae_encode"),
+            (ad, "encode_prompt", "prompts"),
+            (al, "_positions", "prompts"),
+            (al, "_draw_noise", "noise"),
+            (ad, "predict", "forward_calls"),
+            (ad, "_forward", "network"),
+            (al, "_elbo_losses", "elbo_loop"),
+            (al, "_collect", "collect_loop"),
+            (calibrate, "temperatures", "aggregate_refine"),
+            (calibrate, "class_cross_maps", "aggregate_refine"),
+            (calibrate, "self_attention_refine", "aggregate_refine"),
+            (AttentionRecorder, "mean", "aggregate_refine"),
             (calibrate, "to_image", "resize"),
         ):
             p.set(owner, name, self._timed(part, getattr(owner, name)))
@@ -238,9 +255,11 @@ def _fmt(x: float | None, digits: int = 3) -> str:
 def format_tables(records: list[dict[str, Any]]) -> str:
     """Markdown tables of `scripts/bench_gpu.sh` records ({"step", "result"} or {"step", "failed"}):
     one row per step with the headline figures, then the breakdown in ms per image."""
-    head = ("| step | device | model | px | dtype | classes | batch | s/image | s/image unsynced | peak MB "
-            "| floor s/image (batch) | s/image / floor | network / floor | overhead "
-            "| speedup vs reference (max abs diff) |")
+    head = (
+        "| step | device | model | px | dtype | classes | batch | s/image | s/image unsynced | peak MB "
+        "| floor s/image (batch) | s/image / floor | network / floor | overhead "
+        "| speedup vs reference (max abs diff) |"
+    )
     rows = [head, "|" + "---|" * head.count(" | ") + "---|"]
     parts = [*PARTS, "unaccounted"]
     brk = ["| step | " + " | ".join(parts) + " |", "|" + "---|" * (len(parts) + 1)]
@@ -252,13 +271,31 @@ def format_tables(records: list[dict[str, Any]]) -> str:
         run = res.get("optimized", res)
         floor = run.get("floor_sec_per_image")
         speedup = f"{res['speedup']:.2f} ({res['max_abs_diff']:.1e})" if "speedup" in res else ""
-        rows.append(" | ".join([
-            f"| {rec['step']}", run["device_name"], run["model"], str(run["resolution"]), run["dtype"],
-            str(run["classes"]), str(run["batch_size"]), _fmt(run["sec_per_image"]),
-            _fmt(run.get("sec_per_image_unsynced")), f"{run['peak_mem_mb']:.0f}",
-            f"{_fmt(floor)} ({run.get('floor_batch', '-')})", _fmt(run.get("sec_per_floor"), 2),
-            _fmt(run.get("network_sec_per_floor"), 2), _fmt(run["overhead_fraction"]), f"{speedup} |",
-        ]))
+        rows.append(
+            " | ".join(
+                [
+                    f"| {rec['step']}",
+                    run["device_name"],
+                    run["model"],
+                    str(run["resolution"]),
+                    run["dtype"],
+                    str(run["classes"]),
+                    str(run["batch_size"]),
+                    _fmt(run["sec_per_image"]),
+                    _fmt(run.get("sec_per_image_unsynced")),
+                    f"{run['peak_mem_mb']:.0f}",
+                    f"{_fmt(floor)} ({run.get('floor_batch', '-')})",
+                    _fmt(run.get("sec_per_floor"), 2),
+                    _fmt(run.get("network_sec_per_floor"), 2),
+                    _fmt(run["overhead_fraction"]),
+                    f"{speedup} |",
+                ]
+            )
+        )
         ms = run.get("breakdown_sec_per_image", {})
-        brk.append(f"| {rec['step']} | " + " | ".join(_fmt(ms[p] * 1e3 if p in ms else None, 1) for p in parts) + " |")
+        brk.append(
+            f"| {rec['step']} | "
+            + " | ".join(_fmt(ms[p] * 1e3 if p in ms else None, 1) for p in parts)
+            + " |"
+        )
     return "\n".join(rows) + "\n\nTime per image outside and inside the network, ms:\n\n" + "\n".join(brk)

@@ -58,9 +58,17 @@ class PixelAligner:
     noise: float = 0.05
     calls: list[dict[str, Any]] = field(default_factory=list)
 
-    def observe(self, image: Image.Image, class_names: list[str], phrases: list[str] | None = None,
-                seed: int | None = None, *, prompt: str | None = None, need_elbo: bool = True,
-                elbo_losses: dict[str, float] | None = None) -> tuple[PixelEvidence, dict[str, Any]]:
+    def observe(
+        self,
+        image: Image.Image,
+        class_names: list[str],
+        phrases: list[str] | None = None,
+        seed: int | None = None,
+        *,
+        prompt: str | None = None,
+        need_elbo: bool = True,
+        elbo_losses: dict[str, float] | None = None,
+    ) -> tuple[PixelEvidence, dict[str, Any]]:
         gray = np.asarray(image.convert("L"), dtype=np.float32)  # (H, W)
         rng = np.random.default_rng(seed)
         clean, raw = {}, {}
@@ -71,42 +79,76 @@ class PixelAligner:
         if elbo_losses is not None:
             losses, how = {n: float(elbo_losses[n]) for n in class_names}, "given"
         elif need_elbo and len(class_names) > 1:
-            losses, how = {n: float(1.0 - raw[n].mean()) for n in class_names}, "computed"  # stand-in for the ELBO
+            losses, how = (
+                {n: float(1.0 - raw[n].mean()) for n in class_names},
+                "computed",
+            )  # stand-in for the ELBO
         else:
             losses, how = None, None
-        self.calls.append({"size": image.size, "classes": list(class_names), "phrases": phrases, "seed": seed,
-                           "prompt": prompt, "elbo": how})
+        self.calls.append(
+            {
+                "size": image.size,
+                "classes": list(class_names),
+                "phrases": phrases,
+                "seed": seed,
+                "prompt": prompt,
+                "elbo": how,
+            }
+        )
         evidence = PixelEvidence(list(class_names), losses, clean, None, None, 0, image.size, refined=raw)
         return evidence, {"prompts": {}, "positions": {}}
 
-    def heatmaps(self, image: Image.Image, class_names: list[str], phrases: list[str] | None = None,
-                 seed: int | None = None) -> FakeResult:
+    def heatmaps(
+        self,
+        image: Image.Image,
+        class_names: list[str],
+        phrases: list[str] | None = None,
+        seed: int | None = None,
+    ) -> FakeResult:
         evidence, _ = self.observe(image, class_names, phrases, seed)
-        return FakeResult(evidence.maps(self.strength), evidence.maps(1.0), evidence.losses or {},
-                          evidence.temperatures(self.strength))
+        return FakeResult(
+            evidence.maps(self.strength),
+            evidence.maps(1.0),
+            evidence.losses or {},
+            evidence.temperatures(self.strength),
+        )
 
 
-def write_dataset(root: Path, class_names: list[str], samples: dict[str, tuple[np.ndarray, np.ndarray]],
-                  splits: dict[str, list[str]] | None = None, name: str = "fixture") -> Path:
+def write_dataset(
+    root: Path,
+    class_names: list[str],
+    samples: dict[str, tuple[np.ndarray, np.ndarray]],
+    splits: dict[str, list[str]] | None = None,
+    name: str = "fixture",
+) -> Path:
     """Write classes.json, images/<n>.png, masks/<n>.png (raw ids) and <split>_id.txt files."""
     root.mkdir(parents=True, exist_ok=True)
     (root / "images").mkdir(exist_ok=True)
     (root / "masks").mkdir(exist_ok=True)
-    info = {"dataset": name, "data_root": str(root), "image_path": IMAGE_PATH, "gt_path": GT_PATH,
-            "num_classes_without_background": len(class_names),
-            "classes": [{"name": c, "synonyms": [c]} for c in class_names], "background_words": []}
+    info = {
+        "dataset": name,
+        "data_root": str(root),
+        "image_path": IMAGE_PATH,
+        "gt_path": GT_PATH,
+        "num_classes_without_background": len(class_names),
+        "classes": [{"name": c, "synonyms": [c]} for c in class_names],
+        "background_words": [],
+    }
     (root / "classes.json").write_text(json.dumps(info, indent=1), encoding="utf-8")
     for img_name, (image, mask) in samples.items():
         Image.fromarray(image).save(root / "images" / f"{img_name}.png")
         Image.fromarray(mask.astype(np.uint8)).save(root / "masks" / f"{img_name}.png")
     for split, names in (splits or {"val": list(samples)}).items():
         head, _, tail = split.partition("_")
-        (root / f"{head}_id{'_' + tail if tail else ''}.txt").write_text("\n".join(names) + "\n", encoding="utf-8")
+        (root / f"{head}_id{'_' + tail if tail else ''}.txt").write_text(
+            "\n".join(names) + "\n", encoding="utf-8"
+        )
     return root
 
 
-def random_samples(class_names: list[str], n: int, size: tuple[int, int] = (24, 32), seed: int = 0,
-                   convention: str = "plain") -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def random_samples(
+    class_names: list[str], n: int, size: tuple[int, int] = (24, 32), seed: int = 0, convention: str = "plain"
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """n images with 1-3 rectangles each; masks encoded in a dataset's raw convention.
 
     convention: "plain" (ids as is), "voc" (255 on object borders), "coco" (ids - 1, background as
@@ -158,9 +200,28 @@ CONVENTIONS = {  # dataset-config keys that decode each raw convention above
 
 def fixture_config(root: Path, output_dir: Path, convention: str = "plain", **top: Any) -> dict[str, Any]:
     """A complete runner config for a folder written by `write_dataset` (fake model entry)."""
-    dataset = {"name": "fixture", "root": str(root), "metadata": str(root), "data_root": str(root), "split": "val",
-               "image_path": None, "gt_path": None, "phrase_path": None, "label_cache": None,
-               **CONVENTIONS[convention]}
-    return {"model": {"name": "pixel", "id": "none"}, "dataset": dataset, "elbo": {"strength": 3.0}, "seed": 0,
-            "device": "cpu", "output_dir": str(output_dir), "on_error": "skip", "shard": None,
-            "num_images": None, "progress": False, **top}
+    dataset = {
+        "name": "fixture",
+        "root": str(root),
+        "metadata": str(root),
+        "data_root": str(root),
+        "split": "val",
+        "image_path": None,
+        "gt_path": None,
+        "phrase_path": None,
+        "label_cache": None,
+        **CONVENTIONS[convention],
+    }
+    return {
+        "model": {"name": "pixel", "id": "none"},
+        "dataset": dataset,
+        "elbo": {"strength": 3.0},
+        "seed": 0,
+        "device": "cpu",
+        "output_dir": str(output_dir),
+        "on_error": "skip",
+        "shard": None,
+        "num_images": None,
+        "progress": False,
+        **top,
+    }

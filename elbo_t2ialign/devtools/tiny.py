@@ -11,8 +11,29 @@ import torch
 
 from elbo_t2ialign.devtools.tokenizers import build_bert_tokenizer, build_clip_tokenizer, build_word_tokenizer
 
-WORDS = ["a", "photo", "of", "and", "the", "cat", "dog", "bird", "car", "plant", "person", "red", "blue",
-         "green", "circle", "square", "triangle", "on", "with", "sofa", "table"]
+WORDS = [
+    "a",
+    "photo",
+    "of",
+    "and",
+    "the",
+    "cat",
+    "dog",
+    "bird",
+    "car",
+    "plant",
+    "person",
+    "red",
+    "blue",
+    "green",
+    "circle",
+    "square",
+    "triangle",
+    "on",
+    "with",
+    "sofa",
+    "table",
+]
 
 
 def _clip_text(tokenizer, hidden: int = 32, projection: int | None = None, seed: int = 0):
@@ -20,10 +41,16 @@ def _clip_text(tokenizer, hidden: int = 32, projection: int | None = None, seed:
 
     torch.manual_seed(seed)
     cfg = CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=tokenizer.model_max_length,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, projection_dim=projection or hidden,
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=tokenizer.model_max_length,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        projection_dim=projection or hidden,
     )
     return (CLIPTextModelWithProjection if projection else CLIPTextModel)(cfg).eval()
 
@@ -32,9 +59,18 @@ def _t5_text(tokenizer, d_model: int = 32, seed: int = 0):
     from transformers import T5Config, T5EncoderModel
 
     torch.manual_seed(seed)
-    cfg = T5Config(vocab_size=len(tokenizer), d_model=d_model, d_kv=8, d_ff=2 * d_model, num_layers=2,
-                   num_heads=4, relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1,
-                   decoder_start_token_id=0)
+    cfg = T5Config(
+        vocab_size=len(tokenizer),
+        d_model=d_model,
+        d_kv=8,
+        d_ff=2 * d_model,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+    )
     return T5EncoderModel(cfg).eval()
 
 
@@ -43,9 +79,16 @@ def _vae(latent_channels: int = 4, sample_size: int = 32, shift_factor: float | 
 
     torch.manual_seed(seed)
     return AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=latent_channels, block_out_channels=(8, 16),
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-        layers_per_block=1, norm_num_groups=8, sample_size=sample_size, scaling_factor=0.5,
+        in_channels=3,
+        out_channels=3,
+        latent_channels=latent_channels,
+        block_out_channels=(8, 16),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        layers_per_block=1,
+        norm_num_groups=8,
+        sample_size=sample_size,
+        scaling_factor=0.5,
         shift_factor=shift_factor,
     ).eval()  # scale factor 2: 32 px -> 16x16 latents
 
@@ -53,8 +96,14 @@ def _vae(latent_channels: int = 4, sample_size: int = 32, shift_factor: float | 
 def _ddpm(prediction_type: str = "epsilon"):
     from diffusers import DDPMScheduler
 
-    return DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                         prediction_type=prediction_type, steps_offset=1, clip_sample=False)
+    return DDPMScheduler(
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        prediction_type=prediction_type,
+        steps_offset=1,
+        clip_sample=False,
+    )
 
 
 def tiny_sd(prediction_type: str = "epsilon", seed: int = 0):
@@ -64,14 +113,25 @@ def tiny_sd(prediction_type: str = "epsilon", seed: int = 0):
     tok = build_clip_tokenizer(WORDS)
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
-        sample_size=16, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
-        attention_head_dim=4, norm_num_groups=8,
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=4,
+        norm_num_groups=8,
     ).eval()
     return StableDiffusionPipeline(
-        vae=_vae(seed=seed), text_encoder=_clip_text(tok, seed=seed), tokenizer=tok, unet=unet,
-        scheduler=_ddpm(prediction_type), safety_checker=None, feature_extractor=None,
+        vae=_vae(seed=seed),
+        text_encoder=_clip_text(tok, seed=seed),
+        tokenizer=tok,
+        unet=unet,
+        scheduler=_ddpm(prediction_type),
+        safety_checker=None,
+        feature_extractor=None,
         requires_safety_checker=False,
     )
 
@@ -83,16 +143,30 @@ def tiny_sdxl(seed: int = 0):
     tok = build_clip_tokenizer(WORDS)
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
-        sample_size=16, in_channels=4, out_channels=4, block_out_channels=(16, 32, 32), layers_per_block=1,
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(16, 32, 32),
+        layers_per_block=1,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        transformer_layers_per_block=(1, 1, 2), cross_attention_dim=64, attention_head_dim=(2, 4, 8),
-        use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
-        projection_class_embeddings_input_dim=6 * 8 + 32, norm_num_groups=8,
+        transformer_layers_per_block=(1, 1, 2),
+        cross_attention_dim=64,
+        attention_head_dim=(2, 4, 8),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=6 * 8 + 32,
+        norm_num_groups=8,
     ).eval()
     return StableDiffusionXLPipeline(
-        vae=_vae(seed=seed), text_encoder=_clip_text(tok, seed=seed), text_encoder_2=_clip_text(tok, 32, 32, seed + 1),
-        tokenizer=tok, tokenizer_2=build_clip_tokenizer(WORDS), unet=unet, scheduler=_ddpm(),
+        vae=_vae(seed=seed),
+        text_encoder=_clip_text(tok, seed=seed),
+        text_encoder_2=_clip_text(tok, 32, 32, seed + 1),
+        tokenizer=tok,
+        tokenizer_2=build_clip_tokenizer(WORDS),
+        unet=unet,
+        scheduler=_ddpm(),
     )
 
 
@@ -103,16 +177,30 @@ def tiny_sd3(seed: int = 0, dual_attention: bool = False):
     tok = build_clip_tokenizer(WORDS)
     torch.manual_seed(seed)
     transformer = SD3Transformer2DModel(
-        sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=3, attention_head_dim=8,
-        num_attention_heads=4, joint_attention_dim=64, caption_projection_dim=32, pooled_projection_dim=64,
-        pos_embed_max_size=16, qk_norm="rms_norm" if dual_attention else None,
+        sample_size=16,
+        patch_size=2,
+        in_channels=4,
+        out_channels=4,
+        num_layers=3,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        joint_attention_dim=64,
+        caption_projection_dim=32,
+        pooled_projection_dim=64,
+        pos_embed_max_size=16,
+        qk_norm="rms_norm" if dual_attention else None,
         dual_attention_layers=(0,) if dual_attention else (),
     ).eval()
     return StableDiffusion3Pipeline(
-        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
-        vae=_vae(shift_factor=0.1, seed=seed), text_encoder=_clip_text(tok, 32, 32, seed),
-        text_encoder_2=_clip_text(tok, 32, 32, seed + 1), text_encoder_3=_t5_text(build_word_tokenizer(WORDS), 64),
-        tokenizer=tok, tokenizer_2=build_clip_tokenizer(WORDS), tokenizer_3=build_word_tokenizer(WORDS),
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=_vae(shift_factor=0.1, seed=seed),
+        text_encoder=_clip_text(tok, 32, 32, seed),
+        text_encoder_2=_clip_text(tok, 32, 32, seed + 1),
+        text_encoder_3=_t5_text(build_word_tokenizer(WORDS), 64),
+        tokenizer=tok,
+        tokenizer_2=build_clip_tokenizer(WORDS),
+        tokenizer_3=build_word_tokenizer(WORDS),
     )
 
 
@@ -123,15 +211,32 @@ def tiny_flux(seed: int = 0):
     tok, t5tok = build_clip_tokenizer(WORDS), build_word_tokenizer(WORDS)
     torch.manual_seed(seed)
     transformer = FluxTransformer2DModel(
-        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
-        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(4, 4, 8),
+        patch_size=1,
+        in_channels=16,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        pooled_projection_dim=32,
+        axes_dims_rope=(4, 4, 8),
         guidance_embeds=False,
     ).eval()
-    scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_image_seq_len=16,
-                                                max_image_seq_len=256, base_shift=0.5, max_shift=1.15)
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        use_dynamic_shifting=True,
+        base_image_seq_len=16,
+        max_image_seq_len=256,
+        base_shift=0.5,
+        max_shift=1.15,
+    )
     pipe = FluxPipeline(
-        scheduler=scheduler, vae=_vae(shift_factor=0.1, seed=seed), text_encoder=_clip_text(tok, seed=seed),
-        tokenizer=tok, text_encoder_2=_t5_text(t5tok), tokenizer_2=t5tok, transformer=transformer,
+        scheduler=scheduler,
+        vae=_vae(shift_factor=0.1, seed=seed),
+        text_encoder=_clip_text(tok, seed=seed),
+        tokenizer=tok,
+        text_encoder_2=_t5_text(t5tok),
+        tokenizer_2=t5tok,
+        transformer=transformer,
     )
     pipe.default_sample_size = 16  # 32 px images, like the other tiny models
     return pipe
@@ -144,13 +249,29 @@ def tiny_pixart(seed: int = 0):
     t5tok = build_word_tokenizer(WORDS)
     torch.manual_seed(seed)
     transformer = PixArtTransformer2DModel(
-        sample_size=16, num_layers=2, patch_size=2, attention_head_dim=8, num_attention_heads=3,
-        caption_channels=32, in_channels=4, cross_attention_dim=24, out_channels=8, attention_bias=True,
-        activation_fn="gelu-approximate", num_embeds_ada_norm=1000, norm_type="ada_norm_single",
-        norm_elementwise_affine=False, norm_eps=1e-6,
+        sample_size=16,
+        num_layers=2,
+        patch_size=2,
+        attention_head_dim=8,
+        num_attention_heads=3,
+        caption_channels=32,
+        in_channels=4,
+        cross_attention_dim=24,
+        out_channels=8,
+        attention_bias=True,
+        activation_fn="gelu-approximate",
+        num_embeds_ada_norm=1000,
+        norm_type="ada_norm_single",
+        norm_elementwise_affine=False,
+        norm_eps=1e-6,
     ).eval()
-    return PixArtSigmaPipeline(tokenizer=t5tok, text_encoder=_t5_text(t5tok), vae=_vae(seed=seed),
-                               transformer=transformer, scheduler=DDIMScheduler())
+    return PixArtSigmaPipeline(
+        tokenizer=t5tok,
+        text_encoder=_t5_text(t5tok),
+        vae=_vae(seed=seed),
+        transformer=transformer,
+        scheduler=DDIMScheduler(),
+    )
 
 
 BUILDERS = {"sd": tiny_sd, "sdxl": tiny_sdxl, "sd3": tiny_sd3, "flux": tiny_flux, "pixart": tiny_pixart}
@@ -164,11 +285,25 @@ def tiny_clip(seed: int = 0):
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
     tok = build_clip_tokenizer(WORDS)
-    text = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                num_attention_heads=4, max_position_embeddings=tok.model_max_length,
-                bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    vision = dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                  num_attention_heads=4)
+    text = dict(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=tok.model_max_length,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    vision = dict(
+        image_size=32,
+        patch_size=8,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+    )
     torch.manual_seed(seed)
     model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).eval()
     processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
@@ -183,13 +318,32 @@ def tiny_blip(seed: int = 0):
     from elbo_t2ialign.testbed.world import VOCABULARY
 
     tok = build_bert_tokenizer([*VOCABULARY, *WORDS])
-    text = dict(vocab_size=len(tok), hidden_size=32, encoder_hidden_size=32, intermediate_size=64,
-                num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=tok.model_max_length,
-                bos_token_id=tok.bos_token_id, eos_token_id=tok.sep_token_id, pad_token_id=tok.pad_token_id,
-                sep_token_id=tok.sep_token_id)
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                  image_size=32, patch_size=8)
+    text = dict(
+        vocab_size=len(tok),
+        hidden_size=32,
+        encoder_hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=tok.model_max_length,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.sep_token_id,
+        pad_token_id=tok.pad_token_id,
+        sep_token_id=tok.sep_token_id,
+    )
+    vision = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=32,
+        patch_size=8,
+    )
     torch.manual_seed(seed)
-    model = BlipForConditionalGeneration(BlipConfig(text_config=text, vision_config=vision, projection_dim=16))
-    processor = BlipProcessor(image_processor=BlipImageProcessor(size={"height": 32, "width": 32}), tokenizer=tok)
+    model = BlipForConditionalGeneration(
+        BlipConfig(text_config=text, vision_config=vision, projection_dim=16)
+    )
+    processor = BlipProcessor(
+        image_processor=BlipImageProcessor(size={"height": 32, "width": 32}), tokenizer=tok
+    )
     return model.eval(), processor

@@ -28,7 +28,9 @@ def _apply_merges(pieces: list[str], merges: list[tuple[str, str]]) -> list[str]
     """Byte-pair encoding of one word: repeatedly join the adjacent pair with the earliest merge."""
     rank = {pair: i for i, pair in enumerate(merges)}
     while len(pieces) > 1:
-        pairs = [(rank.get((a, b), len(rank)), i) for i, (a, b) in enumerate(zip(pieces, pieces[1:], strict=False))]
+        pairs = [
+            (rank.get((a, b), len(rank)), i) for i, (a, b) in enumerate(zip(pieces, pieces[1:], strict=False))
+        ]
         best, i = min(pairs)
         if best == len(rank):
             break
@@ -78,9 +80,7 @@ def build_word_tokenizer(words: Iterable[str], model_max_length: int = 32):
     for word in dict.fromkeys(w.lower() for w in words):
         vocab.setdefault(word, len(vocab))
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Whitespace(), pre_tokenizers.Punctuation()]
-    )
+    core.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace(), pre_tokenizers.Punctuation()])
     core.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
     from tokenizers import normalizers
 
@@ -112,6 +112,13 @@ def build_bert_tokenizer(words: Iterable[str], model_max_length: int = 64):
         single="[CLS] $A [SEP]", special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])]
     )
     core.decoder = decoders.WordPiece()
-    return BertTokenizerFast(tokenizer_object=core, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
-                             sep_token="[SEP]", mask_token="[MASK]", bos_token="[DEC]",
-                             model_max_length=model_max_length)
+    return BertTokenizerFast(
+        tokenizer_object=core,
+        pad_token="[PAD]",
+        unk_token="[UNK]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+        bos_token="[DEC]",
+        model_max_length=model_max_length,
+    )

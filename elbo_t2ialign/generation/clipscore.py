@@ -28,8 +28,16 @@ class ClipScoreError(Exception):
 class ClipScorer:
     """Batched CLIP score of (image, prompt) pairs; prompt embeddings are computed once per prompt."""
 
-    def __init__(self, model, tokenizer, image_processor, device: str | torch.device = "cpu",
-                 batch_size: int = 32, truncate: bool = False, name: str = "custom"):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        image_processor,
+        device: str | torch.device = "cpu",
+        batch_size: int = 32,
+        truncate: bool = False,
+        name: str = "custom",
+    ):
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.tokenizer = tokenizer
@@ -40,8 +48,9 @@ class ClipScorer:
         self.max_tokens = int(model.config.text_config.max_position_embeddings)
 
     @classmethod
-    def from_pretrained(cls, model_id: str = DEFAULT_CLIP, device: str | torch.device = "cpu",
-                        **kwargs) -> ClipScorer:
+    def from_pretrained(
+        cls, model_id: str = DEFAULT_CLIP, device: str | torch.device = "cpu", **kwargs
+    ) -> ClipScorer:
         """A CLIP hub id or local folder, or "tiny"; unreachable models fail with what to do."""
         if model_id == "tiny":  # a random CLIP built in code, for tests and offline smoke runs
             from elbo_t2ialign.devtools.tiny import tiny_clip
@@ -67,8 +76,9 @@ class ClipScorer:
         n = len(self.tokenizer(prompt, truncation=False).input_ids)
         if n <= self.max_tokens:
             return
-        msg = (f"{what} {prompt!r} has {n} CLIP tokens but the CLIP text encoder takes at most "
-               f"{self.max_tokens}")
+        msg = (
+            f"{what} {prompt!r} has {n} CLIP tokens but the CLIP text encoder takes at most {self.max_tokens}"
+        )
         if not self.truncate:
             raise ClipScoreError(msg + "; pass --truncate to score its first tokens only")
         log.warning("%s; scoring the first %d tokens", msg, self.max_tokens)
@@ -78,9 +88,16 @@ class ClipScorer:
         """(N, D) unit-norm prompt embeddings."""
         out = []
         for i in range(0, len(prompts), self.batch_size):
-            ids = self.tokenizer(list(prompts[i : i + self.batch_size]), padding=True, truncation=True,
-                                 max_length=self.max_tokens, return_tensors="pt").to(self.device)
-            pooled = self.model.text_model(input_ids=ids.input_ids, attention_mask=ids.attention_mask).pooler_output
+            ids = self.tokenizer(
+                list(prompts[i : i + self.batch_size]),
+                padding=True,
+                truncation=True,
+                max_length=self.max_tokens,
+                return_tensors="pt",
+            ).to(self.device)
+            pooled = self.model.text_model(
+                input_ids=ids.input_ids, attention_mask=ids.attention_mask
+            ).pooler_output
             out.append(F.normalize(self.model.text_projection(pooled).float(), dim=-1))
         return torch.cat(out)
 

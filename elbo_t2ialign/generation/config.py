@@ -13,14 +13,39 @@ from typing import Any
 from elbo_t2ialign.cli import check_device, check_integer, check_known
 
 TOP_KEYS = {
-    "model", "prompts", "phrases", "steps", "guidance", "strength", "elbo_steps", "after_elbo_steps", "seed",
-    "num_prompts", "images_per_prompt", "baseline", "device", "datasets_dir", "progress", "output_dir", "hydra",
+    "model",
+    "prompts",
+    "phrases",
+    "steps",
+    "guidance",
+    "strength",
+    "elbo_steps",
+    "after_elbo_steps",
+    "seed",
+    "num_prompts",
+    "images_per_prompt",
+    "baseline",
+    "device",
+    "datasets_dir",
+    "progress",
+    "output_dir",
+    "hydra",
 }
 MODEL_KEYS = {"name", "id", "resolution", "max_sequence_length", "dtype"}
 PROMPTS_KEYS = {"name", "file"}
 PHRASES_KEYS = {"spacy_model", "stopwords", "match", "dedupe"}
 # What determines the files of a run folder; a resume must not change these.
-RESULT_KEYS = ("model", "prompts", "phrases", "steps", "guidance", "strength", "elbo_steps", "after_elbo_steps", "seed")
+RESULT_KEYS = (
+    "model",
+    "prompts",
+    "phrases",
+    "steps",
+    "guidance",
+    "strength",
+    "elbo_steps",
+    "after_elbo_steps",
+    "seed",
+)
 BUNDLED_PROMPTS = Path(__file__).resolve().parent / "prompts"
 TINY_PREFIX = "tiny:"  # model.id "tiny:<family>" builds elbo_t2ialign.devtools.tiny.BUILDERS[<family>]()
 
@@ -44,10 +69,24 @@ def validate(cfg: dict[str, Any]) -> dict[str, Any]:
         if not cfg["model"].get(key):
             raise GenerationError(f"model config needs '{key}'")
     if not cfg["prompts"].get("file"):
-        raise GenerationError("prompts config needs 'file' (e.g. prompts=ane, or prompts.file=/path/to/file.txt)")
-    out = {"steps": 50, "guidance": None, "strength": 1.2, "elbo_steps": 50, "after_elbo_steps": "reset", "seed": 4307, "num_prompts": None,
-           "images_per_prompt": 1, "baseline": True, "device": "auto", "datasets_dir": "datasets",
-           "progress": True, **cfg}
+        raise GenerationError(
+            "prompts config needs 'file' (e.g. prompts=ane, or prompts.file=/path/to/file.txt)"
+        )
+    out = {
+        "steps": 50,
+        "guidance": None,
+        "strength": 1.2,
+        "elbo_steps": 50,
+        "after_elbo_steps": "reset",
+        "seed": 4307,
+        "num_prompts": None,
+        "images_per_prompt": 1,
+        "baseline": True,
+        "device": "auto",
+        "datasets_dir": "datasets",
+        "progress": True,
+        **cfg,
+    }
     for key in ("steps", "images_per_prompt"):
         check_integer(key, out[key], 1, GenerationError)
     check_integer("elbo_steps", out["elbo_steps"], 0, GenerationError)
@@ -57,8 +96,12 @@ def validate(cfg: dict[str, Any]) -> dict[str, Any]:
         value = out[key]
         if key == "guidance" and value is None:
             continue
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) \
-                or (value <= 0 if key == "strength" else value < 0):
+        if (
+            not isinstance(value, (int, float))
+            or isinstance(value, bool)
+            or not math.isfinite(value)
+            or (value <= 0 if key == "strength" else value < 0)
+        ):
             raise GenerationError(f"{key} must be a finite number {low}, got {value!r}")
     if out["after_elbo_steps"] not in ("reset", "hold"):
         raise GenerationError(f"after_elbo_steps must be 'reset' or 'hold', got {out['after_elbo_steps']!r}")

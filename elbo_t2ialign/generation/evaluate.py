@@ -47,27 +47,33 @@ def load_image(path: Path) -> Image.Image:
 
 def read_prompts(folder: GenerationFolder) -> dict[int, dict[str, Any]]:
     if not folder.prompts.is_file():
-        raise EvaluationError(f"{folder.root} is not a generation run folder (no prompts.json); "
-                              "run `python -m elbo_t2ialign.generate ...` first")
+        raise EvaluationError(
+            f"{folder.root} is not a generation run folder (no prompts.json); "
+            "run `python -m elbo_t2ialign.generate ...` first"
+        )
     try:
         entries = json.loads(folder.prompts.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
-        raise EvaluationError(f"{folder.prompts} is unreadable ({err}); rerun the generation command to "
-                              "write it again") from None
+        raise EvaluationError(
+            f"{folder.prompts} is unreadable ({err}); rerun the generation command to write it again"
+        ) from None
     if not entries:
         raise EvaluationError(f"{folder.prompts} lists no prompts")
     return {int(e["index"]): e for e in entries}
 
 
-def score_variant(folder: GenerationFolder, variant: str, prompts: dict[int, dict[str, Any]],
-                  scorer: ClipScorer) -> dict[str, Any] | None:
+def score_variant(
+    folder: GenerationFolder, variant: str, prompts: dict[int, dict[str, Any]], scorer: ClipScorer
+) -> dict[str, Any] | None:
     """Per-image, per-prompt and overall CLIP score of one variant; None when it has no images."""
     items = list(folder.images(variant).items())  # ((index, seed), path)
     if not items:
         return None
     unknown = [str(p) for (i, _), p in items if i not in prompts]
     if unknown:
-        raise EvaluationError(f"{len(unknown)} image(s) belong to no prompt of prompts.json, e.g. {unknown[0]}")
+        raise EvaluationError(
+            f"{len(unknown)} image(s) belong to no prompt of prompts.json, e.g. {unknown[0]}"
+        )
     for index in sorted({i for (i, _), _ in items}):
         try:
             scorer.check_prompt(prompts[index]["prompt"], what=f"prompt {index}")
@@ -78,7 +84,9 @@ def score_variant(folder: GenerationFolder, variant: str, prompts: dict[int, dic
         chunk = items[start : start + scorer.batch_size]
         images = [load_image(path) for _, path in chunk]
         scores = scorer.score(images, [prompts[i]["prompt"] for (i, _), _ in chunk])
-        per_image.update({image_stem(i, s): float(v) for ((i, s), _), v in zip(chunk, scores.tolist(), strict=True)})
+        per_image.update(
+            {image_stem(i, s): float(v) for ((i, s), _), v in zip(chunk, scores.tolist(), strict=True)}
+        )
     by_prompt: dict[int, list[float]] = {}
     for (i, s), _ in items:
         by_prompt.setdefault(i, []).append(per_image[image_stem(i, s)])
@@ -99,10 +107,15 @@ def evaluate(run_dir: str | Path, scorer: ClipScorer, grid: int = 4) -> dict[str
     variants = {v: score_variant(folder, v, prompts, scorer) for v in VARIANTS}
     if variants["elbo"] is None and variants["baseline"] is None:
         raise EvaluationError(f"{folder.root}/images holds no images yet")
-    result: dict[str, Any] = {"clip_model": scorer.name, "metric": "100 * cos(image, prompt), mean over the "
-                              "images of a prompt, then over prompts", "variants": variants}
+    result: dict[str, Any] = {
+        "clip_model": scorer.name,
+        "metric": "100 * cos(image, prompt), mean over the images of a prompt, then over prompts",
+        "variants": variants,
+    }
     if variants["elbo"] and variants["baseline"]:
-        shared = sorted(set(variants["elbo"]["per_prompt"]) & set(variants["baseline"]["per_prompt"]), key=int)
+        shared = sorted(
+            set(variants["elbo"]["per_prompt"]) & set(variants["baseline"]["per_prompt"]), key=int
+        )
         if shared:
             e = sum(variants["elbo"]["per_prompt"][k] for k in shared) / len(shared)
             b = sum(variants["baseline"]["per_prompt"][k] for k in shared) / len(shared)
@@ -116,32 +129,52 @@ def evaluate(run_dir: str | Path, scorer: ClipScorer, grid: int = 4) -> dict[str
 
 def markdown(result: dict[str, Any], prompts: dict[int, dict[str, Any]]) -> str:
     """Summary table, delta, then one row per prompt."""
-    lines = [f"# CLIP score ({result['clip_model']})", "", "| variant | prompts | images | CLIP score |",
-             "|---|---:|---:|---:|"]
+    lines = [
+        f"# CLIP score ({result['clip_model']})",
+        "",
+        "| variant | prompts | images | CLIP score |",
+        "|---|---:|---:|---:|",
+    ]
     for name, v in result["variants"].items():
         if v:
             lines.append(f"| {name} | {v['num_prompts']} | {v['num_images']} | {v['clip_score']:.2f} |")
     if "paired" in result:
         p = result["paired"]
-        lines += ["", f"Over the {p['num_prompts']} prompts with both variants: baseline {p['baseline']:.2f}, "
-                  f"ELBO {p['elbo']:.2f}, **delta {p['delta']:+.2f}**."]
+        lines += [
+            "",
+            f"Over the {p['num_prompts']} prompts with both variants: baseline {p['baseline']:.2f}, "
+            f"ELBO {p['elbo']:.2f}, **delta {p['delta']:+.2f}**.",
+        ]
     lines += ["", "| # | prompt | phrases | baseline | ELBO | delta |", "|---:|---|---|---:|---:|---:|"]
     e = (result["variants"]["elbo"] or {}).get("per_prompt", {})
     b = (result["variants"]["baseline"] or {}).get("per_prompt", {})
     for key in sorted(set(e) | set(b), key=int):
         entry = prompts[int(key)]
         delta = f"{e[key] - b[key]:+.2f}" if key in e and key in b else ""
-        cells = [key, entry["prompt"].replace("|", "\\|"), ", ".join(entry["phrases"]),
-                 f"{b[key]:.2f}" if key in b else "", f"{e[key]:.2f}" if key in e else "", delta]
+        cells = [
+            key,
+            entry["prompt"].replace("|", "\\|"),
+            ", ".join(entry["phrases"]),
+            f"{b[key]:.2f}" if key in b else "",
+            f"{e[key]:.2f}" if key in e else "",
+            delta,
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-def make_grid(folder: GenerationFolder, result: dict[str, Any], prompts: dict[int, dict[str, Any]], rows: int,
-              cell: int = 256) -> Image.Image:
+def make_grid(
+    folder: GenerationFolder,
+    result: dict[str, Any],
+    prompts: dict[int, dict[str, Any]],
+    rows: int,
+    cell: int = 256,
+) -> Image.Image:
     """The first `rows` prompts with both variants: baseline | ELBO (first seed), captioned with scores."""
-    shared = sorted(result["variants"]["elbo"]["per_prompt"].keys() & result["variants"]["baseline"]["per_prompt"].keys(),
-                    key=int)[:rows]
+    shared = sorted(
+        result["variants"]["elbo"]["per_prompt"].keys() & result["variants"]["baseline"]["per_prompt"].keys(),
+        key=int,
+    )[:rows]
     caption = 34
     font = ImageFont.load_default()
     canvas = Image.new("RGB", (2 * cell, len(shared) * (cell + caption)), "white")
@@ -160,19 +193,24 @@ def make_grid(folder: GenerationFolder, result: dict[str, Any], prompts: dict[in
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir", type=Path)
-    parser.add_argument("--clip", default=DEFAULT_CLIP, help=f"CLIP hub id, local folder or 'tiny' ({DEFAULT_CLIP})")
+    parser.add_argument(
+        "--clip", default=DEFAULT_CLIP, help=f"CLIP hub id, local folder or 'tiny' ({DEFAULT_CLIP})"
+    )
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--device", default="auto", help="auto: cuda when available, else cpu")
     parser.add_argument("--grid", type=int, default=4, help="prompts in grid.png (0: none)")
-    parser.add_argument("--truncate", action="store_true", help="score over-long prompts by their first tokens")
+    parser.add_argument(
+        "--truncate", action="store_true", help="score over-long prompts by their first tokens"
+    )
     parser.add_argument("--debug", action="store_true", help="show the traceback of an expected error too")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     from elbo_t2ialign.core.adapters import resolve_device
 
     try:
-        scorer = ClipScorer.from_pretrained(args.clip, device=resolve_device(args.device),
-                                            batch_size=args.batch_size, truncate=args.truncate)
+        scorer = ClipScorer.from_pretrained(
+            args.clip, device=resolve_device(args.device), batch_size=args.batch_size, truncate=args.truncate
+        )
         result = evaluate(args.run_dir, scorer, grid=args.grid)
     except (EvaluationError, ClipScoreError) as err:
         if args.debug or os.environ.get("HYDRA_FULL_ERROR") == "1":
@@ -181,9 +219,13 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     for name, v in result["variants"].items():
         if v:
-            print(f"{name:9s} CLIP score {v['clip_score']:.2f} over {v['num_prompts']} prompts, {v['num_images']} images")
+            print(
+                f"{name:9s} CLIP score {v['clip_score']:.2f} over {v['num_prompts']} prompts, {v['num_images']} images"
+            )
     if "paired" in result:
-        print(f"delta (ELBO - baseline) {result['paired']['delta']:+.2f} over {result['paired']['num_prompts']} prompts")
+        print(
+            f"delta (ELBO - baseline) {result['paired']['delta']:+.2f} over {result['paired']['num_prompts']} prompts"
+        )
     print(f"wrote {GenerationFolder(args.run_dir).report}")
     return 0
 

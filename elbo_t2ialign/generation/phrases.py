@@ -38,8 +38,13 @@ class PhraseExtractor:
         self.match, self.dedupe = match, bool(dedupe)
 
     @classmethod
-    def from_config(cls, spacy_model: str = "en_core_web_sm", stopwords: Iterable[str] = (), match: str = "word",
-                    dedupe: bool = False) -> PhraseExtractor:
+    def from_config(
+        cls,
+        spacy_model: str = "en_core_web_sm",
+        stopwords: Iterable[str] = (),
+        match: str = "word",
+        dedupe: bool = False,
+    ) -> PhraseExtractor:
         return cls(load_spacy(spacy_model), stopwords, match, dedupe)
 
     def __call__(self, prompt: str) -> list[str]:

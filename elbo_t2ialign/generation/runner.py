@@ -54,29 +54,58 @@ def run(cfg: Any, sampler: ElboSampler | None = None, extractor: PhraseExtractor
     selected = list(enumerate(prompts if limit is None else prompts[: int(limit)]))
     folder = GenerationFolder(conf["output_dir"])
     spec = Launch(
-        conf=conf, fingerprint=result_fingerprint, error=GenerationError, own_files=OWN_FILES,
+        conf=conf,
+        fingerprint=result_fingerprint,
+        error=GenerationError,
+        own_files=OWN_FILES,
         identity={"model": model_identity(str(conf["model"]["id"]))},
-        run_info={"seed": conf["seed"], "model": conf["model"]["name"], "model_id": conf["model"]["id"],
-                  "prompts": conf["prompts"]["name"], "torch": torch.__version__},
-        details={"num_prompts": conf["num_prompts"], "images_per_prompt": conf["images_per_prompt"],
-                 "baseline": conf["baseline"]},
+        run_info={
+            "seed": conf["seed"],
+            "model": conf["model"]["name"],
+            "model_id": conf["model"]["id"],
+            "prompts": conf["prompts"]["name"],
+            "torch": torch.__version__,
+        },
+        details={
+            "num_prompts": conf["num_prompts"],
+            "images_per_prompt": conf["images_per_prompt"],
+            "baseline": conf["baseline"],
+        },
     )
     with launch(folder, spec):
         remove_stale_temps(folder.root)
         seeds = [int(conf["seed"]) + j for j in range(int(conf["images_per_prompt"]))]
         variants = ["elbo"] + (["baseline"] if conf["baseline"] else [])
-        todo = [(i, s, v) for i, _ in selected for s in seeds for v in variants
-                if not _intact(folder, folder.image(v, i, s))]
+        todo = [
+            (i, s, v)
+            for i, _ in selected
+            for s in seeds
+            for v in variants
+            if not _intact(folder, folder.image(v, i, s))
+        ]
         total = len(selected) * len(seeds) * len(variants)
-        log.info("%s: %d prompts x %d images x %s; %d finished, %d to do -> %s", conf["prompts"]["name"],
-                 len(selected), len(seeds), "+".join(variants), total - len(todo), len(todo), folder.root)
+        log.info(
+            "%s: %d prompts x %d images x %s; %d finished, %d to do -> %s",
+            conf["prompts"]["name"],
+            len(selected),
+            len(seeds),
+            "+".join(variants),
+            total - len(todo),
+            len(todo),
+            folder.root,
+        )
         extractor = extractor or PhraseExtractor.from_config(**conf["phrases"])
         phrases = _write_prompts(folder, selected, extractor)
         if todo:
             sampler = sampler or build_sampler(conf)
             _check_lengths(sampler, {i for i, _, _ in todo}, dict(selected))
-        progress = tqdm(total=total, initial=total - len(todo), unit="img", desc=conf["prompts"]["name"],
-                        disable=not conf["progress"])
+        progress = tqdm(
+            total=total,
+            initial=total - len(todo),
+            unit="img",
+            desc=conf["prompts"]["name"],
+            disable=not conf["progress"],
+        )
         texts = dict(selected)
         last = None  # (index, seed, result) of the latest weighted image
         for n, (index, seed, variant) in enumerate(todo):
@@ -90,12 +119,20 @@ def run(cfg: Any, sampler: ElboSampler | None = None, extractor: PhraseExtractor
                     raise GenerationError(f"prompt {index} ({prompt!r}): {err}") from err
             last = (index, seed, result)
             if variant == "elbo":
-                write_json_atomic(folder.weights(index, seed), {
-                    "index": index, "prompt": prompt, "seed": seed, "phrases": result.phrases,
-                    "weights": result.weights, "distances": result.distances,
-                    "final_prompt": compel_syntax(prompt, result.phrases, result.weights[-1])
-                    if result.phrases else prompt,
-                })
+                write_json_atomic(
+                    folder.weights(index, seed),
+                    {
+                        "index": index,
+                        "prompt": prompt,
+                        "seed": seed,
+                        "phrases": result.phrases,
+                        "weights": result.weights,
+                        "distances": result.distances,
+                        "final_prompt": compel_syntax(prompt, result.phrases, result.weights[-1])
+                        if result.phrases
+                        else prompt,
+                    },
+                )
             save_image_atomic(result.image, folder.image(variant, index, seed))
             progress.update(1)
             if n + 1 == len(todo) or todo[n + 1][0] != index:
@@ -115,10 +152,11 @@ def build_sampler(conf: dict[str, Any]) -> ElboSampler:
     if model_id.startswith(TINY_PREFIX):
         from elbo_t2ialign.devtools.tiny import BUILDERS
 
-        family = model_id[len(TINY_PREFIX):]
+        family = model_id[len(TINY_PREFIX) :]
         if family not in BUILDERS:
-            raise GenerationError(f"unknown tiny model {model_id!r}; choose one of "
-                                  f"{[TINY_PREFIX + k for k in BUILDERS]}")
+            raise GenerationError(
+                f"unknown tiny model {model_id!r}; choose one of {[TINY_PREFIX + k for k in BUILDERS]}"
+            )
         pipe = BUILDERS[family]()
     else:
         try:
@@ -127,15 +165,21 @@ def build_sampler(conf: dict[str, Any]) -> ElboSampler:
             raise GenerationError(str(err)) from None
     adapter = adapter_for(pipe, device, dtype, model.get("resolution"), model.get("max_sequence_length"))
     try:
-        return ElboSampler(adapter, steps=int(conf["steps"]), guidance=conf["guidance"],
-                           strength=float(conf["strength"]), elbo_steps=int(conf["elbo_steps"]),
-                           after_elbo_steps=conf["after_elbo_steps"])
+        return ElboSampler(
+            adapter,
+            steps=int(conf["steps"]),
+            guidance=conf["guidance"],
+            strength=float(conf["strength"]),
+            elbo_steps=int(conf["elbo_steps"]),
+            after_elbo_steps=conf["after_elbo_steps"],
+        )
     except ValueError as err:
         raise GenerationError(f"model {model['name']}: {err}") from None
 
 
-def _write_prompts(folder: GenerationFolder, selected: list[tuple[int, str]], extractor: PhraseExtractor
-                   ) -> dict[int, list[str]]:
+def _write_prompts(
+    folder: GenerationFolder, selected: list[tuple[int, str]], extractor: PhraseExtractor
+) -> dict[int, list[str]]:
     """Noun phrases of every selected prompt, merged into prompts.json; a prompt whose text changed
     since earlier images were made is an error."""
     old = json.loads(folder.prompts.read_text(encoding="utf-8")) if folder.prompts.is_file() else []
@@ -144,7 +188,8 @@ def _write_prompts(folder: GenerationFolder, selected: list[tuple[int, str]], ex
         if index in entries and entries[index]["prompt"] != prompt:
             raise GenerationError(
                 f"prompt {index} of the prompt file is now {prompt!r} but {folder.root} was generated with "
-                f"{entries[index]['prompt']!r}; restore the file or set output_dir=<new folder>")
+                f"{entries[index]['prompt']!r}; restore the file or set output_dir=<new folder>"
+            )
         entries[index] = {"index": index, "prompt": prompt, "phrases": extractor(prompt)}
     write_json_atomic(folder.prompts, [entries[k] for k in sorted(entries)])
     return {i: entries[i]["phrases"] for i, _ in selected}
@@ -180,9 +225,12 @@ def _check_lengths(sampler: ElboSampler, indices: set[int], texts: dict[int, str
             bad.append(f"{i} ({len(sampler.adapter.token_ids(texts[i]))} tokens): {texts[i][:60]!r}")
     if bad:
         limit = sampler.adapter.max_prompt_tokens()
-        raise GenerationError(f"{len(bad)} prompt(s) exceed the text encoder's {limit} tokens: "
-                              + "; ".join(bad[:10]) + ("; ..." if len(bad) > 10 else "")
-                              + ". Shorten them in the prompt file or lower num_prompts.")
+        raise GenerationError(
+            f"{len(bad)} prompt(s) exceed the text encoder's {limit} tokens: "
+            + "; ".join(bad[:10])
+            + ("; ..." if len(bad) > 10 else "")
+            + ". Shorten them in the prompt file or lower num_prompts."
+        )
 
 
 def _forget(sampler: ElboSampler, prompts: list[str]) -> None:

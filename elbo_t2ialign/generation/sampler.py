@@ -26,7 +26,7 @@ from elbo_t2ialign.generation.weighting import phrase_weights, token_positions, 
 
 
 def model_kind(adapter: ModelAdapter) -> str:
-    """"sd" (SD1.x/2.x-like UNet), "sdxl" (UNet with pooled text + time ids) or "sd3" (MMDiT), as the
+    """ "sd" (SD1.x/2.x-like UNet), "sdxl" (UNet with pooled text + time ids) or "sd3" (MMDiT), as the
     adapter declares it; an adapter that declares none does not support generation."""
     kind = adapter.generation_kind
     if kind is not None:
@@ -46,7 +46,9 @@ def sampling_timesteps(num_train_timesteps: int, steps: int) -> list[tuple[int, 
     return list(zip(ts, ts[1:] + [0], strict=True))
 
 
-def ddim_step(schedule: DDPMSchedule, z: torch.Tensor, t: int, t_next: int, eps: torch.Tensor) -> torch.Tensor:
+def ddim_step(
+    schedule: DDPMSchedule, z: torch.Tensor, t: int, t_next: int, eps: torch.Tensor
+) -> torch.Tensor:
     """Deterministic DDIM (eta 0) from t to t_next given the epsilon prediction; z, eps (B, C, h, w)."""
     a, b = schedule.coefficients(torch.tensor([t, t_next], device=z.device))
     x0 = (z - b[0] * eps) / a[0]
@@ -75,15 +77,24 @@ class SampleResult:
 class ElboSampler:
     """Generates images with (or, as the baseline, without) ELBO phrase weights."""
 
-    def __init__(self, adapter: ModelAdapter, steps: int = 50, guidance: float | None = None,
-                 strength: float = 1.2, elbo_steps: int | None = None, after_elbo_steps: str = "reset"):
+    def __init__(
+        self,
+        adapter: ModelAdapter,
+        steps: int = 50,
+        guidance: float | None = None,
+        strength: float = 1.2,
+        elbo_steps: int | None = None,
+        after_elbo_steps: str = "reset",
+    ):
         self.adapter = adapter
         self.kind = model_kind(adapter)
         schedule = adapter.schedule
         self._step = STEPS.get(schedule.deterministic_sampler)
         if self._step is None:
-            raise ValueError(f"no deterministic sampler for the {type(schedule).__name__} noise schedule "
-                             "(DDIM needs a DDPM-family scheduler, Euler a flow-matching one)")
+            raise ValueError(
+                f"no deterministic sampler for the {type(schedule).__name__} noise schedule "
+                "(DDIM needs a DDPM-family scheduler, Euler a flow-matching one)"
+            )
         self.steps = int(steps)
         self.timesteps = sampling_timesteps(schedule.num_train_timesteps, self.steps)
         self.guidance = float(adapter.default_guidance if guidance is None else guidance)
@@ -126,8 +137,11 @@ class ElboSampler:
                 weights = [1.0] * len(phrases)
             weighted_now = use_elbo and any(w != 1.0 for w in weights)
             cond = weight_conditioning(full, empty, positions, weights) if weighted_now else full
-            pred_c, pred_u = ad.predict(z.expand(2, -1, -1, -1), torch.full((2,), t, device=ad.device),
-                                        cat_cond([cond, guided_uncond])).chunk(2)  # (1, C, h, w) each
+            pred_c, pred_u = ad.predict(
+                z.expand(2, -1, -1, -1),
+                torch.full((2,), t, device=ad.device),
+                cat_cond([cond, guided_uncond]),
+            ).chunk(2)  # (1, C, h, w) each
             z = self._step(ad.schedule, z, t, t_next, pred_u + self.guidance * (pred_c - pred_u))
             result.weights.append(list(weights))
         result.latent = z
@@ -140,6 +154,8 @@ def decode(adapter: ModelAdapter, z: torch.Tensor) -> Image.Image:
     """(1, C, h, w) latent -> RGB PIL image, through the float32 VAE (undoing scale and shift)."""
     vae = adapter.vae
     shift = vae.config.get("shift_factor", None) or 0.0
-    x = vae.decode((z.float() / vae.config.scaling_factor + shift).to(vae.device, vae.dtype), return_dict=False)[0]
+    x = vae.decode(
+        (z.float() / vae.config.scaling_factor + shift).to(vae.device, vae.dtype), return_dict=False
+    )[0]
     x = ((x[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # (3, H, W)
     return Image.fromarray(np.ascontiguousarray(x.permute(1, 2, 0).cpu().numpy()), mode="RGB")

@@ -64,8 +64,10 @@ def token_positions(adapter: ModelAdapter, prompt: str, phrases: Sequence[str]) 
             sub = list(tokenizer(phrase, add_special_tokens=False, truncation=False).input_ids)
             start = find_subsequence(ids, sub, cursor) if sub else -1
             if start < 0:
-                msg = (f"cannot locate phrase {phrase!r} in the {name} tokens of prompt {prompt!r} "
-                       f"(phrase tokens {sub}, prompt tokens {ids})")
+                msg = (
+                    f"cannot locate phrase {phrase!r} in the {name} tokens of prompt {prompt!r} "
+                    f"(phrase tokens {sub}, prompt tokens {ids})"
+                )
                 if required:
                     raise ValueError(msg)
                 log.warning("%s; weighting it in the CLIP tokens only", msg)
@@ -75,8 +77,9 @@ def token_positions(adapter: ModelAdapter, prompt: str, phrases: Sequence[str]) 
     return positions
 
 
-def weight_conditioning(cond: Cond, empty: Cond, positions: Sequence[Sequence[int]],
-                        weights: Sequence[float]) -> Cond:
+def weight_conditioning(
+    cond: Cond, empty: Cond, positions: Sequence[Sequence[int]], weights: Sequence[float]
+) -> Cond:
     """Compel-style weighted conditioning: cond with each phrase's token embeddings scaled about the
     empty prompt's. cond/empty batch 1; returns `cond` itself when every weight is 1."""
     if len(positions) != len(weights):

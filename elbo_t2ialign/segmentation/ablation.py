@@ -36,26 +36,36 @@ def evaluated_variants(folder: SegmentationFolder, names: list[str]) -> dict[str
     settings = recorded(folder, list(counts))
     partial = [f"{v} ({counts[v]} of {len(names)} images)" for v in settings if 0 < counts[v] < len(names)]
     if partial:
-        log.warning("not evaluated, not finished on every image yet: %s; rerun the segmentation to add them",
-                    ", ".join(partial))
+        log.warning(
+            "not evaluated, not finished on every image yet: %s; rerun the segmentation to add them",
+            ", ".join(partial),
+        )
     complete = {v: s for v, s in settings.items() if counts[v] == len(names)}
     if not complete:
-        raise SegmentationError(f"{folder.root}: no calibration variant is finished on every image "
-                                f"({', '.join(partial)}); rerun the segmentation to finish them")
+        raise SegmentationError(
+            f"{folder.root}: no calibration variant is finished on every image "
+            f"({', '.join(partial)}); rerun the segmentation to finish them"
+        )
     return complete
 
 
-def rows(results: dict[str, dict[str, Any]], accs: dict[str, SweepAccumulator],
-         settings: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+def rows(
+    results: dict[str, dict[str, Any]], accs: dict[str, SweepAccumulator], settings: dict[str, dict[str, Any]]
+) -> list[dict[str, Any]]:
     """One row per variant; "delta" holds the differences to baseline when the run has it."""
     out = []
     for v, result in results.items():
         sizes = [b["mIoU"] for b in accs[v].size_buckets(result["threshold"], len(SIZES))]
         if len(sizes) < len(SIZES):  # fewer than three objects in the run
             sizes = [float("nan")] * len(SIZES)
-        row = {"variant": v, **settings[v], "threshold": result["threshold"],
-               **{k: result[k] for k in ROW_METRICS[:4]}, **dict(zip(SIZES, sizes, strict=True)),
-               **({"crf_mIoU": result["crf"]["mIoU"]} if "crf" in result else {})}
+        row = {
+            "variant": v,
+            **settings[v],
+            "threshold": result["threshold"],
+            **{k: result[k] for k in ROW_METRICS[:4]},
+            **dict(zip(SIZES, sizes, strict=True)),
+            **({"crf_mIoU": result["crf"]["mIoU"]} if "crf" in result else {}),
+        }
         out.append(row)
     base = next((r for r in out if r["variant"] == "baseline"), None)
     for row in out:
@@ -73,14 +83,29 @@ def markdown(m: dict[str, Any]) -> list[str]:
     for r in table:
         delta = r.get("delta", {})
         cells = [_cell(r[k], delta.get(k)) for k in ROW_METRICS]
-        body.append([r["variant"], r["label"], f"{r['threshold']:.2f}", *cells, *([_cell(r["crf_mIoU"])] if crf else [])])
+        body.append(
+            [
+                r["variant"],
+                r["label"],
+                f"{r['threshold']:.2f}",
+                *cells,
+                *([_cell(r["crf_mIoU"])] if crf else []),
+            ]
+        )
     lines = ["## Ablation: every calibration variant of this run", ""]
-    lines += ["| " + " | ".join(x) + " |" for x in (header, ["---"] * 3 + ["---:"] * (len(header) - 3), *body)]
-    lines += ["", "Each variant at its own best threshold" + (" (fixed threshold)" if m["threshold_mode"] == "fixed" else "")
-              + "; in brackets: the difference to `baseline`. small / medium / large: mIoU over the ground-truth "
-              "objects in the smallest, middle and largest third by area (equal counts). All variants come "
-              "from the same network passes (same noise, same attention), so their differences are the "
-              "calibration's alone.", ""]
+    lines += [
+        "| " + " | ".join(x) + " |" for x in (header, ["---"] * 3 + ["---:"] * (len(header) - 3), *body)
+    ]
+    lines += [
+        "",
+        "Each variant at its own best threshold"
+        + (" (fixed threshold)" if m["threshold_mode"] == "fixed" else "")
+        + "; in brackets: the difference to `baseline`. small / medium / large: mIoU over the ground-truth "
+        "objects in the smallest, middle and largest third by area (equal counts). All variants come "
+        "from the same network passes (same noise, same attention), so their differences are the "
+        "calibration's alone.",
+        "",
+    ]
     return lines
 
 
@@ -102,22 +127,46 @@ def write_plots(m: dict[str, Any], folder: Path) -> list[Path]:
     title = f"{m['dataset']} {m['split']}, model {m['model']}"
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    families = {(True, False): "ELBO temperature", (True, True): "fixed temperature",
-                (False, False): "ELBO temperature, cross-attention only", (False, True): "fixed, cross-attention only"}
+    families = {
+        (True, False): "ELBO temperature",
+        (True, True): "fixed temperature",
+        (False, False): "ELBO temperature, cross-attention only",
+        (False, True): "fixed, cross-attention only",
+    }
     for (refine, fixed), label in families.items():
         # strength 1 is the same map with or without a fixed temperature: it starts both lines
-        rows = sorted((r for r in m["ablation"] if r["refine"] == refine and (r["fixed"] == fixed or r["strength"] == 1.0)),
-                      key=lambda r: r["strength"])
+        rows = sorted(
+            (
+                r
+                for r in m["ablation"]
+                if r["refine"] == refine and (r["fixed"] == fixed or r["strength"] == 1.0)
+            ),
+            key=lambda r: r["strength"],
+        )
         if not any(r["fixed"] == fixed for r in rows):
             continue
-        ax.plot([r["strength"] for r in rows], [r["mIoU"] for r in rows], marker="o" if refine else "s",
-                linestyle="--" if fixed else "-", label=label)
+        ax.plot(
+            [r["strength"] for r in rows],
+            [r["mIoU"] for r in rows],
+            marker="o" if refine else "s",
+            linestyle="--" if fixed else "-",
+            label=label,
+        )
         for r in rows:
             if r["fixed"] == fixed:  # a strength-1 point shared by two lines is named once
-                ax.annotate(r["variant"], (r["strength"], r["mIoU"]), textcoords="offset points",
-                            xytext=(4, -10) if fixed else (-4, 5), ha="left" if fixed else "right", fontsize=7)
-    ax.set(xlabel="strength (tau = strength ** normalised ELBO loss; fixed: tau = strength)", ylabel="mIoU (%)",
-           title=title)
+                ax.annotate(
+                    r["variant"],
+                    (r["strength"], r["mIoU"]),
+                    textcoords="offset points",
+                    xytext=(4, -10) if fixed else (-4, 5),
+                    ha="left" if fixed else "right",
+                    fontsize=7,
+                )
+    ax.set(
+        xlabel="strength (tau = strength ** normalised ELBO loss; fixed: tau = strength)",
+        ylabel="mIoU (%)",
+        title=title,
+    )
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     fig.savefig(files[0], dpi=120)

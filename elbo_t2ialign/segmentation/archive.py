@@ -86,9 +86,13 @@ def member_root(name: str, roots: Iterable[str]) -> str | None:
     return None
 
 
-def extract_parts(parts: list[Path], datasets_dir: Path, roots: list[str],
-                  expected_sha256: dict[str, str] | None = None, hint: str = "delete that file and rerun"
-                  ) -> ExtractResult:
+def extract_parts(
+    parts: list[Path],
+    datasets_dir: Path,
+    roots: list[str],
+    expected_sha256: dict[str, str] | None = None,
+    hint: str = "delete that file and rerun",
+) -> ExtractResult:
     """Stream `parts` (sorted by name) through tar extraction of the members under `roots`.
 
     `expected_sha256`: part name -> sha256 (the hub's LFS listing, or digests recorded by an earlier run);
@@ -118,20 +122,28 @@ def extract_parts(parts: list[Path], datasets_dir: Path, roots: list[str],
         name, want = next(iter(bad.items()))
         raise SegmentationError(
             f"archive part {name}: sha256 {result.digests[name]} differs from the expected {want}; {hint} "
-            f"(nothing from this archive was moved into {datasets_dir})")
+            f"(nothing from this archive was moved into {datasets_dir})"
+        )
     if stream_error is not None:
         raise SegmentationError(
             f"archive parts {[p.name for p in parts]} are not one complete .tar.gz ({type(stream_error).__name__}: "
             f"{stream_error}); check that every part is present and fully downloaded, then rerun "
-            "(finished files are kept)")
+            "(finished files are kept)"
+        )
     for root in roots:
         result.extracted[root] = move_into_place(partial / root, datasets_dir / root)
     _remove_empty_dirs(partial)
     return result
 
 
-def _extract_member(tar: tarfile.TarFile, member: tarfile.TarInfo, datasets_dir: Path, partial: Path,
-                    roots: list[str], result: ExtractResult) -> None:
+def _extract_member(
+    tar: tarfile.TarFile,
+    member: tarfile.TarInfo,
+    datasets_dir: Path,
+    partial: Path,
+    roots: list[str],
+    result: ExtractResult,
+) -> None:
     original = member.name
     name = original.removeprefix(PREFIX) if original.startswith(PREFIX) else original
     if not name or name in (".", PREFIX.rstrip("/")):
@@ -178,7 +190,9 @@ def move_into_place(src: Path, dst: Path) -> int:
 
 def _remove_empty_dirs(folder: Path) -> None:
     """Remove the partial folder once empty."""
-    for path in sorted((p for p in folder.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+    for path in sorted(
+        (p for p in folder.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True
+    ):
         if not any(path.iterdir()):
             path.rmdir()
     if folder.is_dir() and not any(folder.iterdir()):

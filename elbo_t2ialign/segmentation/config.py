@@ -16,13 +16,34 @@ from elbo_t2ialign.core.adapters import resolve_device
 from elbo_t2ialign.core.options import AlignOptions
 
 TOP_KEYS = {
-    "model", "dataset", "elbo", "seed", "device", "output_dir", "on_error",
-    "shard", "num_images", "progress", "datasets_dir", "hydra",
-    "variants", "elbo_from",  # calibration variants of one run, ELBO losses from another (variants.py)
+    "model",
+    "dataset",
+    "elbo",
+    "seed",
+    "device",
+    "output_dir",
+    "on_error",
+    "shard",
+    "num_images",
+    "progress",
+    "datasets_dir",
+    "hydra",
+    "variants",
+    "elbo_from",  # calibration variants of one run, ELBO losses from another (variants.py)
 }
 DATASET_KEYS = {
-    "name", "root", "metadata", "data_root", "image_path", "gt_path", "split",
-    "ignore_index", "id_shift", "max_id", "phrase_path", "label_cache",
+    "name",
+    "root",
+    "metadata",
+    "data_root",
+    "image_path",
+    "gt_path",
+    "split",
+    "ignore_index",
+    "id_shift",
+    "max_id",
+    "phrase_path",
+    "label_cache",
 }
 # Keys whose change makes existing outputs of a run folder invalid.
 RESULT_KEYS = ("model", "elbo", "seed")  # model.dtype is part of "model"
@@ -119,5 +140,3 @@ def result_fingerprint(cfg: dict[str, Any]) -> dict[str, Any]:
     out["seed"] = cfg.get("seed", 0)
     out["dataset"] = {key: cfg["dataset"].get(key) for key in RESULT_DATASET_KEYS}
     return out
-
-

@@ -17,7 +17,7 @@ GT_PROB = 0.7  # confidence given to the thresholded labels in the unary term (n
 
 INSTALL_HINT = (
     "the dense CRF option needs the 'pydensecrf' module: install the PyPI package 'pydensecrf2' "
-    "(pip install pydensecrf2, or pip install -e \".[crf]\"; it compiles from source where no wheel "
+    '(pip install pydensecrf2, or pip install -e ".[crf]"; it compiles from source where no wheel '
     "exists, so a C++ compiler must be available), or run without --crf"
 )
 

@@ -83,7 +83,9 @@ def split_file(meta: Path, split: str) -> Path:
         if path.is_file():
             return path
     known = sorted(p.stem.replace("_id", "", 1) for p in meta.glob("*_id*.txt"))
-    raise ConfigError(f"split {split!r} not found in {meta} (looked for {candidates[0].name}); available: {known}")
+    raise ConfigError(
+        f"split {split!r} not found in {meta} (looked for {candidates[0].name}); available: {known}"
+    )
 
 
 def read_split(path: Path) -> list[str]:
@@ -103,12 +105,16 @@ class SegDataset:
         self.class_names = [c["name"] for c in self.classes]  # id = position + 1
         declared = info.get("num_classes_without_background", len(self.classes))
         if declared != len(self.classes):
-            raise ConfigError(f"{meta}/classes.json declares {declared} classes but lists {len(self.classes)}")
+            raise ConfigError(
+                f"{meta}/classes.json declares {declared} classes but lists {len(self.classes)}"
+            )
         self.data_root = Path(str(dcfg.get("data_root") or info["data_root"])).expanduser()
         self.image_template = str(dcfg.get("image_path") or info.get("image_path") or "")
         self.gt_template = str(dcfg.get("gt_path") or info.get("gt_path") or "")
         if not self.image_template or not self.gt_template:
-            raise ConfigError(f"dataset {self.name}: set image_path and gt_path (templates with {{img_name}})")
+            raise ConfigError(
+                f"dataset {self.name}: set image_path and gt_path (templates with {{img_name}})"
+            )
         self.phrase_template = dcfg.get("phrase_path")
         self.split = str(dcfg.get("split") or "val")
         self.images = read_split(split_file(meta, self.split))
@@ -124,9 +130,15 @@ class SegDataset:
 
     def identity(self) -> dict[str, Any]:
         """What a run folder records about its data: split and class digests, absolute data paths."""
-        return {"name": self.name, "split": self.split, "num_images": len(self.images),
-                "split_digest": list_digest(self.images), "classes_digest": list_digest(self.class_names),
-                "data_root": str(self.data_root.resolve()), "metadata": str(self.metadata.resolve())}
+        return {
+            "name": self.name,
+            "split": self.split,
+            "num_images": len(self.images),
+            "split_digest": list_digest(self.images),
+            "classes_digest": list_digest(self.class_names),
+            "data_root": str(self.data_root.resolve()),
+            "metadata": str(self.metadata.resolve()),
+        }
 
     # -- paths --
     def _fill(self, template: str, name: str) -> Path:
@@ -147,7 +159,9 @@ class SegDataset:
         """(H, W) int32 ground truth after the dataset's convention."""
         mask = _open(self.mask_path(name), f"mask of {name}")
         if mask.mode not in ("1", "L", "P", "I", "I;16", "I;16B", "I;16L"):
-            raise InputError(f"mask of {name} ({self.mask_path(name)}) is {mask.mode}; need one label id per pixel")
+            raise InputError(
+                f"mask of {name} ({self.mask_path(name)}) is {mask.mode}; need one label id per pixel"
+            )
         try:
             return self.convention.apply(np.asarray(mask))
         except InputError as err:
@@ -200,13 +214,17 @@ class SegDataset:
         if isinstance(data, dict) and isinstance(data.get("phrase"), list):
             subjects, phrases = data.get("subject"), data["phrase"]
             if not isinstance(subjects, list) or len(subjects) != len(phrases):
-                raise InputError(f"phrase file of {name} ({path}): 'subject' and 'phrase' must be lists of equal length")
+                raise InputError(
+                    f"phrase file of {name} ({path}): 'subject' and 'phrase' must be lists of equal length"
+                )
             return [str(x) for x in subjects], [str(x) for x in phrases]
         if not isinstance(data, dict):
             raise InputError(f"phrase file of {name} ({path}) must hold a JSON object")
         unknown = sorted(set(data) - set(self.class_names))
         if unknown:
-            raise InputError(f"phrase file of {name} ({path}) names class(es) {unknown} absent from classes.json")
+            raise InputError(
+                f"phrase file of {name} ({path}) names class(es) {unknown} absent from classes.json"
+            )
         return list(data), [str(v) for v in data.values()]
 
 
@@ -231,8 +249,9 @@ def _is_label_cache(data: Any) -> bool:
     """A file this project wrote (tagged; untagged caches of earlier versions have exactly these keys)."""
     if not isinstance(data, dict):
         return False
-    return data.get("format") == LABEL_CACHE_FORMAT or (set(data) == {"convention", "images"}
-                                                        and isinstance(data["images"], dict))
+    return data.get("format") == LABEL_CACHE_FORMAT or (
+        set(data) == {"convention", "images"} and isinstance(data["images"], dict)
+    )
 
 
 class LabelCache:
@@ -257,15 +276,18 @@ class LabelCache:
         except FileNotFoundError:
             return {}, {}
         except (OSError, UnicodeDecodeError) as err:
-            raise ConfigError(f"label cache {self.path} is unreadable ({err}); set dataset.label_cache=<another "
-                              "file>") from None
+            raise ConfigError(
+                f"label cache {self.path} is unreadable ({err}); set dataset.label_cache=<another file>"
+            ) from None
         try:
             data = json.loads(text)
         except ValueError:
             data = None
         if not _is_label_cache(data):
-            raise ConfigError(f"dataset.label_cache {self.path} holds a file that is not a label cache of this "
-                              "project; it is left untouched: set dataset.label_cache=<another file> or move it away")
+            raise ConfigError(
+                f"dataset.label_cache {self.path} holds a file that is not a label cache of this "
+                "project; it is left untouched: set dataset.label_cache=<another file> or move it away"
+            )
         if data.get("convention") != self.key:
             return {}, {}
         images = data["images"]
@@ -308,6 +330,7 @@ class LabelCache:
             write_json_atomic(self.path, data)
             self.dirty = 0
         except OSError as err:
-            log.warning("could not cache image labels at %s (%s); they will be recomputed next time", self.path, err)
+            log.warning(
+                "could not cache image labels at %s (%s); they will be recomputed next time", self.path, err
+            )
             self.dirty = 0
-

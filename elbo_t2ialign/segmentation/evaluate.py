@@ -42,8 +42,14 @@ from elbo_t2ialign.segmentation.report import write_markdown, write_plots
 log = logging.getLogger(__name__)
 
 
-def evaluate(run_dir: str | Path, threshold: float | None = None, crf: bool = False, out_dir: str | Path | None = None,
-             overlays: int = 4, progress: bool = True) -> dict[str, Any]:
+def evaluate(
+    run_dir: str | Path,
+    threshold: float | None = None,
+    crf: bool = False,
+    out_dir: str | Path | None = None,
+    overlays: int = 4,
+    progress: bool = True,
+) -> dict[str, Any]:
     """Evaluate a run folder; returns the metrics also written to `<out_dir>/metrics.json`."""
     folder = SegmentationFolder(run_dir)
     if not folder.config.is_file():
@@ -80,11 +86,16 @@ def evaluate(run_dir: str | Path, threshold: float | None = None, crf: bool = Fa
     if set(VARIANTS) <= set(results):  # the calibrated-against-baseline figures
         write_plots(metrics, _overlay_rows(folder, dataset, names[:overlays], results), out / "plots")
     ablation.write_plots(metrics, out / "plots")
-    log.info("%s -> %s", ", ".join(f"{v} mIoU {r['mIoU']:.2f} (th {r['threshold']:.2f})" for v, r in results.items()),
-             out)
+    log.info(
+        "%s -> %s",
+        ", ".join(f"{v} mIoU {r['mIoU']:.2f} (th {r['threshold']:.2f})" for v, r in results.items()),
+        out,
+    )
     if crf:
-        log.info("with dense CRF: %s", ", ".join(f"{v} mIoU {r['crf']['mIoU']:.2f}" for v, r in results.items()
-                                                   if "crf" in r))
+        log.info(
+            "with dense CRF: %s",
+            ", ".join(f"{v} mIoU {r['crf']['mIoU']:.2f}" for v, r in results.items() if "crf" in r),
+        )
     return metrics
 
 
@@ -93,10 +104,15 @@ def _finished_in_split_order(folder: SegmentationFolder, dataset: SegDataset) ->
     finished = set(folder.finished_images())
     names = [n for n in dataset.images if n in finished]
     if len(names) < len(finished):
-        log.warning("%d finished image(s) are not in split %s and are not evaluated", len(finished) - len(names),
-                    dataset.split)
+        log.warning(
+            "%d finished image(s) are not in split %s and are not evaluated",
+            len(finished) - len(names),
+            dataset.split,
+        )
     if not names:
-        raise SegmentationError(f"{folder.root} has no finished images (maps/<image>/scores.json); run segmentation first")
+        raise SegmentationError(
+            f"{folder.root} has no finished images (maps/<image>/scores.json); run segmentation first"
+        )
     return names
 
 
@@ -122,16 +138,27 @@ def dataset_config(folder: SegmentationFolder, conf: dict[str, Any]) -> dict[str
 def check_readable(folder: SegmentationFolder, dataset: SegDataset, names: list[str]) -> None:
     """Every file the evaluation reads: all problems named at once, not the first one only."""
     problems = [f"{name}: {p}" for name in names for p in folder.problems(name)]
-    problems += [f"{name}: ground truth {dataset.mask_path(name)} missing" for name in names
-                 if not dataset.mask_path(name).is_file()]
+    problems += [
+        f"{name}: ground truth {dataset.mask_path(name)} missing"
+        for name in names
+        if not dataset.mask_path(name).is_file()
+    ]
     if problems:
-        shown = "; ".join(problems[:20]) + (f"; ... ({len(problems) - 20} more)" if len(problems) > 20 else "")
-        raise SegmentationError(f"{len(problems)} file(s) missing or unreadable: {shown}. Rerun the segmentation "
-                                "command with the same config: it recomputes damaged images")
+        shown = "; ".join(problems[:20]) + (
+            f"; ... ({len(problems) - 20} more)" if len(problems) > 20 else ""
+        )
+        raise SegmentationError(
+            f"{len(problems)} file(s) missing or unreadable: {shown}. Rerun the segmentation "
+            "command with the same config: it recomputes damaged images"
+        )
 
 
-def load_image_result(folder: SegmentationFolder, dataset: SegDataset, name: str, variants: list[str] | tuple[str, ...] = VARIANTS
-                      ) -> tuple[np.ndarray, list[int], dict[str, np.ndarray], dict[str, Any]]:
+def load_image_result(
+    folder: SegmentationFolder,
+    dataset: SegDataset,
+    name: str,
+    variants: list[str] | tuple[str, ...] = VARIANTS,
+) -> tuple[np.ndarray, list[int], dict[str, np.ndarray], dict[str, Any]]:
     """Ground truth (H, W), class ids, {variant: (K, H, W) uint8 maps} and scores.json of one image."""
     scores = read_json(folder.image_dir(name) / "scores.json")
     ids = [int(i) for i in scores["class_ids"]]
@@ -150,7 +177,9 @@ def _read_map(path: Path, shape: tuple[int, ...], name: str) -> np.ndarray:
     except (OSError, SyntaxError) as err:
         raise SegmentationError(f"heatmap of {name} unreadable: {path}: {err}") from None
     if arr.shape != shape:
-        raise SegmentationError(f"heatmap {path} is {arr.shape[::-1]} but the mask of {name} is {shape[::-1]}")
+        raise SegmentationError(
+            f"heatmap {path} is {arr.shape[::-1]} but the mask of {name} is {shape[::-1]}"
+        )
     return arr
 
 
@@ -164,13 +193,22 @@ def _variant_result(acc: SweepAccumulator, dataset: SegDataset, fixed: float | N
         if per_class["gt_pixels"][c] + per_class["pred_pixels"][c] == 0:
             continue  # class absent from both ground truth and prediction
         row = {k: float(per_class[k][c] * 100) for k in ("IoU", "precision", "recall", "FP", "FN", "F1")}
-        row.update(id=c, gt_pixels=int(per_class["gt_pixels"][c]), pred_pixels=int(per_class["pred_pixels"][c]))
+        row.update(
+            id=c, gt_pixels=int(per_class["gt_pixels"][c]), pred_pixels=int(per_class["pred_pixels"][c])
+        )
         table[cname] = row
-    return {**overall, "threshold": th, "per_class": table, "size_buckets": acc.size_buckets(th),
-            "curve": {"thresholds": THRESHOLDS.tolist(), "mIoU": curve.tolist()}}
+    return {
+        **overall,
+        "threshold": th,
+        "per_class": table,
+        "size_buckets": acc.size_buckets(th),
+        "curve": {"thresholds": THRESHOLDS.tolist(), "mIoU": curve.tolist()},
+    }
 
 
-def _crf_pass(folder: SegmentationFolder, dataset: SegDataset, names: list[str], results: dict[str, Any]) -> dict[str, Any]:
+def _crf_pass(
+    folder: SegmentationFolder, dataset: SegDataset, names: list[str], results: dict[str, Any]
+) -> dict[str, Any]:
     """Second pass: CRF on each variant's thresholded label map, pooled areas -> summary."""
     n = len(dataset.class_names) + 1
     totals = {v: [np.zeros(n, np.int64) for _ in range(4)] for v in results}
@@ -184,35 +222,55 @@ def _crf_pass(folder: SegmentationFolder, dataset: SegDataset, names: list[str],
     return {v: {**summary(class_metrics(*totals[v])), "threshold": results[v]["threshold"]} for v in results}
 
 
-def _assemble(conf: Any, folder: SegmentationFolder, dataset: SegDataset, names: list[str], results: dict[str, Any],
-              sources: Counter[str], threshold: float | None) -> dict[str, Any]:
+def _assemble(
+    conf: Any,
+    folder: SegmentationFolder,
+    dataset: SegDataset,
+    names: list[str],
+    results: dict[str, Any],
+    sources: Counter[str],
+    threshold: float | None,
+) -> dict[str, Any]:
     limit = conf.get("num_images")
     expected = dataset.images if limit in (None, "") else dataset.images[: int(limit)]
     skipped = folder.skipped_images()
     done = set(names)
     return {
-        "dataset": dataset.name, "split": dataset.split, "model": conf["model"].get("name"),
+        "dataset": dataset.name,
+        "split": dataset.split,
+        "model": conf["model"].get("name"),
         "strength": conf.get("elbo", {}).get("strength"),
         "threshold_mode": "sweep" if threshold is None else "fixed",
-        "num_images": len(names), "num_expected": len(expected),
+        "num_images": len(names),
+        "num_expected": len(expected),
         "skipped": {k: v.get("error") for k, v in skipped.items() if k not in done},
         "unfinished": sum(n not in done and n not in skipped for n in expected),
         "phrase_sources": dict(sources),
         **{v: results[v] for v in VARIANTS if v in results},
-        **({"delta_mIoU": results["elbo"]["mIoU"] - results["baseline"]["mIoU"]} if set(VARIANTS) <= set(results) else {}),
+        **(
+            {"delta_mIoU": results["elbo"]["mIoU"] - results["baseline"]["mIoU"]}
+            if set(VARIANTS) <= set(results)
+            else {}
+        ),
     }
 
 
-def _overlay_rows(folder: SegmentationFolder, dataset: SegDataset, names: list[str], results: dict[str, Any]
-                  ) -> list[dict[str, Any]]:
+def _overlay_rows(
+    folder: SegmentationFolder, dataset: SegDataset, names: list[str], results: dict[str, Any]
+) -> list[dict[str, Any]]:
     rows = []
     for name in names:
         gt, ids, maps, _ = load_image_result(folder, dataset, name)
-        rows.append({
-            "name": name, "image": np.asarray(dataset.load_image(name)), "gt": gt, "classes": ids,
-            "heat": maps["elbo"].max(0) if ids else np.zeros(gt.shape, np.uint8),  # (H, W) uint8
-            **{f"pred_{v}": predict(maps[v], ids, results[v]["threshold"]) for v in VARIANTS},
-        })
+        rows.append(
+            {
+                "name": name,
+                "image": np.asarray(dataset.load_image(name)),
+                "gt": gt,
+                "classes": ids,
+                "heat": maps["elbo"].max(0) if ids else np.zeros(gt.shape, np.uint8),  # (H, W) uint8
+                **{f"pred_{v}": predict(maps[v], ids, results[v]["threshold"]) for v in VARIANTS},
+            }
+        )
     return rows
 
 
@@ -228,10 +286,16 @@ def _json_safe(obj: Any) -> Any:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m elbo_t2ialign.evaluate", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m elbo_t2ialign.evaluate", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("run_dir", help="a folder written by python -m elbo_t2ialign.segment")
-    parser.add_argument("--threshold", type=float, default=None,
-                        help="fixed threshold in (0, 1) instead of the oracle sweep over 0.01..0.99")
+    parser.add_argument(
+        "--threshold",
+        type=float,
+        default=None,
+        help="fixed threshold in (0, 1) instead of the oracle sweep over 0.01..0.99",
+    )
     parser.add_argument("--crf", action="store_true", help="also report dense-CRF post-processed metrics")
     parser.add_argument("--out", default=None, help="where to write metrics and plots (default: run_dir)")
     parser.add_argument("--overlays", type=int, default=4, help="images in the overlay figure")
@@ -240,6 +304,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     debug = debug_requested(["--debug"] if args.debug else [])[0]
-    cli_errors(lambda: evaluate(args.run_dir, args.threshold, args.crf, args.out, args.overlays,
-                                not args.no_progress), (SegmentationError,), debug)
+    cli_errors(
+        lambda: evaluate(
+            args.run_dir, args.threshold, args.crf, args.out, args.overlays, not args.no_progress
+        ),
+        (SegmentationError,),
+        debug,
+    )
     return 0

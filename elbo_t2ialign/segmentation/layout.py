@@ -78,7 +78,9 @@ class SegmentationFolder(RunFolder):
         """Names of images whose folder is complete (temporary folders excluded)."""
         if not self.maps.is_dir():
             return []
-        return sorted(p.name for p in self.maps.iterdir() if not p.name.startswith(".tmp-") and self.is_done(p.name))
+        return sorted(
+            p.name for p in self.maps.iterdir() if not p.name.startswith(".tmp-") and self.is_done(p.name)
+        )
 
     def damaged_dir(self, name: str) -> Path:
         path, n = self.root / "damaged" / name, 1

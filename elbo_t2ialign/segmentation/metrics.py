@@ -43,10 +43,13 @@ def intersect_and_union(pred: np.ndarray, gt: np.ndarray, num_classes: int) -> t
     return inter, area_pred + area_gt - inter, area_pred, area_gt
 
 
-def class_metrics(inter: np.ndarray, union: np.ndarray, area_pred: np.ndarray, area_gt: np.ndarray
-                  ) -> dict[str, np.ndarray]:
+def class_metrics(
+    inter: np.ndarray, union: np.ndarray, area_pred: np.ndarray, area_gt: np.ndarray
+) -> dict[str, np.ndarray]:
     """Per-class ratios; 0/0 gives NaN, which the means skip (class absent from both)."""
-    inter, union, area_pred, area_gt = (np.asarray(a, dtype=np.float64) for a in (inter, union, area_pred, area_gt))
+    inter, union, area_pred, area_gt = (
+        np.asarray(a, dtype=np.float64) for a in (inter, union, area_pred, area_gt)
+    )
     with np.errstate(divide="ignore", invalid="ignore"):
         return {
             "IoU": inter / union,
@@ -63,7 +66,9 @@ def summary(per_class: dict[str, np.ndarray]) -> dict[str, float]:
     out = {}
     for key in METRICS:
         values = per_class[key]
-        out["mIoU" if key == "IoU" else key] = float(np.nanmean(values) * 100) if np.isfinite(values).any() else float("nan")
+        out["mIoU" if key == "IoU" else key] = (
+            float(np.nanmean(values) * 100) if np.isfinite(values).any() else float("nan")
+        )
     return out
 
 
@@ -102,9 +107,16 @@ class SweepAccumulator:
         self.pred_hist[ids] += pred
         self.tp_hist[ids] += tp
         for j, c in enumerate(ids.tolist()):
-            self.instances.append({"image": image, "class_id": c, "gt": int((g == c).sum()),
-                                   "ratio": float((g == c).sum()) / gt.size,
-                                   "pred": pred[j].astype(np.int32), "tp": tp[j].astype(np.int32)})
+            self.instances.append(
+                {
+                    "image": image,
+                    "class_id": c,
+                    "gt": int((g == c).sum()),
+                    "ratio": float((g == c).sum()) / gt.size,
+                    "pred": pred[j].astype(np.int32),
+                    "tp": tp[j].astype(np.int32),
+                }
+            )
 
     def areas(self, thresholds: np.ndarray) -> tuple[np.ndarray, ...]:
         """(intersect, union, pred, gt) areas, each (C+1, len(thresholds))."""
@@ -150,9 +162,15 @@ class SweepAccumulator:
                 area_pred[c] += inst["pred"] @ fg
                 area_gt[c] += inst["gt"]
             iou = class_metrics(inter, area_pred + area_gt - inter, area_pred, area_gt)["IoU"]
-            buckets.append({"bucket": b, "count": len(idx), "min_ratio": float(ratio[idx].min()),
-                            "max_ratio": float(ratio[idx].max()),
-                            "mIoU": float(np.nanmean(iou) * 100) if np.isfinite(iou).any() else float("nan")})
+            buckets.append(
+                {
+                    "bucket": b,
+                    "count": len(idx),
+                    "min_ratio": float(ratio[idx].min()),
+                    "max_ratio": float(ratio[idx].max()),
+                    "mIoU": float(np.nanmean(iou) * 100) if np.isfinite(iou).any() else float("nan"),
+                }
+            )
         return buckets
 
 

@@ -83,10 +83,12 @@ def describe_missing(dataset: SegDataset, problems: list[FileProblem], listing: 
     images = sum(p in image_paths for p, _ in problems)
     kinds = Counter(why for _, why in problems)
     what = ", ".join(f"{n} {k}" for k, n in sorted(kinds.items()))
-    return (f"{dataset.name}: {images} image(s) and {len(problems) - images} mask(s) of {len(dataset.images)} "
-            f"not usable ({what}; {dataset.split} split). They belong at {_where(dataset.image_template, dataset)} "
-            f"and {_where(dataset.gt_template, dataset)}; e.g. {problems[0][0]} ({problems[0][1]}). "
-            f"Full list: {listing}")
+    return (
+        f"{dataset.name}: {images} image(s) and {len(problems) - images} mask(s) of {len(dataset.images)} "
+        f"not usable ({what}; {dataset.split} split). They belong at {_where(dataset.image_template, dataset)} "
+        f"and {_where(dataset.gt_template, dataset)}; e.g. {problems[0][0]} ({problems[0][1]}). "
+        f"Full list: {listing}"
+    )
 
 
 def _where(template: str, dataset: SegDataset) -> str:
@@ -101,8 +103,9 @@ def dataset_roots(datasets_dir: Path, names: list[str]) -> dict[str, str]:
         try:
             roots[name] = root.relative_to(datasets_dir).as_posix()
         except ValueError:
-            raise SegmentationError(f"{name}: data_root {root} lies outside {datasets_dir}; "
-                                    "set it under --dir to prepare it here") from None
+            raise SegmentationError(
+                f"{name}: data_root {root} lies outside {datasets_dir}; set it under --dir to prepare it here"
+            ) from None
     return roots
 
 
@@ -137,8 +140,10 @@ def wanted_roots(datasets_dir: Path, names: list[str], split: str, prompts: bool
 
 def report_extraction(result: archive.ExtractResult) -> None:
     for root in sorted(set(result.extracted) | set(result.kept)):
-        print(f"extracted {root}: {result.extracted.get(root, 0)} new file(s), "
-              f"{result.kept.get(root, 0)} already in place")
+        print(
+            f"extracted {root}: {result.extracted.get(root, 0)} new file(s), "
+            f"{result.kept.get(root, 0)} already in place"
+        )
     for line in result.refused:
         print(f"REFUSED unsafe archive member {line}", file=sys.stderr)
 
@@ -150,8 +155,10 @@ def extract_local(parts: list[Path], datasets_dir: Path, roots: list[str]) -> ar
         raise SegmentationError(f"archive part(s) not found: {absent}")
     record = datasets_dir / "archive_sha256.json"
     known = read_json(record) if record.is_file() else {}
-    hint = (f"the part differs from the one extracted earlier ({record}): use the same parts, or delete "
-            "that record if the archive was replaced on purpose")
+    hint = (
+        f"the part differs from the one extracted earlier ({record}): use the same parts, or delete "
+        "that record if the archive was replaced on purpose"
+    )
     result = archive.extract_parts(parts, datasets_dir, roots, expected_sha256=known, hint=hint)
     write_json_atomic(record, {**known, **result.digests})
     return result
@@ -161,7 +168,9 @@ def download(datasets_dir: Path, roots: list[str], repo_id: str = REPO_ID) -> ar
     """List the hub repository; fetch its archive parts (or, without parts, its plain folders)."""
     from huggingface_hub import HfApi, hf_hub_download, snapshot_download
 
-    files = [f for f in HfApi().list_repo_tree(repo_id, repo_type="dataset", recursive=True) if hasattr(f, "size")]
+    files = [
+        f for f in HfApi().list_repo_tree(repo_id, repo_type="dataset", recursive=True) if hasattr(f, "size")
+    ]
     parts = sorted((f for f in files if PART.fullmatch(f.path)), key=lambda f: f.path)
     if not parts:  # plain folders: fetch the requested ones directly
         present = [r for r in roots if any(archive.member_root(f.path, [r]) for f in files)]
@@ -171,16 +180,30 @@ def download(datasets_dir: Path, roots: list[str], repo_id: str = REPO_ID) -> ar
         if present:
             patterns = [r if r in PROMPT_SETS else f"{r}/**" for r in present]
             log.info("downloading %s (%s) into %s", repo_id, ", ".join(patterns), datasets_dir)
-            snapshot_download(repo_id=repo_id, repo_type="dataset", local_dir=str(datasets_dir),
-                              allow_patterns=patterns)
+            snapshot_download(
+                repo_id=repo_id, repo_type="dataset", local_dir=str(datasets_dir), allow_patterns=patterns
+            )
         return None
     size = sum(f.size for f in parts) / 2**30
-    log.info("downloading %d archive part(s) of %s (%.1f GiB) into %s", len(parts), repo_id, size, datasets_dir / PARTS_DIR)
-    local = [Path(hf_hub_download(repo_id, f.path, repo_type="dataset", local_dir=str(datasets_dir / PARTS_DIR)))
-             for f in parts]
+    log.info(
+        "downloading %d archive part(s) of %s (%.1f GiB) into %s",
+        len(parts),
+        repo_id,
+        size,
+        datasets_dir / PARTS_DIR,
+    )
+    local = [
+        Path(hf_hub_download(repo_id, f.path, repo_type="dataset", local_dir=str(datasets_dir / PARTS_DIR)))
+        for f in parts
+    ]
     expected = {Path(f.path).name: f.lfs.sha256 for f in parts if f.lfs is not None}
-    return archive.extract_parts(local, datasets_dir, roots, expected_sha256=expected,
-                                 hint="delete that part (a damaged download) and rerun")
+    return archive.extract_parts(
+        local,
+        datasets_dir,
+        roots,
+        expected_sha256=expected,
+        hint="delete that part (a damaged download) and rerun",
+    )
 
 
 def check(datasets_dir: Path, names: list[str], split: str = "val") -> dict[str, list[FileProblem]]:
@@ -196,22 +219,35 @@ def check(datasets_dir: Path, names: list[str], split: str = "val") -> dict[str,
             listing.write_text("".join(f"{p}\t{why}\n" for p, why in problems), encoding="utf-8")
             print(f"MISSING {describe_missing(dataset, problems, listing)}")
         else:
-            print(f"ok      {name}: {len(dataset.images)} images and masks under {dataset.data_root} (all open)")
+            print(
+                f"ok      {name}: {len(dataset.images)} images and masks under {dataset.data_root} (all open)"
+            )
     return result
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m elbo_t2ialign.prepare_data", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m elbo_t2ialign.prepare_data", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--datasets", nargs="+", default=list(BUILTIN), choices=list(BUILTIN))
     parser.add_argument("--dir", default="datasets", help="datasets_dir (default: ./datasets)")
     parser.add_argument("--split", default="val", help="split whose files are checked (default: val)")
     parser.add_argument("--repo", default=REPO_ID, help="Hugging Face dataset repository")
     parser.add_argument("--check-only", action="store_true", help="do not download, only check")
     parser.add_argument("--no-prompts", action="store_true", help="skip the generation prompt sets")
-    parser.add_argument("--archive", nargs="+", type=Path, metavar="PART",
-                        help="extract these archive parts (dataset.tar.gz.*) instead of downloading")
-    parser.add_argument("--aep-prompts", type=Path, metavar="PKL",
-                        help="convert the reference's AEP prompts.pkl to <aep data_root>/phrases/<image>.json")
+    parser.add_argument(
+        "--archive",
+        nargs="+",
+        type=Path,
+        metavar="PART",
+        help="extract these archive parts (dataset.tar.gz.*) instead of downloading",
+    )
+    parser.add_argument(
+        "--aep-prompts",
+        type=Path,
+        metavar="PKL",
+        help="convert the reference's AEP prompts.pkl to <aep data_root>/phrases/<image>.json",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     datasets_dir = Path(args.dir).expanduser().resolve()
@@ -224,16 +260,22 @@ def main(argv: list[str] | None = None) -> int:
                 _download_reporting_failure(datasets_dir, roots, args.repo)
         if args.aep_prompts:
             aep_root = Path(dataset_config("aep", datasets_dir)["data_root"])
-            written = convert_aep_prompts(args.aep_prompts, aep_root / "phrases", SegDataset(
-                dataset_config("aep", datasets_dir)).class_names)
+            written = convert_aep_prompts(
+                args.aep_prompts,
+                aep_root / "phrases",
+                SegDataset(dataset_config("aep", datasets_dir)).class_names,
+            )
             print(f"converted {args.aep_prompts}: {written} phrase file(s) in {aep_root / 'phrases'}")
         missing = check(datasets_dir, args.datasets, args.split)
     except SegmentationError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if any(missing.values()):
-        print("Some data is missing: rerun this command online, or put the files at the paths above "
-              f"(layout: {PROJECT / 'datasets' / 'README.md'}).", file=sys.stderr)
+        print(
+            "Some data is missing: rerun this command online, or put the files at the paths above "
+            f"(layout: {PROJECT / 'datasets' / 'README.md'}).",
+            file=sys.stderr,
+        )
         return 1
     return 0
 
@@ -244,7 +286,9 @@ def _download_reporting_failure(datasets_dir: Path, roots: list[str], repo_id: s
     except SegmentationError:
         raise
     except Exception as err:  # offline, no access, interrupted transfer: the check says what is missing
-        print(f"download from {repo_id} failed: {type(err).__name__}: {err} (rerun to resume)", file=sys.stderr)
+        print(
+            f"download from {repo_id} failed: {type(err).__name__}: {err} (rerun to resume)", file=sys.stderr
+        )
         return
     if result is not None:
         report_extraction(result)

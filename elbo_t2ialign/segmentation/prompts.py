@@ -24,7 +24,9 @@ class RestrictedUnpickler(pickle.Unpickler):
     """Builds only built-in containers and scalars: any class or function reference is refused."""
 
     def find_class(self, module: str, name: str) -> Any:
-        raise pickle.UnpicklingError(f"refused to load {module}.{name}: only dicts, lists, strings and numbers allowed")
+        raise pickle.UnpicklingError(
+            f"refused to load {module}.{name}: only dicts, lists, strings and numbers allowed"
+        )
 
 
 def read_prompts(path: Path) -> dict[str, dict[str, list[str]]]:
@@ -32,8 +34,10 @@ def read_prompts(path: Path) -> dict[str, dict[str, list[str]]]:
     try:
         with open(path, "rb") as f:
             if f.read(len(LFS_POINTER)) == LFS_POINTER:
-                raise InputError(f"{path} is a Git LFS pointer, not the pickle: run `git lfs pull` in the "
-                                 "reference checkout (or download the file) and retry")
+                raise InputError(
+                    f"{path} is a Git LFS pointer, not the pickle: run `git lfs pull` in the "
+                    "reference checkout (or download the file) and retry"
+                )
             f.seek(0)
             data = RestrictedUnpickler(f).load()
     except OSError as err:
@@ -43,12 +47,19 @@ def read_prompts(path: Path) -> dict[str, dict[str, list[str]]]:
     if not isinstance(data, dict):
         raise InputError(f"{path}: expected a dict image name -> prompts, got {type(data).__name__}")
     for name, entry in data.items():
-        ok = (isinstance(name, str) and isinstance(entry, dict)
-              and all(isinstance(entry.get(k), list) and all(isinstance(x, str) for x in entry[k])
-                      for k in ("subject", "phrase")))
+        ok = (
+            isinstance(name, str)
+            and isinstance(entry, dict)
+            and all(
+                isinstance(entry.get(k), list) and all(isinstance(x, str) for x in entry[k])
+                for k in ("subject", "phrase")
+            )
+        )
         if not ok or len(entry["subject"]) != len(entry["phrase"]):
-            raise InputError(f"{path}: entry {name!r} is not {{'subject': [str, ...], 'phrase': [str, ...]}} "
-                             "with one phrase per subject")
+            raise InputError(
+                f"{path}: entry {name!r} is not {{'subject': [str, ...], 'phrase': [str, ...]}} "
+                "with one phrase per subject"
+            )
     return data
 
 
@@ -61,6 +72,8 @@ def convert_aep_prompts(path: Path, phrases_dir: Path, class_names: list[str]) -
     if unknown:
         raise InputError(f"{path} names subject(s) {unknown[:10]} that are not AEP classes (classes.json)")
     for name, entry in data.items():
-        write_json_atomic(phrases_dir / f"{Path(name).stem if name.endswith(('.png', '.jpg')) else name}.json",
-                          {"subject": list(entry["subject"]), "phrase": list(entry["phrase"])})
+        write_json_atomic(
+            phrases_dir / f"{Path(name).stem if name.endswith(('.png', '.jpg')) else name}.json",
+            {"subject": list(entry["subject"]), "phrase": list(entry["phrase"])},
+        )
     return len(data)

@@ -27,9 +27,15 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 def write_markdown(m: dict[str, Any], path: Path) -> None:
     """Main table with the delta, the ablation over the run's variants, size buckets, per-class IoU
     and notes on the data (without `elbo` or `baseline` in the run: the ablation and the notes)."""
-    mode = "oracle sweep over 0.01..0.99 (each method its best)" if m["threshold_mode"] == "sweep" else "fixed"
-    lines = [f"# Segmentation: {m['dataset']} ({m['split']}), model {m['model']}", "",
-             f"Images evaluated: {m['num_images']} of {m['num_expected']}; threshold: {mode}.", ""]
+    mode = (
+        "oracle sweep over 0.01..0.99 (each method its best)" if m["threshold_mode"] == "sweep" else "fixed"
+    )
+    lines = [
+        f"# Segmentation: {m['dataset']} ({m['split']}), model {m['model']}",
+        "",
+        f"Images evaluated: {m['num_images']} of {m['num_expected']}; threshold: {mode}.",
+        "",
+    ]
     if "elbo" in m and "baseline" in m:
         lines += _comparison(m)
     else:
@@ -42,25 +48,55 @@ def write_markdown(m: dict[str, Any], path: Path) -> None:
 def _comparison(m: dict[str, Any]) -> list[str]:
     base, elbo = m["baseline"], m["elbo"]
     lines: list[str] = []
-    rows = [["baseline (strength 1)", _num(base["threshold"]), *(_num(base[k]) for k in COLUMNS)],
-            [f"ELBO-T2IAlign (strength {m['strength']})", _num(elbo["threshold"]), *(_num(elbo[k]) for k in COLUMNS)],
-            ["delta", "", *(_num(_diff(elbo[k], base[k]), signed=True) for k in COLUMNS)]]
+    rows = [
+        ["baseline (strength 1)", _num(base["threshold"]), *(_num(base[k]) for k in COLUMNS)],
+        [
+            f"ELBO-T2IAlign (strength {m['strength']})",
+            _num(elbo["threshold"]),
+            *(_num(elbo[k]) for k in COLUMNS),
+        ],
+        ["delta", "", *(_num(_diff(elbo[k], base[k]), signed=True) for k in COLUMNS)],
+    ]
     if "crf" in elbo:
         rows.insert(2, ["baseline + CRF", _num(base["threshold"]), *(_num(base["crf"][k]) for k in COLUMNS)])
-        rows.insert(3, ["ELBO-T2IAlign + CRF", _num(elbo["threshold"]), *(_num(elbo["crf"][k]) for k in COLUMNS)])
+        rows.insert(
+            3, ["ELBO-T2IAlign + CRF", _num(elbo["threshold"]), *(_num(elbo["crf"][k]) for k in COLUMNS)]
+        )
     lines += _table(["method", "threshold", *COLUMNS], rows)
     lines += ["", *ablation.markdown(m)]
     lines += ["## mIoU by ground-truth area (10 equal-count buckets, small objects first)", ""]
-    lines += _table(["bucket", "area / image", "instances", "baseline", "ELBO", "delta"], [
-        [str(b["bucket"]), f"{b['min_ratio']:.4f}-{b['max_ratio']:.4f}", str(b["count"]), _num(b["mIoU"]),
-         _num(e["mIoU"]), _num(_diff(e["mIoU"], b["mIoU"]), signed=True)]
-        for b, e in zip(base["size_buckets"], elbo["size_buckets"], strict=True)])
+    lines += _table(
+        ["bucket", "area / image", "instances", "baseline", "ELBO", "delta"],
+        [
+            [
+                str(b["bucket"]),
+                f"{b['min_ratio']:.4f}-{b['max_ratio']:.4f}",
+                str(b["count"]),
+                _num(b["mIoU"]),
+                _num(e["mIoU"]),
+                _num(_diff(e["mIoU"], b["mIoU"]), signed=True),
+            ]
+            for b, e in zip(base["size_buckets"], elbo["size_buckets"], strict=True)
+        ],
+    )
     lines += ["", "## IoU per class", ""]
-    classes = sorted(set(base["per_class"]) | set(elbo["per_class"]),
-                     key=lambda c: (base["per_class"].get(c) or elbo["per_class"][c])["id"])
-    lines += _table(["class", "baseline", "ELBO", "delta", "gt pixels"], [
-        [c, _num(_get(base, c)), _num(_get(elbo, c)), _num(_diff(_get(elbo, c), _get(base, c)), signed=True),
-         str((base["per_class"].get(c) or elbo["per_class"][c])["gt_pixels"])] for c in classes])
+    classes = sorted(
+        set(base["per_class"]) | set(elbo["per_class"]),
+        key=lambda c: (base["per_class"].get(c) or elbo["per_class"][c])["id"],
+    )
+    lines += _table(
+        ["class", "baseline", "ELBO", "delta", "gt pixels"],
+        [
+            [
+                c,
+                _num(_get(base, c)),
+                _num(_get(elbo, c)),
+                _num(_diff(_get(elbo, c), _get(base, c)), signed=True),
+                str((base["per_class"].get(c) or elbo["per_class"][c])["gt_pixels"]),
+            ]
+            for c in classes
+        ],
+    )
     return lines
 
 
@@ -76,14 +112,20 @@ def _diff(a: float | None, b: float | None) -> float | None:
 def _notes(m: dict[str, Any]) -> list[str]:
     notes = ["## Notes", ""]
     if m["skipped"]:
-        notes.append(f"- {len(m['skipped'])} image(s) skipped (unreadable input, see skipped/): "
-                     + ", ".join(sorted(m["skipped"])[:20]))
+        notes.append(
+            f"- {len(m['skipped'])} image(s) skipped (unreadable input, see skipped/): "
+            + ", ".join(sorted(m["skipped"])[:20])
+        )
     if m["unfinished"]:
-        notes.append(f"- {m['unfinished']} image(s) of the split are not finished yet: the run is incomplete.")
+        notes.append(
+            f"- {m['unfinished']} image(s) of the split are not finished yet: the run is incomplete."
+        )
     fallback = {k: v for k, v in m["phrase_sources"].items() if k.startswith("class_names (")}
     if fallback:
-        notes.append(f"- {sum(fallback.values())} image(s) had no per-image phrase file; their prompts used "
-                     "class names (PROTOCOL 9 fallback), so numbers are not comparable with phrase prompts.")
+        notes.append(
+            f"- {sum(fallback.values())} image(s) had no per-image phrase file; their prompts used "
+            "class names (PROTOCOL 9 fallback), so numbers are not comparable with phrase prompts."
+        )
     if len(notes) == 2:
         notes.append("- every image of the split was evaluated.")
     return notes
@@ -143,8 +185,9 @@ def _overlay_figure(plt: Any, rows: list[dict[str, Any]], labels: dict[str, str]
         axes[r, 2].imshow(row["heat"], cmap="jet", alpha=0.5, vmin=0, vmax=255)
         for c, v in ((3, "baseline"), (4, "elbo")):
             axes[r, c].imshow(row["image"])
-            axes[r, c].imshow(_colour(row[f"pred_{v}"]), cmap=palette, vmin=0, vmax=20, alpha=0.6,
-                              interpolation="nearest")
+            axes[r, c].imshow(
+                _colour(row[f"pred_{v}"]), cmap=palette, vmin=0, vmax=20, alpha=0.6, interpolation="nearest"
+            )
         axes[r, 0].set_ylabel(row["name"], fontsize=8)
     for c, title in enumerate(titles):
         axes[0, c].set_title(title, fontsize=9)

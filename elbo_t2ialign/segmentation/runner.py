@@ -59,9 +59,17 @@ OWN_FILES = ["variants.json"]
 class HeatmapAligner(Protocol):
     """What the runner needs from `elbo_t2ialign.Aligner`: one image's network passes -> (Evidence, info)."""
 
-    def observe(self, image: Image.Image, class_names: list[str], phrases: list[str] | None = None,
-                seed: int | None = None, *, prompt: str | None = None, need_elbo: bool | None = None,
-                elbo_losses: dict[str, float] | None = None) -> tuple[Any, dict[str, Any]]: ...
+    def observe(
+        self,
+        image: Image.Image,
+        class_names: list[str],
+        phrases: list[str] | None = None,
+        seed: int | None = None,
+        *,
+        prompt: str | None = None,
+        need_elbo: bool | None = None,
+        elbo_losses: dict[str, float] | None = None,
+    ) -> tuple[Any, dict[str, Any]]: ...
 
 
 def run(cfg: Any, aligner: HeatmapAligner | None = None) -> Path:
@@ -69,18 +77,29 @@ def run(cfg: Any, aligner: HeatmapAligner | None = None) -> Path:
     conf = to_container(cfg, ConfigError)
     options = validate(conf)
     conf["elbo"] = options.to_dict()  # saved in full, so the folder stays reproducible if defaults change
-    plan = VariantPlan(parse_variants(conf.get("variants"), options), options,
-                       ElboSource(conf["elbo_from"], conf) if conf.get("elbo_from") else None)
+    plan = VariantPlan(
+        parse_variants(conf.get("variants"), options),
+        options,
+        ElboSource(conf["elbo_from"], conf) if conf.get("elbo_from") else None,
+    )
     shard = parse_shard(conf.get("shard"))
     dataset = SegDataset(conf["dataset"])
     folder = SegmentationFolder(conf["output_dir"])
     spec = Launch(
-        conf=conf, fingerprint=result_fingerprint, error=ConfigError, own_files=OWN_FILES,
+        conf=conf,
+        fingerprint=result_fingerprint,
+        error=ConfigError,
+        own_files=OWN_FILES,
         identity={"dataset": dataset.identity(), "model": model_identity(str(conf["model"]["id"]))},
-        run_info={"seed": conf.get("seed", 0), "dataset": conf["dataset"].get("name"),
-                  "split": conf["dataset"].get("split"), "model": conf["model"]["name"]},
+        run_info={
+            "seed": conf.get("seed", 0),
+            "dataset": conf["dataset"].get("name"),
+            "split": conf["dataset"].get("split"),
+            "model": conf["model"]["name"],
+        },
         details={"shard": f"{shard.index}/{shard.count}"},
-        shard_tag=shard.tag, conflicts=(".lock.shard*",) if shard.count == 1 else (".lock",),
+        shard_tag=shard.tag,
+        conflicts=(".lock.shard*",) if shard.count == 1 else (".lock",),
     )
     with launch(folder, spec):
         record(folder, plan.variants)
@@ -91,12 +110,25 @@ def run(cfg: Any, aligner: HeatmapAligner | None = None) -> Path:
             todo = [(i, n) for i, n in items if not _verified(folder, n) or plan.missing(folder, n)]
             if plan.source is not None:
                 plan.source.check_images([n for _, n in todo if not folder.is_done(n)])
-            log.info("%s/%s: %d images in this shard, %d finished, %d to do -> %s", dataset.name, dataset.split,
-                     len(items), len(items) - len(todo), len(todo), folder.root)
+            log.info(
+                "%s/%s: %d images in this shard, %d finished, %d to do -> %s",
+                dataset.name,
+                dataset.split,
+                len(items),
+                len(items) - len(todo),
+                len(todo),
+                folder.root,
+            )
             if todo and aligner is None:
                 aligner = build_aligner(conf, options)
-            progress = tqdm(todo, total=len(items), initial=len(items) - len(todo), unit="img",
-                            desc=f"{dataset.name}{shard.tag}", disable=not conf.get("progress", True))
+            progress = tqdm(
+                todo,
+                total=len(items),
+                initial=len(items) - len(todo),
+                unit="img",
+                desc=f"{dataset.name}{shard.tag}",
+                disable=not conf.get("progress", True),
+            )
             fallback = 0
             for index, name in progress:
                 source = _process(folder, dataset, aligner, conf, index, name, plan)
@@ -137,8 +169,15 @@ def _select(dataset: SegDataset, limit: Any, shard: Shard) -> list[tuple[int, st
     return [(i, n) for i, n in enumerate(names) if shard.owns(i)]
 
 
-def _process(folder: SegmentationFolder, dataset: SegDataset, aligner: HeatmapAligner, conf: dict[str, Any],
-             index: int, name: str, plan: VariantPlan) -> str | None:
+def _process(
+    folder: SegmentationFolder,
+    dataset: SegDataset,
+    aligner: HeatmapAligner,
+    conf: dict[str, Any],
+    index: int,
+    name: str,
+    plan: VariantPlan,
+) -> str | None:
     """Compute and write one image; returns the phrase source, None when skipped."""
     try:
         image, info = dataset.load_example(name)
@@ -154,7 +193,9 @@ def _process(folder: SegmentationFolder, dataset: SegDataset, aligner: HeatmapAl
         log.info("%s: %s; prompting with class names", name, source)
     seed = int(conf.get("seed", 0)) + index
     prompt = None
-    if phrases is not None:  # as the reference: the collection prompt lists every phrase of the image, in order
+    if (
+        phrases is not None
+    ):  # as the reference: the collection prompt lists every phrase of the image, in order
         prompt = conf["elbo"]["collect_prompt"].format(", ".join(dataset.phrase_lists(name)[1]))
     if folder.is_done(name):  # finished before: only the variants added since
         _add_variants(folder, name, aligner, plan, image, prompt)
@@ -166,22 +207,39 @@ def _process(folder: SegmentationFolder, dataset: SegDataset, aligner: HeatmapAl
     return source
 
 
-def _write_image(folder: SegmentationFolder, name: str, index: int, seed: int, info: ImageInfo, names: list[str],
-                 phrases: list[str] | None, source: str, result: VariantMaps) -> None:
+def _write_image(
+    folder: SegmentationFolder,
+    name: str,
+    index: int,
+    seed: int,
+    info: ImageInfo,
+    names: list[str],
+    phrases: list[str] | None,
+    source: str,
+    result: VariantMaps,
+) -> None:
     """Write into maps/.tmp-<name>/, then rename it to maps/<name>/ in one step."""
     tmp = _fresh_temp(folder, name)
     _save_maps(tmp, name, info.class_ids, names, info.size, result)
     scores = {
-        "image": name, "index": index, "seed": seed, "size": list(info.size),
-        "class_ids": info.class_ids, "classes": names, "phrases": phrases, "phrase_source": source,
+        "image": name,
+        "index": index,
+        "seed": seed,
+        "size": list(info.size),
+        "class_ids": info.class_ids,
+        "classes": names,
+        "phrases": phrases,
+        "phrase_source": source,
         **result.scores(),  # elbo, tau, variants (and elbo_from when the losses were reused)
     }
     write_json_atomic(tmp / "scores.json", scores)
     try:
         os.rename(tmp, folder.image_dir(name))
     except OSError as err:
-        raise ConfigError(f"cannot finish {name}: {folder.image_dir(name)} exists but is incomplete ({err}); "
-                          "move it away and rerun") from None
+        raise ConfigError(
+            f"cannot finish {name}: {folder.image_dir(name)} exists but is incomplete ({err}); "
+            "move it away and rerun"
+        ) from None
 
 
 def _fresh_temp(folder: SegmentationFolder, name: str) -> Path:
@@ -192,21 +250,29 @@ def _fresh_temp(folder: SegmentationFolder, name: str) -> Path:
     return tmp
 
 
-def _save_maps(tmp: Path, name: str, class_ids: list[int], names: list[str], size: tuple[int, int],
-               result: VariantMaps) -> None:
+def _save_maps(
+    tmp: Path, name: str, class_ids: list[int], names: list[str], size: tuple[int, int], result: VariantMaps
+) -> None:
     for class_id, class_name in zip(class_ids, names, strict=True):
         for variant, maps in result.maps.items():
             pixels = to_uint8(maps[class_name], size, f"{variant} map of {class_name!r} for {name}")
             Image.fromarray(pixels).save(tmp / heatmap_name(variant, class_id), format="PNG")
 
 
-def _add_variants(folder: SegmentationFolder, name: str, aligner: HeatmapAligner, plan: VariantPlan, image: Any,
-                  prompt: str | None) -> None:
+def _add_variants(
+    folder: SegmentationFolder,
+    name: str,
+    aligner: HeatmapAligner,
+    plan: VariantPlan,
+    image: Any,
+    prompt: str | None,
+) -> None:
     """Maps of variants added to a finished image: written beside the others, then scores.json lists
     them (a kill in between leaves files that the next launch writes again)."""
     scores = read_json(folder.image_dir(name) / "scores.json")
-    result = plan.compute(aligner, image, name, scores["classes"], scores["phrases"], scores["seed"], scores,
-                          prompt=prompt)
+    result = plan.compute(
+        aligner, image, name, scores["classes"], scores["phrases"], scores["seed"], scores, prompt=prompt
+    )
     tmp = _fresh_temp(folder, name)
     _save_maps(tmp, name, scores["class_ids"], scores["classes"], tuple(scores["size"]), result)
     for f in tmp.iterdir():
@@ -219,21 +285,29 @@ def to_uint8(heat: Any, size: tuple[int, int], what: str) -> np.ndarray:
     """(H, W) float heatmap in [0, 1] -> (H, W) uint8, value round(255 * heat)."""
     arr = np.asarray(heat, dtype=np.float32)
     if arr.shape != tuple(size):
-        raise RuntimeError(f"{what}: aligner returned shape {arr.shape}, expected the image size {tuple(size)}")
+        raise RuntimeError(
+            f"{what}: aligner returned shape {arr.shape}, expected the image size {tuple(size)}"
+        )
     if not np.isfinite(arr).all():
         raise RuntimeError(f"{what}: aligner returned non-finite values")
     return np.round(np.clip(arr, 0.0, 1.0) * 255.0).astype(np.uint8)
 
 
-def _summarise(folder: SegmentationFolder, dataset: SegDataset, items: list[tuple[int, str]], fallback: int) -> None:
+def _summarise(
+    folder: SegmentationFolder, dataset: SegDataset, items: list[tuple[int, str]], fallback: int
+) -> None:
     skipped = [n for _, n in items if folder.skip_record(n).exists() and not folder.is_done(n)]
     done = sum(folder.is_done(n) for _, n in items)
     log.info("finished %d of %d images of this shard", done, len(items))
     if skipped:
         log.warning("%d image(s) skipped, see %s: %s", len(skipped), folder.skipped, ", ".join(skipped[:10]))
     if items and not done:
-        raise InputError(f"every image of this run ({len(items)}) was skipped; the reasons are in {folder.skipped}")
+        raise InputError(
+            f"every image of this run ({len(items)}) was skipped; the reasons are in {folder.skipped}"
+        )
     if fallback:
-        log.warning("%d image(s) had no phrase file (%s); their prompts used class names",
-                    fallback, dataset.phrase_template)
-
+        log.warning(
+            "%d image(s) had no phrase file (%s); their prompts used class names",
+            fallback,
+            dataset.phrase_template,
+        )

@@ -90,15 +90,21 @@ def parse_variants(specs: Any, options: AlignOptions) -> list[Variant]:
 
 def _parse_one(spec: str, options: AlignOptions) -> Variant:
     configured = (float(options.strength), bool(options.fixed_temperature))
-    named = {"baseline": (1.0, False, options.refine), "elbo": (*configured, options.refine),
-             "cross": (*configured, False), "cross_baseline": (1.0, False, False)}
+    named = {
+        "baseline": (1.0, False, options.refine),
+        "elbo": (*configured, options.refine),
+        "cross": (*configured, False),
+        "cross_baseline": (1.0, False, False),
+    }
     if spec in named:
         return Variant(spec, *named[spec])
     match = _NUMBERED.match(spec)
     value = float(match.group(2)) if match else math.nan
     if not match or not math.isfinite(value) or value <= 0:
-        raise ConfigError(f"unknown calibration variant {spec!r}; use one of {SPEC_FORMS} with N > 0 "
-                          "(e.g. variants=[baseline,elbo,s2,fixed3,cross])")
+        raise ConfigError(
+            f"unknown calibration variant {spec!r}; use one of {SPEC_FORMS} with N > 0 "
+            "(e.g. variants=[baseline,elbo,s2,fixed3,cross])"
+        )
     fixed = match.group(1).startswith("fixed")
     return Variant(f"{'fixed' if fixed else 's'}{_number(value)}", value, fixed, options.refine)
 
@@ -114,8 +120,10 @@ def record(folder: SegmentationFolder, variants: list[Variant]) -> dict[str, dic
     known = recorded(folder) if (folder.root / "variants.json").is_file() else {}
     for v in variants:
         if v.name in known and known[v.name] != v.setting():
-            raise ConfigError(f"{folder.root / 'variants.json'} records variant {v.name!r} as {known[v.name]}, "
-                              f"this config makes it {v.setting()}; set output_dir=<new folder>")
+            raise ConfigError(
+                f"{folder.root / 'variants.json'} records variant {v.name!r} as {known[v.name]}, "
+                f"this config makes it {v.setting()}; set output_dir=<new folder>"
+            )
         known.setdefault(v.name, v.setting())
     write_json_atomic(folder.root / "variants.json", [{"name": k, **s} for k, s in known.items()])
     return known
@@ -155,16 +163,20 @@ class VariantMaps:
     def scores(self) -> dict[str, Any]:
         """The scores.json fields of these maps (classes in map order)."""
         names = list(self.tau)
-        out = {"elbo": {c: None if self.losses is None else float(self.losses[c]) for c in names},
-               "tau": {c: None if self.tau[c] is None else float(self.tau[c]) for c in names},
-               "variants": list(self.maps)}
+        out = {
+            "elbo": {c: None if self.losses is None else float(self.losses[c]) for c in names},
+            "tau": {c: None if self.tau[c] is None else float(self.tau[c]) for c in names},
+            "variants": list(self.maps),
+        }
         return out | ({"elbo_from": self.elbo_from} if self.elbo_from else {})
 
 
 class VariantPlan:
     """The variants of a run and where ELBO losses may come from; computes an image's missing maps."""
 
-    def __init__(self, variants: list[Variant], options: AlignOptions, source: ElboSource | None = None) -> None:
+    def __init__(
+        self, variants: list[Variant], options: AlignOptions, source: ElboSource | None = None
+    ) -> None:
         self.variants, self.options, self.source = variants, options, source
 
     def missing(self, folder: SegmentationFolder, name: str) -> list[Variant]:
@@ -177,8 +189,17 @@ class VariantPlan:
         have = set(written(stored)) if stored is not None else set()
         return [v for v in self.variants if v.name not in have]
 
-    def compute(self, aligner: Any, image: Any, image_name: str, names: list[str], phrases: list[str] | None,
-                seed: int, stored: Mapping[str, Any] | None = None, prompt: str | None = None) -> VariantMaps:
+    def compute(
+        self,
+        aligner: Any,
+        image: Any,
+        image_name: str,
+        names: list[str],
+        phrases: list[str] | None,
+        seed: int,
+        stored: Mapping[str, Any] | None = None,
+        prompt: str | None = None,
+    ) -> VariantMaps:
         """One network pass (`aligner.observe`), then every missing variant's maps; equal settings once.
 
         `stored`: the image's scores.json when it is finished (its variants are skipped, its ELBO
@@ -187,11 +208,18 @@ class VariantPlan:
         wanted = self._wanted(stored)
         if not names:
             return VariantMaps({v.name: {} for v in wanted}, None, {})
-        losses, origin = (stored_losses(stored), stored.get("elbo_from")) if stored is not None else (None, None)
+        losses, origin = (
+            (stored_losses(stored), stored.get("elbo_from")) if stored is not None else (None, None)
+        )
         need = len(names) > 1 and any(v.needs_elbo for v in wanted)
         if need and losses is None and self.source is not None:
-            losses, origin = self.source.losses(image_name, names, phrases, seed), str(self.source.folder.root)
-        evidence, _ = aligner.observe(image, names, phrases, seed, prompt=prompt, need_elbo=need, elbo_losses=losses)
+            losses, origin = (
+                self.source.losses(image_name, names, phrases, seed),
+                str(self.source.folder.root),
+            )
+        evidence, _ = aligner.observe(
+            image, names, phrases, seed, prompt=prompt, need_elbo=need, elbo_losses=losses
+        )
         done: dict[tuple[float, bool, bool], dict[str, np.ndarray]] = {}
         maps = {}
         for v in wanted:
@@ -210,7 +238,9 @@ def merged_scores(stored: Mapping[str, Any], added: VariantMaps) -> dict[str, An
     new = added.scores()
     out = dict(stored) | {"variants": written(stored) + new["variants"]}
     if stored_losses(stored) is None and added.losses is not None:  # ELBO computed (or reused) just now
-        out |= {k: new[k] for k in ("elbo", "tau")} | ({"elbo_from": added.elbo_from} if added.elbo_from else {})
+        out |= {k: new[k] for k in ("elbo", "tau")} | (
+            {"elbo_from": added.elbo_from} if added.elbo_from else {}
+        )
     return out
 
 
@@ -234,36 +264,48 @@ class ElboSource:
     def __init__(self, path: str | Path, conf: Mapping[str, Any]) -> None:
         self.folder = SegmentationFolder(Path(path).expanduser())
         if not self.folder.config.is_file():
-            raise ConfigError(f"elbo_from={path} is not a segmentation run folder (no config.yaml); "
-                              "give the output_dir of a finished run")
+            raise ConfigError(
+                f"elbo_from={path} is not a segmentation run folder (no config.yaml); "
+                "give the output_dir of a finished run"
+            )
         theirs = OmegaConf.to_container(OmegaConf.load(self.folder.config), resolve=True)
         diffs = [".".join(k) for k in _ELBO_KEYS if _elbo_value(theirs, k) != _elbo_value(conf, k)]
         if diffs:
-            raise ConfigError(f"elbo_from={path} computed its ELBO losses with other {', '.join(diffs)} "
-                              "than this run; reuse a run made with the same values")
+            raise ConfigError(
+                f"elbo_from={path} computed its ELBO losses with other {', '.join(diffs)} "
+                "than this run; reuse a run made with the same values"
+            )
 
     def check_images(self, names: list[str]) -> None:
         """Every image this run will compute must be finished in the source folder."""
         absent = [n for n in names if not self.folder.is_done(n)]
         if absent:
-            raise ConfigError(f"elbo_from={self.folder.root} has no finished image {absent[0]!r}"
-                              f"{f' (nor {len(absent) - 1} more)' if len(absent) > 1 else ''}; "
-                              "finish that run first or drop elbo_from")
+            raise ConfigError(
+                f"elbo_from={self.folder.root} has no finished image {absent[0]!r}"
+                f"{f' (nor {len(absent) - 1} more)' if len(absent) > 1 else ''}; "
+                "finish that run first or drop elbo_from"
+            )
 
     def losses(self, image: str, names: list[str], phrases: list[str] | None, seed: int) -> dict[str, float]:
         self.check_images([image])
         scores = read_json(self.folder.image_dir(image) / "scores.json")
         where = f"elbo_from={self.folder.root}, image {image!r}"
         if list(scores["classes"]) != list(names):
-            raise ConfigError(f"{where}: classes {scores['classes']} differ from this run's {names}; "
-                              "reuse a run over the same dataset and labels")
+            raise ConfigError(
+                f"{where}: classes {scores['classes']} differ from this run's {names}; "
+                "reuse a run over the same dataset and labels"
+            )
         if scores.get("phrases") != phrases or scores.get("seed") != seed:
-            raise ConfigError(f"{where}: phrases {scores.get('phrases')} / seed {scores.get('seed')} differ from "
-                              f"this run's {phrases} / {seed}; reuse a run with the same phrases, seed and split")
+            raise ConfigError(
+                f"{where}: phrases {scores.get('phrases')} / seed {scores.get('seed')} differ from "
+                f"this run's {phrases} / {seed}; reuse a run with the same phrases, seed and split"
+            )
         losses = stored_losses(scores)
         if losses is None:
-            raise ConfigError(f"{where}: no ELBO losses stored (that run needed none: strength 1 or fixed "
-                              "temperature only); drop elbo_from")
+            raise ConfigError(
+                f"{where}: no ELBO losses stored (that run needed none: strength 1 or fixed "
+                "temperature only); drop elbo_from"
+            )
         return losses
 
 

@@ -327,7 +327,9 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
     """
     ckpt = torch.load(checkpoint, weights_only=True)
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    cfg = TrainConfig(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in ckpt["config"].items() if k in fields})
+    cfg = TrainConfig(
+        **{k: (tuple(v) if isinstance(v, list) else v) for k, v in ckpt["config"].items() if k in fields}
+    )
     torch.manual_seed(cfg.seed)
     tokenizer = build_tokenizer()
     text_encoder, vae, unet = build_text_encoder(cfg, tokenizer), build_vae(cfg), build_unet(cfg)
@@ -347,7 +349,9 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
 
 def _identity(config: dict) -> dict:
     """The settings that define the result (thread count and logging do not)."""
-    return {k: v for k, v in config.items() if k not in ("threads", "device", "checkpoint_every", "log_every")}
+    return {
+        k: v for k, v in config.items() if k not in ("threads", "device", "checkpoint_every", "log_every")
+    }
 
 
 def train(cfg: TrainConfig, out: Path, work: Path, progress: bool = True) -> dict:
@@ -399,7 +403,10 @@ def train(cfg: TrainConfig, out: Path, work: Path, progress: bool = True) -> dic
     scale = float(1.0 / latents.std())
     vae.register_to_config(scaling_factor=scale)
     latents = (latents * scale).to(device)
-    print(f"VAE reconstruction MSE {vae_rec:.4f}; latents {tuple(latents.shape[1:])}, scale {scale:.4f}", flush=True)
+    print(
+        f"VAE reconstruction MSE {vae_rec:.4f}; latents {tuple(latents.shape[1:])}, scale {scale:.4f}",
+        flush=True,
+    )
 
     text_encoder.requires_grad_(cfg.train_text)
     text_encoder.train(cfg.train_text)
@@ -447,7 +454,14 @@ def train(cfg: TrainConfig, out: Path, work: Path, progress: bool = True) -> dic
     unet.train()
     n = len(latents)
     t0 = time.perf_counter()
-    bar = tqdm(range(start, cfg.steps), desc="unet", initial=start, total=cfg.steps, disable=not progress, mininterval=5)
+    bar = tqdm(
+        range(start, cfg.steps),
+        desc="unet",
+        initial=start,
+        total=cfg.steps,
+        disable=not progress,
+        mininterval=5,
+    )
     for step in bar:
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg)
@@ -479,9 +493,9 @@ def train(cfg: TrainConfig, out: Path, work: Path, progress: bool = True) -> dic
                         ema[k].mul_(d).add_(v.detach(), alpha=1 - d)
         losses.append(loss.item())
         if (step + 1) % cfg.log_every == 0:
-            bar.set_postfix(loss=f"{np.mean(losses[-cfg.log_every:]):.4f}", lr=f"{lr_at(step, cfg):.2e}")
+            bar.set_postfix(loss=f"{np.mean(losses[-cfg.log_every :]):.4f}", lr=f"{lr_at(step, cfg):.2e}")
             if not progress:
-                print(f"step {step + 1} loss {np.mean(losses[-cfg.log_every:]):.4f}", flush=True)
+                print(f"step {step + 1} loss {np.mean(losses[-cfg.log_every :]):.4f}", flush=True)
         if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
             save_checkpoint(step + 1)
     timings["unet_s"] = time.perf_counter() - t0
@@ -521,14 +535,18 @@ def parse_config(overrides: list[str]) -> TrainConfig:
     for item in overrides:
         key, _, value = item.partition("=")
         if not hasattr(cfg, key):
-            raise SystemExit(f"unknown setting {key!r}; settings: {[f.name for f in dataclasses.fields(cfg)]}")
+            raise SystemExit(
+                f"unknown setting {key!r}; settings: {[f.name for f in dataclasses.fields(cfg)]}"
+            )
         setattr(cfg, key, _parse_value(value, getattr(cfg, key)))
     return cfg
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description="Train the testbed model on the shapes world.")
-    p.add_argument("--out", default=str(DEFAULT_MODEL_DIR), help="pipeline folder (default: the committed model)")
+    p.add_argument(
+        "--out", default=str(DEFAULT_MODEL_DIR), help="pipeline folder (default: the committed model)"
+    )
     p.add_argument("--work", default="runs/testbed/train", help="checkpoints (resumable)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override a TrainConfig field")
     p.add_argument("--no-progress", action="store_true")

@@ -23,20 +23,26 @@ __all__ = ["ModelAdapter", "adapter_for", "load_pipeline", "resolve_device", "re
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
-    """"auto" -> CUDA when available, else CPU; anything else is taken as given."""
+    """ "auto" -> CUDA when available, else CPU; anything else is taken as given."""
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """"auto" -> float32 on CPU, float16 elsewhere (PROTOCOL 8)."""
+    """ "auto" -> float32 on CPU, float16 elsewhere (PROTOCOL 8)."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype in (None, "auto"):
         return torch.float32 if device.type == "cpu" else torch.float16
-    names = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    names = {
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+    }
     if dtype not in names:
         raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(names)} or 'auto'")
     return names[dtype]
@@ -71,7 +77,9 @@ def load_pipeline(model_id: str, device: torch.device, dtype: torch.dtype, prepa
         pipe = DiffusionPipeline.from_pretrained(source, dtype=dtype, safety_checker=None)
     except (OSError, ValueError) as err:
         if local.exists() or model_id.startswith((".", "/", "~")):
-            raise FileNotFoundError(f"cannot load a diffusers pipeline from folder {model_id!r}: {err}") from err
+            raise FileNotFoundError(
+                f"cannot load a diffusers pipeline from folder {model_id!r}: {err}"
+            ) from err
         raise FileNotFoundError(
             f"cannot load model {model_id!r}: it is not a local folder and could not be fetched from the "
             "Hugging Face Hub (offline, no access, or not in the cache). Download it where there is network "
@@ -81,8 +89,13 @@ def load_pipeline(model_id: str, device: torch.device, dtype: torch.dtype, prepa
     return prepare_pipeline(pipe, device, dtype) if prepare else pipe
 
 
-def adapter_for(pipe, device: torch.device, dtype: torch.dtype, resolution: int | None = None,
-                max_sequence_length: int | None = None) -> ModelAdapter:
+def adapter_for(
+    pipe,
+    device: torch.device,
+    dtype: torch.dtype,
+    resolution: int | None = None,
+    max_sequence_length: int | None = None,
+) -> ModelAdapter:
     """The adapter of the pipeline's architecture family, chosen from its denoiser component; the
     pipeline is prepared for `device` and `dtype` first (`prepare_pipeline`)."""
     prepare_pipeline(pipe, device, dtype)

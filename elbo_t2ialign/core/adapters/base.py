@@ -59,8 +59,14 @@ class ModelAdapter:
     max_sequence_length: int | None = None  # T5 text length, for families that use T5
     prompt_cache_size: int = 256  # conditionings kept by encode_prompt (least recently used dropped)
 
-    def __init__(self, pipe, device: torch.device, dtype: torch.dtype, resolution: int | None = None,
-                 max_sequence_length: int | None = None):
+    def __init__(
+        self,
+        pipe,
+        device: torch.device,
+        dtype: torch.dtype,
+        resolution: int | None = None,
+        max_sequence_length: int | None = None,
+    ):
         self.pipe = pipe
         if max_sequence_length is not None:
             self.max_sequence_length = int(max_sequence_length)
@@ -175,8 +181,9 @@ class ModelAdapter:
         under autocast (PROTOCOL 8: normalisations and softmax in float32, as the reference runs them)."""
         half = self.dtype in (torch.float16, torch.bfloat16)
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=half):
-            return self._forward(x.to(self.dtype), timestep.to(self.device),
-                                 {k: v.to(self.device) for k, v in cond.items()})
+            return self._forward(
+                x.to(self.dtype), timestep.to(self.device), {k: v.to(self.device) for k, v in cond.items()}
+            )
 
     @torch.no_grad()
     def predict(self, z_t: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
@@ -190,6 +197,10 @@ class ModelAdapter:
     def recorder(self, weights: dict[str, dict[str, float]], **kwargs) -> AttentionRecorder:
         """An attention recorder for this denoiser (kwargs: chunk_mb, precision, per_layer, ...)."""
         return AttentionRecorder(
-            self.denoiser, self.attention_layers(), weights, self.capture_processor,
-            text_length=self.text_length, **kwargs,
+            self.denoiser,
+            self.attention_layers(),
+            weights,
+            self.capture_processor,
+            text_length=self.text_length,
+            **kwargs,
         )

@@ -45,8 +45,10 @@ class _TransformerAdapter(ModelAdapter):
             return (name.startswith("single_"), *map(int, re.findall(r"\d+", name)))
 
         modules = dict(self.denoiser.named_modules())
-        return [LayerInfo(n, kind_of(n, modules[n]), i, self.grid, "stack")
-                for i, n in enumerate(sorted(names, key=rank))]
+        return [
+            LayerInfo(n, kind_of(n, modules[n]), i, self.grid, "stack")
+            for i, n in enumerate(sorted(names, key=rank))
+        ]
 
 
 class MMDiTAdapter(_TransformerAdapter):
@@ -72,18 +74,27 @@ class MMDiTAdapter(_TransformerAdapter):
         clip = self.pipe.tokenizer
         blocks = [TextBlock("CLIP", clip, 0, int(clip.model_max_length), True)]
         if getattr(self.pipe, "tokenizer_3", None) is not None:
-            blocks.append(TextBlock("T5", self.pipe.tokenizer_3, int(clip.model_max_length),
-                                    self.max_sequence_length, False))
+            blocks.append(
+                TextBlock(
+                    "T5", self.pipe.tokenizer_3, int(clip.model_max_length), self.max_sequence_length, False
+                )
+            )
         return blocks
 
     def build_schedule(self) -> NoiseSchedule:
-        return FlowSchedule.from_scheduler_config(self.pipe.scheduler.config, image_seq_len=self.grid**2,
-                                                  timestep_scale=1.0)
+        return FlowSchedule.from_scheduler_config(
+            self.pipe.scheduler.config, image_seq_len=self.grid**2, timestep_scale=1.0
+        )
 
     def _encode_prompt(self, prompt: str) -> Cond:
         embeds, _, pooled, _ = self.pipe.encode_prompt(
-            prompt, prompt_2=None, prompt_3=None, device=self.device, num_images_per_prompt=1,
-            do_classifier_free_guidance=False, max_sequence_length=self.max_sequence_length,
+            prompt,
+            prompt_2=None,
+            prompt_3=None,
+            device=self.device,
+            num_images_per_prompt=1,
+            do_classifier_free_guidance=False,
+            max_sequence_length=self.max_sequence_length,
         )
         return {"encoder_hidden_states": embeds.to(self.dtype), "pooled_projections": pooled.to(self.dtype)}
 
@@ -126,12 +137,16 @@ class FluxAdapter(_T5TextAdapter):
         return int(getattr(self.pipe, "default_sample_size", 128)) * self.vae_scale_factor
 
     def build_schedule(self) -> NoiseSchedule:
-        return FlowSchedule.from_scheduler_config(self.pipe.scheduler.config, image_seq_len=self.grid**2,
-                                                  timestep_scale=1.0 / 1000)
+        return FlowSchedule.from_scheduler_config(
+            self.pipe.scheduler.config, image_seq_len=self.grid**2, timestep_scale=1.0 / 1000
+        )
 
     def _encode_prompt(self, prompt: str) -> Cond:
         embeds, pooled, _ = self.pipe.encode_prompt(
-            prompt, prompt_2=None, device=self.device, num_images_per_prompt=1,
+            prompt,
+            prompt_2=None,
+            device=self.device,
+            num_images_per_prompt=1,
             max_sequence_length=self.max_sequence_length,
         )
         return {"encoder_hidden_states": embeds.to(self.dtype), "pooled_projections": pooled.to(self.dtype)}
@@ -147,8 +162,13 @@ class FluxAdapter(_T5TextAdapter):
         if self.pipe.transformer.config.get("guidance_embeds"):
             guidance = torch.full((b,), self.guidance_scale, device=x.device, dtype=torch.float32)
         out = self.pipe.transformer(
-            hidden_states=tokens, timestep=timestep, guidance=guidance, txt_ids=txt_ids.to(x.device, x.dtype),
-            img_ids=img_ids.to(x.device, x.dtype), return_dict=False, **cond,
+            hidden_states=tokens,
+            timestep=timestep,
+            guidance=guidance,
+            txt_ids=txt_ids.to(x.device, x.dtype),
+            img_ids=img_ids.to(x.device, x.dtype),
+            return_dict=False,
+            **cond,
         )[0]
         # (B, h/2 * w/2, 4C) -> (B, C, h, w)
         return out.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
@@ -173,16 +193,23 @@ class PixArtAdapter(_T5TextAdapter):
 
     def _encode_prompt(self, prompt: str) -> Cond:
         embeds, mask, _, _ = self.pipe.encode_prompt(
-            prompt, do_classifier_free_guidance=False, device=self.device, num_images_per_prompt=1,
-            clean_caption=False, max_sequence_length=self.max_sequence_length,
+            prompt,
+            do_classifier_free_guidance=False,
+            device=self.device,
+            num_images_per_prompt=1,
+            clean_caption=False,
+            max_sequence_length=self.max_sequence_length,
         )
         return {"encoder_hidden_states": embeds.to(self.dtype), "encoder_attention_mask": mask}
 
     def _forward(self, x, timestep, cond):
         out = self.pipe.transformer(
-            x, encoder_hidden_states=cond["encoder_hidden_states"],
-            encoder_attention_mask=cond["encoder_attention_mask"], timestep=timestep,
-            added_cond_kwargs={"resolution": None, "aspect_ratio": None}, return_dict=False,
+            x,
+            encoder_hidden_states=cond["encoder_hidden_states"],
+            encoder_attention_mask=cond["encoder_attention_mask"],
+            timestep=timestep,
+            added_cond_kwargs={"resolution": None, "aspect_ratio": None},
+            return_dict=False,
         )[0]
         c = x.shape[1]
         return out[:, :c] if out.shape[1] == 2 * c else out  # learned sigma: keep the noise half

@@ -63,8 +63,9 @@ class UNetAdapter(ModelAdapter):
         )
         size = (self.resolution, self.resolution)
         proj_dim = self.pipe.text_encoder_2.config.projection_dim
-        time_ids = self.pipe._get_add_time_ids(size, (0, 0), size, dtype=self.dtype,
-                                               text_encoder_projection_dim=proj_dim)
+        time_ids = self.pipe._get_add_time_ids(
+            size, (0, 0), size, dtype=self.dtype, text_encoder_projection_dim=proj_dim
+        )
         return {
             "encoder_hidden_states": embeds.to(self.dtype),
             "text_embeds": pooled.to(self.dtype),
@@ -73,8 +74,13 @@ class UNetAdapter(ModelAdapter):
 
     def _forward(self, x: torch.Tensor, timestep: torch.Tensor, cond: Cond) -> torch.Tensor:
         added = {"text_embeds": cond["text_embeds"], "time_ids": cond["time_ids"]} if self.is_xl else None
-        return self.unet(x, timestep, encoder_hidden_states=cond["encoder_hidden_states"],
-                         added_cond_kwargs=added, return_dict=False)[0]
+        return self.unet(
+            x,
+            timestep,
+            encoder_hidden_states=cond["encoder_hidden_states"],
+            added_cond_kwargs=added,
+            return_dict=False,
+        )[0]
 
     def attention_layers(self) -> list[LayerInfo]:
         """Attention layers in execution order (down, mid, up), with their token-grid side."""
