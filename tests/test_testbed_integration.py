@@ -7,7 +7,7 @@ import pytest
 
 from elbo_t2ialign import demo
 from elbo_t2ialign.testbed import train, world
-from elbo_t2ialign.testbed.measure import SweepMIoU
+from elbo_t2ialign.testbed.measure import Sweep
 
 IMAGES = 30  # the first 30 images of the held-out val split
 # `python -m elbo_t2ialign.demo --images 30` with the committed model printed 54.5 (ELBO) and
@@ -16,16 +16,27 @@ MEASURED = {"elbo": 54.5, "baseline": 45.4}
 MARGIN = 4.0
 
 
-@pytest.mark.skipif(not (train.DEFAULT_MODEL_DIR / "model_index.json").is_file(), reason="no committed testbed model")
+@pytest.mark.skipif(
+    not (train.DEFAULT_MODEL_DIR / "model_index.json").is_file(), reason="no committed testbed model"
+)
 def test_demo_segments_the_shapes_world(tmp_path):
-    metrics = demo.main(["--images", str(IMAGES), "--datasets-dir", str(tmp_path / "datasets"), "--out", str(tmp_path / "runs")])
+    metrics = demo.main(
+        [
+            "--images",
+            str(IMAGES),
+            "--datasets-dir",
+            str(tmp_path / "datasets"),
+            "--out",
+            str(tmp_path / "runs"),
+        ]
+    )
 
-    # the trivial baseline (every present class gets a uniform map), by the testbed's own accumulator
-    uniform = SweepMIoU()
+    # the trivial baseline (every present class gets a uniform map), scored as the evaluator scores
+    uniform = Sweep()
     for i in range(IMAGES):
         s = world.generate(i, "val")
         ids = sorted({o.class_id for o in s.objects})
-        uniform.add(np.full((len(ids), *s.mask.shape), 0.5), ids, s.mask)
+        uniform.add([np.full(s.mask.shape, 0.5)] * len(ids), ids, s.mask)
     uniform_miou = uniform.best()[0]
 
     for variant in ("elbo", "baseline"):

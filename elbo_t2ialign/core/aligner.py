@@ -275,6 +275,20 @@ class Aligner:
         prompts = dict(zip(names, elbo_prompts, strict=True)) | {"collect": collect_prompt}
         return evidence, {"prompts": prompts, "positions": positions}
 
+    def record(
+        self, image, prompt: str, seed: int | None = None, *, options: AlignOptions | None = None
+    ) -> capture.AttentionRecorder:
+        """Every attention layer's own mean map over one image's collection passes with `prompt`
+        (the noise `observe` draws for this seed), for analyses of the attention itself:
+        `rec.layer_mean(layer.name, "cross")` is (R_l * R_l, text tokens) for each of `self.layers`."""
+        opts = options or self.options
+        image = _as_image(image)
+        seed = opts.seed if seed is None else _check_seed(seed)
+        self.adapter.check_prompt_length(prompt)
+        z0 = self.adapter.encode_image(image)
+        collect_noise, _ = self._draw_noise(z0, opts, seed)
+        return self._collect(z0, prompt, collect_noise, opts, {}, per_layer=True)
+
     # ------------------------------------------------------------ parts
     def _check_classes(self, classes, words, phrases) -> list[str]:
         if (classes is None) == (words is None):
@@ -339,7 +353,7 @@ class Aligner:
             self._fitted_batch = used
         return values.tolist()
 
-    def _collect(self, z0, prompt: str, noise: torch.Tensor, opts: AlignOptions, weights):
+    def _collect(self, z0, prompt: str, noise: torch.Tensor, opts: AlignOptions, weights, per_layer=False):
         """Run the collection timesteps under the recorder; restart, with a fresh recorder and half
         the batch, on out-of-memory (the maps summed so far would be incomplete)."""
         cond = self.adapter.encode_prompt(prompt)
@@ -348,7 +362,10 @@ class Aligner:
 
         def attempt(batch: int):
             rec = self.adapter.recorder(
-                weights, chunk_mb=opts.self_attention_chunk_mb, precision=opts.capture_precision
+                weights,
+                chunk_mb=opts.self_attention_chunk_mb,
+                precision=opts.capture_precision,
+                per_layer=per_layer,
             )
             with rec:
                 for lo in range(0, len(ts), batch):
