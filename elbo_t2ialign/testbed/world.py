@@ -79,11 +79,7 @@ SUPERSAMPLE = 4
 # The splits written by `write_dataset`: name -> (split kind, number of images).
 # "val" follows the training distribution; "val_rare" holds at least one rare
 # class per image; "val_occlusion" stacks 2-3 shapes on top of each other.
-DEFAULT_SPLITS = {
-    "val": ("standard", 300),
-    "val_rare": ("rare", 200),
-    "val_occlusion": ("occlusion", 200),
-}
+DEFAULT_SPLITS = {"val": ("standard", 300), "val_rare": ("rare", 200), "val_occlusion": ("occlusion", 200)}
 # The training stream (generated in memory by the trainer, never written by default).
 TRAIN_SPLIT = "train"
 _SPLIT_CODES = {"train": 1, "val": 2, "val_rare": 3, "val_occlusion": 4}
