@@ -348,7 +348,8 @@ class Aligner:
         self, z0: torch.Tensor, conds, timesteps: Sequence[int], noise: torch.Tensor, batch: int
     ) -> list[float]:
         """Summed diffusion loss per class, all (class, timestep) pairs batched."""
-        values, used = elbo.elbo_losses(self.adapter, z0, conds, timesteps, noise, batch)
+        per_timestep, used = elbo.elbo_losses(self.adapter, z0, conds, timesteps, noise, batch)
+        values = per_timestep.sum(dim=1)  # L_i, summed on the host
         if used < batch:  # ran out of memory: later calls start at the size that fit
             self._fitted_batch = used
         return values.tolist()

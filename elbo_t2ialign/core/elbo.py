@@ -57,7 +57,7 @@ def run_batched(n: int, batch_size: int, step: Callable[[slice], None]) -> int:
 
 
 @torch.no_grad()
-def diffusion_losses(
+def elbo_losses(
     adapter: ModelAdapter,
     z0: torch.Tensor,
     conds: Sequence[Cond],
@@ -65,10 +65,12 @@ def diffusion_losses(
     noise: torch.Tensor,
     batch_size: int = 8,
 ) -> tuple[torch.Tensor, int]:
-    """mean((target_t - pred(z_t, t, cond_i))^2) for every (prompt i, timestep t).
+    """mean((target_t - pred(z_t, t, cond_i))^2) for every class prompt i and timestep t; the
+    class's loss L_i is its row's sum (PROTOCOL 3.4).
 
     z0 (1, C, h, w); noise (T, C, h, w), row j used at timesteps[j] for every
-    prompt. Returns (losses (K, T) float32 on CPU, the batch size that fit).
+    class, so differences come from the prompts. Returns (losses (K, T) float32
+    on CPU, the batch size that fit).
     """
     k, n_t = len(conds), len(timesteps)
     pair_class = [i for i in range(k) for _ in range(n_t)]  # class-major
@@ -88,17 +90,3 @@ def diffusion_losses(
 
     used = run_batched(k * n_t, batch_size, step)
     return per_pair.cpu().view(k, n_t), used
-
-
-def elbo_losses(
-    adapter: ModelAdapter,
-    z0: torch.Tensor,
-    conds: Sequence[Cond],
-    timesteps: Sequence[int],
-    noise: torch.Tensor,
-    batch_size: int = 8,
-) -> tuple[torch.Tensor, int]:
-    """L_i = sum_t mean((target_t - pred(z_t, t, cond_i))^2) for every class i: (losses (K,), the
-    batch size that fit). The noise is shared by the classes, so differences come from the prompts."""
-    per_pair, used = diffusion_losses(adapter, z0, conds, timesteps, noise, batch_size)
-    return per_pair.sum(dim=1), used  # summed on the host

@@ -279,6 +279,10 @@ BUILDERS = {"sd": tiny_sd, "sdxl": tiny_sdxl, "sd3": tiny_sd3, "flux": tiny_flux
 
 # ------------------------------------------------ scorers and captioners
 
+# the text and vision towers of the tiny CLIP scorer and BLIP captioner (32-px images)
+SMALL_ENCODER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+SMALL_VISION = dict(SMALL_ENCODER, image_size=32, patch_size=8)
+
 
 def tiny_clip(seed: int = 0):
     """(model, tokenizer, image processor) of a random 32-px CLIP built in code, offline."""
@@ -286,26 +290,15 @@ def tiny_clip(seed: int = 0):
 
     tok = build_clip_tokenizer(WORDS)
     text = dict(
+        **SMALL_ENCODER,
         vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
         max_position_embeddings=tok.model_max_length,
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
     )
-    vision = dict(
-        image_size=32,
-        patch_size=8,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-    )
     torch.manual_seed(seed)
-    model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).eval()
+    model = CLIPModel(CLIPConfig(text_config=text, vision_config=SMALL_VISION, projection_dim=16)).eval()
     processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     return model, tok, processor
 
@@ -319,29 +312,18 @@ def tiny_blip(seed: int = 0):
 
     tok = build_bert_tokenizer([*VOCABULARY, *WORDS])
     text = dict(
-        vocab_size=len(tok),
-        hidden_size=32,
+        **SMALL_ENCODER,
         encoder_hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
+        vocab_size=len(tok),
         max_position_embeddings=tok.model_max_length,
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.sep_token_id,
         pad_token_id=tok.pad_token_id,
         sep_token_id=tok.sep_token_id,
     )
-    vision = dict(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        image_size=32,
-        patch_size=8,
-    )
     torch.manual_seed(seed)
     model = BlipForConditionalGeneration(
-        BlipConfig(text_config=text, vision_config=vision, projection_dim=16)
+        BlipConfig(text_config=text, vision_config=SMALL_VISION, projection_dim=16)
     )
     processor = BlipProcessor(
         image_processor=BlipImageProcessor(size={"height": 32, "width": 32}), tokenizer=tok

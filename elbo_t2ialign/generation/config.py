@@ -12,28 +12,6 @@ from typing import Any
 
 from elbo_t2ialign.cli import check_device, check_integer, check_known
 
-TOP_KEYS = {
-    "model",
-    "prompts",
-    "phrases",
-    "steps",
-    "guidance",
-    "strength",
-    "elbo_steps",
-    "after_elbo_steps",
-    "seed",
-    "num_prompts",
-    "images_per_prompt",
-    "baseline",
-    "device",
-    "datasets_dir",
-    "progress",
-    "output_dir",
-    "hydra",
-}
-MODEL_KEYS = {"name", "id", "resolution", "max_sequence_length", "dtype"}
-PROMPTS_KEYS = {"name", "file"}
-PHRASES_KEYS = {"spacy_model", "stopwords", "match", "dedupe"}
 # What determines the files of a run folder; a resume must not change these.
 RESULT_KEYS = (
     "model",
@@ -46,6 +24,20 @@ RESULT_KEYS = (
     "after_elbo_steps",
     "seed",
 )
+# keys that change how a run goes, not what it writes
+RUN_KEYS = {
+    "num_prompts",
+    "images_per_prompt",
+    "baseline",
+    "device",
+    "datasets_dir",
+    "progress",
+    "output_dir",
+}
+TOP_KEYS = {*RESULT_KEYS, *RUN_KEYS, "hydra"}
+MODEL_KEYS = {"name", "id", "resolution", "max_sequence_length", "dtype"}
+PROMPTS_KEYS = {"name", "file"}
+PHRASES_KEYS = {"spacy_model", "stopwords", "match", "dedupe"}
 BUNDLED_PROMPTS = Path(__file__).resolve().parent / "prompts"
 TINY_PREFIX = "tiny:"  # model.id "tiny:<family>" builds elbo_t2ialign.devtools.tiny.BUILDERS[<family>]()
 

@@ -7,7 +7,7 @@ are those of the method itself, not of a second implementation.
 
 Prints, on held-out scenes of the shapes world:
 
-1. the loss gap: denoising loss (`core.elbo.diffusion_losses`, shared noise) at several noise
+1. the loss gap: denoising loss (`core.elbo.elbo_losses`, shared noise) at several noise
    levels with the right caption, the caption with one class left out, a wrong caption (other
    shapes and colours), the empty caption, and the method's class-list prompt with the right and
    with wrong classes;
@@ -38,7 +38,7 @@ from PIL import Image
 
 from elbo_t2ialign.core import calibrate
 from elbo_t2ialign.core.aligner import Aligner
-from elbo_t2ialign.core.elbo import diffusion_losses
+from elbo_t2ialign.core.elbo import elbo_losses
 from elbo_t2ialign.core.options import AlignOptions
 from elbo_t2ialign.segmentation.metrics import SweepAccumulator, best_threshold
 from elbo_t2ialign.segmentation.runner import to_uint8
@@ -112,7 +112,7 @@ def loss_gap(aligner: Aligner, samples, levels=LOSS_LEVELS, seed: int = 0) -> di
             world.class_list_caption(wrong),
         ]
         conds = [adapter.encode_prompt(p) for p in prompts]
-        losses, _ = diffusion_losses(adapter, z0, conds, list(levels), noise, aligner.options.batch_size)
+        losses, _ = elbo_losses(adapter, z0, conds, list(levels), noise, aligner.options.batch_size)
         total += losses.numpy()
     mean = total / max(len(samples), 1)
     return {
