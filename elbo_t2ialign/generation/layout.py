@@ -35,7 +35,7 @@ def image_stem(index: int, seed: int) -> str:
 
 
 def parse_image_name(name: str) -> tuple[int, int] | None:
-    """ "00012_4307.png" -> (12, 4307); None for other files."""
+    """File name "00012_4307.png" -> (12, 4307); None for other files."""
     m = _NAME.match(name)
     return (int(m.group(1)), int(m.group(2))) if m else None
 

@@ -26,8 +26,8 @@ from elbo_t2ialign.generation.weighting import phrase_weights, token_positions, 
 
 
 def model_kind(adapter: ModelAdapter) -> str:
-    """ "sd" (SD1.x/2.x-like UNet), "sdxl" (UNet with pooled text + time ids) or "sd3" (MMDiT), as the
-    adapter declares it; an adapter that declares none does not support generation."""
+    """The kind of pipeline the adapter declares: "sd" (SD1.x/2.x-like UNet), "sdxl" (UNet with
+    pooled text + time ids) or "sd3" (MMDiT); an adapter that declares none does not generate."""
     kind = adapter.generation_kind
     if kind is not None:
         return kind

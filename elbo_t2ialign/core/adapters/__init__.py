@@ -23,14 +23,14 @@ __all__ = ["ModelAdapter", "adapter_for", "load_pipeline", "resolve_device", "re
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
-    """ "auto" -> CUDA when available, else CPU; anything else is taken as given."""
+    """Device "auto" -> CUDA when available, else CPU; anything else is taken as given."""
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """ "auto" -> float32 on CPU, float16 elsewhere (PROTOCOL 8)."""
+    """Dtype "auto" -> float32 on CPU, float16 elsewhere (PROTOCOL 8)."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype in (None, "auto"):
