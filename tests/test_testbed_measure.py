@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from elbo_t2ialign.core import calibrate, capture
+from elbo_t2ialign.core.adapters.base import cat_cond
 from elbo_t2ialign.testbed import measure, train, world
 
 needs_model = pytest.mark.skipif(
@@ -91,3 +92,64 @@ def test_loss_gap_rows_are_the_diffusion_losses_of_each_caption():
             expected[j] += float(((ad.schedule.target(z0, noise[j : j + 1], tt) - pred) ** 2).mean())
     np.testing.assert_allclose(gap["loss"]["right"], expected / len(samples), rtol=1e-4)
     assert gap["images"] == 2
+
+
+@needs_model
+def test_attention_mass_is_a_direct_sum_over_each_layers_token_columns():
+    """Two scenes with two classes: measure's per-layer and finest-layer own-class mass equal a
+    direct computation: the collection passes run by hand (the noise `observe` draws for the seed)
+    under the adapter's per-layer recorder, each class's token column counted by hand in
+    'a photo of c1, c2' (BOS, a, photo, of, c1, ",", c2: columns 4 and 6), an object's cells taken
+    as those whose pixels are mostly that object."""
+    aligner = measure.load(train.DEFAULT_MODEL_DIR)
+    samples = [s for s in (world.generate(i, split="val") for i in range(8)) if len(set(s.classes)) == 2][:2]
+    seed = 11
+    got = measure.attention_mass(aligner, samples, seed=seed)
+
+    ad, opts = aligner.adapter, aligner.options
+    cross_layers = [layer for layer in ad.attention_layers() if layer.has_cross]
+    finest = max(layer.resolution for layer in cross_layers)
+    own: dict[str, list[float]] = {layer.name: [] for layer in cross_layers}
+    other_fine: list[float] = []
+    t = torch.tensor(opts.collect_timesteps)
+    for i, s in enumerate(samples):
+        classes = list(dict.fromkeys(s.classes))
+        prompt = "a photo of " + ", ".join(classes)
+        columns = [4, 6]
+        assert ad.token_ids(prompt)[4:7] == [
+            ad.token_ids(classes[0], False)[0],
+            ad.token_ids(",", False)[0],
+            ad.token_ids(classes[1], False)[0],
+        ]
+        z0 = ad.encode_image(Image.fromarray(s.image))
+        gen = torch.Generator().manual_seed(seed + i)
+        noise = torch.randn((len(t), *z0.shape[1:]), generator=gen)  # observe's collection noise
+        cond = cat_cond([ad.encode_prompt(prompt)] * len(t))
+        with ad.recorder({}, per_layer=True) as rec, torch.no_grad():
+            ad.predict(ad.schedule.add_noise(z0, noise, t), t, cond)
+        for layer in cross_layers:
+            probs = rec.layer_mean(layer.name, "cross").numpy()  # (r*r, L), rows sum to 1
+            np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
+            r = layer.resolution
+            f = s.mask.shape[0] // r
+            for k, c in enumerate(classes):
+                c_id = world.CLASSES.index(c) + 1
+                cells = [
+                    y * r + x
+                    for y in range(r)
+                    for x in range(r)
+                    if np.bincount(s.mask[y * f : (y + 1) * f, x * f : (x + 1) * f].ravel()).argmax() == c_id
+                ]
+                if not cells:
+                    continue
+                own[layer.name].append(float(probs[cells, columns[k]].mean()))
+                if r == finest:
+                    other_fine.append(float(probs[cells, columns[1 - k]].mean()))
+
+    assert list(got["own_per_layer"]) == list(own)  # the adapter's cross layers, in network order
+    for name, values in own.items():
+        assert got["own_per_layer"][name] == pytest.approx(np.mean(values), abs=1e-5), name
+    fine_own = [v for layer in cross_layers if layer.resolution == finest for v in own[layer.name]]
+    assert got["finest"]["own"] == pytest.approx(np.mean(fine_own), abs=1e-5)
+    assert got["finest"]["other classes"] == pytest.approx(np.mean(other_fine), abs=1e-5)
+    assert sum(got["finest"].values()) == pytest.approx(1.0)
