@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU throughput table of issue 16 in one call (one H100/H200; ~3-4 minutes expected, every step
+# GPU throughput table of issue 16 in one call (one H100/H200; ~4-5 minutes expected, every step
 # capped so that the whole run stays under 8 minutes). fp16, random weights, published architectures
 # built directly on the GPU (no download). Each step is one bench process: the optimized run
 # (s/image, peak GPU MB, overhead, breakdown), the same images again without the timers'
@@ -8,13 +8,19 @@
 #   sd15-k2, sd15-k4  SD1.5 at 512 px, 2 and 4 classes, 4 images, floor at batch 8 16 32
 #   sdxl, sd3         SDXL and SD3-medium at 1024 px, 2 classes, 2 images, floor at batch 4 8 16
 #   sd15-compare      SD1.5 at 512 px, 2 classes: optimized vs the reference mode (speedup, max abs diff)
+# Execution settings, each against sd15-k2's maps (max abs diff vs plain run), floor at batch 8:
+#   sd15-k2-channels-last, sd15-k2-capture-fp16 (capture_precision=model)
+#   sd15-k2-compile   torch.compile (inductor, mode default) of the uncaptured forwards: compiling
+#                     takes minutes, so within the 470 s budget it is skipped after the table's steps;
+#                     run it alone: BENCH_STEPS="sd15-k2 sd15-k2-compile" scripts/bench_gpu.sh
 # One JSON record per step goes to a new file $OUT/bench_gpu_<time>.jsonl (./ without $OUT); at the
 # end the tables are printed from it (python -m elbo_t2ialign.devtools.bench --table FILE). A failed or
 # timed-out step leaves a {"step", "failed"} record and the next step still runs.
 #
 #   scripts/bench_gpu.sh            needs CUDA: stops at once with a message where there is none
 #   scripts/bench_gpu.sh --dry-run  CPU smoke test of the script itself: tiny models, 32 px, fp32
-# Environment: PYTHON (default python3), BENCH_STEPS (a subset of the steps), BENCH_DEVICE (cuda).
+# Environment: PYTHON (default python3), BENCH_STEPS (a subset of the steps, in this order),
+# BENCH_DEVICE (cuda).
 # Wheels in .whl/ (scripts/gpu_wheels.sh) are installed to /tmp/site first when diffusers is missing.
 set -u
 cd "$(dirname "$0")/.."
@@ -34,10 +40,11 @@ if ls .whl/*.whl >/dev/null 2>&1 && ! "$PY" -c "import diffusers" 2>/dev/null; t
   export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 if [ "$DRY" = 1 ]; then
-  DEVICE=cpu DTYPE=float32 RES15=32 RESXL=32 IMGS15=1 IMGSXL=1 FLOOR15="4 8" FLOORXL="4 8"
+  DEVICE=cpu DTYPE=float32 RES15=32 RESXL=32 IMGS15=1 IMGSXL=1 FLOOR15="4 8" FLOORXL="4 8" FLOORV=4 BACKEND=eager
   model() { echo "tiny-$1" | sed 's/tiny-sd15/tiny-sd/'; }
 else
   DEVICE="${BENCH_DEVICE:-cuda}" DTYPE=float16 RES15=512 RESXL=1024 IMGS15=4 IMGSXL=2 FLOOR15="8 16 32" FLOORXL="4 8 16"
+  FLOORV=8 BACKEND=inductor
   model() { echo "$1"; }
   if ! "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
     echo "bench_gpu.sh: no CUDA device (torch.cuda.is_available() is False); run it on a GPU machine, or use --dry-run for a CPU smoke test" >&2
@@ -49,7 +56,9 @@ fi
 [ "$DRY" = 1 ] || nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null || true
 
 LOG="${OUT:-.}/bench_gpu_$(date -u +%Y%m%d-%H%M%S).jsonl"
-STEPS="${BENCH_STEPS:-sd15-k2 sd15-k4 sdxl sd3 sd15-compare}"
+STEPS="${BENCH_STEPS:-sd15-k2 sd15-k2-channels-last sd15-k2-capture-fp16 sd15-k4 sdxl sd3 sd15-compare sd15-k2-compile}"
+MAPS=$(mktemp -d)  # sd15-k2's maps, which the settings steps are compared with
+trap 'rm -rf "$MAPS"' EXIT
 
 step() {  # step NAME SECONDS ARGS...
   local name="$1" limit="$2"; shift 2
@@ -73,13 +82,25 @@ step() {  # step NAME SECONDS ARGS...
   fi
 }
 
+variant() {  # variant NAME SECONDS ARGS...: sd15-k2's images with other execution settings
+  local name="$1" limit="$2"; shift 2
+  local against=()
+  [ -f "$MAPS/sd15-k2.npz" ] && against=(--maps-against "$MAPS/sd15-k2.npz")
+  step "$name" "$limit" --model "$(model sd15)" --resolution "$RES15" --images "$IMGS15" --classes 2 \
+    --floor-batches "$FLOORV" "${against[@]}" "$@"
+}
+
 # shellcheck disable=SC2086  # the floor batch lists are split on purpose
 {
-  step sd15-k2 60 --model "$(model sd15)" --resolution "$RES15" --images "$IMGS15" --classes 2 --unsynced --floor-batches $FLOOR15
+  step sd15-k2 60 --model "$(model sd15)" --resolution "$RES15" --images "$IMGS15" --classes 2 --unsynced --floor-batches $FLOOR15 \
+    --maps-out "$MAPS/sd15-k2.npz"
+  variant sd15-k2-channels-last 45 --channels-last
+  variant sd15-k2-capture-fp16 45 --capture-precision model
   step sd15-k4 75 --model "$(model sd15)" --resolution "$RES15" --images "$IMGS15" --classes 4 --unsynced --floor-batches $FLOOR15
   step sdxl 95 --model "$(model sdxl)" --resolution "$RESXL" --images "$IMGSXL" --classes 2 --unsynced --floor-batches $FLOORXL
   step sd3 125 --model "$(model sd3)" --resolution "$RESXL" --images "$IMGSXL" --classes 2 --unsynced --floor-batches $FLOORXL
   step sd15-compare 90 --model "$(model sd15)" --resolution "$RES15" --images 2 --classes 2 --compare
+  variant sd15-k2-compile 240 --compile default --compile-backend "$BACKEND"
 }
 echo
 echo "$(date -u +%FT%TZ), $SECONDS s in all, records in $LOG"

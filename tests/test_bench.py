@@ -279,6 +279,18 @@ def test_tables_of_a_gpu_log(tmp_path, capsys):
                     "result": {"optimized": run, "speedup": 5.381, "max_abs_diff": 2.4e-4},
                 },
                 {"step": "sd3", "failed": "exit 124 after 125 s"},
+                {
+                    "step": "sd15-k2-compile",
+                    "result": run
+                    | {
+                        "settings": {
+                            "channels_last": True,
+                            "compile": "default",
+                            "capture_precision": "model",
+                        },
+                        "max_abs_diff_vs": {"maps": "sd15-k2.npz", "max_abs_diff": 3.25e-3},
+                    },
+                },
             ]
         )
         + "\n"
@@ -287,11 +299,12 @@ def test_tables_of_a_gpu_log(tmp_path, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines[2] == (
         "| sd15-k2 | GPU X | sd15 | 512 | float16 | 2 | 8 | 0.406 | 0.380 | 3046 | 0.300 (16) | 1.35 "
-        "| 1.19 | 0.117 |  |"
+        "| 1.19 | 0.117 |  |  |  |"
     )
-    assert lines[3].endswith("| 0.117 | 5.38 (2.4e-04) |")
+    assert lines[3].endswith("| 0.117 | 5.38 (2.4e-04) |  |  |")
     assert lines[4] == "| sd3 | failed: exit 124 after 125 s |"
-    breakdown = lines[-2].split(" | ")
+    assert lines[5].endswith("| 0.117 |  | channels-last, compile default, capture model | 3.2e-03 |")
+    breakdown = lines[-3].split(" | ")
     assert (
         breakdown[0] == "| sd15-k2"
         and breakdown[1:-2] == ["1.0"] * 9

@@ -407,6 +407,7 @@ class AttentionRecorder:
         per_layer: bool = False,
         text_length: int | None = None,
         precision: str = "float32",
+        on_active: Callable[[bool], None] | None = None,
     ):
         self.denoiser = denoiser
         self.layers = {layer.name: layer for layer in layers}
@@ -420,6 +421,7 @@ class AttentionRecorder:
         self.sums: dict[str, torch.Tensor] = {}
         self.layer_sums: dict[str, dict[str, torch.Tensor]] = {}
         self.samples: dict[str, int] = {}
+        self.on_active = on_active  # told True once the capture processors are in, False once out
         self._saved = None
 
     @property
@@ -440,11 +442,15 @@ class AttentionRecorder:
             for name, proc in ((k.removesuffix(".processor"), v) for k, v in self._saved.items())
         }
         self.denoiser.set_attn_processor({f"{k}.processor": v for k, v in new.items()})
+        if self.on_active is not None:
+            self.on_active(True)
         return self
 
     def __exit__(self, *exc) -> None:
         self.denoiser.set_attn_processor(dict(self._saved))
         self._saved = None
+        if self.on_active is not None:
+            self.on_active(False)
 
     def add(self, layer: LayerInfo, maps: dict[str, torch.Tensor], batch: int) -> None:
         """Called by a capture processor: maps are summed over `batch` samples."""

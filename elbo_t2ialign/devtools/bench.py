@@ -25,6 +25,10 @@ floor: its own network samples replayed without capture at `--floor-batches`
 (see `bench_profile.py`). `--unsynced` times the images once more with no timer
 synchronising the device. `--table FILE` prints the tables of a
 `scripts/bench_gpu.sh` log.
+
+Execution settings, each measured against a plain run of the same images (`--maps-out` there,
+`--maps-against` here: the largest map difference): `--channels-last`, `--compile MODE`
+(`ModelAdapter.speed_up`) and `--capture-precision model`.
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ import torch
 from PIL import Image
 
 from elbo_t2ialign.core.adapters import adapter_for, resolve_dtype
+from elbo_t2ialign.core.adapters.base import ModelAdapter
 from elbo_t2ialign.core.aligner import Aligner
 from elbo_t2ialign.core.capture import AttentionRecorder
 from elbo_t2ialign.core.options import AlignOptions
@@ -298,7 +303,8 @@ def run_mode(args: argparse.Namespace) -> dict[str, Any]:
     resolution = args.resolution if args.model not in TINY_MODELS else 32
     max_seq = 16 if args.model in TINY_MODELS else None
     adapter = adapter_for(pipe, device, dtype, resolution, max_seq)
-    options = AlignOptions(batch_size=args.batch_size)
+    adapter.speed_up(args.channels_last, args.compile, args.compile_backend)
+    options = AlignOptions(batch_size=args.batch_size, capture_precision=args.capture_precision)
     if args.chunk_mb:
         options = options.replace(self_attention_chunk_mb=args.chunk_mb)
     aligner = (ReferenceAligner if args.mode == "reference" else Aligner)(adapter, options)
@@ -326,6 +332,11 @@ def run_mode(args: argparse.Namespace) -> dict[str, Any]:
     n = max(1, len(indices))
     if args.maps_out:
         np.savez(args.maps_out, **maps)
+    settings = {
+        "channels_last": args.channels_last,
+        "compile": args.compile,
+        "capture_precision": args.capture_precision,
+    }
     result = {
         "model": args.model,
         "mode": args.mode,
@@ -348,7 +359,13 @@ def run_mode(args: argparse.Namespace) -> dict[str, Any]:
         "run_sec": run_sec,
         "notes": notes,
         "breakdown_sec_per_image": breakdown_per_image(breakdown.seconds, run_sec, n),
+        "settings": settings,
     }
+    if args.maps_against:
+        result["max_abs_diff_vs"] = {
+            "maps": args.maps_against,
+            "max_abs_diff": max_abs_diff_maps(args.maps_against, maps),
+        }
     if args.unsynced and indices:
         result["sec_per_image_unsynced"] = time_unsynced(
             aligner, timer, device, resolution, indices, args.classes
@@ -488,6 +505,12 @@ def _child_argv(args: argparse.Namespace, mode: str, maps_out: str | None, threa
         argv.append("--no-floor")
     if args.floor_batches:
         argv += ["--floor-batches", *map(str, args.floor_batches)]
+    if args.channels_last:
+        argv.append("--channels-last")
+    if args.compile:
+        argv += ["--compile", args.compile, "--compile-backend", args.compile_backend]
+    if args.capture_precision != "float32":
+        argv += ["--capture-precision", args.capture_precision]
     if maps_out:
         argv += ["--maps-out", maps_out]
     if threads:
@@ -552,12 +575,19 @@ def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def max_abs_diff(a: Path, b: Path) -> float:
-    with np.load(a) as x, np.load(b) as y:
-        if set(x.files) != set(y.files):
+    with np.load(b) as y:
+        return max_abs_diff_maps(a, {k: y[k] for k in y.files})
+
+
+def max_abs_diff_maps(path: str | Path, maps: dict[str, np.ndarray]) -> float:
+    """Largest difference between the maps saved in `path` (--maps-out) and `maps`."""
+    with np.load(path) as x:
+        if set(x.files) != set(maps):
             raise RuntimeError(
-                f"the two modes produced different maps: {sorted(set(x.files) ^ set(y.files))}"
+                f"the two runs produced different maps: {sorted(set(x.files) ^ set(maps))}; "
+                "compare runs of the same model, images and classes"
             )
-        return max((float(np.abs(x[k] - y[k]).max()) for k in x.files), default=0.0)
+        return max((float(np.abs(x[k] - maps[k]).max()) for k in x.files), default=0.0)
 
 
 def scaling(args: argparse.Namespace) -> dict[str, Any]:
@@ -645,14 +675,47 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         metavar="JSONL",
         help="print the tables of a scripts/bench_gpu.sh log (one JSON record a line) and exit",
     )
-    p.add_argument("--maps-out", default=None, help=argparse.SUPPRESS)
+    p.add_argument(
+        "--channels-last", action="store_true", help="the denoiser in channels-last layout (adapter.speed_up)"
+    )
+    p.add_argument(
+        "--compile",
+        default=None,
+        choices=ModelAdapter.compile_modes,
+        help="torch.compile the denoiser for the uncaptured forwards (adapter.speed_up); optimized mode only",
+    )
+    p.add_argument(
+        "--compile-backend", default="inductor", help="torch.compile backend (eager: CPU smoke tests)"
+    )
+    p.add_argument(
+        "--capture-precision",
+        default="float32",
+        choices=("float32", "model"),
+        help="precision of the captured attention's scores and softmax (the option capture_precision)",
+    )
+    p.add_argument(
+        "--maps-against",
+        default=None,
+        metavar="NPZ",
+        help="maps of an earlier run (--maps-out) of the same images: report the largest difference",
+    )
+    p.add_argument("--maps-out", default=None, help="save every heatmap to this .npz")
     args = p.parse_args(argv)
+    if args.compile and (args.compare or args.mode == "reference"):
+        p.error(
+            "--compile applies to the optimized mode only (the reference mode's capture would "
+            "retrace it); measure it against a plain run with --maps-out / --maps-against"
+        )
+    if args.maps_against and (args.compare or args.processes > 1):
+        p.error("--maps-against compares one optimized run; leave out --compare and --processes")
+    if args.maps_against and not Path(args.maps_against).is_file():
+        p.error(f"--maps-against: no file {args.maps_against}; give the .npz an earlier --maps-out wrote")
     if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
         p.error(
             f"--device {args.device}: torch sees no CUDA device here; use --device cpu or run on a GPU machine"
         )
-    if args.warmup is None:
-        args.warmup = 1 if args.device.startswith("cuda") else 0
+    if args.warmup is None:  # compiling happens on the first calls: keep it out of the timed images
+        args.warmup = 1 if args.device.startswith("cuda") or args.compile else 0
     return args
 
 

@@ -252,13 +252,23 @@ def _fmt(x: float | None, digits: int = 3) -> str:
     return "-" if x is None else f"{x:.{digits}f}"
 
 
+def _settings(settings: dict[str, Any]) -> str:
+    """The execution settings that differ from the defaults, e.g. "channels-last, compile default"."""
+    out = ["channels-last"] if settings.get("channels_last") else []
+    if settings.get("compile"):
+        out.append(f"compile {settings['compile']}")
+    if settings.get("capture_precision", "float32") != "float32":
+        out.append(f"capture {settings['capture_precision']}")
+    return ", ".join(out)
+
+
 def format_tables(records: list[dict[str, Any]]) -> str:
     """Markdown tables of `scripts/bench_gpu.sh` records ({"step", "result"} or {"step", "failed"}):
     one row per step with the headline figures, then the breakdown in ms per image."""
     head = (
         "| step | device | model | px | dtype | classes | batch | s/image | s/image unsynced | peak MB "
         "| floor s/image (batch) | s/image / floor | network / floor | overhead "
-        "| speedup vs reference (max abs diff) |"
+        "| speedup vs reference (max abs diff) | settings | max abs diff vs plain run |"
     )
     rows = [head, "|" + "---|" * head.count(" | ") + "---|"]
     parts = [*PARTS, "unaccounted"]
@@ -271,6 +281,7 @@ def format_tables(records: list[dict[str, Any]]) -> str:
         run = res.get("optimized", res)
         floor = run.get("floor_sec_per_image")
         speedup = f"{res['speedup']:.2f} ({res['max_abs_diff']:.1e})" if "speedup" in res else ""
+        against = f"{run['max_abs_diff_vs']['max_abs_diff']:.1e}" if "max_abs_diff_vs" in run else ""
         rows.append(
             " | ".join(
                 [
@@ -288,7 +299,9 @@ def format_tables(records: list[dict[str, Any]]) -> str:
                     _fmt(run.get("sec_per_floor"), 2),
                     _fmt(run.get("network_sec_per_floor"), 2),
                     _fmt(run["overhead_fraction"]),
-                    f"{speedup} |",
+                    speedup,
+                    _settings(run.get("settings", {})),
+                    f"{against} |",
                 ]
             )
         )

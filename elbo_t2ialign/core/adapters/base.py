@@ -58,6 +58,7 @@ class ModelAdapter:
 
     max_sequence_length: int | None = None  # T5 text length, for families that use T5
     prompt_cache_size: int = 256  # conditionings kept by encode_prompt (least recently used dropped)
+    compile_modes = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
     def __init__(
         self,
@@ -82,6 +83,8 @@ class ModelAdapter:
         self.latent_size = self.resolution // self.vae_scale_factor
         self._cond_cache: dict[str, Cond] = {}
         self.schedule = self.build_schedule()
+        self._compiled: torch.nn.Module | None = None  # see speed_up
+        self._capturing = 0  # attention recorders of this adapter now installed
 
     # ---- to implement per family
     @property
@@ -202,5 +205,39 @@ class ModelAdapter:
             weights,
             self.capture_processor,
             text_length=self.text_length,
+            on_active=self._capture_on,
             **kwargs,
         )
+
+    def _capture_on(self, active: bool) -> None:
+        self._capturing += 1 if active else -1
+
+    # ---- execution settings (opt-in, measured by the bench: docs/performance.md)
+    def speed_up(
+        self, channels_last: bool = False, compile_mode: str | None = None, compile_backend: Any = "inductor"
+    ) -> None:
+        """Run the denoiser faster; the maps stay the default path's up to float rounding.
+
+        channels_last: the denoiser's weights (and so its convolutions' activations) in NHWC layout.
+        compile_mode: `torch.compile` the denoiser with this mode ("default" or one of torch's:
+            "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"). The compiled module
+            runs every forward made outside an attention recorder of this adapter (ELBO forwards,
+            samplers); the collection passes under a recorder stay eager, since their capture
+            processors are Python with side effects. Shapes are static: each new batch size is
+            compiled once, on its first call. compile_backend: torch.compile's backend.
+        """
+        if compile_mode is not None and compile_mode not in self.compile_modes:
+            raise ValueError(
+                f"compile_mode must be one of {self.compile_modes} or None, got {compile_mode!r}"
+            )
+        if channels_last:
+            self.denoiser.to(memory_format=torch.channels_last)
+        if compile_mode is not None:
+            mode = None if compile_mode == "default" else compile_mode
+            self._compiled = torch.compile(self.denoiser, mode=mode, backend=compile_backend, dynamic=False)
+
+    @property
+    def net(self) -> torch.nn.Module:
+        """What `_forward` calls: the compiled denoiser (see speed_up) unless attention is being
+        captured, else the denoiser itself."""
+        return self._compiled if self._compiled is not None and not self._capturing else self.denoiser

@@ -99,7 +99,7 @@ class MMDiTAdapter(_TransformerAdapter):
         return {"encoder_hidden_states": embeds.to(self.dtype), "pooled_projections": pooled.to(self.dtype)}
 
     def _forward(self, x, timestep, cond):
-        return self.pipe.transformer(hidden_states=x, timestep=timestep, return_dict=False, **cond)[0]
+        return self.net(hidden_states=x, timestep=timestep, return_dict=False, **cond)[0]
 
     def attention_layers(self) -> list[LayerInfo]:
         # `attn` is joint; SD3.5's dual-attention blocks add an image-only `attn2`
@@ -161,7 +161,7 @@ class FluxAdapter(_T5TextAdapter):
         guidance = None
         if self.pipe.transformer.config.get("guidance_embeds"):
             guidance = torch.full((b,), self.guidance_scale, device=x.device, dtype=torch.float32)
-        out = self.pipe.transformer(
+        out = self.net(
             hidden_states=tokens,
             timestep=timestep,
             guidance=guidance,
@@ -203,7 +203,7 @@ class PixArtAdapter(_T5TextAdapter):
         return {"encoder_hidden_states": embeds.to(self.dtype), "encoder_attention_mask": mask}
 
     def _forward(self, x, timestep, cond):
-        out = self.pipe.transformer(
+        out = self.net(
             x,
             encoder_hidden_states=cond["encoder_hidden_states"],
             encoder_attention_mask=cond["encoder_attention_mask"],

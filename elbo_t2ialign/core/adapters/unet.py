@@ -74,7 +74,7 @@ class UNetAdapter(ModelAdapter):
 
     def _forward(self, x: torch.Tensor, timestep: torch.Tensor, cond: Cond) -> torch.Tensor:
         added = {"text_embeds": cond["text_embeds"], "time_ids": cond["time_ids"]} if self.is_xl else None
-        return self.unet(
+        return self.net(
             x,
             timestep,
             encoder_hidden_states=cond["encoder_hidden_states"],
