@@ -28,7 +28,13 @@ from elbo_t2ialign.devtools.bench import (
     image_classes,
     main,
 )
-from elbo_t2ialign.devtools.bench_profile import PARTS, Breakdown, crosses_devices
+from elbo_t2ialign.devtools.bench_profile import (
+    PARTS,
+    Breakdown,
+    crosses_devices,
+    flops_per_sample,
+    record_forwards,
+)
 
 FIELDS = (
     "sec_per_image",
@@ -189,6 +195,9 @@ def test_floor_replays_the_same_samples_and_the_breakdown_adds_up(model, classes
     assert set(by_batch) == {"3", "16"} and run["floor_sec_per_image"] == min(by_batch.values())
     assert by_batch[str(run["floor_batch"])] == run["floor_sec_per_image"]
     assert run["sec_per_floor"] == pytest.approx(run["sec_per_image"] / run["floor_sec_per_image"])
+    flop = run["network_tflop_per_image"] * 1e12
+    assert run["floor_tflops"] == pytest.approx(flop / run["floor_sec_per_image"] / 1e12)
+    assert run["network_tflops"] == pytest.approx(flop / run["network_sec_per_image"] / 1e12)
 
     parts = run["breakdown_sec_per_image"]
     assert set(parts) == set(PARTS) | {"unaccounted"} and all(parts[p] >= 0 for p in PARTS)
@@ -199,6 +208,35 @@ def test_floor_replays_the_same_samples_and_the_breakdown_adds_up(model, classes
     assert parts["host_transfers"] == 0.0  # on the CPU nothing crosses to a device
     assert parts["vae_encode"] > 0 and parts["forward_calls"] > 0 and parts["resize"] > 0
     assert (parts["elbo_loop"] > 0) == (classes > 1)
+
+
+@pytest.mark.parametrize("family", ["sd", "sd3"])
+def test_flops_per_sample_counts_the_attention_products(family):
+    """The count with SDPA's math backend minus the count with the fused CPU kernel (which torch's
+    counter does not see) is the attention's two matrix products, 2 * 2 * Sq * Sk * inner_dim
+    per layer, summed by hand over the layers' shapes; and one sample counts half of two."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    aligner = tiny_aligner(family)
+    ad = aligner.adapter
+    samples = record_forwards(aligner, bench_image(0, 32), image_classes(0, 2), seed=0)
+    x, t, cond = samples
+    with torch.no_grad(), FlopCounterMode(display=False) as fused:
+        ad.network(x[:1], t[:1], {k: v[:1] for k, v in cond.items()})
+    modules = dict(ad.denoiser.named_modules())
+    by_hand = 0
+    for layer in ad.attention_layers():
+        attn, n_img = modules[layer.name], layer.resolution**2
+        text = cond["encoder_hidden_states"].shape[1]
+        keys = {"self": n_img, "cross": text, "joint": n_img + text}[layer.kind]
+        queries = n_img + text if layer.kind == "joint" else n_img
+        by_hand += 2 * 2 * queries * keys * attn.inner_dim
+    assert flops_per_sample(ad, samples) - fused.get_total_flops() == by_hand
+    two = (x[:2], t[:2], {k: v[:2] for k, v in cond.items()})
+    assert flops_per_sample(ad, two) == flops_per_sample(ad, samples)  # the first sample only
+    with torch.no_grad(), FlopCounterMode(display=False) as pair:
+        ad.network(*two)
+    assert pair.get_total_flops() == 2 * fused.get_total_flops()
 
 
 def test_breakdown_charges_each_part_its_own_time_and_changes_nothing(monkeypatch):
@@ -266,6 +304,8 @@ def test_tables_of_a_gpu_log(tmp_path, capsys):
         "floor_batch": 16,
         "sec_per_floor": 0.4061 / 0.3,
         "network_sec_per_floor": 0.358 / 0.3,
+        "network_tflops": 112.14,
+        "floor_tflops": 133.8,
         "breakdown_sec_per_image": dict.fromkeys(PARTS, 0.001) | {"network": 0.358, "unaccounted": 0.0002},
     }
     log = tmp_path / "bench.jsonl"
@@ -299,7 +339,7 @@ def test_tables_of_a_gpu_log(tmp_path, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines[2] == (
         "| sd15-k2 | GPU X | sd15 | 512 | float16 | 2 | 8 | 0.406 | 0.380 | 3046 | 0.300 (16) | 1.35 "
-        "| 1.19 | 0.117 |  |  |  |"
+        "| 1.19 | 112.1, 133.8 | 0.117 |  |  |  |"
     )
     assert lines[3].endswith("| 0.117 | 5.38 (2.4e-04) |  |  |")
     assert lines[4] == "| sd3 | failed: exit 124 after 125 s |"

@@ -59,6 +59,7 @@ from elbo_t2ialign.devtools.bench_profile import (
     Breakdown,
     Floor,
     device_sync,
+    flops_per_sample,
     format_tables,
     record_forwards,
 )
@@ -422,6 +423,7 @@ def measure_floor(
     device = torch.device(args.device)
     i = indices[0]
     samples = record_forwards(aligner, bench_image(i, resolution), image_classes(i, args.classes), seed=i)
+    flops = flops_per_sample(aligner.adapter, samples) * run["forward_samples_per_image"]  # per image
     floor = Floor(aligner.adapter, samples, device)
     batches = args.floor_batches or [aligner._batch(aligner.options)]
     timer.reset()
@@ -442,6 +444,9 @@ def measure_floor(
         "floor_peak_mem_mb": round(peak_memory_mb(device), 1),
         "sec_per_floor": run["sec_per_image"] / sec,
         "network_sec_per_floor": run["network_sec_per_image"] / sec,
+        "network_tflop_per_image": flops / 1e12,
+        "floor_tflops": flops / sec / 1e12,
+        "network_tflops": flops / run["network_sec_per_image"] / 1e12,
     }
 
 

@@ -199,6 +199,25 @@ def record_forwards(aligner, image, classes: list[str], seed: int) -> tuple[torc
     return torch.cat(xs), torch.cat(ts), cat_cond(conds)
 
 
+def flops_per_sample(adapter, samples: tuple[torch.Tensor, torch.Tensor, Cond]) -> float:
+    """Floating-point operations of one network sample (the first recorded), counted by torch's
+    FlopCounterMode on the eager denoiser with SDPA's math backend, so that the attention's matrix
+    products are counted on every device (the fused CPU kernel is not). Capture adds no products:
+    it computes the same QK^T and PV explicitly."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x, t, cond = samples
+    patches = _Patches()
+    patches.set(adapter, "_compiled", None)  # a compiled module would be recompiled under the mode
+    try:
+        with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+            adapter.network(x[:1], t[:1], {k: v[:1] for k, v in cond.items()})
+    finally:
+        patches.undo()
+    return float(counter.get_total_flops())
+
+
 class Floor:
     """Replays recorded network samples in batches, outside any recorder: the pipeline's own
     attention processors everywhere (SDPA in diffusers), nothing captured."""
@@ -267,7 +286,7 @@ def format_tables(records: list[dict[str, Any]]) -> str:
     one row per step with the headline figures, then the breakdown in ms per image."""
     head = (
         "| step | device | model | px | dtype | classes | batch | s/image | s/image unsynced | peak MB "
-        "| floor s/image (batch) | s/image / floor | network / floor | overhead "
+        "| floor s/image (batch) | s/image / floor | network / floor | TFLOPS network, floor | overhead "
         "| speedup vs reference (max abs diff) | settings | max abs diff vs plain run |"
     )
     rows = [head, "|" + "---|" * head.count(" | ") + "---|"]
@@ -282,6 +301,7 @@ def format_tables(records: list[dict[str, Any]]) -> str:
         floor = run.get("floor_sec_per_image")
         speedup = f"{res['speedup']:.2f} ({res['max_abs_diff']:.1e})" if "speedup" in res else ""
         against = f"{run['max_abs_diff_vs']['max_abs_diff']:.1e}" if "max_abs_diff_vs" in run else ""
+        tflops = f"{_fmt(run.get('network_tflops'), 1)}, {_fmt(run.get('floor_tflops'), 1)}"
         rows.append(
             " | ".join(
                 [
@@ -298,6 +318,7 @@ def format_tables(records: list[dict[str, Any]]) -> str:
                     f"{_fmt(floor)} ({run.get('floor_batch', '-')})",
                     _fmt(run.get("sec_per_floor"), 2),
                     _fmt(run.get("network_sec_per_floor"), 2),
+                    tflops,
                     _fmt(run["overhead_fraction"]),
                     speedup,
                     _settings(run.get("settings", {})),
