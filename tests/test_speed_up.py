@@ -1,12 +1,16 @@
-"""`ModelAdapter.speed_up`: the opt-in execution settings keep the maps, and a compiled denoiser runs
-exactly the forwards made outside attention capture (the ELBO forwards), never the captured ones."""
+"""How the denoiser runs. `ModelAdapter.speed_up`: the opt-in execution settings keep the maps, and a
+compiled denoiser runs exactly the forwards made outside attention capture (the ELBO forwards), never
+the captured ones. And nothing is copied from the host to the device in every network call (each
+such copy waits for all queued device work): the meta device stands in for a GPU."""
 
 import numpy as np
 import pytest
 import torch
 
 from elbo_t2ialign import Aligner
+from elbo_t2ialign.core.adapters.schedules import EDMSchedule, schedule_from_scheduler
 from elbo_t2ialign.devtools.bench import bench_image, main, sharpen_attention
+from elbo_t2ialign.devtools.bench_profile import crosses_devices
 from elbo_t2ialign.devtools.tiny import BUILDERS
 
 # 2 classes x 3 ELBO timesteps = 6 pairs: network calls of 4 and 2 samples; 2 collection timesteps
@@ -124,3 +128,54 @@ def test_bench_refuses_compile_in_the_reference_mode(capsys):
     with pytest.raises(SystemExit):
         main(["--model", "tiny-sd", "--compare", "--compile", "default"])
     assert "--compile applies to the optimized mode only" in capsys.readouterr().err
+
+
+@pytest.fixture
+def crossings(monkeypatch):
+    """Shapes of the tensors that `Tensor.to` moves to another device type while the test runs."""
+    moved, to = [], torch.Tensor.to
+
+    def counted(tensor, *args, **kwargs):
+        if crosses_devices(tensor, "to", args, kwargs):
+            moved.append(tuple(tensor.shape))
+        return to(tensor, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "to", counted)
+    return moved
+
+
+def schedules():
+    from diffusers import DDPMScheduler, EDMDPMSolverMultistepScheduler
+
+    return {
+        "epsilon": schedule_from_scheduler(BUILDERS["sd"]().scheduler),
+        "v_prediction": schedule_from_scheduler(DDPMScheduler(prediction_type="v_prediction")),
+        "flow": schedule_from_scheduler(BUILDERS["sd3"]().scheduler, image_seq_len=64, timestep_scale=1.0),
+        "edm": EDMSchedule(EDMDPMSolverMultistepScheduler()),
+    }
+
+
+@pytest.mark.parametrize("kind", ["epsilon", "v_prediction", "flow", "edm"])
+def test_schedules_copy_their_table_to_the_device_once(kind, crossings):
+    schedule = schedules()[kind]
+    z0, eps, pred = (torch.zeros(2, 4, 8, 8, device="meta") for _ in range(3))
+    for _ in range(3):  # three network calls' worth of schedule maths
+        t = torch.tensor([10, 500], device="meta")
+        schedule.add_noise(z0, eps, t)
+        schedule.model_input(z0, t)
+        schedule.model_timestep(t)
+        schedule.target(z0, eps, t)
+        schedule.to_target(pred, z0, t)
+    assert crossings == [(1000,)]  # the per-timestep table, once
+
+
+def test_flux_position_ids_are_made_once_per_shape_and_device(crossings):
+    adapter = fresh_aligner("flux").adapter
+    like = torch.zeros(1, device="meta", dtype=torch.float16)
+    first = adapter._position_ids(8, 6, 16, like)
+    assert adapter._position_ids(8, 6, 16, like) is first
+    assert crossings == [(16, 3), (12, 3)]  # text ids, image ids: on the first call only
+    text, grid = adapter._position_ids(8, 6, 16, torch.zeros(1))  # host copy, to read the values
+    assert text.shape == (16, 3) and not text.any()
+    # token k of the packed (8/2 x 6/2) grid sits at row k // 3, column k % 3
+    assert grid.tolist() == [[0.0, k // 3, k % 3] for k in range(12)]

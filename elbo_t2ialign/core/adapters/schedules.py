@@ -28,6 +28,15 @@ class NoiseSchedule:
         a, b = (c.view(-1, *([1] * (z0.ndim - 1))) for c in self.coefficients(t))
         return a * z0 + b * eps
 
+    def table_on(self, name: str, device: torch.device) -> torch.Tensor:
+        """The per-timestep table `name` (built on the host) on `device`, copied there once: a
+        host-to-device copy in every call would make each network call wait for all queued work."""
+        cache = self.__dict__.setdefault("_device_tables", {})
+        key = (name, torch.device(device))
+        if key not in cache:
+            cache[key] = getattr(self, name).to(device)
+        return cache[key]
+
     def model_input(self, z_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return z_t
 
@@ -62,7 +71,7 @@ class DDPMSchedule(NoiseSchedule):
         self.num_train_timesteps = len(alphas_cumprod)
 
     def coefficients(self, t):
-        ac = self.alphas_cumprod.to(t.device)[t.long()]
+        ac = self.table_on("alphas_cumprod", t.device)[t.long()]
         return ac.sqrt().float(), (1 - ac).sqrt().float()
 
     def to_target(self, pred, z_t, t):
@@ -105,7 +114,7 @@ class FlowSchedule(NoiseSchedule):
         return cls(s, n, timestep_scale)
 
     def sigma(self, t):
-        return self.sigmas.to(t.device)[t.long()]
+        return self.table_on("sigmas", t.device)[t.long()]
 
     def coefficients(self, t):
         sigma = self.sigma(t)
@@ -139,7 +148,7 @@ class EDMSchedule(NoiseSchedule):
         self.sigmas = sig.float()
 
     def sigma(self, t):
-        return self.sigmas.to(t.device)[t.long()]
+        return self.table_on("sigmas", t.device)[t.long()]
 
     def coefficients(self, t):
         return torch.ones_like(self.sigma(t)), self.sigma(t)

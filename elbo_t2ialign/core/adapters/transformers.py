@@ -155,9 +155,7 @@ class FluxAdapter(_T5TextAdapter):
         b, c, h, w = x.shape
         # (B, C, h, w) -> (B, h/2 * w/2, 4C)
         tokens = x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, -1, c * 4)
-        rows, cols = torch.meshgrid(torch.arange(h // 2), torch.arange(w // 2), indexing="ij")
-        img_ids = torch.stack([torch.zeros_like(rows), rows, cols], dim=-1).reshape(-1, 3)
-        txt_ids = torch.zeros(cond["encoder_hidden_states"].shape[1], 3)
+        txt_ids, img_ids = self._position_ids(h, w, cond["encoder_hidden_states"].shape[1], x)
         guidance = None
         if self.pipe.transformer.config.get("guidance_embeds"):
             guidance = torch.full((b,), self.guidance_scale, device=x.device, dtype=torch.float32)
@@ -165,8 +163,8 @@ class FluxAdapter(_T5TextAdapter):
             hidden_states=tokens,
             timestep=timestep,
             guidance=guidance,
-            txt_ids=txt_ids.to(x.device, x.dtype),
-            img_ids=img_ids.to(x.device, x.dtype),
+            txt_ids=txt_ids,
+            img_ids=img_ids,
             return_dict=False,
             **cond,
         )[0]
@@ -175,6 +173,21 @@ class FluxAdapter(_T5TextAdapter):
 
     def attention_layers(self) -> list[LayerInfo]:
         return self._layers(lambda name, module: "joint")
+
+    def _position_ids(
+        self, h: int, w: int, n_text: int, like: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE ids of the text tokens (zeros) and of the (h/2, w/2) token grid (0, row, col), made
+        on the host once per shape and device: a copy to the device in every call would wait for
+        all queued work."""
+        cache = self.__dict__.setdefault("_ids", {})
+        key = (h, w, n_text, like.device, like.dtype)
+        if key not in cache:
+            rows, cols = torch.meshgrid(torch.arange(h // 2), torch.arange(w // 2), indexing="ij")
+            img_ids = torch.stack([torch.zeros_like(rows), rows, cols], dim=-1).reshape(-1, 3)
+            txt_ids = torch.zeros(n_text, 3)
+            cache[key] = (txt_ids.to(like.device, like.dtype), img_ids.to(like.device, like.dtype))
+        return cache[key]
 
 
 class PixArtAdapter(_T5TextAdapter):
