@@ -306,6 +306,7 @@ def test_tables_of_a_gpu_log(tmp_path, capsys):
         "network_sec_per_floor": 0.358 / 0.3,
         "network_tflops": 112.14,
         "floor_tflops": 133.8,
+        "syncs_per_image": 15,
         "breakdown_sec_per_image": dict.fromkeys(PARTS, 0.001) | {"network": 0.358, "unaccounted": 0.0002},
     }
     log = tmp_path / "bench.jsonl"
@@ -339,11 +340,11 @@ def test_tables_of_a_gpu_log(tmp_path, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines[2] == (
         "| sd15-k2 | GPU X | sd15 | 512 | float16 | 2 | 8 | 0.406 | 0.380 | 3046 | 0.300 (16) | 1.35 "
-        "| 1.19 | 112.1, 133.8 | 0.117 |  |  |  |"
+        "| 1.19 | 112.1, 133.8 | 0.117 | 15 |  |  |  |"
     )
-    assert lines[3].endswith("| 0.117 | 5.38 (2.4e-04) |  |  |")
+    assert lines[3].endswith("| 0.117 | 15 | 5.38 (2.4e-04) |  |  |")
     assert lines[4] == "| sd3 | failed: exit 124 after 125 s |"
-    assert lines[5].endswith("| 0.117 |  | channels-last, compile default, capture model | 3.2e-03 |")
+    assert lines[5].endswith("| 0.117 | 15 |  | channels-last, compile default, capture model | 3.2e-03 |")
     breakdown = lines[-3].split(" | ")
     assert (
         breakdown[0] == "| sd15-k2"

@@ -10,7 +10,7 @@ import torch
 from elbo_t2ialign import Aligner
 from elbo_t2ialign.core.adapters.schedules import EDMSchedule, schedule_from_scheduler
 from elbo_t2ialign.devtools.bench import bench_image, main, sharpen_attention
-from elbo_t2ialign.devtools.bench_profile import crosses_devices
+from elbo_t2ialign.devtools.bench_profile import SYNC_WARNING, count_syncs, crosses_devices
 from elbo_t2ialign.devtools.tiny import BUILDERS
 
 # 2 classes x 3 ELBO timesteps = 6 pairs: network calls of 4 and 2 samples; 2 collection timesteps
@@ -179,3 +179,26 @@ def test_flux_position_ids_are_made_once_per_shape_and_device(crossings):
     assert text.shape == (16, 3) and not text.any()
     # token k of the packed (8/2 x 6/2) grid sits at row k // 3, column k % 3
     assert grid.tolist() == [[0.0, k // 3, k % 3] for k in range(12)]
+
+
+def test_count_syncs_counts_the_sync_warnings_and_puts_the_mode_back(monkeypatch):
+    """torch's sync debug mode needs CUDA; stand-ins for its two functions check the counting: the
+    mode is "warn" while `run` runs, only the sync warnings count, the old mode comes back after an
+    error too. Off CUDA nothing is counted."""
+    import warnings
+
+    modes = [0]
+    monkeypatch.setattr(torch.cuda, "get_sync_debug_mode", lambda: modes[-1])
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", modes.append)
+
+    def run():
+        assert modes[-1] == "warn"
+        for _ in range(5):
+            warnings.warn(SYNC_WARNING, UserWarning, stacklevel=1)  # the same line each time: all count
+        warnings.warn("something else", UserWarning, stacklevel=1)
+
+    assert count_syncs(run, "cuda") == 5 and modes == [0, "warn", 0]
+    with pytest.raises(ZeroDivisionError):
+        count_syncs(lambda: 1 / 0, torch.device("cuda:0"))
+    assert modes[-1] == 0
+    assert count_syncs(run, "cpu") is None and modes[-1] == 0

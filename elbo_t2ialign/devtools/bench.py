@@ -58,6 +58,7 @@ from elbo_t2ialign.devtools.bench_profile import (
     PARTS,
     Breakdown,
     Floor,
+    count_syncs,
     device_sync,
     flops_per_sample,
     format_tables,
@@ -367,6 +368,10 @@ def run_mode(args: argparse.Namespace) -> dict[str, Any]:
             "maps": args.maps_against,
             "max_abs_diff": max_abs_diff_maps(args.maps_against, maps),
         }
+    if device.type == "cuda" and indices:
+        result["syncs_per_image"] = syncs_per_image(
+            aligner, timer, device, resolution, indices[0], args.classes
+        )
     if args.unsynced and indices:
         result["sec_per_image_unsynced"] = time_unsynced(
             aligner, timer, device, resolution, indices, args.classes
@@ -396,6 +401,26 @@ def time_unsynced(
             aligner.heatmaps(bench_image(i, resolution), image_classes(i, classes), seed=i)
         sync()
         return (time.perf_counter() - start) / len(indices)
+    finally:
+        timer.enabled = True
+
+
+def syncs_per_image(
+    aligner: Aligner, timer: NetworkTimer, device: torch.device, resolution: int, index: int, classes: int
+) -> int | str:
+    """Synchronising CUDA operations in one more `heatmaps` call of image `index`, the network
+    timer's own synchronisations left out; the error's text instead if counting fails (the run's
+    other figures are kept)."""
+    timer.enabled = False
+    try:
+        return count_syncs(
+            lambda: aligner.heatmaps(
+                bench_image(index, resolution), image_classes(index, classes), seed=index
+            ),
+            device,
+        )
+    except Exception as err:  # a diagnostic: never lose the measured figures over it
+        return f"not counted: {type(err).__name__}: {err}"
     finally:
         timer.enabled = True
 

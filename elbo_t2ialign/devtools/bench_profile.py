@@ -15,6 +15,7 @@ Nothing here changes what is computed; the wrappers are removed when the block e
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -175,6 +176,26 @@ class Breakdown:
         return transfer
 
 
+SYNC_WARNING = "called a synchronizing CUDA operation"  # torch's text in sync debug mode "warn"
+
+
+def count_syncs(run: Callable[[], Any], device: torch.device | str) -> int | None:
+    """How many synchronising CUDA operations `run()` makes (stream or device synchronisations,
+    blocking copies, `.item()`: each waits for all queued work), counted from the warnings of
+    `torch.cuda.set_sync_debug_mode("warn")`; None off CUDA. The previous mode is put back."""
+    if torch.device(device).type != "cuda":
+        return None
+    previous = torch.cuda.get_sync_debug_mode()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            run()
+        finally:
+            torch.cuda.set_sync_debug_mode(previous)
+    return sum(SYNC_WARNING in str(w.message) for w in caught)
+
+
 # ------------------------------------------------------------------ floor
 
 
@@ -286,7 +307,7 @@ def format_tables(records: list[dict[str, Any]]) -> str:
     one row per step with the headline figures, then the breakdown in ms per image."""
     head = (
         "| step | device | model | px | dtype | classes | batch | s/image | s/image unsynced | peak MB "
-        "| floor s/image (batch) | s/image / floor | network / floor | TFLOPS network, floor | overhead "
+        "| floor s/image (batch) | s/image / floor | network / floor | TFLOPS network, floor | overhead | syncs/image "
         "| speedup vs reference (max abs diff) | settings | max abs diff vs plain run |"
     )
     rows = [head, "|" + "---|" * head.count(" | ") + "---|"]
@@ -320,6 +341,7 @@ def format_tables(records: list[dict[str, Any]]) -> str:
                     _fmt(run.get("network_sec_per_floor"), 2),
                     tflops,
                     _fmt(run["overhead_fraction"]),
+                    str(run.get("syncs_per_image", "-")),
                     speedup,
                     _settings(run.get("settings", {})),
                     f"{against} |",
