@@ -8,7 +8,12 @@ sofa"): BLIP through transformers, or any OpenAI-compatible chat endpoint, with 
 The cache file maps the SHA-256 of an image's RGB pixels (and size) to {captioner settings: caption};
 the settings are the backend, the model id (a local folder by its absolute path), the prompt and the
 generation settings, so another model or setting is a miss and earlier captions stay in the file.
-`model_id="tiny"` builds a random tiny BLIP in code (offline smoke runs; its captions are random words).
+`model_id="tiny"` builds a random tiny BLIP in code (offline smoke runs; its captions are random words);
+`"tiny-shapes"` the same over the shapes world's words only, so the testbed model's tokenizer reads them.
+
+`with_words` appends the words a caption lacks (the prompt of `explain --caption` and of the
+segmentation runner's `dataset.prompt=caption`); `fit_words` shortens a caption so that the prompt fits
+the text encoder.
 
 As the reference (utils/img2text.py), BLIP is prompted with the start of a caption ("a photo of") and
 continues it; unlike the reference, the caption returned keeps that start, so it reads as a prompt.
@@ -21,6 +26,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Mapping
@@ -100,11 +106,12 @@ class BlipCaptioner:
         from elbo_t2ialign.core.adapters import resolve_device, resolve_dtype
 
         dev = resolve_device(device)
-        if model_id == "tiny":
+        if model_id in ("tiny", "tiny-shapes"):
             from elbo_t2ialign.devtools.tiny import tiny_blip
+            from elbo_t2ialign.testbed.world import VOCABULARY
 
-            model, processor = tiny_blip()
-            return cls(model, processor, "tiny", device=dev, **settings)
+            model, processor = tiny_blip(words=VOCABULARY if model_id == "tiny-shapes" else None)
+            return cls(model, processor, model_id, device=dev, **settings)
         from transformers import BlipForConditionalGeneration, BlipProcessor
 
         local = Path(model_id).expanduser()
@@ -132,6 +139,30 @@ class BlipCaptioner:
                 **inputs, max_new_tokens=self.settings["max_new_tokens"], num_beams=self.settings["num_beams"]
             )
         return one_line(self.processor.decode(out[0], skip_special_tokens=True))
+
+
+# ---------------------------------------------------------------- caption -> prompt
+
+
+def with_words(caption: str, words: list[str]) -> tuple[str, list[str]]:
+    """The caption, with the words it does not contain (as whole words, any case) appended after
+    commas: (prompt, appended words)."""
+    missing = [w for w in words if not re.search(rf"(?<!\w){re.escape(w.lower())}(?!\w)", caption.lower())]
+    return (", ".join([caption, *missing]) if missing else caption), missing
+
+
+def fit_words(
+    caption: str, words: list[str], fits: Callable[[str], bool] | None = None
+) -> tuple[str, list[str], int]:
+    """`with_words`, dropping the caption's last words until `fits(prompt)` (the text encoder's
+    length limit): (prompt, appended words, number of caption words dropped). When even the bare
+    caption start does not fit, the shortest prompt is returned (the aligner then names the limit)."""
+    tokens = caption.split()
+    for dropped in range(len(tokens) + 1):
+        prompt, appended = with_words(" ".join(tokens[: len(tokens) - dropped]), words)
+        if fits is None or fits(prompt):
+            return prompt, appended, dropped
+    return prompt, appended, len(tokens)
 
 
 # ---------------------------------------------------------------- OpenAI-compatible chat endpoint

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from elbo_t2ialign.captions import with_words
 from elbo_t2ialign.cli import check_device, check_known, to_container
 from elbo_t2ialign.core.options import AlignOptions
 from elbo_t2ialign.runfolder import git_revision
@@ -78,12 +79,6 @@ def compose(overrides: list[str]) -> dict[str, Any]:
     check_known("the explain config", set(conf), TOP_KEYS, ExplainError)
     check_device(conf.get("device"), ExplainError)
     return conf
-
-
-def with_words(caption: str, words: list[str]) -> tuple[str, list[str]]:
-    """The caption, with the words it does not contain (as whole words) appended: (prompt, appended)."""
-    missing = [w for w in words if not re.search(rf"(?<!\w){re.escape(w.lower())}(?!\w)", caption.lower())]
-    return (", ".join([caption, *missing]) if missing else caption), missing
 
 
 def new_folder(root: Path, stem: str) -> Path:

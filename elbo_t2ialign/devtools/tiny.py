@@ -7,6 +7,8 @@ maps they give are meaningless; they exercise shapes, slices and arithmetic.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 
 from elbo_t2ialign.devtools.tokenizers import build_bert_tokenizer, build_clip_tokenizer, build_word_tokenizer
@@ -303,14 +305,15 @@ def tiny_clip(seed: int = 0):
     return model, tok, processor
 
 
-def tiny_blip(seed: int = 0):
-    """(model, processor) of a random BLIP captioner for 32-px inputs, built in code, offline."""
+def tiny_blip(seed: int = 0, words: Iterable[str] | None = None):
+    """(model, processor) of a random BLIP captioner for 32-px inputs, built in code, offline; its
+    vocabulary is `words` (default: the shapes world's words and the tiny models' `WORDS`)."""
     import torch
     from transformers import BlipConfig, BlipForConditionalGeneration, BlipImageProcessor, BlipProcessor
 
     from elbo_t2ialign.testbed.world import VOCABULARY
 
-    tok = build_bert_tokenizer([*VOCABULARY, *WORDS])
+    tok = build_bert_tokenizer([*VOCABULARY, *WORDS] if words is None else list(words))
     text = dict(
         **SMALL_ENCODER,
         encoder_hidden_size=32,

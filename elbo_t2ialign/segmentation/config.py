@@ -30,6 +30,7 @@ TOP_KEYS = {
     "hydra",
     "variants",
     "elbo_from",  # calibration variants of one run, ELBO losses from another (variants.py)
+    "caption",  # the captioner of dataset.prompt=caption (elbo_t2ialign/captions.py)
 }
 DATASET_KEYS = {
     "name",
@@ -44,7 +45,9 @@ DATASET_KEYS = {
     "max_id",
     "phrase_path",
     "label_cache",
+    "prompt",  # template | caption: how each image's collection prompt is built
 }
+PROMPTS = ("template", "caption")
 # Keys whose change makes existing outputs of a run folder invalid.
 RESULT_KEYS = ("model", "elbo", "seed")  # model.dtype is part of "model"
 RESULT_DATASET_KEYS = ("name", "split", "ignore_index", "id_shift", "max_id", "phrase_path")
@@ -99,10 +102,34 @@ def validate(cfg: dict[str, Any]) -> AlignOptions:
         raise ConfigError(f"progress must be true or false, got {cfg.get('progress')!r}")
     parse_shard(cfg.get("shard"))
     resolve_rank_device(cfg.get("device"))
+    _check_prompt(cfg)
     try:
         return AlignOptions.from_mapping(cfg.get("elbo"))
     except (TypeError, ValueError) as err:
         raise ConfigError(f"in elbo: {err}") from None
+
+
+def prompt_mode(dataset: dict[str, Any]) -> str:
+    """dataset.prompt: "template" (class names in elbo.collect_prompt; also when absent, as in folders
+    written before the key) or "caption" (the image's caption, class words it lacks appended)."""
+    return dataset.get("prompt") or "template"
+
+
+def _check_prompt(cfg: dict[str, Any]) -> None:
+    from elbo_t2ialign.captions import CONFIG_KEYS
+
+    mode = prompt_mode(cfg["dataset"])
+    if mode not in PROMPTS:
+        raise ConfigError(f"dataset.prompt must be one of {list(PROMPTS)}, got {mode!r}")
+    caption = cfg.get("caption")
+    if caption is not None and not isinstance(caption, dict):
+        raise ConfigError(f"caption must be a section of captioner settings, got {caption!r}")
+    _unknown("caption", set(caption or {}), CONFIG_KEYS)
+    if mode == "caption" and cfg["dataset"].get("phrase_path"):
+        raise ConfigError(
+            "dataset.prompt=caption builds the prompt from the caption and the class names, so it "
+            "cannot use dataset.phrase_path too; unset one of them"
+        )
 
 
 def parse_shard(spec: Any, env: dict[str, str] | None = None) -> Shard:
@@ -139,4 +166,7 @@ def result_fingerprint(cfg: dict[str, Any]) -> dict[str, Any]:
     out["elbo"] = AlignOptions.from_mapping(cfg.get("elbo")).to_dict()
     out["seed"] = cfg.get("seed", 0)
     out["dataset"] = {key: cfg["dataset"].get(key) for key in RESULT_DATASET_KEYS}
+    out["dataset"]["prompt"] = prompt_mode(cfg["dataset"])
+    if out["dataset"]["prompt"] == "caption":  # where the cache lives does not change a caption
+        out["caption"] = {k: v for k, v in (cfg.get("caption") or {}).items() if k != "cache"}
     return out

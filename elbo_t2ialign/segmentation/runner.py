@@ -7,13 +7,15 @@ strength 1) from one network pass, so one run yields every row of an ablation.
 Resumable (finished images are skipped, an image appears only when complete;
 variants added later are written beside the others), shardable by image index
 (`shard=i/n` or `accelerate launch`), and a seed per image of
-`cfg.seed + image_index` so the shard layout never changes results.
+`cfg.seed + image_index` so the shard layout never changes results. With
+`dataset.prompt=caption` the images are captioned first (`captioning.py`).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -21,6 +23,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from elbo_t2ialign.captions import fit_words
 from elbo_t2ialign.cli import one_line, to_container
 from elbo_t2ialign.core.options import AlignOptions
 from elbo_t2ialign.runfolder import (
@@ -31,11 +34,13 @@ from elbo_t2ialign.runfolder import (
     remove_stale_temps,
     write_json_atomic,
 )
+from elbo_t2ialign.segmentation.captioning import ensure_captions
 from elbo_t2ialign.segmentation.config import (
     ConfigError,
     InputError,
     Shard,
     parse_shard,
+    prompt_mode,
     resolve_rank_device,
     result_fingerprint,
     validate,
@@ -72,8 +77,11 @@ class HeatmapAligner(Protocol):
     ) -> tuple[Any, dict[str, Any]]: ...
 
 
-def run(cfg: Any, aligner: HeatmapAligner | None = None) -> Path:
-    """Segment every image of the configured split (this shard's part); return the run folder."""
+def run(
+    cfg: Any, aligner: HeatmapAligner | None = None, on_image: Callable[[int, int], None] | None = None
+) -> Path:
+    """Segment every image of the configured split (this shard's part); return the run folder.
+    `on_image(done, todo)` is called after each image this launch computes (progress, estimates)."""
     conf = to_container(cfg, ConfigError)
     options = validate(conf)
     conf["elbo"] = options.to_dict()  # saved in full, so the folder stays reproducible if defaults change
@@ -119,6 +127,15 @@ def run(cfg: Any, aligner: HeatmapAligner | None = None) -> Path:
                 len(todo),
                 folder.root,
             )
+            captions = None
+            if prompt_mode(conf["dataset"]) == "caption":  # before the model: the captioner is freed first
+                captions = ensure_captions(
+                    folder.root,
+                    dataset,
+                    conf,
+                    [n for _, n in todo if not folder.is_done(n)],
+                    resolve_rank_device(conf.get("device")),
+                )
             if todo and aligner is None:
                 aligner = build_aligner(conf, options)
             progress = tqdm(
@@ -130,9 +147,11 @@ def run(cfg: Any, aligner: HeatmapAligner | None = None) -> Path:
                 disable=not conf.get("progress", True),
             )
             fallback = 0
-            for index, name in progress:
-                source = _process(folder, dataset, aligner, conf, index, name, plan)
+            for k, (index, name) in enumerate(progress):
+                source = _process(folder, dataset, aligner, conf, index, name, plan, captions)
                 fallback += source is not None and source.startswith("class_names (")
+                if on_image is not None:
+                    on_image(k + 1, len(todo))
             _summarise(folder, dataset, items, fallback)
         finally:
             dataset.labels.save()
@@ -177,6 +196,7 @@ def _process(
     index: int,
     name: str,
     plan: VariantPlan,
+    captions: dict[str, str] | None = None,
 ) -> str | None:
     """Compute and write one image; returns the phrase source, None when skipped."""
     try:
@@ -192,19 +212,38 @@ def _process(
     if phrases is None and source != "class_names":
         log.info("%s: %s; prompting with class names", name, source)
     seed = int(conf.get("seed", 0)) + index
-    prompt = None
-    if (
-        phrases is not None
-    ):  # as the reference: the collection prompt lists every phrase of the image, in order
-        prompt = conf["elbo"]["collect_prompt"].format(", ".join(dataset.phrase_lists(name)[1]))
-    if folder.is_done(name):  # finished before: only the variants added since
-        _add_variants(folder, name, aligner, plan, image, prompt)
+    if folder.is_done(name):  # finished before: only the variants added since, with its recorded prompt
+        _add_variants(folder, name, aligner, plan, image, _prompt(conf, dataset, name, phrases))
         return source
+    prompt, extra = _prompt(conf, dataset, name, phrases), {}
+    if captions is not None:
+        prompt, appended, dropped = fit_words(captions[name], names, _fits(aligner))
+        extra = {"caption": captions[name], "appended_to_caption": appended}
+        extra |= {"caption_words_dropped": dropped} if dropped else {}
+        source = "caption"
     result = plan.compute(aligner, image, name, names, phrases, seed, prompt=prompt)
-    _write_image(folder, name, index, seed, info, names, phrases, source, result)
+    if prompt is not None:
+        extra["prompt"] = prompt
+    _write_image(folder, name, index, seed, info, names, phrases, source, result, extra)
     if folder.skip_record(name).exists():
         os.unlink(folder.skip_record(name))  # an earlier failure that is now fixed
     return source
+
+
+def _prompt(conf: dict[str, Any], dataset: SegDataset, name: str, phrases: list[str] | None) -> str | None:
+    """The collection prompt of a phrase file: as the reference, every phrase of the image in order
+    (None: the aligner fills elbo.collect_prompt with the class names)."""
+    if phrases is None:
+        return None
+    return conf["elbo"]["collect_prompt"].format(", ".join(dataset.phrase_lists(name)[1]))
+
+
+def _fits(aligner: Any) -> Callable[[str], bool] | None:
+    """Whether a prompt fits the aligner's text encoder (None for a stand-in without an adapter)."""
+    adapter = getattr(aligner, "adapter", None)
+    if adapter is None:
+        return None
+    return lambda prompt: len(adapter.token_ids(prompt)) <= adapter.max_prompt_tokens()
 
 
 def _write_image(
@@ -217,6 +256,7 @@ def _write_image(
     phrases: list[str] | None,
     source: str,
     result: VariantMaps,
+    extra: dict[str, Any] | None = None,
 ) -> None:
     """Write into maps/.tmp-<name>/, then rename it to maps/<name>/ in one step."""
     tmp = _fresh_temp(folder, name)
@@ -231,6 +271,7 @@ def _write_image(
         "phrases": phrases,
         "phrase_source": source,
         **result.scores(),  # elbo, tau, variants (and elbo_from when the losses were reused)
+        **(extra or {}),  # prompt (phrase files, captions), caption, appended_to_caption
     }
     write_json_atomic(tmp / "scores.json", scores)
     try:
@@ -270,6 +311,7 @@ def _add_variants(
     """Maps of variants added to a finished image: written beside the others, then scores.json lists
     them (a kill in between leaves files that the next launch writes again)."""
     scores = read_json(folder.image_dir(name) / "scores.json")
+    prompt = scores.get("prompt", prompt)  # the prompt the image was computed with (a caption's)
     result = plan.compute(
         aligner, image, name, scores["classes"], scores["phrases"], scores["seed"], scores, prompt=prompt
     )
