@@ -301,17 +301,24 @@ def grid_lock(root: Path):
 
 
 def evaluate_finished(grid: dict[str, Any], cells: list[Cell]) -> None:
-    """Evaluate every cell whose images are all finished (by any process) and not evaluated since."""
-    from elbo_t2ialign.results import read_run
+    """Evaluate every cell whose images are all finished (by any process) and whose metrics.json is
+    missing or counts fewer images."""
+    from elbo_t2ialign.runfolder import read_json
+    from elbo_t2ialign.segmentation.config import Shard
     from elbo_t2ialign.segmentation.evaluate import evaluate
 
     options = {k: v for k, v in (grid.get("evaluate") or {}).items() if v is not None}
     with grid_lock(Path(grid["output_dir"])):
         for cell in cells:
-            if not (cell.folder / "config.yaml").is_file():
+            status = cell_status(cell, Shard(0, 1))
+            if not status["finished"] or status["finished"] + status["skipped"] < status["images"]:
                 continue
-            run = read_run(cell.folder)
-            if run is not None and run.state == "unevaluated":
+            metrics = cell.folder / "metrics.json"
+            try:
+                evaluated = read_json(metrics).get("num_images", 0) if metrics.is_file() else -1
+            except (OSError, ValueError):
+                evaluated = -1
+            if evaluated < status["finished"]:
                 say(f"evaluating cell {cell.index + 1} ({cell.label})")
                 evaluate(cell.folder, progress=False, **options)
 
@@ -403,7 +410,7 @@ def print_plan(
     sys.stdout.flush()
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m elbo_t2ialign.grid", description=__doc__.split("\n\n")[0]
     )
@@ -415,7 +422,11 @@ def main(argv: list[str] | None = None) -> int:
         "--report", action="store_true", help="only evaluate finished cells and write the report"
     )
     parser.add_argument("--debug", action="store_true", help="show the traceback of an expected error too")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_intermixed_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     debug = debug_requested(["--debug"] if args.debug else [])[0]
     from elbo_t2ialign.results import ReportError

@@ -51,6 +51,18 @@ class Run:
     variants: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> figures
     labels: dict[str, str] = field(default_factory=dict)  # variant name -> setting ("strength 3")
     order: int = 0  # position in the grid / in the sorted folder list
+    evaluated: int | None = None  # images the metrics were computed over (None: not evaluated)
+
+    def update_state(self) -> None:
+        """done: every image finished (or skipped) and evaluated since; unevaluated: finished, no
+        current metrics; partial: images left. A folder never started stays missing."""
+        if self.state == "missing":
+            return
+        complete = self.expected is not None and self.done + self.skipped >= self.expected
+        if complete and self.evaluated is not None and self.evaluated >= self.done:
+            self.state = "done"
+        else:
+            self.state = "unevaluated" if complete else "partial"
 
     @property
     def name(self) -> str:
@@ -80,7 +92,12 @@ def collect(paths: list[str | Path]) -> list[Run]:
         if resolved is not None and resolved in seen:
             continue
         if resolved is not None and resolved in runs:
-            ordered.append(runs[resolved])
+            run = runs[resolved]
+            if cell.expected is not None:  # the grid's number of images (num_images may have grown since)
+                run.expected = run.fields["images"] = cell.expected
+                run.done = min(run.done, run.expected)
+                run.update_state()
+            ordered.append(run)
             seen.add(resolved)
         else:  # not started (or its folder unreadable, which read_run has logged)
             cell.folder = None
@@ -221,14 +238,10 @@ def _segmentation(folder: Path, conf: dict[str, Any]) -> Run:
     if metrics:
         variants = _seg_variants(metrics)
         labels |= {v: r["setting"]["label"] for v, r in (metrics.get("variants") or {}).items()}
-    complete = expected is not None and done + skipped >= expected
-    if metrics and complete and metrics.get("num_images", -1) >= done:
-        state = "done"
-    elif complete:
-        state = "unevaluated"
-    else:
-        state = "partial"
-    return Run("segment", folder, fields, state, done, expected, skipped, variants, labels)
+    run = Run("segment", folder, fields, "partial", done, expected, skipped, variants, labels)
+    run.evaluated = metrics.get("num_images") if metrics else None
+    run.update_state()
+    return run
 
 
 def _read_optional(path: Path) -> dict[str, Any] | None:
@@ -326,16 +339,11 @@ def _generation(folder: Path, conf: dict[str, Any]) -> Run:
             result = (scores.get("variants") or {}).get(v) or {}
             value = paired.get(v, result.get("clip_score"))
             variants[v] = {"clip": value, "num_images": result.get("num_images", 0)}
-    evaluated = sum(r.get("num_images", 0) for r in variants.values())
-    complete = expected is not None and done >= expected
-    if scores and complete and evaluated >= done:
-        state = "done"
-    elif complete:
-        state = "unevaluated"
-    else:
-        state = "partial"
     labels = {"baseline": "unweighted", "elbo": f"ELBO weights, strength {conf.get('strength')}"}
-    return Run("generate", folder, fields, state, done, expected, 0, variants, labels)
+    run = Run("generate", folder, fields, "partial", done, expected, 0, variants, labels)
+    run.evaluated = sum(r.get("num_images", 0) for r in variants.values()) if scores else None
+    run.update_state()
+    return run
 
 
 # ------------------------------------------------------------------ evaluation of finished runs
@@ -349,8 +357,10 @@ def evaluate_pending(runs: list[Run], **options: Any) -> list[Path]:
         if run.task == "segment" and run.state == "unevaluated" and run.folder is not None:
             log.info("evaluating %s", run.folder)
             evaluate(run.folder, progress=False, **options)
-            order = run.order
-            runs[i] = read_run(run.folder) or run
-            runs[i].order = order
+            again = read_run(run.folder) or run
+            again.order, again.expected, again.fields["images"] = run.order, run.expected, run.expected
+            again.done = min(again.done, run.expected) if run.expected is not None else again.done
+            again.update_state()
+            runs[i] = again
             done.append(run.folder)
     return done
