@@ -6,7 +6,9 @@ package as `elbo_t2ialign/configs/`, so an installed wheel finds them (`elbo_t2i
 
 from setuptools import find_namespace_packages, setup
 
-config_packages = [f"elbo_t2ialign.{name}" for name in find_namespace_packages(include=["configs", "configs.*"])]
+config_packages = [
+    f"elbo_t2ialign.{name}" for name in find_namespace_packages(include=["configs", "configs.*"])
+]
 setup(
     packages=find_namespace_packages(include=["elbo_t2ialign", "elbo_t2ialign.*"]) + config_packages,
     package_dir={"elbo_t2ialign.configs": "configs"},

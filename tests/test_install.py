@@ -9,7 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 from hydra import compose, initialize_config_dir
 
 from elbo_t2ialign.cli import config_dir, hydra_config_dir
@@ -19,7 +18,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_shipped_configs_are_the_checkouts():
     assert config_dir() == ROOT / "configs"
-    assert {p.name for p in config_dir().iterdir()} >= {"segment.yaml", "generate.yaml", "explain.yaml", "model"}
+    assert {p.name for p in config_dir().iterdir()} >= {
+        "segment.yaml",
+        "generate.yaml",
+        "explain.yaml",
+        "model",
+    }
 
 
 def test_working_directory_configs_come_first(tmp_path, monkeypatch):
@@ -30,7 +34,9 @@ def test_working_directory_configs_come_first(tmp_path, monkeypatch):
     (tmp_path / "configs" / "model" / "mine.yaml").write_text(mine)
     default = (shipped / "elbo" / "default.yaml").read_text()
     assert "strength: 3.0 " in default
-    (tmp_path / "configs" / "elbo" / "default.yaml").write_text(default.replace("strength: 3.0 ", "strength: 5.0 "))
+    (tmp_path / "configs" / "elbo" / "default.yaml").write_text(
+        default.replace("strength: 3.0 ", "strength: 5.0 ")
+    )
 
     def composed(cwd: Path, model: str):
         monkeypatch.chdir(cwd)
@@ -52,7 +58,9 @@ def _build_fresh_environment(tmp_path: Path) -> Path:
     shutil.copytree(
         ROOT,
         source,
-        ignore=shutil.ignore_patterns(".git", ".venv*", "runs", "datasets", "build", "dist", "*.egg-info", "__pycache__"),
+        ignore=shutil.ignore_patterns(
+            ".git", ".venv*", "runs", "datasets", "build", "dist", "*.egg-info", "__pycache__"
+        ),
     )
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
     wheels = tmp_path / "wheels"
@@ -84,7 +92,9 @@ def test_wheel_runs_explain_and_segment_from_an_empty_folder(tmp_path):
 
     where = run("-c", "import elbo_t2ialign; print(elbo_t2ialign.__file__)")
     assert where.returncode == 0, where.stderr
-    assert Path(where.stdout.strip()).is_relative_to(tmp_path / "env"), where.stdout  # the wheel, not the checkout
+    assert Path(where.stdout.strip()).is_relative_to(tmp_path / "env"), (
+        where.stdout
+    )  # the wheel, not the checkout
     assert run("-m", "elbo_t2ialign.testbed.world", "--ensure").returncode == 0
 
     image = "datasets/shapes/images/val_00018.png"
