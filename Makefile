@@ -34,8 +34,8 @@ demo: $(VENV)/.installed
 	HF_HUB_OFFLINE=1 $(PY) -m elbo_t2ialign.demo
 
 lint: $(VENV)/.installed
-	$(VENV)/bin/ruff check elbo_t2ialign tests scripts
-	$(VENV)/bin/ruff format --check elbo_t2ialign tests scripts
+	$(VENV)/bin/ruff check elbo_t2ialign tests scripts setup.py
+	$(VENV)/bin/ruff format --check elbo_t2ialign tests scripts setup.py
 
 bench: $(VENV)/.installed
 	$(PY) -m elbo_t2ialign.devtools.bench --compare

@@ -44,11 +44,17 @@ from typing import Any
 
 from tqdm import tqdm
 
-from elbo_t2ialign.cli import cli_errors, debug_requested, one_line, to_container
+from elbo_t2ialign.cli import (
+    cli_errors,
+    config_dir,
+    debug_requested,
+    hydra_config_dir,
+    one_line,
+    to_container,
+)
 
 log = logging.getLogger(__name__)
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"  # the one place this module finds configs/
 GRID_KEYS = {"name", "output_dir", "overrides", "axes", "evaluate", "report"}
 EVALUATE_KEYS = {"threshold", "crf", "overlays"}
 REPORT_KEYS = {"group_by", "columns", "crf", "sizes", "digits"}
@@ -60,20 +66,18 @@ class GridError(Exception):
     """A grid file, override or folder that cannot be used; printed as one line."""
 
 
-def config_dir() -> Path:
-    return CONFIGS
-
-
 # ------------------------------------------------------------------ the grid file
 def load_grid(name: str) -> dict[str, Any]:
-    """A grid by name (configs/grid/<name>.yaml) or path, checked."""
+    """A grid by path, or by name: configs/grid/<name>.yaml of the working directory, else the shipped one."""
     import yaml
 
     path = Path(name).expanduser()
+    folders = [Path.cwd() / "configs" / "grid", config_dir() / "grid"]
+    for folder in folders:
+        if not path.is_file():
+            path = folder / f"{name}.yaml"
     if not path.is_file():
-        path = config_dir() / "grid" / f"{name}.yaml"
-    if not path.is_file():
-        known = sorted(p.stem for p in (config_dir() / "grid").glob("*.yaml"))
+        known = sorted({p.stem for folder in folders for p in folder.glob("*.yaml")})
         raise GridError(f"no grid {name!r}: give a YAML file or one of {known} (configs/grid/)")
     try:
         grid = yaml.safe_load(path.read_text(encoding="utf-8"))
@@ -147,7 +151,7 @@ def plan(grid: dict[str, Any], extra: list[str], shard: str | None) -> list[Cell
     root = Path(grid["output_dir"])
     keys = list(grid["axes"])
     cells = []
-    with initialize_config_dir(config_dir=str(config_dir().resolve()), version_base="1.3"):
+    with initialize_config_dir(config_dir=hydra_config_dir(), version_base="1.3"):
         for i, combo in enumerate(itertools.product(*grid["axes"].values())):
             values = dict(zip(keys, combo, strict=True))
             folder = root.joinpath(*(_folder_name(v) for v in combo))

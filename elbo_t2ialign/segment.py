@@ -15,14 +15,14 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from elbo_t2ialign.cli import cli_errors, debug_requested
+from elbo_t2ialign.cli import cli_errors, debug_requested, hydra_config_dir
 from elbo_t2ialign.segmentation.config import SegmentationError
 from elbo_t2ialign.segmentation.runner import run
 
 DEBUG = False  # --debug or HYDRA_FULL_ERROR=1: tracebacks of expected errors too
 
 
-@hydra.main(version_base="1.3", config_path="../configs", config_name="segment")
+@hydra.main(version_base="1.3", config_path=hydra_config_dir(), config_name="segment")
 def main(cfg: DictConfig) -> None:
     cli_errors(lambda: run(cfg), (SegmentationError,), DEBUG)
 

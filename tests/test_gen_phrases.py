@@ -1,13 +1,12 @@
 """Noun phrases for ELBO-weighted generation: spaCy noun chunks, NOUN roots, the stop-list (PROTOCOL 7)."""
 
-from pathlib import Path
-
 import pytest
 import yaml
 
+from elbo_t2ialign.cli import config_dir
 from elbo_t2ialign.generation.phrases import PhraseError, PhraseExtractor, load_spacy, load_stopwords
 
-STOPWORDS = Path(__file__).resolve().parents[1] / "configs/phrases/default.yaml"
+STOPWORDS = config_dir() / "phrases" / "default.yaml"
 
 
 @pytest.fixture(scope="module")

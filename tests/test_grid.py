@@ -115,6 +115,7 @@ def test_sharded_grid_reports_partial_cells_until_the_last_shard(tmp_path, capsy
     for a, b in zip(
         csv_rows(report / "segmentation.csv"),
         csv_rows(tmp_path / "whole" / "grid" / "report" / "segmentation.csv"),
+        strict=True,
     ):
         assert (a["baseline"], a["method"]) == (b["baseline"], b["method"])
 

@@ -108,7 +108,7 @@ def md_table(path):
         if len(cells) != len(header):
             break  # the next table
         rows[" / ".join(cells[: header.index(next(h for h in header if ":" in h))])] = dict(
-            zip(header, cells)
+            zip(header, cells, strict=True)
         )
     return header, rows
 

@@ -152,9 +152,9 @@ def test_caption_prompts_end_to_end_on_the_testbed(tmp_path):
         f"output_dir={tmp_path / 'run'}",
         "elbo.elbo_timesteps=[101,501,901]",  # fewer network passes: a test, not a measurement
     ]
-    from elbo_t2ialign.grid import config_dir
+    from elbo_t2ialign.cli import hydra_config_dir
 
-    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+    with initialize_config_dir(config_dir=hydra_config_dir(), version_base="1.3"):
         conf = to_container(compose("segment", overrides=overrides))
     out = run(conf)
     recorded = json.loads((out / "captions.json").read_text())
@@ -162,7 +162,7 @@ def test_caption_prompts_end_to_end_on_the_testbed(tmp_path):
     options = validate(conf)
     aligner = build_aligner(conf, options)
     dataset = SegDataset(conf["dataset"])
-    for index, name in enumerate(dataset.images[:3]):
+    for name in dataset.images[:3]:
         scores = json.loads((out / "maps" / name / "scores.json").read_text())
         assert scores["caption"] == recorded["captions"][name]
         assert scores["caption"].startswith("a photo of")
