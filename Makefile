@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
 PIP_TORCH_FLAGS := $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX),)
 
-.PHONY: install test demo lint bench clean-venv
+.PHONY: install test demo report-demo lint bench clean-venv
 
 $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,12 @@ test: $(VENV)/.installed-extras
 
 demo: $(VENV)/.installed
 	HF_HUB_OFFLINE=1 $(PY) -m elbo_t2ialign.demo
+
+# the offline grid (configs/grid/demo.yaml: 3 shapes splits x template and caption prompts, strengths
+# 1/3/5) run cell by cell, evaluated, and reported in runs/grid/demo/report (about 2 min on 2 CPU cores)
+report-demo: $(VENV)/.installed
+	HF_HUB_OFFLINE=1 $(PY) -m elbo_t2ialign.testbed.world --ensure
+	HF_HUB_OFFLINE=1 $(PY) -m elbo_t2ialign.grid demo
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check elbo_t2ialign tests scripts setup.py

@@ -336,7 +336,7 @@ def run_grid(
     aligner_factory: Any = None,
 ) -> list[Cell]:
     """Plan, run every cell (this shard's images), evaluate finished cells, write the report."""
-    from elbo_t2ialign.segmentation.config import parse_shard
+    from elbo_t2ialign.segmentation.config import SegmentationError, parse_shard
     from elbo_t2ialign.segmentation.runner import run
 
     shard = parse_shard(shard_spec)
@@ -347,6 +347,7 @@ def run_grid(
     if dry:
         return cells
     write_plan(grid, cells)
+    failed = []
     if not report_only:
         estimator = Estimator({i: s["todo"] for i, s in statuses.items()})
         models: dict[str, Any] = {}
@@ -355,21 +356,29 @@ def run_grid(
                 continue
             say(f"== cell {cell.index + 1}/{len(cells)}: {cell.label} -> {cell.folder}")
             estimator.begin(cell)
-            aligner = (aligner_factory or shared_aligner)(cell.conf, models)
             start = time.monotonic()
-            run(cell.conf, aligner=aligner, on_image=estimator)
+            try:
+                aligner = (aligner_factory or shared_aligner)(cell.conf, models)
+                run(cell.conf, aligner=aligner, on_image=estimator)
+            except SegmentationError as err:  # this cell only: the others still run, its images are kept
+                say(f"   cell {cell.index + 1} stopped: {one_line(err)}")
+                failed.append(f"cell {cell.index + 1} ({cell.label}): {one_line(err)}")
+                continue
             say(f"   cell {cell.index + 1} done in {fmt_time(time.monotonic() - start)}")
             status = cell_status(cell, shard)
             if status["finished"] + status["skipped"] >= status["images"]:
                 evaluate_finished(grid, [cell])
     evaluate_finished(grid, cells)
     write_report(grid)
+    if failed:
+        raise GridError(f"{len(failed)} cell(s) stopped, the rest are reported: " + "; ".join(failed))
     return cells
 
 
 def shared_aligner(conf: dict[str, Any], models: dict[str, Any]) -> Any:
-    """An aligner for the cell's options on a model loaded once per model config and device (None:
-    the runner loads it, and only if the cell has images to do)."""
+    """An aligner for the cell's options on the model of the cell: loaded once for consecutive cells
+    with the same model config and device (the grid's cells run model by model), the previous one
+    released first."""
     from elbo_t2ialign import Aligner
     from elbo_t2ialign.segmentation.config import resolve_rank_device, validate
     from elbo_t2ialign.segmentation.runner import build_aligner
@@ -377,8 +386,20 @@ def shared_aligner(conf: dict[str, Any], models: dict[str, Any]) -> Any:
     options = validate(conf)
     key = json.dumps([conf["model"], resolve_rank_device(conf.get("device"))], sort_keys=True, default=str)
     if key not in models:
+        models.clear()  # one model in memory at a time
+        _free_memory()
         models[key] = build_aligner(conf, options).adapter
     return Aligner(models[key], options)
+
+
+def _free_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def write_report(grid: dict[str, Any]) -> None:

@@ -24,6 +24,7 @@ from elbo_t2ialign.cli import cli_errors, debug_requested
 from elbo_t2ialign.results import ReportError
 
 FILES = {"segment": "segmentation", "generate": "generation"}
+log = logging.getLogger(__name__)
 
 
 def _names(text: str | None) -> list[str] | None:
@@ -65,15 +66,16 @@ def write(
     for task, stem in FILES.items():
         if not any(r.task == task for r in runs):
             continue
-        table = tables.build(
-            runs,
-            task,
-            rows=group_by or (defaults.get("group_by") if task == "segment" else None),
-            columns=columns or (defaults.get("columns") if task == "segment" else None),
-            crf=crf,
-            sizes=sizes,
-            digits=digits,
-        )
+        rows = group_by or (defaults.get("group_by") if task == "segment" else None)
+        cols = columns or (defaults.get("columns") if task == "segment" else None)
+        try:
+            table = tables.build(runs, task, rows=rows, columns=cols, crf=crf, sizes=sizes, digits=digits)
+        except ReportError as err:
+            if len({r.task for r in runs}) < 2 or not (rows or cols):
+                raise
+            # axes chosen for the other task's runs: this task's table keeps its default axes
+            log.warning("%s table: %s; its default axes are used", stem, err)
+            table = tables.build(runs, task, crf=crf, sizes=sizes, digits=digits)
         made[task] = table
         lines += tables.markdown(table)
         (out / f"{stem}.tex").write_text(tables.latex(table), encoding="utf-8")

@@ -6,7 +6,8 @@
 # with the bundled testbed model and the synthetic shapes world (generated when missing or stale):
 #   DATASETS=shapes MODEL=shapes SPLIT=val_10 bash scripts/template_run_segmentation.sh
 # Each dataset gets one run folder holding both the calibrated (ELBO) and the
-# baseline maps; rerunning resumes it. Results: <run folder>/metrics.md.
+# baseline maps; rerunning resumes it. Results: <run folder>/metrics.md. For a grid of models x
+# datasets with a plan, time estimates and one cross-run table: python -m elbo_t2ialign.grid (configs/grid/).
 set -euo pipefail
 
 # ---- edit here -------------------------------------------------------------

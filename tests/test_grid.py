@@ -243,3 +243,19 @@ def test_slurm_template_refuses_to_run_outside_an_array():
         timeout=30,
     )
     assert done.returncode != 0 and "array job" in done.stderr
+
+
+def test_a_failing_cell_stops_only_itself(tmp_path):
+    from elbo_t2ialign.segmentation.config import ConfigError
+
+    grid = make_grid(tmp_path, axes={"elbo.strength": [2, 3]})
+
+    def factory(conf, models):
+        if conf["elbo"]["strength"] == 2:
+            raise ConfigError("cannot load model x")
+        return PixelAligner()
+
+    with pytest.raises(grid_mod.GridError, match=r"1 cell\(s\) stopped.*cell 1 \(2\): cannot load model x"):
+        grid_mod.run_grid(grid, aligner_factory=factory)
+    states = [r["state"] for r in csv_rows(tmp_path / "grid" / "report" / "segmentation.csv")]
+    assert states == ["missing", "done"]

@@ -12,7 +12,10 @@ Layout (``<run>`` is ``cfg.output_dir``)::
       maps/<image>/          one folder per finished image, renamed into place when complete
         scores.json          {"image", "index", "seed", "size": [H, W], "class_ids", "classes",
                               "phrases", "phrase_source", "elbo": {class: float}, "tau": {class: float},
-                              "variants": [names on disk], "elbo_from": run folder (only if reused)}
+                              "variants": [names on disk], "elbo_from": run folder (only if reused),
+                              "prompt": the collection prompt when the runner built one (phrase
+                              files, captions), "caption", "appended_to_caption": [class words],
+                              "caption_words_dropped": n (only when shortened to fit)}
                              ("elbo": summed ELBO loss, null when no variant needed it; "tau": of
                              the configured setting; no "variants": elbo and baseline)
         elbo_<id>.png        calibrated heatmap of class <id> (ground-truth id, 3 digits),
@@ -21,6 +24,8 @@ Layout (``<run>`` is ``cfg.output_dir``)::
         <variant>_<id>.png   every other variant of `variants` (s2_<id>.png, fixed3_<id>.png,
                              cross_<id>.png, ...), from the same network passes
       maps/.tmp-<image>/     the image in flight (a killed run leaves at most this one)
+      captions.json          dataset.prompt=caption: {"captioner": its settings, "captions":
+                             {image: caption}}, written before the model loads (captioning.py)
       skipped/<image>.json   an image that could not be read: {"image", "index", "error"}
       damaged/<image>/       a finished image whose files were found missing or unreadable on
                              resume, moved aside (the image is computed again)
