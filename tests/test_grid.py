@@ -259,3 +259,18 @@ def test_a_failing_cell_stops_only_itself(tmp_path):
         grid_mod.run_grid(grid, aligner_factory=factory)
     states = [r["state"] for r in csv_rows(tmp_path / "grid" / "report" / "segmentation.csv")]
     assert states == ["missing", "done"]
+
+
+def test_report_evaluate_option_evaluates_finished_runs(tmp_path):
+    from elbo_t2ialign import report
+    from elbo_t2ialign.segmentation.runner import run
+
+    grid = make_grid(tmp_path, axes={"elbo.strength": [2]})
+    (cell,) = grid_mod.plan(grid, [], None)
+    run(cell.conf, aligner=PixelAligner())
+    table = report.write([cell.folder], tmp_path / "out", quiet=True)["segment"]
+    assert [c.state for c in table.cells.values()] == ["unevaluated"]
+    table = report.write([cell.folder], tmp_path / "out", evaluate=True, quiet=True)["segment"]
+    metrics = json.loads((cell.folder / "metrics.json").read_text())
+    (cell_out,) = table.cells.values()
+    assert cell_out.state == "done" and cell_out.values["method"] == metrics["elbo"]["mIoU"]

@@ -420,3 +420,14 @@ def test_tables_module_formats():
     assert (
         tables.tex("a_b & 50% #1 {x} ~ ^") == r"a\_b \& 50\% \#1 \{x\} \textasciitilde{} \textasciicircum{}"
     )
+
+
+def test_axes_of_one_task_leave_the_other_tasks_defaults(tmp_path):
+    seg_run(tmp_path / "seg", "sd15", "voc")
+    gen = tmp_path / "gen"
+    gen.mkdir()
+    conf = {"model": {"name": "sd15"}, "prompts": {"name": "ane"}, "strength": 1.2, "seed": 1, "steps": 50}
+    OmegaConf.save(OmegaConf.create(conf), gen / "config.yaml")
+    made = report.write([tmp_path], tmp_path / "out", columns=["split"], quiet=True)
+    assert made["segment"].columns == ["split"] and made["generate"].columns == ["prompts"]
+    assert [c.state for c in made["generate"].cells.values()] == ["partial"]  # no prompts.json yet
