@@ -40,6 +40,10 @@ def test_compel_syntax():
         compel_syntax(PROMPT, ["a bird"], [1.1])
 
 
+def masked_conds(ad, positions) -> dict:
+    return {k: ad.encode_prompt_masked(PROMPT, pos) for k, pos in enumerate(positions)}
+
+
 def test_weighted_embeddings_equal_compel_sd():
     ad, pipe = adapter("sd"), tiny_pipeline("sd")
     compel = Compel(tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder)
@@ -55,13 +59,34 @@ def test_weighted_embeddings_equal_compel_sd():
         assert changed.nonzero().flatten().tolist() == expected
 
 
+@pytest.mark.parametrize("weights", [[0.8, 1.0], [0.5, 1.2], [0.9, 0.7], [1.0, 0.01]])
+def test_weights_below_one_equal_compel_sd(weights):
+    """Strength < 1 gives weights in [strength, 1]: Compel blends towards the prompt with the phrase masked."""
+    ad, pipe = adapter("sd"), tiny_pipeline("sd")
+    full, empty = ad.encode_prompt(PROMPT), ad.encode_prompt("")
+    positions = token_positions(ad, PROMPT, PHRASES)
+    ours = weight_conditioning(full, empty, positions, weights, masked_conds(ad, positions))
+    theirs = Compel(tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder)(
+        compel_syntax(PROMPT, PHRASES, weights)
+    )
+    torch.testing.assert_close(ours["encoder_hidden_states"], theirs, rtol=0, atol=1e-6)
+    # the blend moves every position after the masked phrase, not only the phrase's own tokens
+    changed = (ours["encoder_hidden_states"] != full["encoder_hidden_states"]).any(dim=-1)[0]
+    assert changed[positions[0][0] :].all() if weights[0] < 1 else changed[positions[1][0] :].all()
+    with pytest.raises(ValueError, match="weighted below 1 and need their masked conditioning"):
+        weight_conditioning(full, empty, positions, weights)
+
+
 def test_weighted_embeddings_equal_compel_sdxl():
     ad, pipe = adapter("sdxl"), tiny_pipeline("sdxl")
     full = ad.encode_prompt(PROMPT)
-    weights = [1.3, 1.0]
-    ours = weight_conditioning(full, ad.encode_prompt(""), token_positions(ad, PROMPT, PHRASES), weights)
-    theirs = CompelForSDXL(pipe)(compel_syntax(PROMPT, PHRASES, weights))
-    torch.testing.assert_close(ours["encoder_hidden_states"], theirs.embeds, rtol=0, atol=1e-6)
+    positions = token_positions(ad, PROMPT, PHRASES)
+    for weights in ([1.3, 1.0], [0.8, 1.1], [0.6, 0.9]):
+        ours = weight_conditioning(
+            full, ad.encode_prompt(""), positions, weights, masked_conds(ad, positions)
+        )
+        theirs = CompelForSDXL(pipe)(compel_syntax(PROMPT, PHRASES, weights))
+        torch.testing.assert_close(ours["encoder_hidden_states"], theirs.embeds, rtol=0, atol=1e-6)
     # pooled text and time ids stay those of the plain prompt (Compel pools its syntax string instead)
     assert torch.equal(ours["text_embeds"], full["text_embeds"]) and torch.equal(
         ours["time_ids"], full["time_ids"]
@@ -83,6 +108,30 @@ def test_sd3_weights_clip_and_t5_tokens():
     assert torch.equal(o[others], f[others])
     assert torch.equal(out["pooled_projections"], full["pooled_projections"])
     assert weight_conditioning(full, empty, positions, [1.0, 1.0]) is full
+
+
+def test_sd3_weights_below_one_blend_with_the_masked_prompt():
+    ad = adapter("sd3")
+    full, empty = ad.encode_prompt(PROMPT), ad.encode_prompt("")
+    positions = token_positions(ad, PROMPT, PHRASES)  # [[4, 5, 80, 81], [7, 8, 83, 84]]
+    masked = ad.encode_prompt_masked(PROMPT, positions[0])["encoder_hidden_states"][0]
+    f, e = full["encoder_hidden_states"][0], empty["encoder_hidden_states"][0]
+    # CLIP is causal: tokens before the phrase cannot see it; T5 is not: every T5 row moves
+    assert torch.equal(masked[:4], f[:4]) and not torch.allclose(masked[6:77], f[6:77])
+    assert (masked[77:] != f[77:]).any(dim=-1).all()
+    out = weight_conditioning(
+        full, empty, positions, [0.5, 1.0], {0: {"encoder_hidden_states": masked[None]}}
+    )
+    rows = torch.tensor(positions[0])
+
+    def scaled(x):  # weight 0.5 about the empty prompt at the phrase's rows
+        y = x.clone()
+        y[rows] = e[rows] + 0.5 * (x[rows] - e[rows])
+        return y
+
+    # w = 0.5: blend weight tan(pi / 4) = 1 against 1, i.e. the mean of the two
+    torch.testing.assert_close(out["encoder_hidden_states"][0], (scaled(f) + scaled(masked)) / 2)
+    assert torch.equal(out["pooled_projections"], full["pooled_projections"])
 
 
 def test_phrase_missing_from_the_prompt_is_an_error():

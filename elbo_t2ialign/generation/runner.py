@@ -172,6 +172,7 @@ def build_sampler(conf: dict[str, Any]) -> ElboSampler:
             strength=float(conf["strength"]),
             elbo_steps=int(conf["elbo_steps"]),
             after_elbo_steps=conf["after_elbo_steps"],
+            steps_rule=conf["steps_rule"],
         )
     except ValueError as err:
         raise GenerationError(f"model {model['name']}: {err}") from None

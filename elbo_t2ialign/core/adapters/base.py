@@ -22,13 +22,15 @@ Cond = dict[str, torch.Tensor]  # conditioning tensors, batch dimension first
 
 class TextBlock(NamedTuple):
     """One block of the `encoder_hidden_states` sequence: the tokenizer whose ids fill it, where it
-    starts, how many positions it has, and whether a phrase must be found in it."""
+    starts, how many positions it has, whether a phrase must be found in it, and the text encoders
+    whose outputs fill it (SDXL's and SD3's two CLIP encoders share one block)."""
 
     name: str
     tokenizer: Any
     offset: int
     length: int
     required: bool
+    encoders: tuple = ()
 
 
 def cat_cond(conds: list[Cond]) -> Cond:
@@ -140,6 +142,36 @@ class ModelAdapter:
         while len(self._cond_cache) > self.prompt_cache_size:
             self._cond_cache.pop(next(iter(self._cond_cache)))
         return cond
+
+    @torch.no_grad()
+    def encode_prompt_masked(self, prompt: str, positions: list[int]) -> Cond:
+        """Conditioning of `prompt` with the tokens at `positions` (along `encoder_hidden_states`)
+        hidden from every text encoder's attention: their keys are masked, the other tokens are encoded
+        as if they were absent, and every position keeps its place. This is Compel's "masked" prompt
+        for a fragment weighted below 1 (its default `DownweightMode.MASK`). Not cached."""
+        masks = []
+        for block in self.text_blocks():
+            local = [p - block.offset for p in positions if block.offset <= p < block.offset + block.length]
+            if local:
+                masks += [(encoder, local) for encoder in block.encoders]
+        hooks = []
+
+        def masking(local: list[int]):
+            def hook(module, args, kwargs):
+                ids = args[0] if args else kwargs["input_ids"]
+                mask = torch.ones(ids.shape, dtype=torch.long, device=ids.device)
+                mask[:, [i for i in local if i < ids.shape[1]]] = 0
+                return args, {**kwargs, "attention_mask": mask}
+
+            return hook
+
+        try:
+            for encoder, local in masks:
+                hooks.append(encoder.register_forward_pre_hook(masking(local), with_kwargs=True))
+            return self._encode_prompt(prompt)
+        finally:
+            for handle in hooks:
+                handle.remove()
 
     def clear_prompt_cache(self, prompts: list[str] | None = None) -> None:
         """Forget cached conditionings (all, or those of `prompts`): long prompt lists would fill memory."""

@@ -49,7 +49,9 @@ class UNetAdapter(ModelAdapter):
     def text_blocks(self) -> list[TextBlock]:
         """One CLIP sequence (SDXL's two encoders share its tokens)."""
         clip = self.pipe.tokenizer
-        return [TextBlock("CLIP", clip, 0, int(clip.model_max_length), True)]
+        both = (self.pipe.text_encoder, getattr(self.pipe, "text_encoder_2", None))
+        encoders = tuple(e for e in both if e is not None)
+        return [TextBlock("CLIP", clip, 0, int(clip.model_max_length), True, encoders)]
 
     def build_schedule(self) -> NoiseSchedule:
         return schedule_from_scheduler(self.pipe.scheduler)
