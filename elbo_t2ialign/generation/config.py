@@ -23,6 +23,7 @@ RESULT_KEYS = (
     "strength",
     "elbo_steps",
     "after_elbo_steps",
+    "prompt_syntax",
     "seed",
 )
 # keys that change how a run goes, not what it writes
@@ -72,6 +73,7 @@ def validate(cfg: dict[str, Any]) -> dict[str, Any]:
         "strength": 1.2,
         "elbo_steps": 50,
         "after_elbo_steps": "reset",
+        "prompt_syntax": "plain",
         "seed": 4307,
         "num_prompts": None,
         "images_per_prompt": 1,
@@ -102,6 +104,8 @@ def validate(cfg: dict[str, Any]) -> dict[str, Any]:
             f"steps_rule must be 'stride' (the reference's stride 1000 // steps down from 999: 8 steps "
             f"for 7) or 'exact' (exactly `steps` steps), got {out['steps_rule']!r}"
         )
+    if out["prompt_syntax"] not in ("plain", "compel"):
+        raise GenerationError(f"prompt_syntax must be 'plain' or 'compel', got {out['prompt_syntax']!r}")
     if out["after_elbo_steps"] not in ("reset", "hold"):
         raise GenerationError(f"after_elbo_steps must be 'reset' or 'hold', got {out['after_elbo_steps']!r}")
     for key in ("baseline", "progress"):
@@ -120,6 +124,7 @@ def result_fingerprint(cfg: dict[str, Any]) -> dict[str, Any]:
     steps = cfg.get("steps")
     rule = cfg.get("steps_rule") or "exact"
     out["steps_rule"] = None if isinstance(steps, int) and steps > 0 and 1000 % steps == 0 else rule
+    out["prompt_syntax"] = cfg.get("prompt_syntax") or "plain"  # folders from before the key: plain
     out["model"] = {k: cfg["model"].get(k) for k in ("id", "resolution", "max_sequence_length", "dtype")}
     return out
 

@@ -26,7 +26,12 @@ from PIL import Image
 
 from elbo_t2ialign.core.adapters.base import Cond, ModelAdapter, cat_cond
 from elbo_t2ialign.core.adapters.schedules import DDPMSchedule, FlowSchedule
-from elbo_t2ialign.generation.weighting import phrase_weights, token_positions, weight_conditioning
+from elbo_t2ialign.generation.weighting import (
+    compel_syntax,
+    phrase_weights,
+    token_positions,
+    weight_conditioning,
+)
 
 
 def model_kind(adapter: ModelAdapter) -> str:
@@ -87,6 +92,7 @@ class SampleResult:
     phrases: list[str]
     weights: list[list[float]] = field(default_factory=list)  # per step, one weight per phrase
     distances: list[list[float]] = field(default_factory=list)  # per ELBO step, d_p per phrase
+    plain: bool = True  # every step was conditioned on the plain prompt (the image is the baseline's)
 
 
 class ElboSampler:
@@ -101,6 +107,7 @@ class ElboSampler:
         elbo_steps: int | None = None,
         after_elbo_steps: str = "reset",
         steps_rule: str = "stride",
+        prompt_syntax: str = "plain",
     ):
         self.adapter = adapter
         self.kind = model_kind(adapter)
@@ -122,6 +129,11 @@ class ElboSampler:
             raise ValueError(f"after_elbo_steps must be 'reset' or 'hold', got {after_elbo_steps!r}")
         # after the first `elbo_steps` steps: "reset" returns to weight 1 (the reference), "hold" keeps the last
         self.after_elbo_steps = after_elbo_steps
+        # "plain": weights act on the embeddings (Compel's rules, see weighting.py); "compel": every step
+        # encodes the prompt written as "(phrase)w ..." the reference's way (Compel on SD1.x/SDXL, so SDXL's
+        # pooled text is that string's; SD3 reads the string as text, as the reference's SD3 path does)
+        adapter.set_prompt_syntax(prompt_syntax)
+        self.prompt_syntax = prompt_syntax
 
     def initial_latent(self, seed: int) -> torch.Tensor:
         """(1, C, h, w) float32 standard normal noise from a CPU generator (same on every device)."""
@@ -136,7 +148,8 @@ class ElboSampler:
         ad = self.adapter
         full, empty = ad.encode_prompt(prompt), ad.encode_prompt("")
         use_elbo = weighted and len(phrases) >= 2 and self.strength != 1.0 and self.elbo_steps > 0
-        positions = token_positions(ad, prompt, phrases) if use_elbo else []
+        syntax = self.prompt_syntax == "compel" and weighted and len(phrases) > 0
+        positions = token_positions(ad, prompt, phrases) if use_elbo and not syntax else []
         batch = cat_cond([full] + [ad.encode_prompt(p) for p in phrases]) if use_elbo else None
         guided_uncond = empty
         masked: dict[int, Cond] = {}  # phrase k -> the prompt with its tokens masked (weights below 1)
@@ -153,9 +166,15 @@ class ElboSampler:
             elif use_elbo and self.after_elbo_steps == "reset":
                 weights = [1.0] * len(phrases)
             weighted_now = use_elbo and any(w != 1.0 for w in weights)
-            for k in (k for k, w in enumerate(weights) if w < 1 and k not in masked):
-                masked[k] = ad.encode_prompt_masked(prompt, positions[k])
-            cond = weight_conditioning(full, empty, positions, weights, masked) if weighted_now else full
+            if syntax:  # the reference: the syntax string at every step, weights 1 included
+                cond = ad.encode_prompt(compel_syntax(prompt, phrases, weights, float32_numbers=True))
+            elif weighted_now:
+                for k in (k for k, w in enumerate(weights) if w < 1 and k not in masked):
+                    masked[k] = ad.encode_prompt_masked(prompt, positions[k])
+                cond = weight_conditioning(full, empty, positions, weights, masked)
+            else:
+                cond = full
+            result.plain = result.plain and not (syntax or weighted_now)
             pred_c, pred_u = ad.predict(
                 z.expand(2, -1, -1, -1),
                 torch.full((2,), t, device=ad.device),

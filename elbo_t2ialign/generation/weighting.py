@@ -20,6 +20,7 @@ import logging
 import math
 from collections.abc import Mapping, Sequence
 
+import numpy as np
 import torch
 
 from elbo_t2ialign.core.adapters.base import Cond, ModelAdapter
@@ -42,14 +43,22 @@ def phrase_weights(distances: Sequence[float] | torch.Tensor, strength: float) -
     return [round(float(strength) ** ((x - lo) / (hi - lo)), 2) for x in d]
 
 
-def compel_syntax(prompt: str, phrases: Sequence[str], weights: Sequence[float]) -> str:
-    """The prompt in Compel's syntax, e.g. "(a cat)1.2 and (a dog)1.0" (for logs and the weights JSON)."""
+def compel_syntax(
+    prompt: str, phrases: Sequence[str], weights: Sequence[float], float32_numbers: bool = False
+) -> str:
+    """The prompt in Compel's syntax, e.g. "(a cat)1.2 and (a dog)1 ..." (logs, the weights JSON, and
+    prompt_syntax=compel). Phrases are located left to right, each after the previous one.
+
+    float32_numbers: write each weight as the reference writes it, the Python repr of its float32 value
+    ("(a cat)1.2000000476837158"): Compel reads the same weight either way, but SD3, which the
+    reference gives this string as text, sees other tokens."""
     out, cursor = [], 0
     for phrase, weight in zip(phrases, weights, strict=True):
         start = prompt.find(phrase, cursor)
         if start < 0:
             raise ValueError(f"phrase {phrase!r} is not in the prompt {prompt!r} after position {cursor}")
-        out += [prompt[cursor:start], f"({phrase}){weight:g}"]
+        number = repr(float(np.float32(weight))) if float32_numbers else f"{weight:g}"
+        out += [prompt[cursor:start], f"({phrase}){number}"]
         cursor = start + len(phrase)
     return "".join(out + [prompt[cursor:]])
 
