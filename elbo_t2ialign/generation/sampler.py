@@ -167,7 +167,10 @@ class ElboSampler:
                 weights = [1.0] * len(phrases)
             weighted_now = use_elbo and any(w != 1.0 for w in weights)
             if syntax:  # the reference: the syntax string at every step, weights 1 included
-                cond = ad.encode_prompt(compel_syntax(prompt, phrases, weights, float32_numbers=True))
+                text = compel_syntax(prompt, phrases, weights, float32_numbers=True)
+                # SD3 reads the numbers as text, so the string can exceed its CLIP's 77 tokens; the
+                # reference lets the pipeline truncate it (the prompt itself was checked)
+                cond = ad.encode_prompt(text, check_length=False)
             elif weighted_now:
                 for k in (k for k, w in enumerate(weights) if w < 1 and k not in masked):
                     masked[k] = ad.encode_prompt_masked(prompt, positions[k])

@@ -176,13 +176,15 @@ class ModelAdapter:
     def compel_active(self) -> bool:
         return self.prompt_syntax == "compel" and self.parses_compel
 
-    def encode_prompt(self, prompt: str) -> Cond:
+    def encode_prompt(self, prompt: str, check_length: bool = True) -> Cond:
         """Conditioning for one prompt, batch 1, cached per prompt string. The cache keeps the
         `prompt_cache_size` most recently used prompts, so memory stays flat over a dataset whose
-        collection prompts rarely repeat while the per-class prompts stay cached."""
+        collection prompts rarely repeat while the per-class prompts stay cached. `check_length=False`
+        lets the text encoders truncate an over-long prompt instead of refusing it."""
         cond = self._cond_cache.pop(prompt, None)
         if cond is None:
-            self.check_prompt_length(prompt)
+            if check_length:
+                self.check_prompt_length(prompt)
             with torch.no_grad():
                 cond = self._encode_prompt(prompt)
         self._cond_cache[prompt] = cond  # (re)inserted last: dicts keep insertion order
