@@ -36,8 +36,20 @@ def test_fewer_than_two_phrases_or_equal_distances_give_ones():
 
 def test_compel_syntax():
     assert compel_syntax(PROMPT, PHRASES, [1.2, 1.0]) == "a photo of (a cat)1.2 and (a dog)1"
+    assert compel_syntax(PROMPT, PHRASES, [1.2, 1.0], float32_numbers=True) == (
+        "a photo of (a cat)1.2000000476837158 and (a dog)1.0"  # as the reference writes its float32 weights
+    )
     with pytest.raises(ValueError, match="a bird"):
         compel_syntax(PROMPT, ["a bird"], [1.1])
+
+
+def test_a_repeated_phrase_is_weighted_where_it_occurs():
+    """The reference finds every phrase from the start of the prompt, so a repeated one garbles its
+    string ("(a cat)1.1t)1.2 and (a dog)1.0 and a cat"); here each occurrence gets its own weight."""
+    prompt, phrases = "a cat and a dog and a cat", ["a cat", "a dog", "a cat"]
+    assert compel_syntax(prompt, phrases, [1.1, 1.0, 1.2]) == "(a cat)1.1 and (a dog)1 and (a cat)1.2"
+    # <bos> a cat and a dog and a cat
+    assert token_positions(adapter("sd"), prompt, phrases) == [[1, 2], [4, 5], [7, 8]]
 
 
 def masked_conds(ad, positions) -> dict:

@@ -125,3 +125,26 @@ def test_generation_through_compel_pools_the_syntax_string_on_sdxl(monkeypatch):
     for cond in seen:
         torch.testing.assert_close(cond["text_embeds"][:1], pooled, rtol=0, atol=0)
     assert not torch.equal(pooled, adapter("sdxl").encode_prompt(PROMPT)["text_embeds"])
+
+
+def test_generation_through_compel_gives_sd3_the_syntax_string_as_text(monkeypatch):
+    """The reference passes "(a cat)1.2000000476837158 and ..." to SD3's encode_prompt as plain text
+    (and lets it truncate at 77 CLIP tokens); prompt_syntax=compel does the same."""
+    sampler = ElboSampler(adapter("sd3"), steps=2, strength=1.2, prompt_syntax="compel")
+    seen = guided_conditionings(sampler, monkeypatch)
+    phrases = ["a photo", "a cat", "a dog", "a red sofa"]  # long enough for the string to pass 77 tokens
+    prompt = "a photo of a cat and a dog on a red sofa"
+    result = sampler.sample(prompt, phrases, seed=5)
+    pipe = tiny_pipeline("sd3")
+    for cond, weights in zip(seen, result.weights, strict=True):
+        text = compel_syntax(prompt, phrases, weights, float32_numbers=True)
+        embeds, _, pooled, _ = pipe.encode_prompt(
+            prompt=text,
+            prompt_2=text,
+            prompt_3=text,
+            do_classifier_free_guidance=False,
+            max_sequence_length=16,
+        )
+        torch.testing.assert_close(cond["encoder_hidden_states"][:1], embeds, rtol=0, atol=0)
+        torch.testing.assert_close(cond["pooled_projections"][:1], pooled, rtol=0, atol=0)
+    assert len(pipe.tokenizer(text).input_ids) > 77  # truncated by the pipeline, as in the reference
