@@ -172,11 +172,15 @@ def heatmap_rows(family: str, ref: dict[str, Any], args) -> list[Row]:
     for i, t in enumerate(aligner.options.collect_timesteps):
         diffusion.get_elbo(z, emb, t, collect_noise[i : i + 1], {"attention_hooks": [hook]})
     refined = att.aggregate_self_att(hook, 0, cfg)
-    maps, loss_diff, tau_diff = 0.0, 0.0, 0.0
+    maps, loss_diff, tau_diff, cross_diff = 0.0, 0.0, 0.0, 0.0
+    ours_cross = ours.evidence.maps(strength=3.0, refine=False)  # the `cross` variant of a segmentation run
     for k, c in enumerate(args.classes):
         cross = att.aggregate_cross_att(hook, 0, ours.token_positions[c], cfg)
         cross = ((cross - cross.min()) / (cross.max() - cross.min())) ** taus[k]
         r = round(cross.shape[0] ** 0.5)
+        # save_cross_att: resized and clamped to [0, 1]; here resized and min-max normalised
+        saved = F.interpolate(cross.view(1, 1, r, r), size=(args.height, args.width), mode="bilinear")
+        cross_diff = max(cross_diff, float(np.abs(saved.clamp(0, 1)[0, 0].numpy() - ours_cross[c]).max()))
         mask = F.interpolate(
             (refined @ cross).view(1, 1, r, r), size=(args.height, args.width), mode="bilinear"
         )
@@ -200,6 +204,15 @@ def heatmap_rows(family: str, ref: dict[str, Any], args) -> list[Row]:
             f"{num(latent)} / {num(loss_diff)} / {num(maps)}",
         ),
         Row("heatmaps", family, "taus (max abs)", inp, ref_taus, our_taus, num(tau_diff)),
+        Row(
+            "heatmaps",
+            family,
+            "cross map before refinement (max abs)",
+            inp,
+            "clamped",
+            "min-max",
+            num(cross_diff),
+        ),
     ]
 
 
