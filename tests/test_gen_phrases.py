@@ -1,4 +1,4 @@
-"""Noun phrases for ELBO-weighted generation: spaCy noun chunks, NOUN roots, the stop-list (PROTOCOL 7)."""
+"""Noun phrases for ELBO-weighted generation: spaCy noun chunks, NOUN roots, the stop-list (method.md §7)."""
 
 import pytest
 import yaml

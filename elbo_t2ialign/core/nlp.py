@@ -1,5 +1,5 @@
-"""spaCy, loaded once per pipeline name: the noun phrases of generation prompts (PROTOCOL 7) and
-the nouns of a segmentation phrase whose class word is not among its words (PROTOCOL 9)."""
+"""spaCy, loaded once per pipeline name: the noun phrases of generation prompts (method.md §7) and
+the nouns of a segmentation phrase whose class word is not among its words (method.md §9)."""
 
 from __future__ import annotations
 
