@@ -30,6 +30,8 @@ from typing import Any, Protocol
 import numpy as np
 from PIL import Image
 
+from elbo_t2ialign.core.compat import dtype_keyword
+
 DEFAULT_BLIP = "Salesforce/blip-image-captioning-large"
 BLIP_PROMPT = "a photo of"  # the start of the caption BLIP continues ("" or None: unconditional)
 DEFAULT_CHAT_PROMPT = "Describe this image in one short sentence."
@@ -112,7 +114,9 @@ class BlipCaptioner:
         try:
             torch_dtype = resolve_dtype(dtype, dev)
             processor = BlipProcessor.from_pretrained(source)
-            model = BlipForConditionalGeneration.from_pretrained(source, dtype=torch_dtype)
+            model = BlipForConditionalGeneration.from_pretrained(
+                source, **{dtype_keyword("transformers"): torch_dtype}
+            )
         except (OSError, ValueError) as err:
             raise CaptionError(
                 f"cannot load the BLIP captioner {model_id!r} ({one_line(err)}). Offline? Download it where "

@@ -4,14 +4,18 @@
   checks whose messages name the key, what was given and what is accepted.
 - `cli_errors`: expected errors print one line `error: ...` and exit non-zero; the traceback
   only with `--debug` or HYDRA_FULL_ERROR=1.
+- `config_dir`, `hydra_config_dir`: where the YAML configs are, for a checkout and an installed wheel,
+  with a `configs/` folder in the working directory taking precedence.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 
@@ -87,3 +91,40 @@ def cli_errors(
             raise
         print(f"error: {one_line(err)}", file=sys.stderr)
         sys.exit(status)
+
+
+def config_dir() -> Path:
+    """The project's YAML configs: `elbo_t2ialign/configs` in an installed wheel, the checkout's
+    top-level `configs/` otherwise (a source tree or an editable install)."""
+    package = Path(__file__).resolve().parent
+    packaged = package / "configs"
+    return packaged if packaged.is_dir() else package.parent / "configs"
+
+
+def hydra_config_dir() -> str:
+    """`config_dir()` for `hydra.main` / `initialize_config_dir`, with `./configs` of the working
+    directory searched first: a user's `configs/model/mine.yaml` adds `model=mine`, and a file of
+    the same name as a shipped one (say `configs/segment.yaml`) replaces it."""
+    from hydra.core.plugins import Plugins
+
+    Plugins.instance().register(_working_directory_configs())
+    return str(config_dir())
+
+
+@functools.cache
+def _working_directory_configs() -> type:
+    from hydra.core.config_search_path import ConfigSearchPath, SearchPathQuery
+    from hydra.plugins.search_path_plugin import SearchPathPlugin
+
+    class WorkingDirectoryConfigs(SearchPathPlugin):
+        """Puts `./configs` before the shipped configs (Hydra's search path: the first source that has a
+        config name wins)."""
+
+        def manipulate_search_path(self, search_path: ConfigSearchPath) -> None:
+            user = Path.cwd() / "configs"
+            if user.is_dir() and user.resolve() != config_dir().resolve():
+                search_path.prepend(
+                    "elbo-t2ialign ./configs", f"file://{user}", SearchPathQuery(provider="main")
+                )
+
+    return WorkingDirectoryConfigs

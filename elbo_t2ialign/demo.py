@@ -19,12 +19,11 @@ from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 
-from elbo_t2ialign.cli import cli_errors, debug_requested
+from elbo_t2ialign.cli import cli_errors, debug_requested, hydra_config_dir
 from elbo_t2ialign.segmentation import ablation, evaluate, run
 from elbo_t2ialign.segmentation.config import SegmentationError
 from elbo_t2ialign.testbed import world
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 MODEL = Path(__file__).resolve().parent / "testbed" / "model"  # the bundled testbed model
 # elbo = strength 3 (configs/elbo/shapes.yaml), so strengths 1-5, fixed tau 3 and the unrefined map
 VARIANTS = "variants=[baseline,elbo,s2,s4,s5,fixed3,cross]"
@@ -54,7 +53,7 @@ def main(argv: list[str] | None = None) -> dict:
         *([f"num_images={args.images}"] if args.images else []),
         *args.overrides,
     ]
-    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+    with initialize_config_dir(config_dir=hydra_config_dir(), version_base="1.3"):
         cfg = compose("segment", overrides=overrides)
     start = time.time()
     run(cfg)

@@ -27,11 +27,10 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from elbo_t2ialign.cli import check_device, check_known, to_container
+from elbo_t2ialign.cli import check_device, check_known, hydra_config_dir, to_container
 from elbo_t2ialign.core.options import AlignOptions
 from elbo_t2ialign.runfolder import git_revision
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 TOP_KEYS = {"model", "elbo", "device", "output_dir", "alpha", "cmap", "dpi", "caption"}
 KINDS = ("baseline", "elbo", "cross")  # plotting kinds, also the file tags
 OVERRIDE = re.compile(r"^[+~]{0,2}[A-Za-z_][\w.@/-]*=")
@@ -71,7 +70,7 @@ def compose(overrides: list[str]) -> dict[str, Any]:
     from omegaconf.errors import OmegaConfBaseException
 
     try:
-        with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        with initialize_config_dir(config_dir=hydra_config_dir(), version_base="1.3"):
             conf = to_container(hydra_compose("explain", overrides=overrides), ExplainError)
     except (HydraException, OmegaConfBaseException) as err:
         raise ExplainError(f"bad override in {overrides}: {one_line(err)}") from None

@@ -1,4 +1,4 @@
-"""Generation experiment (PROTOCOL 7): ELBO-weighted and baseline images into a resumable run folder.
+"""Generation experiment (method.md §7): ELBO-weighted and baseline images into a resumable run folder.
 
     python -m elbo_t2ialign.generate model=sd15 prompts=ane
     python -m elbo_t2ialign.generate model=sd3 prompts=dvmp num_prompts=100 images_per_prompt=4
@@ -15,7 +15,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from elbo_t2ialign.cli import cli_errors, debug_requested
+from elbo_t2ialign.cli import cli_errors, debug_requested, hydra_config_dir
 from elbo_t2ialign.generation.config import GenerationError
 from elbo_t2ialign.generation.phrases import PhraseError
 from elbo_t2ialign.generation.runner import run
@@ -23,7 +23,7 @@ from elbo_t2ialign.generation.runner import run
 DEBUG = False  # --debug or HYDRA_FULL_ERROR=1: tracebacks of expected errors too
 
 
-@hydra.main(version_base="1.3", config_path="../configs", config_name="generate")
+@hydra.main(version_base="1.3", config_path=hydra_config_dir(), config_name="generate")
 def main(cfg: DictConfig) -> None:
     cli_errors(lambda: run(cfg), (GenerationError, PhraseError), DEBUG)
 

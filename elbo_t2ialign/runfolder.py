@@ -34,7 +34,7 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[1]  # the checkout; site-packages for an installed wheel
 IDENTITY_FILE = "identity.json"
 _TEMP_FILE = re.compile(r"^\..+\.(\d+)\.tmp(\.\w+)?$")  # .<name>.<pid>.tmp[.png] of write_*_atomic
 
@@ -136,6 +136,7 @@ def launch(folder: RunFolder, spec: Launch) -> Iterator[None]:
             info = {
                 "git_revision": git["revision"],
                 "git_dirty": git["dirty"],
+                "version": git["version"],
                 **spec.run_info,
                 "created": now,
             }
@@ -409,8 +410,13 @@ def discard_fresh(root: Path, own_files: list[str]) -> None:
 
 # ------------------------------------------------------------------ provenance
 def git_revision() -> dict[str, Any]:
-    """HEAD of the checkout this package runs from, and whether it has local changes."""
+    """The package version, and HEAD of the checkout this package runs from with whether it has local
+    changes ("unknown" for an installed wheel: its folder is site-packages, not a checkout)."""
+    from elbo_t2ialign import __version__
+
     repo = REPO_ROOT
+    if not (repo / ".git").exists():  # a folder (checkout) or a file (worktree)
+        return {"revision": "unknown", "dirty": None, "version": __version__}
 
     def git(*args: str) -> str | None:
         try:
@@ -423,7 +429,11 @@ def git_revision() -> dict[str, Any]:
 
     revision = git("rev-parse", "HEAD")
     status = git("status", "--porcelain") if revision else None
-    return {"revision": revision or "unknown", "dirty": None if status is None else bool(status)}
+    return {
+        "revision": revision or "unknown",
+        "dirty": None if status is None else bool(status),
+        "version": __version__,
+    }
 
 
 def attach_log(path: Path) -> logging.Handler:

@@ -1,4 +1,4 @@
-"""Segmentation experiment (PROTOCOL 6): heatmaps for a dataset split into a resumable run folder.
+"""Segmentation experiment (method.md §6): heatmaps for a dataset split into a resumable run folder.
 
     python -m elbo_t2ialign.segment model=sd15 dataset=voc dataset.split=val_100 elbo.strength=3
     python -m elbo_t2ialign.segment 'variants=[baseline,elbo,s2,s4,s5,fixed3,cross]'   # ablation, one pass
@@ -15,14 +15,14 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from elbo_t2ialign.cli import cli_errors, debug_requested
+from elbo_t2ialign.cli import cli_errors, debug_requested, hydra_config_dir
 from elbo_t2ialign.segmentation.config import SegmentationError
 from elbo_t2ialign.segmentation.runner import run
 
 DEBUG = False  # --debug or HYDRA_FULL_ERROR=1: tracebacks of expected errors too
 
 
-@hydra.main(version_base="1.3", config_path="../configs", config_name="segment")
+@hydra.main(version_base="1.3", config_path=hydra_config_dir(), config_name="segment")
 def main(cfg: DictConfig) -> None:
     cli_errors(lambda: run(cfg), (SegmentationError,), DEBUG)
 

@@ -141,7 +141,7 @@ def heatmap_rows(family: str, ref: dict[str, Any], args) -> list[Row]:
     rng = np.random.RandomState(args.seed)
     image = Image.fromarray((rng.rand(args.height, args.width, 3) * 255).astype(np.uint8))
     ours = aligner.heatmaps(image, args.classes, seed=args.seed)
-    n = stage_count(aligner)  # PROTOCOL's [1,0,..,1] / [0,..,1] for this stage count (first_last, last)
+    n = stage_count(aligner)  # the method's [1,0,..,1] / [0,..,1] for this stage count (first_last, last)
     cfg = OmegaConf.create(
         {
             "cross_gaussian_var": aligner.options.gaussian_sigma,

@@ -199,12 +199,32 @@ def test_sd3_joint_blocks_are_image_rows_of_one_softmax():
 def test_flux_blocks_are_text_first_with_rope():
     """FLUX: [text; image]; the image rows start after the text, keys split the other way round."""
     from diffusers.models.embeddings import apply_rotary_emb
-    from diffusers.models.transformers.transformer_flux import FluxAttention, FluxPosEmbed
+    from diffusers.models.transformers.transformer_flux import FluxPosEmbed
 
     torch.manual_seed(0)
-    attn = FluxAttention(
-        query_dim=16, heads=2, dim_head=8, added_kv_proj_dim=16, context_pre_only=False, bias=True
-    ).eval()
+    try:
+        from diffusers.models.transformers.transformer_flux import FluxAttention
+    except (
+        ImportError
+    ):  # diffusers 0.33/0.34: the generic Attention with FLUX's processor, as its blocks build it
+        from diffusers.models.attention_processor import Attention, FluxAttnProcessor2_0
+
+        attn = Attention(
+            query_dim=16,
+            heads=2,
+            dim_head=8,
+            out_dim=16,
+            added_kv_proj_dim=16,
+            context_pre_only=False,
+            bias=True,
+            qk_norm="rms_norm",
+            eps=1e-6,
+            processor=FluxAttnProcessor2_0(),
+        ).eval()
+    else:
+        attn = FluxAttention(
+            query_dim=16, heads=2, dim_head=8, added_kv_proj_dim=16, context_pre_only=False, bias=True
+        ).eval()
     n_txt, n_img = 3, 4
     x, c = torch.randn(1, n_img, 16), torch.randn(1, n_txt, 16)
     ids = torch.cat(
@@ -225,7 +245,7 @@ def test_flux_blocks_are_text_first_with_rope():
 
         q = torch.cat([attn.norm_added_q(heads(attn.add_q_proj(c))), attn.norm_q(heads(attn.to_q(x)))], 1)
         k = torch.cat([attn.norm_added_k(heads(attn.add_k_proj(c))), attn.norm_k(heads(attn.to_k(x)))], 1)
-        q, k = (apply_rotary_emb(t, rope, sequence_dim=1).transpose(1, 2) for t in (q, k))
+        q, k = (apply_rotary_emb(t.transpose(1, 2), rope) for t in (q, k))  # (B, H, S, D)
         probs = _hand_probs(q, k, 8**-0.5)
     torch.testing.assert_close(got_x, ref_x, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got_c, ref_c, rtol=1e-5, atol=1e-6)

@@ -12,12 +12,13 @@ import time
 import pytest
 from hydra import compose, initialize_config_dir
 
+from elbo_t2ialign.cli import config_dir
 from elbo_t2ialign.segmentation import run
 from elbo_t2ialign.segmentation.config import ConfigError, validate
 from elbo_t2ialign.segmentation.runner import build_aligner, to_container
 from elbo_t2ialign.testbed import train, world
 
-CONFIGS = str(train.DEFAULT_MODEL_DIR.parents[2] / "configs")
+CONFIGS = str(config_dir())
 IMAGES = 4
 pytestmark = pytest.mark.skipif(
     not (train.DEFAULT_MODEL_DIR / "model_index.json").is_file(), reason="no committed testbed model"

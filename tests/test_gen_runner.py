@@ -8,7 +8,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from PIL import Image
 
-from elbo_t2ialign.cli import to_container
+from elbo_t2ialign.cli import config_dir, to_container
 from elbo_t2ialign.generation.config import GenerationError, validate
 from elbo_t2ialign.generation.runner import run
 
@@ -24,7 +24,7 @@ TINY = [
 
 
 def config(*overrides: str) -> dict:
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         return to_container(compose("generate", overrides=list(overrides)))
 
 

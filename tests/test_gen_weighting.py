@@ -1,8 +1,8 @@
-"""Phrase weights from distances and Compel-convention weighted embeddings (PROTOCOL 7)."""
+"""Phrase weights from distances and Compel-convention weighted embeddings (method.md §7)."""
 
 import pytest
 import torch
-from compel import Compel, CompelForSDXL
+from compel import Compel, ReturnedEmbeddingsType
 from conftest import tiny_pipeline
 
 from elbo_t2ialign.core.adapters import adapter_for
@@ -15,6 +15,16 @@ from elbo_t2ialign.generation.weighting import (
 
 PROMPT = "a photo of a cat and a dog"
 PHRASES = ["a cat", "a dog"]
+
+
+def compel_sdxl(pipe) -> Compel:
+    """Compel's SDXL set-up as the reference builds it (its CompelForSDXL wrapper exists from 2.2 on)."""
+    return Compel(
+        tokenizer=[pipe.tokenizer, pipe.tokenizer_2],
+        text_encoder=[pipe.text_encoder, pipe.text_encoder_2],
+        returned_embeddings_type=ReturnedEmbeddingsType.PENULTIMATE_HIDDEN_STATES_NON_NORMALIZED,
+        requires_pooled=[False, True],
+    )
 
 
 def adapter(family: str):
@@ -97,8 +107,8 @@ def test_weighted_embeddings_equal_compel_sdxl():
         ours = weight_conditioning(
             full, ad.encode_prompt(""), positions, weights, masked_conds(ad, positions)
         )
-        theirs = CompelForSDXL(pipe)(compel_syntax(PROMPT, PHRASES, weights))
-        torch.testing.assert_close(ours["encoder_hidden_states"], theirs.embeds, rtol=0, atol=1e-6)
+        theirs, _ = compel_sdxl(pipe)(compel_syntax(PROMPT, PHRASES, weights))
+        torch.testing.assert_close(ours["encoder_hidden_states"], theirs, rtol=0, atol=1e-6)
     # pooled text and time ids stay those of the plain prompt (Compel pools its syntax string instead)
     assert torch.equal(ours["text_embeds"], full["text_embeds"]) and torch.equal(
         ours["time_ids"], full["time_ids"]

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from elbo_t2ialign.cli import config_dir
 from elbo_t2ialign.segmentation import archive, prepare
 from elbo_t2ialign.segmentation.config import InputError, SegmentationError
 from elbo_t2ialign.segmentation.datasets import SegDataset
@@ -295,7 +296,6 @@ def test_rehearsal_hub_archive_to_segment_to_evaluate(tmp_path, names, monkeypat
     assert prepare.main(argv) == 0  # a rerun fetches nothing
     assert downloads == [p.name for p in parts] and "in place voc" in capsys.readouterr().out
 
-    configs = Path(prepare.PROJECT) / "configs"
     overrides = [
         "model=shapes",
         "dataset=voc",
@@ -309,7 +309,7 @@ def test_rehearsal_hub_archive_to_segment_to_evaluate(tmp_path, names, monkeypat
         "elbo.elbo_timesteps=[1,501]",
         "elbo.collect_timesteps=[20]",
     ]
-    with initialize_config_dir(config_dir=str(configs), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         cfg = compose("segment", overrides=overrides)
     out = run(cfg)
     metrics = evaluate(out, progress=False, overlays=1)

@@ -7,8 +7,9 @@ import sys
 import numpy as np
 import pytest
 import torch
-from compel import Compel, CompelForSDXL
+from compel import Compel
 from conftest import tiny_aligner, tiny_pipeline
+from test_gen_weighting import compel_sdxl
 
 from elbo_t2ialign.core.adapters import adapter_for
 from elbo_t2ialign.core.options import AlignOptions
@@ -45,9 +46,9 @@ def test_compel_syntax_equals_compel_sd(prompt):
 @pytest.mark.parametrize("prompt", SYNTAX)
 def test_compel_syntax_equals_compel_sdxl(prompt):
     ours = adapter("sdxl", "compel").encode_prompt(prompt)
-    theirs = CompelForSDXL(tiny_pipeline("sdxl"))(prompt)
-    torch.testing.assert_close(ours["encoder_hidden_states"], theirs.embeds, rtol=0, atol=0)
-    torch.testing.assert_close(ours["text_embeds"], theirs.pooled_embeds, rtol=0, atol=0)
+    embeds, pooled = compel_sdxl(tiny_pipeline("sdxl"))(prompt)
+    torch.testing.assert_close(ours["encoder_hidden_states"], embeds, rtol=0, atol=0)
+    torch.testing.assert_close(ours["text_embeds"], pooled, rtol=0, atol=0)
     # Compel pools the prompt as written, so only the per-token embeddings differ from plain text
     plain = adapter("sdxl").encode_prompt(prompt)
     assert torch.equal(plain["text_embeds"], ours["text_embeds"])
@@ -121,7 +122,7 @@ def test_generation_through_compel_pools_the_syntax_string_on_sdxl(monkeypatch):
     seen = guided_conditionings(sampler, monkeypatch)
     result = sampler.sample(PROMPT, ["a cat"], seed=5)  # one phrase: weight 1, still the syntax string
     assert result.weights == [[1.0], [1.0]] and not result.plain
-    pooled = CompelForSDXL(tiny_pipeline("sdxl"))("a photo of (a cat)1.0 and a dog").pooled_embeds
+    _, pooled = compel_sdxl(tiny_pipeline("sdxl"))("a photo of (a cat)1.0 and a dog")
     for cond in seen:
         torch.testing.assert_close(cond["text_embeds"][:1], pooled, rtol=0, atol=0)
     assert not torch.equal(pooled, adapter("sdxl").encode_prompt(PROMPT)["text_embeds"])

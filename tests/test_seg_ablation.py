@@ -12,7 +12,7 @@ from PIL import Image
 from test_seg_runner import CLASSES, Interrupting, _brute_miou, tree
 
 from elbo_t2ialign import Aligner, demo
-from elbo_t2ialign.cli import to_container
+from elbo_t2ialign.cli import config_dir, to_container
 from elbo_t2ialign.core.options import AlignOptions
 from elbo_t2ialign.devtools.fixtures import PixelAligner, fixture_config, random_samples, write_dataset
 from elbo_t2ialign.segmentation import ablation, evaluate, run
@@ -73,7 +73,7 @@ class Counting(Aligner):
 )
 def test_variants_equal_single_setting_runs_and_resume_adds_only_them(tmp_path):
     world.ensure_dataset(tmp_path / "shapes")
-    with initialize_config_dir(config_dir=str(demo.CONFIGS), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         cfg = to_container(
             compose(
                 "segment",

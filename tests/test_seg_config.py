@@ -11,7 +11,7 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
-from elbo_t2ialign.cli import to_container
+from elbo_t2ialign.cli import config_dir, to_container
 from elbo_t2ialign.devtools.fixtures import PixelAligner, random_samples, write_dataset
 from elbo_t2ialign.segment import shard_flag_to_override
 from elbo_t2ialign.segmentation import prepare, run
@@ -19,7 +19,7 @@ from elbo_t2ialign.segmentation.config import ConfigError, parse_shard, resolve_
 from elbo_t2ialign.segmentation.datasets import SegDataset
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = str(ROOT / "configs")
+CONFIGS = str(config_dir())
 DATASETS = {"voc": 20, "context": 59, "coco": 80, "ade20k": 150, "aep": 38}
 
 

@@ -8,8 +8,8 @@
     result.losses["cat"], result.tau["cat"]
     result.evidence.maps(strength=5.0)  # any other setting, without another network pass
 
-One call = one image: ELBO forwards (PROTOCOL 3), attention collection (4), then every map is a
-cheap function of what those forwards produced (`Evidence`, PROTOCOL 5).
+One call = one image: ELBO forwards (method.md §3), attention collection (4), then every map is a
+cheap function of what those forwards produced (`Evidence`, method.md §5).
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ class Evidence:
     size: tuple[int, int]  # (width, height) of the image
 
     def temperatures(self, strength: float, fixed: bool = False) -> dict[str, float]:
-        """tau per class (PROTOCOL 3.5-3.6); the ELBO is needed only when it can change tau."""
+        """tau per class (method.md §3.5-3.6); the ELBO is needed only when it can change tau."""
         if fixed or strength == 1.0 or len(self.names) == 1:
             tau = float(strength) if fixed else 1.0
             return dict.fromkeys(self.names, tau)
@@ -103,7 +103,7 @@ class HeatmapResult:
 
 
 class Aligner:
-    """ELBO-T2IAlign on one loaded model. Options default to PROTOCOL's values."""
+    """ELBO-T2IAlign on one loaded model. Options default to the method's values."""
 
     def __init__(self, adapter: ModelAdapter, options: AlignOptions | None = None):
         self.adapter = adapter

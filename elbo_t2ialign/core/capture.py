@@ -112,7 +112,7 @@ def self_stage_weights(layers: list[LayerInfo], spec) -> dict[str, float]:
 
 
 def layer_weights(layers: list[LayerInfo], options: AlignOptions) -> dict[str, dict[str, float]]:
-    """Per aggregate, the weight of each layer in it (PROTOCOL 5): "cross", a Gaussian over the
+    """Per aggregate, the weight of each layer in it (method.md §5): "cross", a Gaussian over the
     cross-attention layers (or one weight per stage when gaussian_sigma is 0); with refinement,
     "self1" and "self2", the two self-attention matrices. The recorder applies them."""
     if options.gaussian_sigma > 0:
@@ -323,7 +323,9 @@ class CaptureFluxAttnProcessor(_CaptureBase):
         from diffusers.models.embeddings import apply_rotary_emb
 
         def heads(x):  # (B, S, H*D) -> (B, S, H, D)
-            return x.unflatten(-1, (-1, attn.head_dim))
+            return x.unflatten(
+                -1, (attn.heads, -1)
+            )  # FluxAttention (diffusers >= 0.35) and Attention (0.33) both have .heads
 
         query, key, value = (heads(f(hidden_states)) for f in (attn.to_q, attn.to_k, attn.to_v))
         query, key = attn.norm_q(query), attn.norm_k(key)
@@ -336,11 +338,11 @@ class CaptureFluxAttnProcessor(_CaptureBase):
             query, key, value = (torch.cat(p, dim=1) for p in ((cq, query), (ck, key), (cv, value)))
         else:  # single-stream block: hidden_states is already [text; image]
             n_txt = self.recorder.text_length
-        if image_rotary_emb is not None:
-            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
-            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
-        # (B, S, H, D) -> (B, H, S, D)
+        # (B, S, H, D) -> (B, H, S, D), the layout apply_rotary_emb takes in every supported diffusers
         query, key, value = (x.transpose(1, 2) for x in (query, key, value))
+        if image_rotary_emb is not None:
+            query = apply_rotary_emb(query, image_rotary_emb)
+            key = apply_rotary_emb(key, image_rotary_emb)
         out, maps = attend_and_capture(
             query,
             key,

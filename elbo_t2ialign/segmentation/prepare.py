@@ -27,6 +27,7 @@ from typing import Any
 from omegaconf import OmegaConf
 from PIL import Image
 
+from elbo_t2ialign.cli import config_dir
 from elbo_t2ialign.runfolder import read_json, write_json_atomic
 from elbo_t2ialign.segmentation import archive
 from elbo_t2ialign.segmentation.config import SegmentationError
@@ -37,17 +38,19 @@ log = logging.getLogger(__name__)
 
 REPO_ID = "Matrix53/elbo-t2ialign"
 PROMPT_SETS = ("AnE.txt", "DVMP.txt", "ABC-6K.txt")  # generation prompts, one per line
-PROJECT = Path(__file__).resolve().parents[2]
-CONFIG_DIR = PROJECT / "configs" / "dataset"
 PART = re.compile(r"(?:.*/)?dataset\.tar\.gz(?:\.\w+)?")  # dataset.tar.gz, dataset.tar.gz.00, ...
 PARTS_DIR = ".archive"  # where downloaded parts are kept (delete it once prepared)
 
 
 def dataset_config(name: str, datasets_dir: Path, split: str = "val") -> dict[str, Any]:
-    """configs/dataset/<name>.yaml resolved against `datasets_dir`."""
-    path = CONFIG_DIR / f"{name}.yaml"
-    if not path.is_file():
-        raise SegmentationError(f"no dataset config {path}")
+    """configs/dataset/<name>.yaml (./configs of the working directory first, as the entry points
+    search) resolved against `datasets_dir`."""
+    candidates = [Path("configs") / "dataset" / f"{name}.yaml", config_dir() / "dataset" / f"{name}.yaml"]
+    path = next((p for p in candidates if p.is_file()), None)
+    if path is None:
+        raise SegmentationError(
+            f"no dataset config {name}.yaml in {' or '.join(str(p.parent) for p in candidates)}"
+        )
     root = OmegaConf.create({"datasets_dir": str(datasets_dir), "dataset": OmegaConf.load(path)})
     cfg = OmegaConf.to_container(root, resolve=True)["dataset"]  # type: ignore[index]
     cfg["split"] = split
@@ -273,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     if any(missing.values()):
         print(
             "Some data is missing: rerun this command online, or put the files at the paths above "
-            f"(layout: {PROJECT / 'datasets' / 'README.md'}).",
+            "(layout: datasets/README.md of the repository).",
             file=sys.stderr,
         )
         return 1

@@ -36,6 +36,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
+from elbo_t2ialign.cli import hydra_config_dir
 from elbo_t2ialign.core import calibrate
 from elbo_t2ialign.core.aligner import Aligner
 from elbo_t2ialign.core.elbo import elbo_losses
@@ -45,14 +46,13 @@ from elbo_t2ialign.segmentation.runner import to_uint8
 from elbo_t2ialign.testbed import world
 from elbo_t2ialign.testbed.train import DEFAULT_MODEL_DIR
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 NUM_CLASSES = len(world.CLASSES) + 1  # with background
 LOSS_LEVELS = (50, 200, 400, 600, 800, 950)
 
 
 def method_options(elbo: str = "shapes") -> AlignOptions:
     """The method options of `configs/elbo/<elbo>.yaml` (shapes: the demo's)."""
-    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+    with initialize_config_dir(config_dir=hydra_config_dir(), version_base="1.3"):
         cfg = compose("segment", overrides=[f"elbo={elbo}"])
     return AlignOptions.from_mapping(dict(cfg.elbo))
 
