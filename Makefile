@@ -63,7 +63,7 @@ bench: $(VENV)/.installed
 
 # after an upgrade that passes `make test`: write the environment's exact versions
 lock: $(VENV)/.installed
-	{ sed -n '1,2p' requirements/current.txt; $(PY) -m pip freeze --exclude-editable | sed 's/+cpu$$//'; } > requirements/current.lock.tmp
+	{ sed -n '1,2p' requirements/current.txt; $(PY) -m pip freeze --all --exclude-editable | grep -v '^pip==' | sed 's/+cpu$$//'; } > requirements/current.lock.tmp
 	mv requirements/current.lock.tmp requirements/current.txt
 
 clean-venv:

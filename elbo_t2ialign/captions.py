@@ -54,9 +54,9 @@ def one_line(text: Any) -> str:
 def image_digest(image: Image.Image | str | Path | np.ndarray) -> str:
     """SHA-256 of the image's size and RGB pixels: the same picture from a file, a PIL image or an array
     gives the same digest, whatever the file format."""
-    from elbo_t2ialign.core.aligner import _as_image
+    from elbo_t2ialign.core.images import as_image
 
-    rgb = _as_image(image).convert("RGB")
+    rgb = as_image(image).convert("RGB")
     h = hashlib.sha256(f"{rgb.width}x{rgb.height}:".encode())
     h.update(rgb.tobytes())
     return h.hexdigest()
@@ -269,9 +269,9 @@ class CaptionCache:
 
     def caption(self, image: Image.Image | str | Path | np.ndarray, captioner: Captioner) -> str:
         """The cached caption of this image by this captioner, or a new one (then stored)."""
-        from elbo_t2ialign.core.aligner import _as_image
+        from elbo_t2ialign.core.images import as_image
 
-        image = _as_image(image)
+        image = as_image(image)
         digest, key = image_digest(image), self.key(captioner.settings)
         found = self.load().get(digest, {}).get(key)
         if found is not None:

@@ -305,3 +305,44 @@ def _image():
     from PIL import Image
 
     return Image.fromarray((np.random.RandomState(0).rand(24, 24, 3) * 255).astype("uint8"))
+
+
+# SHA-256 (first 16 hex digits) of the source of each diffusers processor's __call__ that a capture
+# processor repeats, in the releases it was read against (diffusers 0.33.1 and 0.42.1). A release
+# that changes one fails here: read the new source, carry the change into elbo_t2ialign/core/capture.py
+# if it changes the computation, and add the new digest.
+FOLLOWED = {
+    "CaptureAttnProcessor": (
+        "diffusers.models.attention_processor:AttnProcessor2_0",
+        {"8728fd0441991a1b", "bf23ea5ae4040427"},
+    ),
+    "CaptureJointAttnProcessor": (
+        "diffusers.models.attention_processor:JointAttnProcessor2_0",
+        {"a5b6f8c32e6311df", "392b6bf56c8505d1"},
+    ),
+    "CaptureFluxAttnProcessor": (
+        "diffusers.models.transformers.transformer_flux:FluxAttnProcessor",  # 0.33: FluxAttnProcessor2_0
+        {"236dd95645f14c0d", "d5b36134887ebe45"},
+    ),
+}
+
+
+@pytest.mark.parametrize("ours", sorted(FOLLOWED))
+def test_followed_diffusers_processors_are_the_ones_read(ours):
+    import hashlib
+    import importlib
+    import inspect
+
+    import diffusers
+
+    where, known = FOLLOWED[ours]
+    module, name = where.split(":")
+    try:
+        followed = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):  # diffusers 0.33/0.34 keep FLUX's processor with the others
+        followed = importlib.import_module("diffusers.models.attention_processor").FluxAttnProcessor2_0
+    digest = hashlib.sha256(inspect.getsource(followed.__call__).encode()).hexdigest()[:16]
+    assert digest in known, (
+        f"diffusers {diffusers.__version__} changed {followed.__qualname__}.__call__ (digest {digest}), "
+        f"which {ours} repeats: compare them and update capture.py and this table"
+    )

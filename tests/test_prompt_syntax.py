@@ -67,10 +67,10 @@ def test_token_positions_are_found_in_the_pieces_compel_encodes():
     assert adapter("sd").token_ids("a photo of (cat)1.2 dog-") != tokenizer("a photo of cat dog").input_ids
     image = np.full((32, 32, 3), 90, np.uint8)
     got = tiny_aligner("sd", prompt_syntax="compel").heatmaps(
-        image, words=["cat", "dog"], prompt="a photo of (cat)1.3 dog"
+        image, ["cat", "dog"], prompt="a photo of (cat)1.3 dog"
     )
     assert got.token_positions == {"cat": [4], "dog": [5]}  # <bos> a photo of cat dog
-    plain = tiny_aligner("sd").heatmaps(image, words=["cat", "dog"], prompt="a photo of (cat)1.3 dog")
+    plain = tiny_aligner("sd").heatmaps(image, ["cat", "dog"], prompt="a photo of (cat)1.3 dog")
     assert plain.token_positions == {"cat": [5], "dog": [10]}  # "(", ")", "1", ".", "3" are text tokens
 
 

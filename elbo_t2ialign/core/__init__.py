@@ -14,4 +14,7 @@ Read it in the order of docs/method.md, each file top to bottom:
                       self-attention refinement and image-sized maps (5).
 6. `aligner.py`       `Aligner`, the API: one image's network passes -> `Evidence`, from which
                       every map setting (tau computed and applied there) is made without another pass.
+
+Beside them: `images.py` (the image inputs as one PIL image), `nlp.py` (spaCy nouns), `compat.py`
+(names that differ between the supported diffusers and transformers releases).
 """
