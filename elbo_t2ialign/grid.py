@@ -16,7 +16,8 @@ whose combinations are the cells:
     axes:                               # one cell per combination, in this order
       dataset.split: [val, val_rare]
       dataset.prompt: [template, caption]
-    evaluate: {threshold: null, crf: false}   # evaluator options of every cell
+    evaluate: {threshold: null, crf: false}   # evaluator options of every cell (also search, buckets,
+                                              # crf_unary, overlays)
     report: {group_by: [model, prompt], columns: [split], crf: false, sizes: false, digits: 1}
 
 More overrides on the command line go to every cell (before the axis values). The grid writes
@@ -56,7 +57,7 @@ from elbo_t2ialign.cli import (
 log = logging.getLogger(__name__)
 
 GRID_KEYS = {"name", "output_dir", "overrides", "axes", "evaluate", "report"}
-EVALUATE_KEYS = {"threshold", "crf", "overlays"}
+EVALUATE_KEYS = {"threshold", "crf", "overlays", "search", "buckets", "crf_unary"}  # evaluate()'s
 REPORT_KEYS = {"group_by", "columns", "crf", "sizes", "digits"}
 WARMUP = 1  # images before the timing starts (model warm-up, caches)
 TIMED = 3  # images timed before the first estimate

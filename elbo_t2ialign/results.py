@@ -6,8 +6,8 @@ planned (`grid.json`, written by `python -m elbo_t2ialign.grid`) that have no fo
 a `Run`:
 
 - `fields`: what the run records, by name: `model`, `dataset`, `split`, `prompt` (template, caption
-  or phrases), `strength`, `seed`, `images` (how many the run is for), `threshold` (the evaluator's
-  mode: sweep, or fixed and its value); generation runs `model`, `prompts`, `strength`, `seed`,
+  or phrases), `strength`, `seed`, `images` (how many the run is for), `threshold` (how the evaluator
+  chose it: sweep, binary, or fixed and its value), `buckets` and `crf_unary` (evaluator options); generation runs `model`, `prompts`, `strength`, `seed`,
   `steps`, `images`, `clip`; and every key of its config.yaml by its dotted name (`elbo.gaussian_sigma`,
   `model.dtype`, `caption.model`, ...).
 - `state`: done (every image finished and evaluated), unevaluated (every image finished, metrics
@@ -234,6 +234,8 @@ def _segmentation(folder: Path, conf: dict[str, Any]) -> Run:
     skipped = len([n for n in seg.skipped_images() if not seg.is_done(n)])
     fields = segmentation_fields(conf, expected)
     fields["threshold"] = _threshold_mode(metrics) if metrics else None
+    fields["buckets"] = metrics.get("bucket_rule") if metrics else None  # size buckets: equal | fixed-size
+    fields["crf_unary"] = metrics.get("crf_unary") if metrics else None
     variants, labels = {}, _variant_labels(folder, conf)
     if metrics:
         variants = _seg_variants(metrics)
@@ -267,10 +269,10 @@ def _expected_images(folder: Path, conf: dict[str, Any]) -> int | None:
 
 def _threshold_mode(metrics: dict[str, Any]) -> str:
     mode = metrics.get("threshold_mode", "sweep")
-    if mode == "fixed":
-        first = next(iter((metrics.get("variants") or {"elbo": metrics.get("elbo") or {}}).values()), {})
-        return f"fixed {first.get('threshold', float('nan')):.2f}"
-    return str(mode)
+    if mode != "fixed":  # the sweep's exact best, or the reference's binary search
+        return str(metrics.get("threshold_search", mode))
+    first = next(iter((metrics.get("variants") or {"elbo": metrics.get("elbo") or {}}).values()), {})
+    return f"fixed {first.get('threshold', float('nan')):.2f}"
 
 
 def _variant_labels(folder: Path, conf: dict[str, Any]) -> dict[str, str]:

@@ -10,8 +10,8 @@ of a run is a row (its mIoU and the difference to the run's baseline).
 
 Cells that are not finished say so (`partial n/N`, `not evaluated`, `missing`, or `k runs` when
 several runs fall into one cell), never left out. In each column, a run that differs from the
-others on something that makes numbers incomparable (split, seed, threshold mode, number of images,
-CLIP model) is marked with a dagger and named in the notes; the best finished, comparable value of
+others on something that makes numbers incomparable (split, seed, number of images, how the
+threshold was chosen, size-bucket rule, CRF unary; CLIP model, steps) is marked with a dagger and named in the notes; the best finished, comparable value of
 each sub-column is bold.
 """
 
@@ -31,7 +31,7 @@ DEFAULT_COLUMNS = {"segment": ["dataset"], "generate": ["prompts"]}
 SETTINGS = {"segment": ["prompt", "strength"], "generate": ["strength", "elbo_steps", "after_elbo_steps"]}
 # fields that make two runs in one column incomparable unless they are an axis of the table
 COMPARE = {
-    "segment": ["split", "seed", "threshold", "images"],
+    "segment": ["split", "seed", "threshold", "images", "buckets", "crf_unary"],
     "generate": ["seed", "steps", "clip", "images"],
 }
 TITLES = {"segment": "Segmentation: mIoU (%)", "generate": "Generation: CLIP score"}

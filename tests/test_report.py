@@ -31,6 +31,7 @@ def seg_run(
     split="val",
     seed=0,
     fixed=None,
+    search="sweep",
     variants=("baseline", "elbo"),
     prompt="template",
     strength=3.0,
@@ -70,6 +71,8 @@ def seg_run(
         "num_images": done,
         "num_expected": expected,
         "threshold_mode": "sweep" if fixed is None else "fixed",
+        "threshold_search": search,
+        "bucket_rule": "equal",
         "skipped": {},
         "variants": figures,
         "ablation": [
@@ -174,16 +177,24 @@ def test_incomparable_runs_in_one_column_are_flagged(tmp_path):
     seg_run(tmp_path / "c", "c", "voc", split="val_100")
     seg_run(tmp_path / "d", "d", "voc", seed=7)
     seg_run(tmp_path / "e", "e", "voc", fixed=0.4)
+    seg_run(tmp_path / "f", "f", "voc", search="binary")  # the reference's threshold search
     made = report.write([tmp_path], tmp_path / "out", quiet=True)
     table = made["segment"]
     flags = {r[0]: table.cells[(r, ("voc",))].flags for r in table.row_keys}
-    assert flags == {"a": [], "b": [], "c": ["split=val_100"], "d": ["seed=7"], "e": ["threshold=fixed 0.40"]}
+    assert flags == {
+        "a": [],
+        "b": [],
+        "c": ["split=val_100"],
+        "d": ["seed=7"],
+        "e": ["threshold=fixed 0.40"],
+        "f": ["threshold=binary"],
+    }
     text = (tmp_path / "out" / "report.md").read_text()
     for field in ("split", "seed", "threshold"):
         assert f"† voc: {field} differs within the column" in text
     _, md = md_table(tmp_path / "out" / "report.md")
     assert md["c"]["voc: ELBO"].endswith("†") and not md["a"]["voc: ELBO"].endswith("†")
-    assert not any(md[m]["voc: ELBO"].startswith("**") for m in "cde")  # flagged cells are never best
+    assert not any(md[m]["voc: ELBO"].startswith("**") for m in "cdef")  # flagged cells are never best
     assert "\\textsuperscript{\\dag}" in (tmp_path / "out" / "segmentation.tex").read_text()
     # the same runs with split as a column: nothing to flag for split
     table = report.write([tmp_path], tmp_path / "out2", columns=["dataset", "split"], quiet=True)["segment"]

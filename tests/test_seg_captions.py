@@ -169,10 +169,10 @@ def test_caption_prompts_end_to_end_on_the_testbed(tmp_path):
         for c in scores["classes"]:
             assert c in scores["prompt"].replace(",", " ").split()
         image = dataset.load_image(name)
-        evidence, info = aligner.observe(
+        evidence = aligner.observe(
             image, scores["classes"], None, scores["seed"], prompt=scores["prompt"], need_elbo=True
         )
-        assert info["prompts"]["collect"] == scores["prompt"]
+        assert evidence.prompts["collect"] == scores["prompt"]
         for variant, strength in (("elbo", options.strength), ("baseline", 1.0)):
             maps = evidence.maps(strength)
             for cid, cname in zip(scores["class_ids"], scores["classes"], strict=True):

@@ -62,7 +62,7 @@ OWN_FILES = ["variants.json"]
 
 
 class HeatmapAligner(Protocol):
-    """What the runner needs from `elbo_t2ialign.Aligner`: one image's network passes -> (Evidence, info)."""
+    """What the runner needs from `elbo_t2ialign.Aligner`: one image's network passes -> its Evidence."""
 
     def observe(
         self,
@@ -74,7 +74,7 @@ class HeatmapAligner(Protocol):
         prompt: str | None = None,
         need_elbo: bool | None = None,
         elbo_losses: dict[str, float] | None = None,
-    ) -> tuple[Any, dict[str, Any]]: ...
+    ) -> Any: ...
 
 
 def run(
