@@ -335,6 +335,7 @@ class RunLock:
             if same:  # else the holder released and removed the file between our open and flock
                 break
             os.close(fd)
+        self.fd = fd  # held from here: release() (also after an interruption below) lets go
         old = _read_holder(fd)
         if old:  # the kernel dropped that holder's flock: it is no longer running
             log.warning(
@@ -349,9 +350,11 @@ class RunLock:
             "host": socket.gethostname(),
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
-        self.fd = fd
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
+        except OSError:  # a full disk: the flock holds all the same, only the holder's name is missing
+            pass
         self._check_conflicts()
         return self
 

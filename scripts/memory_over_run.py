@@ -5,7 +5,8 @@ split with the bundled testbed model, into a fresh temporary folder, so every im
 while a thread reads the process's resident set size (VmRSS of /proc/self/status, Linux) every
 `--every` seconds together with the number of finished images. Prints the RSS at every
 `--step`-th finished image, the growth from the first step to the last, a least-squares slope in
-MB per 100 images over the images after the first step, and the peak (VmHWM).
+MB per 100 images over the images after the first step, the RSS during the evaluation that follows
+and the peak (VmHWM).
 
     python scripts/memory_over_run.py                      # the 300-image demo split (~5 min on 2 CPUs)
     python scripts/memory_over_run.py --images 40 --step 5 # a quick look
@@ -66,10 +67,13 @@ def main() -> None:
     took = time.time() - start
 
     total = max(n for _, n, _ in samples)
-    # RSS when the n-th image was finished: the last sample taken while n images were done
+    # RSS when n images were finished: the last sample before the (n+1)-th was done; for the last
+    # image, the first sample after it (then the evaluation starts, whose peak is shown apart)
     at: dict[int, float] = {}
     for _, n, rss in samples:
-        at[n] = rss
+        if n < total or n not in at:
+            at[n] = rss
+    evaluation = max(rss for _, n, rss in samples if n == total)
     steps = [n for n in range(args.step, total + 1, args.step) if n in at]
     print(f"\nRSS of a segmentation run of shapes/{args.split}, {total} images, {took:.0f} s:")
     print("| images finished | RSS MB |")
@@ -77,13 +81,14 @@ def main() -> None:
     for n in [0, *steps]:
         if n in at:
             print(f"| {n} | {at[n]:.1f} |")
-    after = [(n, rss) for _, n, rss in samples if steps and steps[0] <= n <= total and n < total]
-    if len(after) > 2:
-        x, y = np.array([a[0] for a in after], float), np.array([a[1] for a in after], float)
+    during = [(n, rss) for _, n, rss in samples if steps and steps[0] <= n < total]
+    if len(during) > 2:
+        x, y = np.array([a[0] for a in during], float), np.array([a[1] for a in during], float)
         slope = np.polyfit(x, y, 1)[0] * 100
         print(f"growth from image {steps[0]} to {steps[-1]}: {at[steps[-1]] - at[steps[0]]:+.1f} MB")
         print(f"least-squares slope over images {steps[0]}..{total - 1}: {slope:+.2f} MB per 100 images")
-    print(f"peak RSS (VmHWM, evaluation included): {status_mb('VmHWM'):.1f} MB")
+    print(f"during the evaluation that follows: up to {evaluation:.1f} MB")
+    print(f"peak RSS (VmHWM): {status_mb('VmHWM'):.1f} MB")
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from elbo_t2ialign.cli import cli_run, config_dir, debug_requested, disk_full
-from elbo_t2ialign.runfolder import RunLock, read_record, write_json_atomic, write_text_atomic
+from elbo_t2ialign.runfolder import RunLock, read_record, write_json_atomic, write_text_atomic, writing
 from elbo_t2ialign.segmentation import archive
 from elbo_t2ialign.segmentation.config import SegmentationError
 from elbo_t2ialign.segmentation.datasets import BUILTIN, SegDataset
@@ -277,7 +277,7 @@ def prepare(args: argparse.Namespace, datasets_dir: Path) -> dict[str, list[File
         return check(datasets_dir, args.datasets, args.split)
     datasets_dir.mkdir(parents=True, exist_ok=True)
     hint = "wait for that prepare_data to finish, or give this one another --dir"
-    with RunLock(datasets_dir / ".prepare.lock", SegmentationError, hint=hint):
+    with RunLock(datasets_dir / ".prepare.lock", SegmentationError, hint=hint), writing(datasets_dir):
         if not args.check_only:
             roots = wanted_roots(datasets_dir, args.datasets, args.split, prompts=not args.no_prompts)
             if args.archive and roots:
