@@ -285,3 +285,67 @@ def _image():
     from PIL import Image
 
     return Image.fromarray((np.random.RandomState(0).rand(24, 24, 3) * 255).astype("uint8"))
+
+
+def test_processors_are_the_users_own_after_any_sequence_of_calls(monkeypatch):
+    """Every ordered pair of: a normal call, a call that raises inside the capture, a nested
+    recorder, the same recorder entered twice, an entry that fails half way, an exit without an
+    entry. Recorders refuse a second entry, so the user's processors come back every time."""
+    import itertools
+
+    from diffusers.models.attention_processor import AttnProcessor
+    from PIL import Image
+
+    from elbo_t2ialign.core import capture
+
+    aligner = tiny_aligner("sd", elbo_timesteps=[1, 501], collect_timesteps=[20])
+    ad = aligner.adapter
+    own = {name: AttnProcessor() for name in ad.denoiser.attn_processors}  # the user's, one per layer
+    ad.denoiser.set_attn_processor(dict(own))  # (diffusers empties the dict it is given)
+    image = Image.new("RGB", (32, 32), (90, 30, 200))
+    weights = _all_layer_weights(aligner)
+
+    def normal():
+        aligner.heatmaps(image, ["cat", "dog"])
+
+    def raising():
+        def boom(self, layer, maps, batch):
+            raise RuntimeError("boom inside the capture")
+
+        with monkeypatch.context() as m:
+            m.setattr(capture.AttentionRecorder, "add", boom)
+            with pytest.raises(RuntimeError, match="boom inside the capture"):
+                aligner.heatmaps(image, ["cat", "dog"])
+
+    def nested():
+        with ad.recorder(weights):
+            with pytest.raises(RuntimeError, match="already active on this denoiser"):
+                aligner.heatmaps(image, ["cat", "dog"])  # the aligner's own recorder is refused
+            assert all(type(p).__name__.startswith("Capture") for p in ad.denoiser.attn_processors.values())
+
+    def twice():
+        rec = ad.recorder(weights)
+        with rec:
+            with pytest.raises(RuntimeError, match="cannot be entered twice"):
+                rec.__enter__()
+
+    def failed_entry():
+        rec = ad.recorder(weights)
+        rec.on_active = lambda active: (_ for _ in ()).throw(RuntimeError("entry fails"))
+        with pytest.raises(RuntimeError, match="entry fails"):
+            with rec:
+                raise AssertionError("not reached")
+        rec.__exit__(None, None, None)  # an exit after a failed entry changes nothing
+
+    def exit_only():
+        ad.recorder(weights).__exit__(None, None, None)
+
+    calls = [normal, raising, nested, twice, failed_entry, exit_only]
+    for sequence in itertools.product(calls, repeat=2):
+        for call in sequence:
+            call()
+            now = ad.denoiser.attn_processors
+            assert {k: id(v) for k, v in now.items()} == {k: id(v) for k, v in own.items()}, [
+                c.__name__ for c in sequence
+            ]
+    assert ad._capturing == 0  # every entry that counted was matched by an exit
