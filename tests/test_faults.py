@@ -381,6 +381,10 @@ def test_clip_evaluate_disk_full_interrupted_damaged_and_locked(generated, capsy
     with RunLock(generated / ".lock", GenerationError):  # a generation is adding images meanwhile
         assert gen_evaluate(generated) == 0
     capsys.readouterr()
+    (generated / "images/baseline/00000_4307.png").unlink()  # deleted: scored without it
+    assert gen_evaluate(generated) == 0
+    scores = json.loads((generated / "clip_scores.json").read_text())["variants"]
+    assert (scores["elbo"]["num_images"], scores["baseline"]["num_images"]) == (2, 1)
     image = generated / "images/elbo/00001_4307.png"
     image.write_bytes(image.read_bytes()[:60])
     assert gen_evaluate(generated) == EXIT_DAMAGED
