@@ -31,6 +31,7 @@ import numpy as np
 from PIL import Image
 
 from elbo_t2ialign.cli import DamagedFileError
+from elbo_t2ialign.core.compat import dtype_keyword
 
 DEFAULT_BLIP = "Salesforce/blip-image-captioning-large"
 BLIP_PROMPT = "a photo of"  # the start of the caption BLIP continues ("" or None: unconditional)
@@ -58,9 +59,9 @@ def one_line(text: Any) -> str:
 def image_digest(image: Image.Image | str | Path | np.ndarray) -> str:
     """SHA-256 of the image's size and RGB pixels: the same picture from a file, a PIL image or an array
     gives the same digest, whatever the file format."""
-    from elbo_t2ialign.core.aligner import _as_image
+    from elbo_t2ialign.core.images import as_image
 
-    rgb = _as_image(image).convert("RGB")
+    rgb = as_image(image).convert("RGB")
     h = hashlib.sha256(f"{rgb.width}x{rgb.height}:".encode())
     h.update(rgb.tobytes())
     return h.hexdigest()
@@ -118,7 +119,9 @@ class BlipCaptioner:
         try:
             torch_dtype = resolve_dtype(dtype, dev)
             processor = BlipProcessor.from_pretrained(source)
-            model = BlipForConditionalGeneration.from_pretrained(source, dtype=torch_dtype)
+            model = BlipForConditionalGeneration.from_pretrained(
+                source, **{dtype_keyword("transformers"): torch_dtype}
+            )
         except (OSError, ValueError) as err:
             raise CaptionError(
                 f"cannot load the BLIP captioner {model_id!r} ({one_line(err)}). Offline? Download it where "
@@ -271,9 +274,9 @@ class CaptionCache:
 
     def caption(self, image: Image.Image | str | Path | np.ndarray, captioner: Captioner) -> str:
         """The cached caption of this image by this captioner, or a new one (then stored)."""
-        from elbo_t2ialign.core.aligner import _as_image
+        from elbo_t2ialign.core.images import as_image
 
-        image = _as_image(image)
+        image = as_image(image)
         digest, key = image_digest(image), self.key(captioner.settings)
         found = self.load().get(digest, {}).get(key)
         if found is not None:

@@ -145,10 +145,10 @@ def _options(conf: dict[str, Any]) -> AlignOptions:
 
 
 def _image(path: str) -> Image.Image:
-    from elbo_t2ialign.core.aligner import _as_image
+    from elbo_t2ialign.core.images import as_image
 
     try:
-        return _as_image(path)
+        return as_image(path)
     except (FileNotFoundError, ValueError) as err:
         raise ExplainError(str(err)) from None
 
@@ -207,7 +207,7 @@ def run(
         if prompt is None:
             result = aligner.heatmaps(image, list(words), **options.to_dict())
         else:
-            result = aligner.heatmaps(image, words=list(words), prompt=prompt, **options.to_dict())
+            result = aligner.heatmaps(image, list(words), prompt=prompt, **options.to_dict())
     except (TypeError, ValueError) as err:
         raise ExplainError(one_line(err)) from None
 

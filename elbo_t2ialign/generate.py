@@ -1,4 +1,4 @@
-"""Generation experiment (PROTOCOL 7): ELBO-weighted and baseline images into a resumable run folder.
+"""Generation experiment (method.md §7): ELBO-weighted and baseline images into a resumable run folder.
 
     python -m elbo_t2ialign.generate model=sd15 prompts=ane
     python -m elbo_t2ialign.generate model=sd3 prompts=dvmp num_prompts=100 images_per_prompt=4

@@ -11,8 +11,8 @@ shows one returned as a cell's value.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -21,7 +21,17 @@ from matplotlib.figure import Figure
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
 
-    from elbo_t2ialign.core.aligner import HeatmapResult
+
+class HeatmapResult(Protocol):
+    """What the figures read of an `elbo_t2ialign.HeatmapResult` (named here, not imported: the
+    core loads this module when `result.plot` is called, so it must not import the core back)."""
+
+    heatmaps: Mapping[str, np.ndarray]
+    baseline_heatmaps: Mapping[str, np.ndarray]
+    cross: Mapping[str, np.ndarray]
+    losses: Mapping[str, float | None]
+    tau: Mapping[str, float]
+
 
 # kind -> (HeatmapResult attribute, what it is)
 KINDS = {
@@ -60,9 +70,9 @@ def panel_title(result: HeatmapResult, name: str, kind: str) -> str:
 
 
 def _rgb(image: Any, shape: tuple[int, ...]) -> np.ndarray:
-    from elbo_t2ialign.core.aligner import _as_image
+    from elbo_t2ialign.core.images import as_image
 
-    rgb = np.asarray(_as_image(image).convert("RGB"))
+    rgb = np.asarray(as_image(image).convert("RGB"))
     if rgb.shape[:2] != tuple(shape):
         raise ValueError(
             f"the maps are {shape[1]}x{shape[0]} (WxH) but the image is {rgb.shape[1]}x{rgb.shape[0]}; "

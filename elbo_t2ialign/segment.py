@@ -1,4 +1,4 @@
-"""Segmentation experiment (PROTOCOL 6): heatmaps for a dataset split into a resumable run folder.
+"""Segmentation experiment (method.md §6): heatmaps for a dataset split into a resumable run folder.
 
     python -m elbo_t2ialign.segment model=sd15 dataset=voc dataset.split=val_100 elbo.strength=3
     python -m elbo_t2ialign.segment 'variants=[baseline,elbo,s2,s4,s5,fixed3,cross]'   # ablation, one pass

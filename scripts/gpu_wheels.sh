@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Run on the CPU machine before scripts/bench_gpu.sh goes to a GPU machine whose Python lacks the
-# project's pinned diffusers/transformers (it cannot download): saves their pure-Python wheels to
+# project's locked diffusers/transformers (requirements/current.txt; it cannot download): saves their pure-Python wheels to
 # .whl/ (git-ignored), which bench_gpu.sh installs into /tmp/site when it finds them.
 # Carry the folder with the run: carry [".whl"].
 set -euo pipefail
 cd "$(dirname "$0")/.."
-pin() { grep -o "\"$1==[^\"]*\"" pyproject.toml | tr -d '"'; }
+pin() { grep -i "^$1==" requirements/current.txt; }
 PIP="${PIP:-python3 -m pip}"
 # importlib_metadata: a diffusers requirement missing from the GPU image; regex: transformers needs
 # >=2025.10.22, which the image may predate (both at the CPU venv's versions; the image's Python is 3.12)

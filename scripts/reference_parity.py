@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> float:
     rng = np.random.RandomState(args.seed)
     image = Image.fromarray((rng.rand(args.height, args.width, 3) * 255).astype(np.uint8))
     ours = aligner.heatmaps(image, args.classes, seed=args.seed)
-    n_stages = 3  # the tiny UNet: 16 / 8 / 16; PROTOCOL's [1,0,..,1] / [0,..,1] for its stage count
+    n_stages = 3  # the tiny UNet: 16 / 8 / 16; the method's [1,0,..,1] / [0,..,1] for its stage count
     cfg = OmegaConf.create(
         {
             "cross_gaussian_var": aligner.options.gaussian_sigma,

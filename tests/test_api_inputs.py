@@ -139,7 +139,7 @@ def test_phrase_without_its_class_word_uses_the_phrase_nouns():
 def test_words_of_a_user_prompt():
     aligner = tiny_aligner("sd", **FAST)
     prompt = "a cat on a red sofa with the dog"
-    res = aligner.heatmaps(_rgb(), words=["red sofa", "dog", "cat"], prompt=prompt)
+    res = aligner.heatmaps(_rgb(), ["red sofa", "dog", "cat"], prompt=prompt)
     assert res.prompts["collect"] == prompt
     for word in ("red sofa", "dog", "cat"):
         assert _tokens_at(aligner, prompt, res.token_positions[word]) == aligner.adapter.token_ids(
@@ -150,9 +150,9 @@ def test_words_of_a_user_prompt():
     with pytest.raises(
         ValueError, match=r"cannot locate 'bird' in prompt 'a cat on a red sofa with the dog'"
     ):
-        aligner.heatmaps(_rgb(), words=["cat", "bird"], prompt=prompt)
-    with pytest.raises(TypeError, match="one of them"):
-        aligner.heatmaps(_rgb(), ["cat"], words=["cat"])
+        aligner.heatmaps(_rgb(), ["cat", "bird"], prompt=prompt)
+    with pytest.raises(TypeError, match="words= is now the classes argument"):
+        aligner.heatmaps(_rgb(), words=["cat"], prompt=prompt)
 
 
 def test_evidence_gives_every_setting_of_separate_calls():

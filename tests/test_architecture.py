@@ -1,4 +1,4 @@
-"""docs/architecture.md names the function behind every PROTOCOL step: each name must import."""
+"""docs/architecture.md names the function behind every method step: each name must import."""
 
 import importlib
 import re

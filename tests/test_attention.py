@@ -199,12 +199,32 @@ def test_sd3_joint_blocks_are_image_rows_of_one_softmax():
 def test_flux_blocks_are_text_first_with_rope():
     """FLUX: [text; image]; the image rows start after the text, keys split the other way round."""
     from diffusers.models.embeddings import apply_rotary_emb
-    from diffusers.models.transformers.transformer_flux import FluxAttention, FluxPosEmbed
+    from diffusers.models.transformers.transformer_flux import FluxPosEmbed
 
     torch.manual_seed(0)
-    attn = FluxAttention(
-        query_dim=16, heads=2, dim_head=8, added_kv_proj_dim=16, context_pre_only=False, bias=True
-    ).eval()
+    try:
+        from diffusers.models.transformers.transformer_flux import FluxAttention
+    except (
+        ImportError
+    ):  # diffusers 0.33/0.34: the generic Attention with FLUX's processor, as its blocks build it
+        from diffusers.models.attention_processor import Attention, FluxAttnProcessor2_0
+
+        attn = Attention(
+            query_dim=16,
+            heads=2,
+            dim_head=8,
+            out_dim=16,
+            added_kv_proj_dim=16,
+            context_pre_only=False,
+            bias=True,
+            qk_norm="rms_norm",
+            eps=1e-6,
+            processor=FluxAttnProcessor2_0(),
+        ).eval()
+    else:
+        attn = FluxAttention(
+            query_dim=16, heads=2, dim_head=8, added_kv_proj_dim=16, context_pre_only=False, bias=True
+        ).eval()
     n_txt, n_img = 3, 4
     x, c = torch.randn(1, n_img, 16), torch.randn(1, n_txt, 16)
     ids = torch.cat(
@@ -225,7 +245,7 @@ def test_flux_blocks_are_text_first_with_rope():
 
         q = torch.cat([attn.norm_added_q(heads(attn.add_q_proj(c))), attn.norm_q(heads(attn.to_q(x)))], 1)
         k = torch.cat([attn.norm_added_k(heads(attn.add_k_proj(c))), attn.norm_k(heads(attn.to_k(x)))], 1)
-        q, k = (apply_rotary_emb(t, rope, sequence_dim=1).transpose(1, 2) for t in (q, k))
+        q, k = (apply_rotary_emb(t.transpose(1, 2), rope) for t in (q, k))  # (B, H, S, D)
         probs = _hand_probs(q, k, 8**-0.5)
     torch.testing.assert_close(got_x, ref_x, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got_c, ref_c, rtol=1e-5, atol=1e-6)
@@ -349,3 +369,44 @@ def test_processors_are_the_users_own_after_any_sequence_of_calls(monkeypatch):
                 c.__name__ for c in sequence
             ]
     assert ad._capturing == 0  # every entry that counted was matched by an exit
+
+
+# SHA-256 (first 16 hex digits) of the source of each diffusers processor's __call__ that a capture
+# processor repeats, in the releases it was read against (diffusers 0.33.1 and 0.42.1). A release
+# that changes one fails here: read the new source, carry the change into elbo_t2ialign/core/capture.py
+# if it changes the computation, and add the new digest.
+FOLLOWED = {
+    "CaptureAttnProcessor": (
+        "diffusers.models.attention_processor:AttnProcessor2_0",
+        {"8728fd0441991a1b", "bf23ea5ae4040427"},
+    ),
+    "CaptureJointAttnProcessor": (
+        "diffusers.models.attention_processor:JointAttnProcessor2_0",
+        {"a5b6f8c32e6311df", "392b6bf56c8505d1"},
+    ),
+    "CaptureFluxAttnProcessor": (
+        "diffusers.models.transformers.transformer_flux:FluxAttnProcessor",  # 0.33: FluxAttnProcessor2_0
+        {"236dd95645f14c0d", "d5b36134887ebe45"},
+    ),
+}
+
+
+@pytest.mark.parametrize("ours", sorted(FOLLOWED))
+def test_followed_diffusers_processors_are_the_ones_read(ours):
+    import hashlib
+    import importlib
+    import inspect
+
+    import diffusers
+
+    where, known = FOLLOWED[ours]
+    module, name = where.split(":")
+    try:
+        followed = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):  # diffusers 0.33/0.34 keep FLUX's processor with the others
+        followed = importlib.import_module("diffusers.models.attention_processor").FluxAttnProcessor2_0
+    digest = hashlib.sha256(inspect.getsource(followed.__call__).encode()).hexdigest()[:16]
+    assert digest in known, (
+        f"diffusers {diffusers.__version__} changed {followed.__qualname__}.__call__ (digest {digest}), "
+        f"which {ours} repeats: compare them and update capture.py and this table"
+    )

@@ -57,7 +57,7 @@ def test_reference_mode_maps_equal_optimized(model):
     calls_opt, samples_opt = timer.calls, timer.samples
     timer.reset()
     b = ref.heatmaps(image, classes, seed=5)
-    assert samples_opt == timer.samples == 20 * 3 + 10  # PROTOCOL: 20 x classes + 10 forwards
+    assert samples_opt == timer.samples == 20 * 3 + 10  # method.md §3.2, §4.2: 20 x classes + 10 forwards
     assert timer.calls == timer.samples and calls_opt < timer.calls
     np.testing.assert_allclose([a.losses[c] for c in classes], [b.losses[c] for c in classes], rtol=1e-5)
     assert a.tau == pytest.approx(b.tau, rel=1e-3)  # min-max over close losses amplifies rounding
@@ -184,7 +184,7 @@ def test_floor_replays_the_same_samples_and_the_breakdown_adds_up(model, classes
     )
     # the second, untimed-network pass ran the same images (on a CPU nothing is synchronised anyway)
     assert 0 < run["sec_per_image_unsynced"] < 3 * run["sec_per_image"]
-    n_samples = 20 * classes + 10 if classes > 1 else 10  # PROTOCOL: one class needs no ELBO
+    n_samples = 20 * classes + 10 if classes > 1 else 10  # method.md §3.5: one class needs no ELBO
     assert run["forward_samples_per_image"] == run["floor_forward_samples_per_image"] == n_samples
     # nothing captured in the floor: the processors a freshly built pipeline has
     pipe, _ = build_pipeline(model, torch.device("cpu"))

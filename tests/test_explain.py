@@ -137,7 +137,7 @@ def test_words_and_phrases_of_a_prompt(bundled, sample):
     # the files hold the API's maps for the same call
     direct = aligner.heatmaps(
         sample,
-        words=["a square", "triangle"],
+        ["a square", "triangle"],
         prompt=PROMPT,
         elbo_timesteps=[101, 501],
         collect_timesteps=[100],

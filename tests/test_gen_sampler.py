@@ -1,4 +1,4 @@
-"""ELBO-weighted sampling on tiny UNet and SD3-like models: steps, determinism, baseline (PROTOCOL 7)."""
+"""ELBO-weighted sampling on tiny UNet and SD3-like models: steps, determinism, baseline (method.md §7)."""
 
 import pytest
 import torch

@@ -1,8 +1,8 @@
-"""Phrase weights from distances and Compel-convention weighted embeddings (PROTOCOL 7)."""
+"""Phrase weights from distances and Compel-convention weighted embeddings (method.md §7)."""
 
 import pytest
 import torch
-from compel import Compel, CompelForSDXL
+from compel import Compel, ReturnedEmbeddingsType
 from conftest import tiny_pipeline
 
 from elbo_t2ialign.core.adapters import adapter_for
@@ -60,8 +60,15 @@ def test_weighted_embeddings_equal_compel_sdxl():
     full = ad.encode_prompt(PROMPT)
     weights = [1.3, 1.0]
     ours = weight_conditioning(full, ad.encode_prompt(""), token_positions(ad, PROMPT, PHRASES), weights)
-    theirs = CompelForSDXL(pipe)(compel_syntax(PROMPT, PHRASES, weights))
-    torch.testing.assert_close(ours["encoder_hidden_states"], theirs.embeds, rtol=0, atol=1e-6)
+    # Compel's SDXL set-up (what its CompelForSDXL wrapper of 2.2+ builds; 2.1 has only this form)
+    compel = Compel(
+        tokenizer=[pipe.tokenizer, pipe.tokenizer_2],
+        text_encoder=[pipe.text_encoder, pipe.text_encoder_2],
+        returned_embeddings_type=ReturnedEmbeddingsType.PENULTIMATE_HIDDEN_STATES_NON_NORMALIZED,
+        requires_pooled=[False, True],
+    )
+    theirs, _ = compel(compel_syntax(PROMPT, PHRASES, weights))
+    torch.testing.assert_close(ours["encoder_hidden_states"], theirs, rtol=0, atol=1e-6)
     # pooled text and time ids stay those of the plain prompt (Compel pools its syntax string instead)
     assert torch.equal(ours["text_embeds"], full["text_embeds"]) and torch.equal(
         ours["time_ids"], full["time_ids"]

@@ -52,7 +52,7 @@ def test_convention_is_data_for_coco_sized_ids():
     conv = GroundTruthConvention(num_classes=80, id_shift=1, max_id=80)
     raw = np.arange(256).reshape(16, 16)
     labels = conv.apply(raw)
-    expected = np.where(raw + 1 <= 80, raw + 1, 0)  # independent statement of PROTOCOL 6
+    expected = np.where(raw + 1 <= 80, raw + 1, 0)  # independent statement of method.md §6
     assert (labels == expected).all()
 
 

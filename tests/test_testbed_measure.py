@@ -44,11 +44,11 @@ def test_recorded_layers_reproduce_the_methods_class_maps():
     sample = world.generate(3, split="val")
     classes = list(dict.fromkeys(sample.classes))
     image = Image.fromarray(sample.image)
-    evidence, info = aligner.observe(image, classes, seed=7)
-    rec = aligner.record(image, info["prompts"]["collect"], seed=7)
+    evidence = aligner.observe(image, classes, seed=7)
+    rec = aligner.record(image, evidence.prompts["collect"], seed=7)
 
     weights = capture.layer_weights(aligner.layers, aligner.options)["cross"]
-    res = evidence.res
+    res = evidence.grid
     total = torch.zeros(res * res, aligner.adapter.text_length)
     for layer in aligner.layers:
         if weights.get(layer.name, 0.0) == 0.0:
@@ -59,15 +59,15 @@ def test_recorded_layers_reproduce_the_methods_class_maps():
         total += weights[layer.name] * grid.reshape(mean.shape[1], -1).T
     total /= sum(weights.values())
     for c in classes:
-        own = total[:, info["positions"][c]].mean(1)
+        own = total[:, evidence.token_positions[c]].mean(1)
         expected = (own - own.min()) / (own.max() - own.min())
         torch.testing.assert_close(evidence.cross[c], expected, atol=2e-5, rtol=0)
     # and the positions measure uses are the method's
     start = calibrate.template_start(aligner.adapter.token_ids, aligner.options.collect_prompt)
     found = calibrate.class_token_positions(
-        aligner.adapter.token_ids, info["prompts"]["collect"], classes, start
+        aligner.adapter.token_ids, evidence.prompts["collect"], classes, start
     )
-    assert found == info["positions"]
+    assert found == evidence.token_positions
 
 
 @needs_model

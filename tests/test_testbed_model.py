@@ -120,3 +120,37 @@ def test_committed_model_loads_as_a_plain_diffusers_pipeline_and_runs():
     assert torch.isfinite(pred).all()
     assert ((pred - eps) ** 2).mean() < 0.5  # a trained denoiser, not a random one (about 1.0)
     assert ((rec - x) ** 2).mean() < 0.1  # the VAE reconstructs
+
+
+@pytest.mark.parametrize("trained", [False, True], ids=["committed", "fresh-training"])
+def test_saved_model_holds_the_files_transformers_4_reads(tmp_path, trained):
+    """transformers 4.x reads the tokenizer from vocab.json/merges.txt and the text encoder's weights
+    under "text_model." (5.x saves neither that way): without them the floor environment loads a
+    random text encoder. The two files must tokenize as tokenizer.json does."""
+    import shutil
+
+    from safetensors import safe_open
+    from transformers import CLIPTokenizer
+
+    folder = COMMITTED
+    if trained:
+        folder = tmp_path / "model"
+        train.train(
+            train.TrainConfig(**{**TINY, "steps": 1, "vae_steps": 1}), folder, tmp_path / "w", progress=False
+        )
+    with safe_open(folder / "text_encoder" / "model.safetensors", "pt") as f:
+        keys = list(f.keys())
+    assert keys and all(k.startswith("text_model.") for k in keys)
+    files_only = tmp_path / "files_only"
+    files_only.mkdir()
+    for name in ("vocab.json", "merges.txt", "tokenizer_config.json"):
+        shutil.copy(folder / "tokenizer" / name, files_only / name)
+    full, from_files = (
+        CLIPTokenizer.from_pretrained(folder / "tokenizer"),
+        CLIPTokenizer.from_pretrained(files_only),
+    )
+    captions = [world.generate(i, "val").caption for i in range(20)] + [
+        "a photo of cross, triangle",
+        "Zebra!",
+    ]
+    assert [full(c).input_ids for c in captions] == [from_files(c).input_ids for c in captions]

@@ -8,8 +8,8 @@
     result.losses["cat"], result.tau["cat"]
     result.evidence.maps(strength=5.0)  # any other setting, without another network pass
 
-One call = one image: ELBO forwards (PROTOCOL 3), attention collection (4), then every map is a
-cheap function of what those forwards produced (`Evidence`, PROTOCOL 5).
+One call = one image: ELBO forwards (method.md §3), attention collection (4), then every map is a
+cheap function of what those forwards produced (`Evidence`, method.md §5).
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from elbo_t2ialign.core.adapters import (
     resolve_dtype,
 )
 from elbo_t2ialign.core.adapters.base import cat_cond
+from elbo_t2ialign.core.images import as_image
 from elbo_t2ialign.core.options import AlignOptions
 
 log = logging.getLogger(__name__)
@@ -46,13 +47,17 @@ class Evidence:
     names: list[str]
     losses: dict[str, float] | None  # summed diffusion loss per class (lower = better); None: not computed
     cross: dict[str, torch.Tensor]  # class cross map, min-max normalised, (R*R,) float32
-    self1: torch.Tensor | None  # refinement matrices (R*R, R*R) float32; None: no refinement
-    self2: torch.Tensor | None
-    res: int  # R, side of the finest token grid
+    # the self-attention matrices of the refinement, S1 and S2 of method.md §5.4 (refined map =
+    # S2 @ (S1 @ a)): (R*R, R*R) float32; None: no refinement
+    refine_first: torch.Tensor | None
+    refine_second: torch.Tensor | None
+    grid: int  # R, side of the finest token grid the maps live on
     size: tuple[int, int]  # (width, height) of the image
+    prompts: dict[str, str] = field(default_factory=dict)  # ELBO prompt per class, and "collect"
+    token_positions: dict[str, list[int]] = field(default_factory=dict)  # in the collection prompt
 
     def temperatures(self, strength: float, fixed: bool = False) -> dict[str, float]:
-        """tau per class (PROTOCOL 3.5-3.6); the ELBO is needed only when it can change tau."""
+        """tau per class (method.md §3.5-3.6); the ELBO is needed only when it can change tau."""
         if fixed or strength == 1.0 or len(self.names) == 1:
             tau = float(strength) if fixed else 1.0
             return dict.fromkeys(self.names, tau)
@@ -67,10 +72,10 @@ class Evidence:
     def maps(self, strength: float = 1.0, fixed: bool = False, refine: bool = True) -> dict[str, np.ndarray]:
         """Image-sized (H, W) float32 maps in [0, 1]: refine(minmax(cross) ** tau), resized, min-max."""
         taus = self.temperatures(strength, fixed)
-        s1, s2 = (self.self1, self.self2) if refine else (None, None)
+        s1, s2 = (self.refine_first, self.refine_second) if refine else (None, None)
         return {
             n: calibrate.to_image(
-                calibrate.self_attention_refine(self.cross[n] ** taus[n], s1, s2), self.res, self.size
+                calibrate.self_attention_refine(self.cross[n] ** taus[n], s1, s2), self.grid, self.size
             )
             for n in self.names
         }
@@ -103,7 +108,7 @@ class HeatmapResult:
 
 
 class Aligner:
-    """ELBO-T2IAlign on one loaded model. Options default to PROTOCOL's values."""
+    """ELBO-T2IAlign on one loaded model. Options default to the method's values."""
 
     def __init__(self, adapter: ModelAdapter, options: AlignOptions | None = None):
         self.adapter = adapter
@@ -181,25 +186,26 @@ class Aligner:
         phrases: Sequence[str] | None = None,
         seed: int | None = None,
         *,
-        words: Sequence[str] | None = None,
         prompt: str | None = None,
         elbo_losses: Mapping[str, float] | None = None,
         **option_overrides: Any,
     ) -> HeatmapResult:
         """ELBO-calibrated, baseline (uncalibrated) and cross-attention heatmaps for each class.
 
-        classes: class names, each put into the prompt templates of the options.
+        classes: class names (or any words or phrases), each put into the ELBO prompt template;
+            the collection prompt lists them all in the collection template, unless `prompt` is given.
         phrases: optional, one per class, replacing the class names in the prompts; the class
             word (or, if it is not one of the phrase's words, the phrase's nouns) is located
             inside its phrase.
-        words + prompt: maps of any words or phrases of your own prompt, calibrated across them
-            (`words` is another name for `classes`; `prompt` replaces the collection prompt).
+        prompt: your own collection prompt; each class is located in it as written.
         elbo_losses: per-class summed losses from an earlier run, instead of the ELBO forwards.
         Option overrides (strength=..., batch_size=...) apply to this call only.
         """
+        if "words" in option_overrides:
+            raise TypeError("words= is now the classes argument: heatmaps(image, [...], prompt=...)")
         opts = self.options.replace(**option_overrides) if option_overrides else self.options
-        evidence, info = self.observe(
-            image, classes, phrases, seed, words=words, prompt=prompt, elbo_losses=elbo_losses, options=opts
+        evidence = self.observe(
+            image, classes, phrases, seed, prompt=prompt, elbo_losses=elbo_losses, options=opts
         )
         taus = evidence.temperatures(opts.strength, opts.fixed_temperature)
         baseline = evidence.maps(1.0, refine=opts.refine)
@@ -215,31 +221,30 @@ class Aligner:
             evidence.maps(1.0, refine=False),
             {n: losses.get(n) for n in evidence.names},
             taus,
-            info["prompts"],
-            info["positions"],
+            evidence.prompts,
+            evidence.token_positions,
             evidence,
         )
 
     def observe(
         self,
         image,
-        classes=None,
-        phrases=None,
-        seed=None,
+        classes: Sequence[str],
+        phrases: Sequence[str] | None = None,
+        seed: int | None = None,
         *,
-        words=None,
-        prompt=None,
-        elbo_losses=None,
+        prompt: str | None = None,
+        elbo_losses: Mapping[str, float] | None = None,
         options: AlignOptions | None = None,
         need_elbo: bool | None = None,
-    ) -> tuple[Evidence, dict[str, Any]]:
-        """The network passes of one image -> (Evidence, {"prompts", "positions"}).
+    ) -> Evidence:
+        """The network passes of one image -> its Evidence (with the prompts and token positions used).
 
         `need_elbo` (default: whether the options' setting needs it) asks for the ELBO forwards even
         when the options alone would not, e.g. to make several strengths from one pass."""
         opts = options or self.options
-        image = _as_image(image)
-        names = self._check_classes(classes, words, phrases)
+        image = as_image(image)
+        names = self._check_classes(classes, phrases)
         texts = list(phrases) if phrases is not None else names
         seed = opts.seed if seed is None else _check_seed(seed)
         self._check_timesteps(opts)
@@ -271,9 +276,8 @@ class Aligner:
         cross = calibrate.class_cross_maps(rec.mean("cross"), positions)
         s1 = rec.mean("self1") if opts.refine and "self1" in rec.sums else None
         s2 = rec.mean("self2") if opts.refine and "self2" in rec.sums else None
-        evidence = Evidence(names, losses, cross, s1, s2, rec.target_res, image.size)
         prompts = dict(zip(names, elbo_prompts, strict=True)) | {"collect": collect_prompt}
-        return evidence, {"prompts": prompts, "positions": positions}
+        return Evidence(names, losses, cross, s1, s2, rec.target_res, image.size, prompts, positions)
 
     def record(
         self, image, prompt: str, seed: int | None = None, *, options: AlignOptions | None = None
@@ -282,7 +286,7 @@ class Aligner:
         (the noise `observe` draws for this seed), for analyses of the attention itself:
         `rec.layer_mean(layer.name, "cross")` is (R_l * R_l, text tokens) for each of `self.layers`."""
         opts = options or self.options
-        image = _as_image(image)
+        image = as_image(image)
         seed = opts.seed if seed is None else _check_seed(seed)
         self.adapter.check_prompt_length(prompt)
         z0 = self.adapter.encode_image(image)
@@ -290,17 +294,14 @@ class Aligner:
         return self._collect(z0, prompt, collect_noise, opts, {}, per_layer=True)
 
     # ------------------------------------------------------------ parts
-    def _check_classes(self, classes, words, phrases) -> list[str]:
-        if (classes is None) == (words is None):
+    def _check_classes(self, classes, phrases) -> list[str]:
+        if classes is None:
+            raise TypeError("give the class names (or words of your prompt) as a list: classes=[...]")
+        if isinstance(classes, str):
             raise TypeError(
-                "give the class names (classes=[...]) or the prompt words (words=[...]), one of them"
+                f"classes must be a list of names, got the string {classes!r}; wrap it: [{classes!r}]"
             )
-        given = classes if classes is not None else words
-        if isinstance(given, str):
-            raise TypeError(
-                f"classes must be a list of names, got the string {given!r}; wrap it: [{given!r}]"
-            )
-        names = list(given)
+        names = list(classes)
         bad = [(i, c) for i, c in enumerate(names) if not isinstance(c, str)]
         if bad:
             raise TypeError(
@@ -428,37 +429,6 @@ class Aligner:
 
 
 # ---------------------------------------------------------------- input checks
-
-
-def _as_image(image: Any) -> Image.Image:
-    """A PIL image, a path to one, or an (H, W) / (H, W, 3|4) uint8 array; at least 2x2 pixels."""
-    if isinstance(image, (str, Path)):
-        path = Path(image).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(f"image file not found: {path}")
-        try:
-            with Image.open(path) as img:
-                image = img.copy()
-        except OSError as err:
-            raise ValueError(f"cannot read an image from {path}: {err}") from None
-    elif isinstance(image, np.ndarray):
-        if (
-            image.dtype != np.uint8
-            or image.ndim not in (2, 3)
-            or (image.ndim == 3 and image.shape[2] not in (3, 4))
-        ):
-            raise ValueError(
-                f"an image array must be uint8 of shape (H, W), (H, W, 3) or (H, W, 4); got "
-                f"{image.dtype} {image.shape}"
-            )
-        image = Image.fromarray(image)
-    elif not isinstance(image, Image.Image):
-        raise TypeError(
-            f"image must be a PIL image, a file path or a uint8 array, got {type(image).__name__}"
-        )
-    if image.width < 2 or image.height < 2:
-        raise ValueError(f"the image is {image.width}x{image.height}; heatmaps need at least 2x2 pixels")
-    return image
 
 
 def _check_seed(seed: Any) -> int:

@@ -1,4 +1,4 @@
-"""Calibration (PROTOCOL 3.5-5): class token positions, the ELBO exponent, self-attention
+"""Calibration (method.md §3.5-5): class token positions, the ELBO exponent, self-attention
 refinement and image-sized heatmaps."""
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ def class_token_positions(
 
 
 def temperatures(losses: Sequence[float], strength: float, fixed: bool = False) -> list[float]:
-    """tau_i = strength ** n_i with n the min-max normalised loss (PROTOCOL 3.5-3.6)."""
+    """tau_i = strength ** n_i with n the min-max normalised loss (method.md §3.5-3.6)."""
     if fixed:
         return [float(strength)] * len(losses)
     lo, hi = min(losses), max(losses)

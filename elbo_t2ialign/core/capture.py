@@ -8,12 +8,17 @@ the probabilities are available without a second pass and peak memory is
 bounded by `chunk_mb`. The network output is that of the original processor
 up to floating-point rounding.
 
-Three processor flavours cover the families:
+Three processor flavours cover the families; each repeats, step for step, the
+diffusers processor it replaces, read in diffusers 0.33.1 and 0.42.1 (the floor
+and current releases; tests/test_attention.py fails when an installed diffusers
+changes one of them, and compares every output with the original's):
 - `CaptureAttnProcessor`: diffusers `Attention` with separate self/cross
-  layers (UNets, PixArt);
-- `CaptureJointAttnProcessor`: SD3 joint attention, sequence [image; text];
+  layers (UNets, PixArt), after `attention_processor.AttnProcessor2_0`;
+- `CaptureJointAttnProcessor`: SD3 joint attention, sequence [image; text],
+  after `attention_processor.JointAttnProcessor2_0`;
 - `CaptureFluxAttnProcessor`: FLUX, sequence [text; image], double- and
-  single-stream blocks, RoPE.
+  single-stream blocks, RoPE, after `transformers.transformer_flux.FluxAttnProcessor`
+  (0.42.1; `attention_processor.FluxAttnProcessor2_0` in 0.33.1).
 """
 
 from __future__ import annotations
@@ -60,9 +65,6 @@ def stage_index(layers: list[LayerInfo]) -> dict[str, int]:
             stage, last = stage + 1, layer.resolution
         stages[layer.name] = stage
     return stages
-
-
-# ------------------------------------------------------- attention maths
 
 
 # ---------------------------------------------------------------- layer weights
@@ -113,7 +115,7 @@ def self_stage_weights(layers: list[LayerInfo], spec) -> dict[str, float]:
 
 
 def layer_weights(layers: list[LayerInfo], options: AlignOptions) -> dict[str, dict[str, float]]:
-    """Per aggregate, the weight of each layer in it (PROTOCOL 5): "cross", a Gaussian over the
+    """Per aggregate, the weight of each layer in it (method.md §5): "cross", a Gaussian over the
     cross-attention layers (or one weight per stage when gaussian_sigma is 0); with refinement,
     "self1" and "self2", the two self-attention matrices. The recorder applies them."""
     if options.gaussian_sigma > 0:
@@ -125,6 +127,9 @@ def layer_weights(layers: list[LayerInfo], options: AlignOptions) -> dict[str, d
         weights["self1"] = self_stage_weights(layers, options.self_weights_1)
         weights["self2"] = self_stage_weights(layers, options.self_weights_2)
     return weights
+
+
+# ------------------------------------------------------- attention maths
 
 
 def attend_and_capture(
@@ -203,7 +208,8 @@ class _CaptureBase:
 
 
 class CaptureAttnProcessor(_CaptureBase):
-    """diffusers `Attention` (UNet and DiT self/cross layers), AttnProcessor2_0 semantics."""
+    """diffusers `Attention` (UNet and DiT self/cross layers): `AttnProcessor2_0` of
+    diffusers/models/attention_processor.py (0.33.1, 0.42.1) with an explicit softmax."""
 
     def __call__(
         self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs
@@ -261,7 +267,8 @@ class CaptureAttnProcessor(_CaptureBase):
 
 
 class CaptureJointAttnProcessor(_CaptureBase):
-    """SD3/SD3.5 joint attention: one softmax over [image; text]."""
+    """SD3/SD3.5 joint attention, one softmax over [image; text]: `JointAttnProcessor2_0` of
+    diffusers/models/attention_processor.py (0.33.1, 0.42.1) with an explicit softmax."""
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
         batch, n_img = hidden_states.shape[:2]
@@ -310,7 +317,9 @@ class CaptureJointAttnProcessor(_CaptureBase):
 
 
 class CaptureFluxAttnProcessor(_CaptureBase):
-    """FLUX attention: sequence [text; image]; single-stream blocks get it already concatenated."""
+    """FLUX attention, sequence [text; image], single-stream blocks get it already concatenated:
+    `FluxAttnProcessor` of diffusers/models/transformers/transformer_flux.py (0.42.1; in 0.33.1
+    `FluxAttnProcessor2_0` of attention_processor.py, on `Attention`) with an explicit softmax."""
 
     def __call__(
         self,
@@ -324,7 +333,9 @@ class CaptureFluxAttnProcessor(_CaptureBase):
         from diffusers.models.embeddings import apply_rotary_emb
 
         def heads(x):  # (B, S, H*D) -> (B, S, H, D)
-            return x.unflatten(-1, (-1, attn.head_dim))
+            return x.unflatten(
+                -1, (attn.heads, -1)
+            )  # FluxAttention (diffusers >= 0.35) and Attention (0.33) both have .heads
 
         query, key, value = (heads(f(hidden_states)) for f in (attn.to_q, attn.to_k, attn.to_v))
         query, key = attn.norm_q(query), attn.norm_k(key)
@@ -337,11 +348,11 @@ class CaptureFluxAttnProcessor(_CaptureBase):
             query, key, value = (torch.cat(p, dim=1) for p in ((cq, query), (ck, key), (cv, value)))
         else:  # single-stream block: hidden_states is already [text; image]
             n_txt = self.recorder.text_length
-        if image_rotary_emb is not None:
-            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
-            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
-        # (B, S, H, D) -> (B, H, S, D)
+        # (B, S, H, D) -> (B, H, S, D), the layout apply_rotary_emb takes in every supported diffusers
         query, key, value = (x.transpose(1, 2) for x in (query, key, value))
+        if image_rotary_emb is not None:
+            query = apply_rotary_emb(query, image_rotary_emb)
+            key = apply_rotary_emb(key, image_rotary_emb)
         out, maps = attend_and_capture(
             query,
             key,

@@ -1,4 +1,4 @@
-"""Per-class ELBO score (PROTOCOL 3): the summed diffusion loss of the image
+"""Per-class ELBO score (method.md §3): the summed diffusion loss of the image
 under each class prompt, with one noise sample per timestep shared by all
 classes, batched over (class x timestep) pairs."""
 
@@ -66,7 +66,7 @@ def elbo_losses(
     batch_size: int = 8,
 ) -> tuple[torch.Tensor, int]:
     """mean((target_t - pred(z_t, t, cond_i))^2) for every class prompt i and timestep t; the
-    class's loss L_i is its row's sum (PROTOCOL 3.4).
+    class's loss L_i is its row's sum (method.md §3.4).
 
     z0 (1, C, h, w); noise (T, C, h, w), row j used at timesteps[j] for every
     class, so differences come from the prompts. Returns (losses (K, T) float32

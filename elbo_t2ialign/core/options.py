@@ -1,4 +1,4 @@
-"""Method options with PROTOCOL's defaults (sections 3-5).
+"""Method options with the method's defaults (sections 3-5).
 
 One dataclass shared by the Python API, the runners and the YAML configs
 (`configs/elbo/default.yaml` holds the same fields), so a default lives in
@@ -19,19 +19,19 @@ MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed accepts [0, 2**64)
 
 @dataclass
 class AlignOptions:
-    # -- ELBO score (PROTOCOL 3) --
+    # -- ELBO score (method.md §3) --
     strength: float = 3.0  # tau_i = strength ** n_i; 1.0 disables the calibration
     fixed_temperature: bool = False  # tau_i = strength for every class (ablation)
     elbo_prompt: str = "a photo of {}"
     elbo_timesteps: list[int] = field(default_factory=lambda: list(range(1, 999, 50)))
-    # -- attention collection (PROTOCOL 4) --
+    # -- attention collection (method.md §4) --
     collect_prompt: str = "a photo of {}"  # {} <- "c_1, c_2, ..., c_K"
     collect_timesteps: list[int] = field(default_factory=lambda: list(range(20, 201, 20)))
     # Per-image phrases whose class word is not one of the phrase's words: "nouns" reads the
     # phrase's spaCy NOUN tokens (the reference), "phrase" averages all of the phrase's tokens.
     phrase_tokens: str = "nouns"
     spacy_model: str = "en_core_web_sm"
-    # -- aggregation (PROTOCOL 5) --
+    # -- aggregation (method.md §5) --
     gaussian_sigma: float = 3.0  # 0 switches to per-stage cross weights
     cross_stage_weights: list[float] = field(default_factory=lambda: [1, 1, 10, 15, 10, 1, 1])
     # self-attention refinement: "first_last" = finest stage of the down and up

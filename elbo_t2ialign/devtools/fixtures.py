@@ -68,7 +68,7 @@ class PixelAligner:
         prompt: str | None = None,
         need_elbo: bool = True,
         elbo_losses: dict[str, float] | None = None,
-    ) -> tuple[PixelEvidence, dict[str, Any]]:
+    ) -> PixelEvidence:
         gray = np.asarray(image.convert("L"), dtype=np.float32)  # (H, W)
         rng = np.random.default_rng(seed)
         clean, raw = {}, {}
@@ -95,8 +95,7 @@ class PixelAligner:
                 "elbo": how,
             }
         )
-        evidence = PixelEvidence(list(class_names), losses, clean, None, None, 0, image.size, refined=raw)
-        return evidence, {"prompts": {}, "positions": {}}
+        return PixelEvidence(list(class_names), losses, clean, None, None, 0, image.size, refined=raw)
 
     def heatmaps(
         self,
@@ -105,7 +104,7 @@ class PixelAligner:
         phrases: list[str] | None = None,
         seed: int | None = None,
     ) -> FakeResult:
-        evidence, _ = self.observe(image, class_names, phrases, seed)
+        evidence = self.observe(image, class_names, phrases, seed)
         return FakeResult(
             evidence.maps(self.strength),
             evidence.maps(1.0),

@@ -36,20 +36,27 @@ WORDS = [
 ]
 
 
+def _token_fields(tokenizer) -> dict[str, int]:
+    """The text-config fields a tokenizer fixes: vocabulary size, context length, special token ids."""
+    return dict(
+        vocab_size=len(tokenizer),
+        max_position_embeddings=tokenizer.model_max_length,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
 def _clip_text(tokenizer, hidden: int = 32, projection: int | None = None, seed: int = 0):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
     cfg = CLIPTextConfig(
-        vocab_size=len(tokenizer),
+        **_token_fields(tokenizer),
         hidden_size=hidden,
         intermediate_size=2 * hidden,
         num_hidden_layers=2,
         num_attention_heads=4,
-        max_position_embeddings=tokenizer.model_max_length,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
         projection_dim=projection or hidden,
     )
     return (CLIPTextModelWithProjection if projection else CLIPTextModel)(cfg).eval()
@@ -289,14 +296,7 @@ def tiny_clip(seed: int = 0):
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
     tok = build_clip_tokenizer(WORDS)
-    text = dict(
-        **SMALL_ENCODER,
-        vocab_size=len(tok),
-        max_position_embeddings=tok.model_max_length,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
+    text = dict(**SMALL_ENCODER, **_token_fields(tok))
     torch.manual_seed(seed)
     model = CLIPModel(CLIPConfig(text_config=text, vision_config=SMALL_VISION, projection_dim=16)).eval()
     processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
@@ -311,14 +311,11 @@ def tiny_blip(seed: int = 0):
     from elbo_t2ialign.testbed.world import VOCABULARY
 
     tok = build_bert_tokenizer([*VOCABULARY, *WORDS])
+    # BLIP's decoder ends a caption at [SEP]
     text = dict(
         **SMALL_ENCODER,
+        **_token_fields(tok) | dict(eos_token_id=tok.sep_token_id),
         encoder_hidden_size=32,
-        vocab_size=len(tok),
-        max_position_embeddings=tok.model_max_length,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.sep_token_id,
-        pad_token_id=tok.pad_token_id,
         sep_token_id=tok.sep_token_id,
     )
     torch.manual_seed(seed)

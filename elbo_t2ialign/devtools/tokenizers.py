@@ -7,7 +7,10 @@ words) without a download.
 
 from __future__ import annotations
 
+import json
+import tempfile
 from collections.abc import Iterable
+from pathlib import Path
 
 
 def _byte_alphabet() -> list[str]:
@@ -68,7 +71,28 @@ def build_clip_tokenizer(words: Iterable[str], model_max_length: int = 77):
             vocab.setdefault(left, len(vocab))
     for special in ("<|startoftext|>", "<|endoftext|>"):
         vocab.setdefault(special, len(vocab))
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
+    # through files, as a checkpoint ships it: the one constructor transformers 4.x (slow tokenizer,
+    # vocab_file/merges_file) and 5.x (vocab/merges) share
+    with tempfile.TemporaryDirectory() as folder:
+        _write_bpe_files(Path(folder), vocab, merges)
+        return CLIPTokenizer.from_pretrained(folder, model_max_length=model_max_length)
+
+
+def _write_bpe_files(folder: Path, vocab: dict[str, int], merges: Iterable[Iterable[str]]) -> None:
+    """vocab.json and merges.txt, the files of a CLIP/GPT-2 BPE tokenizer."""
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    lines = ["#version: 0.2", *(" ".join(pair) for pair in merges)]
+    (folder / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def add_bpe_files(folder: Path) -> None:
+    """Write vocab.json and merges.txt beside a saved tokenizer.json (transformers 5 saves only the
+    latter), so that transformers 4.x, whose CLIPTokenizer reads the two files, loads the folder too."""
+    spec = Path(folder) / "tokenizer.json"
+    if spec.is_file() and not (Path(folder) / "merges.txt").is_file():
+        model = json.loads(spec.read_text(encoding="utf-8"))["model"]
+        merges = [pair.split(" ") if isinstance(pair, str) else pair for pair in model["merges"]]
+        _write_bpe_files(Path(folder), model["vocab"], merges)
 
 
 def build_word_tokenizer(words: Iterable[str], model_max_length: int = 32):

@@ -1,4 +1,4 @@
-"""Composable generation with ELBO phrase weights (PROTOCOL 7): phrases, weighting, sampler, CLIP score.
+"""Composable generation with ELBO phrase weights (method.md §7): phrases, weighting, sampler, CLIP score.
 
 python -m elbo_t2ialign.generate model=sd15 prompts=ane          # images + per-step weights
 python -m elbo_t2ialign.generation.evaluate <run_dir>             # CLIP score, table, grid

@@ -1,4 +1,4 @@
-"""CLIP score (PROTOCOL 7): 100 x cosine similarity of CLIP image and prompt embeddings.
+"""CLIP score (method.md §7): 100 x cosine similarity of CLIP image and prompt embeddings.
 
 Default model CLIP ViT-B/32 (`openai/clip-vit-base-patch32`); any CLIP hub id or local folder works,
 and "tiny" builds a random tiny CLIP in code (offline smoke runs; its scores mean nothing).
@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from PIL import Image
+
+from elbo_t2ialign.core.compat import dtype_keyword
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +63,7 @@ class ClipScorer:
         local = Path(model_id).expanduser()
         source = str(local) if local.is_dir() else model_id
         try:
-            model = CLIPModel.from_pretrained(source, dtype=torch.float32)
+            model = CLIPModel.from_pretrained(source, **{dtype_keyword("transformers"): torch.float32})
             tokenizer = CLIPTokenizer.from_pretrained(source)
             processor = CLIPImageProcessor.from_pretrained(source)
         except (OSError, ValueError) as err:

@@ -1,4 +1,4 @@
-"""Evaluate a generation run folder with the CLIP score (PROTOCOL 7).
+"""Evaluate a generation run folder with the CLIP score (method.md §7).
 
     python -m elbo_t2ialign.generation.evaluate <run_dir> [--clip ID|FOLDER|tiny] [--batch-size 32]
         [--device auto] [--grid 4] [--truncate]

@@ -1,4 +1,4 @@
-"""Noun phrases of a prompt (PROTOCOL 7): spaCy noun chunks whose root is a NOUN and whose root word
+"""Noun phrases of a prompt (method.md §7): spaCy noun chunks whose root is a NOUN and whose root word
 is not a non-entity word ("group", "side", "top", ...). The stop-list lives in configs/phrases/.
 
 The defaults are the reference's: the root word as written (lower-cased) is looked up in the stop-list,

@@ -1,4 +1,4 @@
-"""ELBO-weighted sampling (PROTOCOL 7): deterministic DDIM (DDPM-family models) or flow Euler (SD3),
+"""ELBO-weighted sampling (method.md §7): deterministic DDIM (DDPM-family models) or flow Euler (SD3),
 classifier-free guidance with an empty negative prompt, and per-step phrase weights.
 
 At each of the first `elbo_steps` steps the full prompt and every phrase alone are predicted at the

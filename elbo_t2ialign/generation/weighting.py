@@ -1,4 +1,4 @@
-"""ELBO phrase weights and weighted prompt embeddings (PROTOCOL 7).
+"""ELBO phrase weights and weighted prompt embeddings (method.md §7).
 
 Weights follow `w_p = round(strength ** n_p, 2)` with `n_p` the min-max normalised distance between
 the full-prompt and the phrase-only prediction. They are applied the way Compel applies "(phrase)1.2":

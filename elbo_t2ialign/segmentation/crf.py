@@ -1,4 +1,4 @@
-"""Optional dense-CRF post-processing of a thresholded label map (PROTOCOL 6).
+"""Optional dense-CRF post-processing of a thresholded label map (method.md §6).
 
 Uses the `pydensecrf` module, installed by the PyPI package `pydensecrf2`
 (a maintained fork of pydensecrf). It is not a dependency of the project:
@@ -11,9 +11,9 @@ import numpy as np
 
 from elbo_t2ialign.segmentation.config import SegmentationError
 
-# PROTOCOL 6: bilateral kernel weight w1, spatial alpha, colour beta; smoothness w2, gamma; iterations.
+# method.md §6: bilateral kernel weight w1, spatial alpha, colour beta; smoothness w2, gamma; iterations.
 W1, ALPHA, BETA, W2, GAMMA, ITERATIONS = 10, 80, 13, 3, 3, 5
-GT_PROB = 0.7  # confidence given to the thresholded labels in the unary term (not fixed by PROTOCOL)
+GT_PROB = 0.7  # confidence given to the thresholded labels in the unary term (not fixed by the method)
 
 INSTALL_HINT = (
     "the dense CRF option needs the 'pydensecrf' module: install the PyPI package 'pydensecrf2' "

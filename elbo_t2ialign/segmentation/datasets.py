@@ -178,7 +178,7 @@ class SegDataset:
         return image, info
 
     def phrases_for(self, name: str, class_ids: list[int]) -> tuple[list[str] | None, str]:
-        """Per-image phrases (PROTOCOL 9) aligned with `class_ids`, and where they came from.
+        """Per-image phrases (method.md §9) aligned with `class_ids`, and where they came from.
 
         A phrase file is either {class name: phrase} or, as `prepare_data --aep-prompts` writes it,
         {"subject": [class, ...], "phrase": [phrase, ...]} in the reference's order; a class takes the

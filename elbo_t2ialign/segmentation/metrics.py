@@ -1,4 +1,4 @@
-"""Segmentation metrics (PROTOCOL 6) with mmsegmentation's arithmetic.
+"""Segmentation metrics (method.md §6) with mmsegmentation's arithmetic.
 
 Heatmaps are stored as 8 bits, so a pixel's max heat takes one of 256 values.
 `SweepAccumulator` keeps, in one pass, per-class histograms over those values;

@@ -1,4 +1,4 @@
-"""The reference's AEP prompts (`prompts.pkl`) -> per-image phrase files (PROTOCOL 9).
+"""The reference's AEP prompts (`prompts.pkl`) -> per-image phrase files (method.md §9).
 
 The pickle maps an image name to `{"subject": [class, ...], "phrase": [phrase, ...]}`
 (the i-th phrase describes the i-th subject). It is read with an unpickler that

@@ -124,7 +124,7 @@ def _notes(m: dict[str, Any]) -> list[str]:
     if fallback:
         notes.append(
             f"- {sum(fallback.values())} image(s) had no per-image phrase file; their prompts used "
-            "class names (PROTOCOL 9 fallback), so numbers are not comparable with phrase prompts."
+            "class names (method.md §9 fallback), so numbers are not comparable with phrase prompts."
         )
     if len(notes) == 2:
         notes.append("- every image of the split was evaluated.")

@@ -59,7 +59,7 @@ OWN_FILES = ["variants.json"]
 
 
 class HeatmapAligner(Protocol):
-    """What the runner needs from `elbo_t2ialign.Aligner`: one image's network passes -> (Evidence, info)."""
+    """What the runner needs from `elbo_t2ialign.Aligner`: one image's network passes -> its Evidence."""
 
     def observe(
         self,
@@ -71,7 +71,7 @@ class HeatmapAligner(Protocol):
         prompt: str | None = None,
         need_elbo: bool | None = None,
         elbo_losses: dict[str, float] | None = None,
-    ) -> tuple[Any, dict[str, Any]]: ...
+    ) -> Any: ...
 
 
 def run(cfg: Any, aligner: HeatmapAligner | None = None) -> Path:

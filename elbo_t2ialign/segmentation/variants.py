@@ -221,7 +221,7 @@ class VariantPlan:
                 self.source.losses(image_name, names, phrases, seed),
                 str(self.source.folder.root),
             )
-        evidence, _ = aligner.observe(
+        evidence = aligner.observe(
             image, names, phrases, seed, prompt=prompt, need_elbo=need, elbo_losses=losses
         )
         done: dict[tuple[float, bool, bool], dict[str, np.ndarray]] = {}

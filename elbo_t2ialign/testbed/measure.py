@@ -194,7 +194,7 @@ def segmentation_miou(
         uniform.add([np.full(s.mask.shape, 0.5)] * len(ids), ids, s.mask)
         for key, timesteps in timestep_sets.items():
             with_elbo = full and key == first
-            evidence, _ = aligner.observe(
+            evidence = aligner.observe(
                 Image.fromarray(s.image),
                 classes,
                 seed=seed + i,

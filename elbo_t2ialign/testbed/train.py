@@ -68,7 +68,7 @@ class TrainConfig:
     # Self-attention (attn1) query and key projections tied (key = query) and frozen, scaled by
     # this factor, so that self-attention compares features (a learned non-local-means kernel).
     # Trained freely, the finest self-attention of this small model stayed uniform (about 1000
-    # of 1024 positions attended), and the PROTOCOL refinement then averages the maps away.
+    # of 1024 positions attended), and the method's refinement then averages the maps away.
     # 0 keeps ordinary trainable self-attention.
     self_attention_similarity: float = 4.0
     norm_groups: int = 16
@@ -302,6 +302,8 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 def save_pipeline(out: Path, vae, text_encoder, tokenizer, unet, scheduler, info: dict | None = None):
     from diffusers import StableDiffusionPipeline
 
+    from elbo_t2ialign.devtools.tokenizers import add_bpe_files
+
     pipe = StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
@@ -315,8 +317,28 @@ def save_pipeline(out: Path, vae, text_encoder, tokenizer, unet, scheduler, info
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(out, safe_serialization=True)
+    # files every supported transformers release loads: 4.x reads vocab.json/merges.txt and the
+    # text encoder's weights under "text_model.", the layout of the hub's CLIP checkpoints
+    add_bpe_files(out / "tokenizer")
+    classic_text_encoder_keys(out / "text_encoder" / "model.safetensors")
     if info is not None:
         (out / "testbed.json").write_text(json.dumps(info, indent=1) + "\n")
+
+
+def classic_text_encoder_keys(path: Path) -> None:
+    """Prefix the CLIP text encoder's weight names with "text_model." where transformers 5 saved them
+    without it; transformers 4.x would otherwise initialise the encoder at random, and 5.x loads both."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(path, "pt") as f:
+        metadata = f.metadata()
+        if all(key.startswith("text_model.") for key in f.keys()):
+            return
+        tensors = {
+            ("" if k.startswith("text_model.") else "text_model.") + k: f.get_tensor(k) for k in f.keys()
+        }
+    save_file(tensors, path, metadata=metadata)
 
 
 def export_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:

@@ -9,6 +9,7 @@ import torch
 from elbo_t2ialign.core.adapters.base import ModelAdapter
 from elbo_t2ialign.core.adapters.transformers import FluxAdapter, MMDiTAdapter, PixArtAdapter
 from elbo_t2ialign.core.adapters.unet import UNetAdapter
+from elbo_t2ialign.core.compat import dtype_keyword
 
 # Denoiser class -> adapter. The choice is made once, from the pipeline's components.
 TRANSFORMER_ADAPTERS: dict[str, type[ModelAdapter]] = {
@@ -30,7 +31,7 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """Dtype "auto" -> float32 on CPU, float16 elsewhere (PROTOCOL 8)."""
+    """Dtype "auto" -> float32 on CPU, float16 elsewhere (method.md §8)."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype in (None, "auto"):
@@ -49,7 +50,7 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
 
 
 def prepare_pipeline(pipe, device: torch.device, dtype: torch.dtype):
-    """Move to the device; networks in `dtype`, the VAE in float32 (PROTOCOL 8)."""
+    """Move to the device; networks in `dtype`, the VAE in float32 (method.md §8)."""
     pipe.to(device)
     for name, module in pipe.components.items():
         if isinstance(module, torch.nn.Module):
@@ -74,7 +75,9 @@ def load_pipeline(model_id: str, device: torch.device, dtype: torch.dtype, prepa
     source = str(local) if local.is_dir() else model_id
     try:
         # the safety checker is never run here: skip loading it
-        pipe = DiffusionPipeline.from_pretrained(source, dtype=dtype, safety_checker=None)
+        pipe = DiffusionPipeline.from_pretrained(
+            source, safety_checker=None, **{dtype_keyword("diffusers"): dtype}
+        )
     except (OSError, ValueError) as err:
         if local.exists() or model_id.startswith((".", "/", "~")):
             raise FileNotFoundError(

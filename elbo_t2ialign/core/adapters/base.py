@@ -113,7 +113,7 @@ class ModelAdapter:
         """Number of text tokens (keys) the denoiser attends to."""
         raise NotImplementedError
 
-    # ---- ELBO-weighted generation (PROTOCOL 7); families that do not support it keep these
+    # ---- ELBO-weighted generation (method.md §7); families that do not support it keep these
     generation_kind: str | None = None  # "sd", "sdxl" or "sd3": the model kind the generation protocol names
     default_guidance: float | None = None  # guidance scale when the generation config leaves it null
 
@@ -123,7 +123,7 @@ class ModelAdapter:
 
     # ---- shared
     def default_resolution(self) -> int:
-        """PROTOCOL 2: the VAE's configured sample size."""
+        """method.md §2: the VAE's configured sample size."""
         size = self.vae.config.sample_size
         return int(size[0] if isinstance(size, (list, tuple)) else size)
 
@@ -181,7 +181,7 @@ class ModelAdapter:
         """Raw denoiser call for samplers: x already scaled for the network, `timestep` the value
         the network is conditioned on (see `schedule.model_timestep`). Output in the model's own
         parameterisation (epsilon / v / velocity), in the network's dtype. Half-precision networks run
-        under autocast (PROTOCOL 8: normalisations and softmax in float32, as the reference runs them)."""
+        under autocast (method.md §8: normalisations and softmax in float32, as the reference runs them)."""
         half = self.dtype in (torch.float16, torch.bfloat16)
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=half):
             return self._forward(

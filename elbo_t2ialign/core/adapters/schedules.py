@@ -1,5 +1,5 @@
 """Noise schedules: how an image latent is noised at a training timestep, what
-the network receives, and what its output is compared with (PROTOCOL 2).
+the network receives, and what its output is compared with (method.md §2).
 
 Timesteps `t` are training indices 0..T-1, low t = little noise, for every
 family. Each schedule is built from the pipeline's scheduler config, never
