@@ -316,9 +316,14 @@ def test_processors_are_the_users_own_after_any_sequence_of_calls(monkeypatch):
     from diffusers.models.attention_processor import AttnProcessor
     from PIL import Image
 
+    from elbo_t2ialign import Aligner
     from elbo_t2ialign.core import capture
+    from elbo_t2ialign.devtools.tiny import tiny_sd
 
-    aligner = tiny_aligner("sd", elbo_timesteps=[1, 501], collect_timesteps=[20])
+    # a pipeline of its own: the shared tiny one must keep its processors for the other tests
+    aligner = Aligner.from_pipeline(
+        tiny_sd(), device="cpu", resolution=32, elbo_timesteps=[1, 501], collect_timesteps=[20]
+    )
     ad = aligner.adapter
     own = {name: AttnProcessor() for name in ad.denoiser.attn_processors}  # the user's, one per layer
     ad.denoiser.set_attn_processor(dict(own))  # (diffusers empties the dict it is given)
