@@ -71,6 +71,28 @@ def test_unknown_keys_are_errors_naming_them():
         validate({**cfg, "model": {**cfg["model"], "guidance": 3}})
 
 
+def test_steps_rule_is_checked_and_older_folders_resume_where_the_rules_agree():
+    from elbo_t2ialign.generation.config import result_fingerprint
+    from elbo_t2ialign.runfolder import fingerprint_diff
+
+    cfg = config()
+    assert cfg["steps_rule"] == "stride"
+    with pytest.raises(GenerationError, match="steps_rule must be 'stride'"):
+        validate({**cfg, "steps_rule": "leading"})
+    old = {k: v for k, v in cfg.items() if k != "steps_rule"}  # a folder from before the key: exact steps
+    assert fingerprint_diff(result_fingerprint(old), result_fingerprint(cfg)) == []  # 50 divides 1000
+    seven = {**cfg, "steps": 7}
+    assert fingerprint_diff(result_fingerprint({**old, "steps": 7}), result_fingerprint(seven)) == [
+        "steps_rule: 'exact' -> 'stride'"
+    ]
+    assert (
+        fingerprint_diff(
+            result_fingerprint({**old, "steps": 7}), result_fingerprint({**seven, "steps_rule": "exact"})
+        )
+        == []
+    )
+
+
 def test_run_writes_images_weights_and_resumes(tmp_path):
     out = tmp_path / "run"
     cfg = config(*TINY, f"output_dir={out}")

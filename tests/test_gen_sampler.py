@@ -24,6 +24,28 @@ def test_sampling_timesteps_match_the_reference_grid():
     assert sampling_timesteps(1000, 2) == [(999, 499), (499, 0)]
     with pytest.raises(ValueError):
         sampling_timesteps(1000, 0)
+    with pytest.raises(ValueError, match="steps_rule must be one of"):
+        sampling_timesteps(1000, 7, "leading")
+
+
+@pytest.mark.parametrize(
+    ("steps", "taken"), [(3, 3), (6, 7), (7, 8), (15, 16), (30, 31), (50, 50), (999, 999)]
+)
+def test_steps_that_do_not_divide_1000_follow_the_reference_range(steps, taken):
+    """The reference samples on range(999, 0, -1000 // steps) and steps each t to max(0, t - stride)."""
+    stride = 1000 // steps
+    reference = [(t, max(0, t - stride)) for t in range(999, 0, -stride)]
+    assert sampling_timesteps(1000, steps) == reference
+    assert len(reference) == taken  # ceil(999 / stride): one more than asked for 6, 7, 15, 30
+    exact = sampling_timesteps(1000, steps, "exact")
+    assert len(exact) == steps and [t for t, _ in exact] == [t for t, _ in reference][:steps]
+    assert exact[-1][1] == 0
+
+
+def test_seven_steps_take_eight_unless_exact():
+    assert len(sampler("sd", steps=7).sample(PROMPT, PHRASES, seed=0).weights) == 8  # every step weighted
+    assert [t for t, _ in sampler("sd", steps=7).timesteps] == [999, 857, 715, 573, 431, 289, 147, 5]
+    assert len(sampler("sd", steps=7, steps_rule="exact").sample(PROMPT, PHRASES, seed=0).weights) == 7
 
 
 def test_ddim_step_equals_diffusers_ddim():
@@ -139,6 +161,28 @@ def test_all_ones_weights_reproduce_the_baseline_exactly(family):
     assert torch.equal(s.sample(PROMPT, ["a cat"], seed=7).latent, base)  # one phrase: weights 1
     assert torch.equal(sampler(family, strength=1.0).sample(PROMPT, PHRASES, seed=7).latent, base)
     assert torch.equal(sampler(family, elbo_steps=0).sample(PROMPT, PHRASES, seed=7).latent, base)
+
+
+def test_strength_below_one_weights_as_compel_downweights(monkeypatch):
+    """Strength 0.8: the neglected phrase gets 0.8, and the guided conditioning is Compel's for "(..)0.8"."""
+    from compel import Compel
+
+    from elbo_t2ialign.generation.weighting import compel_syntax
+
+    s = sampler("sd", strength=0.8)
+    guided = []
+    original = s.adapter.predict
+    monkeypatch.setattr(
+        s.adapter,
+        "predict",
+        lambda z, t, c: (guided.append(c) if z.shape[0] == 2 else None) or original(z, t, c),
+    )
+    r = s.sample(PROMPT, PHRASES, seed=2)
+    compel = Compel(tokenizer=s.adapter.pipe.tokenizer, text_encoder=s.adapter.pipe.text_encoder)
+    for step, weights in enumerate(r.weights):
+        assert sorted(weights) == [0.8, 1.0]
+        theirs = compel(compel_syntax(PROMPT, PHRASES, weights))
+        torch.testing.assert_close(guided[step]["encoder_hidden_states"][:1], theirs, rtol=0, atol=1e-6)
 
 
 def test_weights_return_to_one_after_elbo_steps():

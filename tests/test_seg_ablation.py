@@ -1,6 +1,7 @@
 """Calibration variants in one run: equal to single-setting runs, resumed by adding only what is
 missing, ELBO losses reused from another run folder, and the evaluator's ablation report."""
 
+import copy
 import json
 from pathlib import Path
 
@@ -14,8 +15,9 @@ from elbo_t2ialign import Aligner, demo
 from elbo_t2ialign.cli import config_dir, to_container
 from elbo_t2ialign.core.options import AlignOptions
 from elbo_t2ialign.devtools.fixtures import PixelAligner, fixture_config, random_samples, write_dataset
-from elbo_t2ialign.segmentation import evaluate, run
+from elbo_t2ialign.segmentation import ablation, evaluate, run
 from elbo_t2ialign.segmentation.config import ConfigError
+from elbo_t2ialign.segmentation.metrics import best_threshold, binary_search_threshold
 from elbo_t2ialign.segmentation.variants import Variant, parse_variants
 from elbo_t2ialign.testbed import train, world
 
@@ -355,3 +357,29 @@ def test_folder_from_before_variants_is_evaluated_and_extended(tmp_path, data):
     grown = evaluate(tmp_path / "old", progress=False, overlays=0)
     assert [r["variant"] for r in grown["ablation"]] == ["baseline", "elbo", "s2"]
     assert grown["elbo"]["mIoU"] == before["elbo"]["mIoU"]
+
+
+def test_reference_search_and_buckets_as_options_and_the_other_search_in_the_table(tmp_path, data):
+    out = run(fixture_config(data, tmp_path / "run", "voc"), aligner=PixelAligner())
+    m = evaluate(out, progress=False, overlays=0, search="binary", buckets="fixed-size")
+    assert (m["threshold_search"], m["bucket_rule"]) == ("binary", "fixed-size")
+    for v in ("baseline", "elbo"):
+        curve = np.array([np.nan if y is None else y for y in m[v]["curve"]["mIoU"]])
+        assert m[v]["threshold"] == binary_search_threshold(curve) == m[v]["searches"]["binary"]["threshold"]
+        assert m[v]["mIoU"] == pytest.approx(_brute_miou(data, out, v, m[v]["threshold"]))
+        assert m[v]["searches"]["sweep"] == {"threshold": best_threshold(curve), "mIoU": np.nanmax(curve)}
+        counts = [b["count"] for b in m[v]["size_buckets"]]
+        size = sum(counts) // 10 + 1  # the reference's runs of len // 10 + 1
+        assert counts == [max(0, min(size, sum(counts) - b * size)) for b in range(10)]
+    # the table names the other search's choice for the rows where it differs, "same" elsewhere
+    table = copy.deepcopy(m)
+    mine = table["ablation"][1]["searches"]["binary"]
+    table["ablation"][1]["searches"]["sweep"] = {"threshold": mine["threshold"] + 0.06, "mIoU": 99.5}
+    table["ablation"][0]["searches"]["sweep"] = table["ablation"][0]["searches"]["binary"]
+    lines = ablation.markdown(table)
+    assert lines[2].endswith("| exact sweep: threshold, mIoU |")
+    assert lines[4].endswith("| same |") and lines[5].endswith(f"| {mine['threshold'] + 0.06:.2f}, 99.50 |")
+    differs = any(
+        r["searches"]["sweep"]["threshold"] != r["searches"]["binary"]["threshold"] for r in m["ablation"]
+    )
+    assert ("exact sweep: threshold, mIoU" in (out / "metrics.md").read_text()) == differs

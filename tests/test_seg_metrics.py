@@ -8,6 +8,7 @@ from elbo_t2ialign.segmentation.metrics import (
     THRESHOLDS,
     SweepAccumulator,
     best_threshold,
+    binary_search_threshold,
     class_metrics,
     intersect_and_union,
     summary,
@@ -115,7 +116,14 @@ def test_sweep_equals_brute_force_at_every_threshold(seed):
     assert per_class["gt_pixels"].tolist() == area_gt.tolist()
 
 
-def test_size_buckets_equal_brute_force():
+def _reference_runs(n_items: int, n_buckets: int) -> list[int]:
+    """Bucket sizes as the reference cuts them: runs of n // buckets + 1, the last ones short or empty."""
+    size = n_items // n_buckets + 1
+    return [max(0, min(size, n_items - b * size)) for b in range(n_buckets)]
+
+
+@pytest.mark.parametrize("rule", ["equal", "fixed-size"])
+def test_size_buckets_equal_brute_force(rule):
     images = _random_images(3, n=12)
     acc = SweepAccumulator(6)
     for i, (gt, ids, maps) in enumerate(images):
@@ -127,12 +135,18 @@ def test_size_buckets_equal_brute_force():
             _, inter, area_pred, area_gt = _brute_force([(gt, ids, maps)], 6, th)
             instances.append(((gt == c).sum() / gt.size, c, inter[c], area_pred[c], area_gt[c]))
     instances.sort(key=lambda t: t[0])
-    buckets = acc.size_buckets(th, n_buckets=4)
-    assert [b["count"] for b in buckets] == [
-        len(part) for part in np.array_split(np.arange(len(instances)), 4)
-    ]
+    buckets = acc.size_buckets(th, n_buckets=4, rule=rule)
+    expected = (
+        [len(part) for part in np.array_split(np.arange(len(instances)), 4)]
+        if rule == "equal"
+        else _reference_runs(len(instances), 4)
+    )
+    assert [b["count"] for b in buckets] == expected
     start = 0
     for b in buckets:
+        if not b["count"]:
+            assert np.isnan(b["mIoU"])
+            continue
         part = instances[start : start + b["count"]]
         start += b["count"]
         ious = []
@@ -151,3 +165,54 @@ def test_best_threshold_is_the_global_maximum_of_a_two_peaked_curve():
     assert best_threshold(curve) == pytest.approx(0.81)
     curve[20] = 60.0  # ties -> the lowest threshold
     assert best_threshold(curve) == pytest.approx(0.21)
+
+
+def test_fixed_size_buckets_leave_the_last_ones_empty_with_24_instances():
+    acc = SweepAccumulator(2)
+    for k in range(24):  # image k: one object of class 1 covering k + 1 of 100 pixels
+        gt = np.zeros((10, 10), np.int64)
+        gt.flat[: k + 1] = 1
+        acc.add(gt, [1], (gt * 200).astype(np.uint8)[None], f"im{k}")
+    buckets = acc.size_buckets(0.5, n_buckets=10, rule="fixed-size")
+    assert [b["count"] for b in buckets] == [3] * 8 + [0, 0]  # 24 // 10 + 1 = 3 per run
+    assert [b["min_ratio"] for b in buckets[:8]] == pytest.approx([(3 * b + 1) / 100 for b in range(8)])
+    assert all(np.isnan(b["mIoU"]) for b in buckets[8:])
+    assert all(b["mIoU"] == pytest.approx(100.0) for b in buckets[:8])  # maps equal the masks
+    assert [b["count"] for b in acc.size_buckets(0.5, 10)] == [3, 3, 3, 3, 2, 2, 2, 2, 2, 2]
+
+
+def _reference_search(curve: np.ndarray, start: int = 1, end: int = 99) -> float:
+    """The reference's loop as it reads, on integer percents: compare mid and mid + 1, keep the half
+    the curve rises into."""
+    value = {pct: curve[pct - 1] for pct in range(1, 100)}  # THRESHOLDS[i] = (i + 1) / 100
+    left, right = start, end
+    while left < right:
+        mid = (left + right) // 2
+        if value[mid] < value[mid + 1]:
+            left = mid + 1
+        else:
+            right = mid
+    return left / 100
+
+
+def test_binary_search_stops_at_the_lower_peak_where_the_curve_falls_at_the_middle():
+    pct = np.arange(1, 100)
+    # peaks at 0.30 (50) and 0.80 (60), valley at 0.55: at the first midpoint (0.50) the curve falls
+    curve = np.where(pct <= 55, 50 - np.abs(pct - 30) * 0.5, 60 - np.abs(pct - 80) * 0.5)
+    assert best_threshold(curve) == pytest.approx(0.80)
+    assert binary_search_threshold(curve) == 0.30 == _reference_search(curve)
+    curve[pct == 51] = 70.0  # now rising at the first midpoint: the search leaves 0.51 behind for 0.80
+    assert best_threshold(curve) == pytest.approx(0.51)
+    assert binary_search_threshold(curve) == 0.80 == _reference_search(curve)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_binary_search_equals_the_reference_loop_on_random_curves(seed):
+    rng = np.random.default_rng(seed)
+    curve = np.round(rng.random(99) * 10, 1)  # plateaus and ties included
+    assert binary_search_threshold(curve) == _reference_search(curve)
+    images = _random_images(seed)  # and on a real mIoU curve
+    acc = SweepAccumulator(6)
+    for gt, ids, maps in images:
+        acc.add(gt, ids, maps.astype(np.uint8) if len(ids) else np.zeros((0, *gt.shape), np.uint8))
+    assert binary_search_threshold(acc.curve()) == _reference_search(acc.curve())

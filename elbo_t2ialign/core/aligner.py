@@ -243,6 +243,7 @@ class Aligner:
         `need_elbo` (default: whether the options' setting needs it) asks for the ELBO forwards even
         when the options alone would not, e.g. to make several strengths from one pass."""
         opts = options or self.options
+        self.adapter.set_prompt_syntax(opts.prompt_syntax)
         image = as_image(image)
         names = self._check_classes(classes, phrases)
         texts = list(phrases) if phrases is not None else names
@@ -286,6 +287,7 @@ class Aligner:
         (the noise `observe` draws for this seed), for analyses of the attention itself:
         `rec.layer_mean(layer.name, "cross")` is (R_l * R_l, text tokens) for each of `self.layers`."""
         opts = options or self.options
+        self.adapter.set_prompt_syntax(opts.prompt_syntax)
         image = as_image(image)
         seed = opts.seed if seed is None else _check_seed(seed)
         self.adapter.check_prompt_length(prompt)

@@ -31,6 +31,10 @@ class AlignOptions:
     # phrase's spaCy NOUN tokens (the reference), "phrase" averages all of the phrase's tokens.
     phrase_tokens: str = "nouns"
     spacy_model: str = "en_core_web_sm"
+    # "plain": prompts (templates, class names, phrases, captions) are text. "compel": on SD1.x/SDXL,
+    # Compel's weighting syntax in them ("(dog)1.2", "cat+", "cat-") takes effect and prompts are
+    # encoded through Compel, as the reference encodes them; other families keep plain text.
+    prompt_syntax: str = "plain"
     # -- aggregation (method.md §5) --
     gaussian_sigma: float = 3.0  # 0 switches to per-stage cross weights
     cross_stage_weights: list[float] = field(default_factory=lambda: [1, 1, 10, 15, 10, 1, 1])
@@ -70,6 +74,8 @@ class AlignOptions:
                 raise ValueError(
                     f"{name} must be a non-empty list of training timesteps (integers >= 0), got {steps!r}"
                 )
+        if self.prompt_syntax not in ("plain", "compel"):
+            raise ValueError(f"prompt_syntax must be 'plain' or 'compel', got {self.prompt_syntax!r}")
         if self.phrase_tokens not in ("nouns", "phrase"):
             raise ValueError(f"phrase_tokens must be 'nouns' or 'phrase', got {self.phrase_tokens!r}")
         _check_number("gaussian_sigma", self.gaussian_sigma, positive=False)

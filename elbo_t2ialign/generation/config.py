@@ -18,10 +18,12 @@ RESULT_KEYS = (
     "prompts",
     "phrases",
     "steps",
+    "steps_rule",
     "guidance",
     "strength",
     "elbo_steps",
     "after_elbo_steps",
+    "prompt_syntax",
     "seed",
 )
 # keys that change how a run goes, not what it writes
@@ -66,10 +68,12 @@ def validate(cfg: dict[str, Any]) -> dict[str, Any]:
         )
     out = {
         "steps": 50,
+        "steps_rule": "stride",
         "guidance": None,
         "strength": 1.2,
         "elbo_steps": 50,
         "after_elbo_steps": "reset",
+        "prompt_syntax": "plain",
         "seed": 4307,
         "num_prompts": None,
         "images_per_prompt": 1,
@@ -95,6 +99,13 @@ def validate(cfg: dict[str, Any]) -> dict[str, Any]:
             or (value <= 0 if key == "strength" else value < 0)
         ):
             raise GenerationError(f"{key} must be a finite number {low}, got {value!r}")
+    if out["steps_rule"] not in ("stride", "exact"):
+        raise GenerationError(
+            f"steps_rule must be 'stride' (the reference's stride 1000 // steps down from 999: 8 steps "
+            f"for 7) or 'exact' (exactly `steps` steps), got {out['steps_rule']!r}"
+        )
+    if out["prompt_syntax"] not in ("plain", "compel"):
+        raise GenerationError(f"prompt_syntax must be 'plain' or 'compel', got {out['prompt_syntax']!r}")
     if out["after_elbo_steps"] not in ("reset", "hold"):
         raise GenerationError(f"after_elbo_steps must be 'reset' or 'hold', got {out['after_elbo_steps']!r}")
     for key in ("baseline", "progress"):
@@ -109,6 +120,11 @@ def validate(cfg: dict[str, Any]) -> dict[str, Any]:
 def result_fingerprint(cfg: dict[str, Any]) -> dict[str, Any]:
     """The part of a config that determines the files a run writes."""
     out = {key: cfg.get(key) for key in RESULT_KEYS}
+    # folders from before `steps_rule` took exactly `steps` steps; both rules agree when steps divides 1000
+    steps = cfg.get("steps")
+    rule = cfg.get("steps_rule") or "exact"
+    out["steps_rule"] = None if isinstance(steps, int) and steps > 0 and 1000 % steps == 0 else rule
+    out["prompt_syntax"] = cfg.get("prompt_syntax") or "plain"  # folders from before the key: plain
     out["model"] = {k: cfg["model"].get(k) for k in ("id", "resolution", "max_sequence_length", "dtype")}
     return out
 

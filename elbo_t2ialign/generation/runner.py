@@ -171,6 +171,8 @@ def build_sampler(conf: dict[str, Any]) -> ElboSampler:
             strength=float(conf["strength"]),
             elbo_steps=int(conf["elbo_steps"]),
             after_elbo_steps=conf["after_elbo_steps"],
+            steps_rule=conf["steps_rule"],
+            prompt_syntax=conf["prompt_syntax"],
         )
     except ValueError as err:
         raise GenerationError(f"model {model['name']}: {err}") from None
@@ -210,7 +212,7 @@ def _intact(folder: GenerationFolder, path: Path) -> bool:
 
 
 def _unweighted(result: SampleResult) -> bool:
-    return all(w == 1.0 for step in result.weights for w in step)
+    return result.plain
 
 
 def _check_lengths(sampler: ElboSampler, indices: set[int], texts: dict[int, str]) -> None:

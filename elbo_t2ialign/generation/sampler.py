@@ -3,13 +3,17 @@ classifier-free guidance with an empty negative prompt, and per-step phrase weig
 
 At each of the first `elbo_steps` steps the full prompt and every phrase alone are predicted at the
 current latent in one batch; `d_p = mean((pred_full - pred_phrase)^2)` gives the weights, and the
-phrase tokens of the full prompt are scaled by them for this step's guided prediction. After
+phrase tokens of the full prompt are scaled by them for this step's guided prediction (weights below 1,
+from a strength below 1, as Compel downweights: see `weighting.py`). After
 `elbo_steps` the weights return to 1, as in the reference (`after_elbo_steps="hold"` keeps the last
 ones instead). `weighted=False` is the unweighted baseline: the same
 noise, steps and guidance with the plain prompt.
 
-Steps run on training indices t_i = T-1 - i * (T // steps), each going to the next one and the last to
-t = 0 (for 50 steps: 999, 979, ..., 19 -> 0, as the reference).
+Steps run on training indices T-1, T-1 - r, T-1 - 2r, ... with stride r = T // steps while the index
+stays above 0, each going to the next one and the last to t = 0 (for 50 steps: 999, 979, ..., 19 -> 0).
+This is the reference's `range(T - 1, 0, -r)`, ceil((T - 1) / r) steps: one more than asked for 6, 7,
+15 or 30 steps (7 steps: stride 142, 999, 857, ..., 147, 5 -> 0, eight steps), as many for 3 or any
+divisor of T. `steps_rule="exact"` takes exactly `steps` of them (7 steps: 999, ..., 147 -> 0).
 """
 
 from __future__ import annotations
@@ -20,9 +24,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from elbo_t2ialign.core.adapters.base import ModelAdapter, cat_cond
+from elbo_t2ialign.core.adapters.base import Cond, ModelAdapter, cat_cond
 from elbo_t2ialign.core.adapters.schedules import DDPMSchedule, FlowSchedule
-from elbo_t2ialign.generation.weighting import phrase_weights, token_positions, weight_conditioning
+from elbo_t2ialign.generation.weighting import (
+    compel_syntax,
+    phrase_weights,
+    token_positions,
+    weight_conditioning,
+)
 
 
 def model_kind(adapter: ModelAdapter) -> str:
@@ -37,12 +46,23 @@ def model_kind(adapter: ModelAdapter) -> str:
     )
 
 
-def sampling_timesteps(num_train_timesteps: int, steps: int) -> list[tuple[int, int]]:
-    """(t, t_next) training-index pairs, from T-1 down, the last one ending at 0."""
+STEPS_RULES = ("stride", "exact")
+
+
+def sampling_timesteps(num_train_timesteps: int, steps: int, rule: str = "stride") -> list[tuple[int, int]]:
+    """(t, t_next) training-index pairs, from T-1 down with stride T // steps, the last one ending at 0.
+
+    rule "stride" (the reference's): every index T-1 - i * stride above 0, which can be one step more
+    than `steps` (8 for 7); "exact": the first `steps` of them.
+    """
+    if rule not in STEPS_RULES:
+        raise ValueError(f"steps_rule must be one of {STEPS_RULES}, got {rule!r}")
     if not 1 <= steps <= num_train_timesteps:
         raise ValueError(f"steps must be in 1..{num_train_timesteps}, got {steps}")
     ratio = num_train_timesteps // steps
-    ts = [num_train_timesteps - 1 - i * ratio for i in range(steps)]
+    ts = list(range(num_train_timesteps - 1, 0, -ratio)) if rule == "stride" else []
+    if rule == "exact" or not ts:  # T - 1 = 0 leaves the stride rule nothing: one step 0 -> 0
+        ts = [num_train_timesteps - 1 - i * ratio for i in range(steps)]
     return list(zip(ts, ts[1:] + [0], strict=True))
 
 
@@ -72,6 +92,7 @@ class SampleResult:
     phrases: list[str]
     weights: list[list[float]] = field(default_factory=list)  # per step, one weight per phrase
     distances: list[list[float]] = field(default_factory=list)  # per ELBO step, d_p per phrase
+    plain: bool = True  # every step was conditioned on the plain prompt (the image is the baseline's)
 
 
 class ElboSampler:
@@ -85,6 +106,8 @@ class ElboSampler:
         strength: float = 1.2,
         elbo_steps: int | None = None,
         after_elbo_steps: str = "reset",
+        steps_rule: str = "stride",
+        prompt_syntax: str = "plain",
     ):
         self.adapter = adapter
         self.kind = model_kind(adapter)
@@ -96,16 +119,21 @@ class ElboSampler:
                 "(DDIM needs a DDPM-family scheduler, Euler a flow-matching one)"
             )
         self.steps = int(steps)
-        self.timesteps = sampling_timesteps(schedule.num_train_timesteps, self.steps)
+        self.timesteps = sampling_timesteps(schedule.num_train_timesteps, self.steps, steps_rule)
         self.guidance = float(adapter.default_guidance if guidance is None else guidance)
         if strength <= 0:
             raise ValueError(f"strength must be positive, got {strength}")
         self.strength = float(strength)
-        self.elbo_steps = self.steps if elbo_steps is None else int(elbo_steps)
+        self.elbo_steps = len(self.timesteps) if elbo_steps is None else int(elbo_steps)
         if after_elbo_steps not in ("reset", "hold"):
             raise ValueError(f"after_elbo_steps must be 'reset' or 'hold', got {after_elbo_steps!r}")
         # after the first `elbo_steps` steps: "reset" returns to weight 1 (the reference), "hold" keeps the last
         self.after_elbo_steps = after_elbo_steps
+        # "plain": weights act on the embeddings (Compel's rules, see weighting.py); "compel": every step
+        # encodes the prompt written as "(phrase)w ..." the reference's way (Compel on SD1.x/SDXL, so SDXL's
+        # pooled text is that string's; SD3 reads the string as text, as the reference's SD3 path does)
+        adapter.set_prompt_syntax(prompt_syntax)
+        self.prompt_syntax = prompt_syntax
 
     def initial_latent(self, seed: int) -> torch.Tensor:
         """(1, C, h, w) float32 standard normal noise from a CPU generator (same on every device)."""
@@ -120,9 +148,11 @@ class ElboSampler:
         ad = self.adapter
         full, empty = ad.encode_prompt(prompt), ad.encode_prompt("")
         use_elbo = weighted and len(phrases) >= 2 and self.strength != 1.0 and self.elbo_steps > 0
-        positions = token_positions(ad, prompt, phrases) if use_elbo else []
+        syntax = self.prompt_syntax == "compel" and weighted and len(phrases) > 0
+        positions = token_positions(ad, prompt, phrases) if use_elbo and not syntax else []
         batch = cat_cond([full] + [ad.encode_prompt(p) for p in phrases]) if use_elbo else None
         guided_uncond = empty
+        masked: dict[int, Cond] = {}  # phrase k -> the prompt with its tokens masked (weights below 1)
         weights = [1.0] * len(phrases)
         result = SampleResult(image=None, latent=None, phrases=list(phrases))  # type: ignore[arg-type]
         z = self.initial_latent(seed)  # (1, C, h, w)
@@ -136,7 +166,18 @@ class ElboSampler:
             elif use_elbo and self.after_elbo_steps == "reset":
                 weights = [1.0] * len(phrases)
             weighted_now = use_elbo and any(w != 1.0 for w in weights)
-            cond = weight_conditioning(full, empty, positions, weights) if weighted_now else full
+            if syntax:  # the reference: the syntax string at every step, weights 1 included
+                text = compel_syntax(prompt, phrases, weights, float32_numbers=True)
+                # SD3 reads the numbers as text, so the string can exceed its CLIP's 77 tokens; the
+                # reference lets the pipeline truncate it (the prompt itself was checked)
+                cond = ad.encode_prompt(text, check_length=False)
+            elif weighted_now:
+                for k in (k for k, w in enumerate(weights) if w < 1 and k not in masked):
+                    masked[k] = ad.encode_prompt_masked(prompt, positions[k])
+                cond = weight_conditioning(full, empty, positions, weights, masked)
+            else:
+                cond = full
+            result.plain = result.plain and not (syntax or weighted_now)
             pred_c, pred_u = ad.predict(
                 z.expand(2, -1, -1, -1),
                 torch.full((2,), t, device=ad.device),

@@ -7,13 +7,20 @@ output, `e' = e_empty + w * (e - e_empty)`; positions with weight 1 keep `e` exa
 embeddings are not weighted. Because that rule is per position and per feature, it is applied to the
 adapter's conditioning directly (SDXL's two encoders are concatenated along features, SD3's CLIP and
 T5 blocks along the sequence), so every family shares one code path.
+
+A weight below 1 (any strength < 1 gives them) is Compel's "downweight": besides that scaling, the
+embedding is blended towards the prompt encoded with the phrase's tokens masked out of the text
+encoders' attention (scaled the same way), with blend weight tan((1 - w) * pi / 2) against 1 for the
+unmasked one, one such term per phrase below 1: w = 0.5 is half-way, w -> 0 the masked prompt.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import math
+from collections.abc import Mapping, Sequence
 
+import numpy as np
 import torch
 
 from elbo_t2ialign.core.adapters.base import Cond, ModelAdapter
@@ -36,14 +43,22 @@ def phrase_weights(distances: Sequence[float] | torch.Tensor, strength: float) -
     return [round(float(strength) ** ((x - lo) / (hi - lo)), 2) for x in d]
 
 
-def compel_syntax(prompt: str, phrases: Sequence[str], weights: Sequence[float]) -> str:
-    """The prompt in Compel's syntax, e.g. "(a cat)1.2 and (a dog)1.0" (for logs and the weights JSON)."""
+def compel_syntax(
+    prompt: str, phrases: Sequence[str], weights: Sequence[float], float32_numbers: bool = False
+) -> str:
+    """The prompt in Compel's syntax, e.g. "(a cat)1.2 and (a dog)1 ..." (logs, the weights JSON, and
+    prompt_syntax=compel). Phrases are located left to right, each after the previous one.
+
+    float32_numbers: write each weight as the reference writes it, the Python repr of its float32 value
+    ("(a cat)1.2000000476837158"): Compel reads the same weight either way, but SD3, which the
+    reference gives this string as text, sees other tokens."""
     out, cursor = [], 0
     for phrase, weight in zip(phrases, weights, strict=True):
         start = prompt.find(phrase, cursor)
         if start < 0:
             raise ValueError(f"phrase {phrase!r} is not in the prompt {prompt!r} after position {cursor}")
-        out += [prompt[cursor:start], f"({phrase}){weight:g}"]
+        number = repr(float(np.float32(weight))) if float32_numbers else f"{weight:g}"
+        out += [prompt[cursor:start], f"({phrase}){number}"]
         cursor = start + len(phrase)
     return "".join(out + [prompt[cursor:]])
 
@@ -57,7 +72,7 @@ def token_positions(adapter: ModelAdapter, prompt: str, phrases: Sequence[str]) 
     warning.
     """
     positions: list[list[int]] = [[] for _ in phrases]
-    for name, tokenizer, offset, length, required in adapter.text_blocks():
+    for name, tokenizer, offset, length, required, _ in adapter.text_blocks():
         ids = list(tokenizer(prompt, add_special_tokens=True, truncation=False).input_ids)
         cursor = 0
         for k, phrase in enumerate(phrases):
@@ -77,11 +92,23 @@ def token_positions(adapter: ModelAdapter, prompt: str, phrases: Sequence[str]) 
     return positions
 
 
+def downweight_blend(weight: float) -> float:
+    """Compel's blend weight of the masked prompt for a phrase weighted below 1: tan((1 - w) pi / 2)
+    (0 at w = 1, 1 at w = 0.5; w is floored at 1e-5 to stay finite)."""
+    return math.tan((1.0 - max(1e-5, float(weight))) * math.pi / 2)
+
+
 def weight_conditioning(
-    cond: Cond, empty: Cond, positions: Sequence[Sequence[int]], weights: Sequence[float]
+    cond: Cond,
+    empty: Cond,
+    positions: Sequence[Sequence[int]],
+    weights: Sequence[float],
+    masked: Mapping[int, Cond] | None = None,
 ) -> Cond:
     """Compel-style weighted conditioning: cond with each phrase's token embeddings scaled about the
-    empty prompt's. cond/empty batch 1; returns `cond` itself when every weight is 1."""
+    empty prompt's; for each phrase k with a weight below 1, blended with `masked[k]` (the prompt
+    encoded with phrase k's tokens masked, `ModelAdapter.encode_prompt_masked`) scaled the same way.
+    cond/empty batch 1; returns `cond` itself when every weight is 1."""
     if len(positions) != len(weights):
         raise ValueError(f"{len(positions)} phrases but {len(weights)} weights")
     emb = cond[WEIGHTED_KEY]  # (1, L, D)
@@ -91,6 +118,21 @@ def weight_conditioning(
     if bool((scale == 1).all()):
         return cond
     base = empty[WEIGHTED_KEY].to(emb.device, torch.float32)
-    moved = base + (emb.float() - base) * scale[None, :, None]  # (1, L, D)
-    weighted = torch.where((scale == 1)[None, :, None], emb.float(), moved).to(emb.dtype)
-    return {**cond, WEIGHTED_KEY: weighted}
+    keep = (scale == 1)[None, :, None]
+
+    def scaled(e: torch.Tensor) -> torch.Tensor:  # (1, L, D) float32
+        return torch.where(keep, e.float(), base + (e.float() - base) * scale[None, :, None])
+
+    low = [k for k, w in enumerate(weights) if w < 1]
+    missing = [k for k in low if masked is None or k not in masked]
+    if missing:
+        raise ValueError(f"phrases {missing} are weighted below 1 and need their masked conditioning")
+    parts = [scaled(emb)] + [scaled(masked[k][WEIGHTED_KEY].to(emb.device)) for k in low]  # type: ignore[index]
+    if not low:
+        return {**cond, WEIGHTED_KEY: parts[0].to(emb.dtype)}
+    blend = torch.tensor([1.0] + [downweight_blend(weights[k]) for k in low], device=emb.device)
+    blend = (
+        blend / blend.sum()
+    )  # normalised, then a weighted sum over the stacked embeddings (Compel's order)
+    weighted = (torch.stack(parts, dim=1) * blend[None, :, None, None]).sum(dim=1)  # (1, L, D)
+    return {**cond, WEIGHTED_KEY: weighted.to(emb.dtype)}

@@ -65,6 +65,7 @@ def rows(
             **{k: result[k] for k in ROW_METRICS[:4]},
             **dict(zip(SIZES, sizes, strict=True)),
             **({"crf_mIoU": result["crf"]["mIoU"]} if "crf" in result else {}),
+            **({"searches": result["searches"]} if "searches" in result else {}),
         }
         out.append(row)
     base = next((r for r in out if r["variant"] == "baseline"), None)
@@ -78,7 +79,22 @@ def markdown(m: dict[str, Any]) -> list[str]:
     """The ablation section of metrics.md (also what `make demo` prints)."""
     table = m["ablation"]
     crf = all("crf_mIoU" in r for r in table)
-    header = ["variant", "setting", "threshold", *ROW_METRICS, *(["mIoU + CRF"] if crf else [])]
+    searched = m.get("threshold_search", "sweep")
+    other = "binary" if searched == "sweep" else "sweep"
+    # the other threshold search's choice, shown when it differs from this one for some variant
+    show_other = m["threshold_mode"] != "fixed" and any(
+        "searches" in r and r["searches"][other]["threshold"] != r["searches"][searched]["threshold"]
+        for r in table
+    )
+    other_name = {"binary": "binary search (reference)", "sweep": "exact sweep"}[other]
+    header = [
+        "variant",
+        "setting",
+        "threshold",
+        *ROW_METRICS,
+        *(["mIoU + CRF"] if crf else []),
+        *([f"{other_name}: threshold, mIoU"] if show_other else []),
+    ]
     body = []
     for r in table:
         delta = r.get("delta", {})
@@ -90,6 +106,7 @@ def markdown(m: dict[str, Any]) -> list[str]:
                 f"{r['threshold']:.2f}",
                 *cells,
                 *([_cell(r["crf_mIoU"])] if crf else []),
+                *([_other_search(r, searched, other)] if show_other else []),
             ]
         )
     lines = ["## Ablation: every calibration variant of this run", ""]
@@ -100,13 +117,27 @@ def markdown(m: dict[str, Any]) -> list[str]:
         "",
         "Each variant at its own best threshold"
         + (" (fixed threshold)" if m["threshold_mode"] == "fixed" else "")
+        + (" as the reference's binary search finds it" if searched == "binary" else "")
         + "; in brackets: the difference to `baseline`. small / medium / large: mIoU over the ground-truth "
         "objects in the smallest, middle and largest third by area (equal counts). All variants come "
         "from the same network passes (same noise, same attention), so their differences are the "
-        "calibration's alone.",
+        "calibration's alone."
+        + (
+            f" Last column: the threshold the {other_name} picks on the same curve, and its mIoU "
+            "(the reference implementation's binary search assumes a curve with one peak)."
+            if show_other
+            else ""
+        ),
         "",
     ]
     return lines
+
+
+def _other_search(row: dict[str, Any], searched: str, other: str) -> str:
+    found, mine = row["searches"][other], row["searches"][searched]
+    if found["threshold"] == mine["threshold"]:
+        return "same"
+    return f"{found['threshold']:.2f}, {_cell(found['mIoU'])}"
 
 
 def _cell(value: float | None, delta: float | None = None) -> str:

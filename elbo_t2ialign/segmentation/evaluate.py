@@ -4,7 +4,8 @@ Every calibration variant of the run (by default calibrated `elbo` and strength-
 `baseline`; see `variants.py`) is evaluated from one pass over the stored
 heatmaps: an exact sweep over thresholds 0.01..0.99 (or one fixed threshold),
 overall / per-class / per-size-bucket metrics, optional CRF, and the ablation
-table and plots of `ablation.py`.
+table and plots of `ablation.py`. The reference implementation's threshold
+search, size buckets and CRF unary are options (`search`, `buckets`, `crf_unary`).
 """
 
 from __future__ import annotations
@@ -35,9 +36,13 @@ from elbo_t2ialign.segmentation.config import SegmentationError
 from elbo_t2ialign.segmentation.datasets import SegDataset
 from elbo_t2ialign.segmentation.layout import VARIANTS, SegmentationFolder, heatmap_name
 from elbo_t2ialign.segmentation.metrics import (
+    BUCKET_RULES,
+    SEARCHES,
     THRESHOLDS,
     SweepAccumulator,
     best_threshold,
+    binary_search_threshold,
+    choose_threshold,
     class_metrics,
     intersect_and_union,
     predict,
@@ -55,13 +60,25 @@ def evaluate(
     out_dir: str | Path | None = None,
     overlays: int = 4,
     progress: bool = True,
+    search: str = "sweep",
+    buckets: str = "equal",
+    crf_unary: str = "onehot",
 ) -> dict[str, Any]:
-    """Evaluate a run folder; returns the metrics also written to `<out_dir>/metrics.json`."""
+    """Evaluate a run folder; returns the metrics also written to `<out_dir>/metrics.json`.
+
+    search: "sweep" (the exact best threshold) or "binary" (the reference implementation's binary
+    search); buckets: "equal" (equal-count size buckets) or "fixed-size" (the reference's runs of
+    len // 10 + 1); crf_unary: "onehot" (the reference's) or "confidence" (see `crf.py`)."""
     folder = SegmentationFolder(run_dir)
     if not folder.config.is_file():
         raise SegmentationError(f"{run_dir} is not a segmentation run folder (no config.yaml)")
     if threshold is not None and not 0.0 < threshold < 1.0:
         raise SegmentationError(f"--threshold must lie in (0, 1), got {threshold}")
+    if search not in SEARCHES:
+        raise SegmentationError(f"search must be one of {', '.join(SEARCHES)}, got {search!r}")
+    if buckets not in BUCKET_RULES:
+        raise SegmentationError(f"buckets must be one of {', '.join(BUCKET_RULES)}, got {buckets!r}")
+    dense_crf.check_unary(crf_unary)
     if crf:
         dense_crf.require()
     conf = read_config(
@@ -78,11 +95,12 @@ def evaluate(
         sources[scores.get("phrase_source", "class_names")] += 1
         for v in settings:
             accs[v].add(gt, ids, maps[v], name)
-    results = {v: _variant_result(accs[v], dataset, threshold) for v in settings}
+    results = {v: _variant_result(accs[v], dataset, threshold, search, buckets) for v in settings}
     if crf:
-        for v, crf_summary in _crf_pass(folder, dataset, names, results).items():
+        for v, crf_summary in _crf_pass(folder, dataset, names, results, crf_unary, progress).items():
             results[v]["crf"] = crf_summary
     metrics = _assemble(conf, folder, dataset, names, results, sources, threshold)
+    metrics.update(threshold_search=search, bucket_rule=buckets, **({"crf_unary": crf_unary} if crf else {}))
     metrics["variants"] = {v: {**results[v], "setting": settings[v]} for v in settings}
     metrics["ablation"] = ablation.rows(results, accs, settings)
     out = Path(out_dir) if out_dir else folder.root
@@ -189,9 +207,11 @@ def _read_map(path: Path, shape: tuple[int, ...], name: str) -> np.ndarray:
     return arr
 
 
-def _variant_result(acc: SweepAccumulator, dataset: SegDataset, fixed: float | None) -> dict[str, Any]:
+def _variant_result(
+    acc: SweepAccumulator, dataset: SegDataset, fixed: float | None, search: str, buckets: str
+) -> dict[str, Any]:
     curve = acc.curve()
-    th = fixed if fixed is not None else best_threshold(curve)
+    th = fixed if fixed is not None else choose_threshold(curve, search)
     overall, per_class = acc.at(th)
     names = ["background", *dataset.class_names]
     table = {}
@@ -203,29 +223,42 @@ def _variant_result(acc: SweepAccumulator, dataset: SegDataset, fixed: float | N
             id=c, gt_pixels=int(per_class["gt_pixels"][c]), pred_pixels=int(per_class["pred_pixels"][c])
         )
         table[cname] = row
+    at = dict(zip(THRESHOLDS.tolist(), curve.tolist(), strict=True))
+    found = {"sweep": best_threshold(curve), "binary": binary_search_threshold(curve)}
     return {
         **overall,
         "threshold": th,
         "per_class": table,
-        "size_buckets": acc.size_buckets(th),
+        "size_buckets": acc.size_buckets(th, rule=buckets),
         "curve": {"thresholds": THRESHOLDS.tolist(), "mIoU": curve.tolist()},
+        # both searches on this curve, so a report can show where the reference's would have stopped
+        "searches": {k: {"threshold": t, "mIoU": at[t]} for k, t in found.items()},
     }
 
 
 def _crf_pass(
-    folder: SegmentationFolder, dataset: SegDataset, names: list[str], results: dict[str, Any]
+    folder: SegmentationFolder,
+    dataset: SegDataset,
+    names: list[str],
+    results: dict[str, Any],
+    unary: str = "onehot",
+    progress: bool = True,
 ) -> dict[str, Any]:
     """Second pass: CRF on each variant's thresholded label map, pooled areas -> summary."""
     n = len(dataset.class_names) + 1
     totals = {v: [np.zeros(n, np.int64) for _ in range(4)] for v in results}
-    for name in tqdm(names, desc="dense CRF", unit="img"):
+    for name in tqdm(names, desc="dense CRF", unit="img", disable=not progress):
         gt, ids, maps, _ = load_image_result(folder, dataset, name, list(results))
         rgb = np.asarray(dataset.load_image(name))
         for v in results:
-            labels = dense_crf.crf_labels(rgb, predict(maps[v], ids, results[v]["threshold"]), ids)
+            thresholded = predict(maps[v], ids, results[v]["threshold"])
+            labels = dense_crf.crf_labels(rgb, thresholded, ids, num_classes=n, unary=unary)
             for total, part in zip(totals[v], intersect_and_union(labels, gt, n), strict=True):
                 total += part
-    return {v: {**summary(class_metrics(*totals[v])), "threshold": results[v]["threshold"]} for v in results}
+    return {
+        v: {**summary(class_metrics(*totals[v])), "threshold": results[v]["threshold"], "unary": unary}
+        for v in results
+    }
 
 
 def _assemble(
@@ -246,7 +279,7 @@ def _assemble(
         "split": dataset.split,
         "model": conf["model"].get("name"),
         "strength": conf.get("elbo", {}).get("strength"),
-        "threshold_mode": "sweep" if threshold is None else "fixed",
+        "threshold_mode": "fixed" if threshold is not None else "sweep",
         "num_images": len(names),
         "num_expected": len(expected),
         "skipped": {k: v.get("error") for k, v in skipped.items() if k not in done},
@@ -302,7 +335,28 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="fixed threshold in (0, 1) instead of the oracle sweep over 0.01..0.99",
     )
+    parser.add_argument(
+        "--search",
+        choices=SEARCHES,
+        default="sweep",
+        help="threshold choice: sweep = the exact best of 0.01..0.99 (default); binary = the reference "
+        "implementation's binary search (assumes one peak; reproduces its threshold and mIoU)",
+    )
+    parser.add_argument(
+        "--buckets",
+        choices=BUCKET_RULES,
+        default="equal",
+        help="size buckets: equal = 10 equal-count buckets (default); fixed-size = the reference's runs "
+        "of len // 10 + 1 instances (the last ones can be empty)",
+    )
     parser.add_argument("--crf", action="store_true", help="also report dense-CRF post-processed metrics")
+    parser.add_argument(
+        "--crf-unary",
+        choices=dense_crf.UNARIES,
+        default="onehot",
+        help="onehot = the reference's unary (one-hot over all classes, clipped to [0.01, 0.99]; default); "
+        "confidence = 0.7 for the thresholded label over the image's own classes",
+    )
     parser.add_argument("--out", default=None, help="where to write metrics and plots (default: run_dir)")
     parser.add_argument("--overlays", type=int, default=4, help="images in the overlay figure")
     parser.add_argument("--no-progress", action="store_true")
@@ -312,7 +366,15 @@ def main(argv: list[str] | None = None) -> int:
     debug = debug_requested(["--debug"] if args.debug else [])[0]
     cli_errors(
         lambda: evaluate(
-            args.run_dir, args.threshold, args.crf, args.out, args.overlays, not args.no_progress
+            args.run_dir,
+            args.threshold,
+            args.crf,
+            args.out,
+            args.overlays,
+            not args.no_progress,
+            search=args.search,
+            buckets=args.buckets,
+            crf_unary=args.crf_unary,
         ),
         (SegmentationError,),
         debug,

@@ -7,6 +7,10 @@ unimodal curve, no binning error).
 
 Prediction rule: argmax over the image's class maps (ties -> the lower class
 id), background where the max heat is below the threshold.
+
+The reference implementation's choices are kept as options: its binary search
+for the threshold (`binary_search_threshold`, which assumes a curve with one peak)
+and its size buckets (`size_buckets(rule="fixed-size")`: runs of len // n + 1).
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ from elbo_t2ialign.segmentation.datasets import IGNORE
 THRESHOLDS = np.arange(1, 100) / 100.0  # 0.01 .. 0.99
 LEVELS = np.arange(256) / 255.0  # the heat an 8-bit value stands for
 METRICS = ("IoU", "precision", "recall", "FP", "FN", "F1")
+SEARCHES = ("sweep", "binary")  # threshold choice: exact best of the sweep, or the reference's binary search
+BUCKET_RULES = ("equal", "fixed-size")  # size buckets: equal counts, or the reference's runs of len // n + 1
 
 
 def predict(maps: np.ndarray, class_ids: list[int], threshold: float) -> np.ndarray:
@@ -142,18 +148,30 @@ class SweepAccumulator:
         per_class["gt_pixels"], per_class["pred_pixels"] = area_gt, area_pred
         return summary(per_class), per_class
 
-    def size_buckets(self, threshold: float, n_buckets: int = 10) -> list[dict[str, Any]]:
-        """mIoU per ground-truth-area bucket: instances sorted by area / image area, equal counts, small first.
+    def size_buckets(
+        self, threshold: float, n_buckets: int = 10, rule: str = "equal"
+    ) -> list[dict[str, Any]]:
+        """mIoU per ground-truth-area bucket: instances sorted by area / image area, small first.
 
+        rule "equal": `n_buckets` (at most one per instance) buckets of equal counts (sizes differ by at
+        most one). rule "fixed-size" (the reference implementation's): consecutive runs of
+        `len // n_buckets + 1` instances, so the last buckets can be short or empty (count 0, mIoU NaN).
         Within a bucket, each class's instances are pooled (TP, P, T summed) as in the dataset mIoU.
         """
+        if rule not in BUCKET_RULES:
+            raise ValueError(f"bucket rule must be one of {BUCKET_RULES}, got {rule!r}")
         if not self.instances:
             return []
         fg = (LEVELS >= threshold).astype(np.int64)
         ratio = np.array([inst["ratio"] for inst in self.instances])
         order = np.argsort(ratio, kind="stable")
+        if rule == "equal":
+            groups = np.array_split(order, min(n_buckets, len(order)))
+        else:
+            size = len(order) // n_buckets + 1
+            groups = [order[b * size : (b + 1) * size] for b in range(n_buckets)]
         buckets = []
-        for b, idx in enumerate(np.array_split(order, min(n_buckets, len(order)))):
+        for b, idx in enumerate(groups):
             inter, area_pred, area_gt = (np.zeros(self.num_classes, np.int64) for _ in range(3))
             for i in idx:
                 inst = self.instances[i]
@@ -162,12 +180,13 @@ class SweepAccumulator:
                 area_pred[c] += inst["pred"] @ fg
                 area_gt[c] += inst["gt"]
             iou = class_metrics(inter, area_pred + area_gt - inter, area_pred, area_gt)["IoU"]
+            empty = len(idx) == 0
             buckets.append(
                 {
                     "bucket": b,
                     "count": len(idx),
-                    "min_ratio": float(ratio[idx].min()),
-                    "max_ratio": float(ratio[idx].max()),
+                    "min_ratio": float("nan") if empty else float(ratio[idx].min()),
+                    "max_ratio": float("nan") if empty else float(ratio[idx].max()),
                     "mIoU": float(np.nanmean(iou) * 100) if np.isfinite(iou).any() else float("nan"),
                 }
             )
@@ -179,3 +198,30 @@ def best_threshold(curve: np.ndarray, thresholds: np.ndarray = THRESHOLDS) -> fl
     if not np.isfinite(curve).any():
         raise ValueError("no pixels to evaluate")
     return float(thresholds[int(np.nanargmax(curve))])
+
+
+def binary_search_threshold(curve: np.ndarray, thresholds: np.ndarray = THRESHOLDS) -> float:
+    """The reference implementation's threshold search over `thresholds` (0.01..0.99 by default).
+
+    It keeps an interval [lo, hi] of threshold indices and looks at the two middle neighbours: if the
+    mIoU rises from mid to mid + 1 the best is taken to lie above mid, otherwise at or below it. That is
+    exact for a curve with one peak; on a curve with several it can stop at a lower one. Values are
+    compared as they are (ties and NaN move the interval down, as the reference's `<` does).
+    """
+    lo, hi = 0, len(thresholds) - 1
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if curve[mid] < curve[mid + 1]:
+            lo = mid + 1
+        else:
+            hi = mid
+    return float(thresholds[lo])
+
+
+def choose_threshold(curve: np.ndarray, search: str, thresholds: np.ndarray = THRESHOLDS) -> float:
+    """`search` "sweep": the exact best (`best_threshold`); "binary": the reference's search."""
+    if search not in SEARCHES:
+        raise ValueError(f"threshold search must be one of {SEARCHES}, got {search!r}")
+    if search == "binary":
+        return binary_search_threshold(curve, thresholds)
+    return best_threshold(curve, thresholds)

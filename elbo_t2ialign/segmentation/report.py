@@ -28,9 +28,12 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 def write_markdown(m: dict[str, Any], path: Path) -> None:
     """Main table with the delta, the ablation over the run's variants, size buckets, per-class IoU
     and notes on the data (without `elbo` or `baseline` in the run: the ablation and the notes)."""
-    mode = (
-        "oracle sweep over 0.01..0.99 (each method its best)" if m["threshold_mode"] == "sweep" else "fixed"
-    )
+    mode = {
+        "sweep": "oracle sweep over 0.01..0.99 (each method its best)",
+        "fixed": "fixed",
+    }[m["threshold_mode"]]
+    if m["threshold_mode"] == "sweep" and m.get("threshold_search") == "binary":
+        mode = "the reference implementation's binary search over 0.01..0.99 (each method its own)"
     lines = [
         f"# Segmentation: {m['dataset']} ({m['split']}), model {m['model']}",
         "",
@@ -64,13 +67,18 @@ def _comparison(m: dict[str, Any]) -> list[str]:
         )
     lines += _table(["method", "threshold", *COLUMNS], rows)
     lines += ["", *ablation.markdown(m)]
-    lines += ["## mIoU by ground-truth area (10 equal-count buckets, small objects first)", ""]
+    rule = (
+        "runs of instances // 10 + 1, as the reference"
+        if m.get("bucket_rule") == "fixed-size"
+        else "10 equal-count buckets"
+    )
+    lines += [f"## mIoU by ground-truth area ({rule}, small objects first)", ""]
     lines += _table(
         ["bucket", "area / image", "instances", "baseline", "ELBO", "delta"],
         [
             [
                 str(b["bucket"]),
-                f"{b['min_ratio']:.4f}-{b['max_ratio']:.4f}",
+                f"{b['min_ratio']:.4f}-{b['max_ratio']:.4f}" if b["count"] else "-",
                 str(b["count"]),
                 _num(b["mIoU"]),
                 _num(e["mIoU"]),

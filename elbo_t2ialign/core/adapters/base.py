@@ -18,17 +18,44 @@ from elbo_t2ialign.core.adapters.schedules import NoiseSchedule
 from elbo_t2ialign.core.capture import AttentionRecorder, LayerInfo
 
 Cond = dict[str, torch.Tensor]  # conditioning tensors, batch dimension first
+PROMPT_SYNTAXES = ("plain", "compel")
+COMPEL_HINT = (
+    "prompt_syntax=compel needs the 'compel' package: pip install compel==2.5.1 "
+    '(or pip install -e ".[compel]"), or use prompt_syntax=plain'
+)
+
+
+def compel_fragments(text: str) -> list[str]:
+    """The text pieces Compel encodes for `text` ("a photo of (cat)1.2 dog-" -> ["a photo of", "cat",
+    "dog"]); Compel tokenizes each piece on its own and joins the tokens. Blends, conjunctions and
+    other constructs that do not make one token sequence are refused."""
+    try:
+        from compel import Compel
+        from compel.prompt_parser import FlattenedPrompt, Fragment
+    except ImportError:
+        raise ValueError(COMPEL_HINT) from None
+    conjunction = Compel.parse_prompt_string(text)
+    prompts = conjunction.prompts
+    if len(prompts) != 1 or not isinstance(prompts[0], FlattenedPrompt):
+        raise ValueError(f"prompt {text!r}: Compel blends and conjunctions are not supported here")
+    if not all(isinstance(f, Fragment) for f in prompts[0].children):
+        raise ValueError(
+            f"prompt {text!r}: only Compel weights are supported here, not edits such as .swap()"
+        )
+    return [f.text for f in prompts[0].children]
 
 
 class TextBlock(NamedTuple):
     """One block of the `encoder_hidden_states` sequence: the tokenizer whose ids fill it, where it
-    starts, how many positions it has, and whether a phrase must be found in it."""
+    starts, how many positions it has, whether a phrase must be found in it, and the text encoders
+    whose outputs fill it (SDXL's and SD3's two CLIP encoders share one block)."""
 
     name: str
     tokenizer: Any
     offset: int
     length: int
     required: bool
+    encoders: tuple = ()
 
 
 def cat_cond(conds: list[Cond]) -> Cond:
@@ -57,6 +84,10 @@ class ModelAdapter:
     capture_processor: type  # processor class installed on captured layers
 
     max_sequence_length: int | None = None  # T5 text length, for families that use T5
+    # prompt_syntax "compel": families whose prompts the reference encodes through Compel (SD1.x, SDXL)
+    # parse Compel's weighting syntax; the others keep plain text, as the reference does for SD3
+    parses_compel = False
+    prompt_syntax = "plain"
     prompt_cache_size: int = 256  # conditionings kept by encode_prompt (least recently used dropped)
     compile_modes = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
@@ -127,13 +158,33 @@ class ModelAdapter:
         size = self.vae.config.sample_size
         return int(size[0] if isinstance(size, (list, tuple)) else size)
 
-    def encode_prompt(self, prompt: str) -> Cond:
+    def set_prompt_syntax(self, syntax: str) -> None:
+        """ "plain": prompts are text; "compel": on SD1.x/SDXL `(word)1.2`, `word+`, `word-` etc. are
+        Compel weights and prompts are encoded through Compel set up as the reference sets it up."""
+        if syntax not in PROMPT_SYNTAXES:
+            raise ValueError(f"prompt_syntax must be one of {PROMPT_SYNTAXES}, got {syntax!r}")
+        if syntax == "compel" and self.parses_compel:
+            try:
+                import compel  # noqa: F401
+            except ImportError:
+                raise ValueError(COMPEL_HINT) from None
+        if syntax != self.prompt_syntax:
+            self._cond_cache.clear()
+            self.prompt_syntax = syntax
+
+    @property
+    def compel_active(self) -> bool:
+        return self.prompt_syntax == "compel" and self.parses_compel
+
+    def encode_prompt(self, prompt: str, check_length: bool = True) -> Cond:
         """Conditioning for one prompt, batch 1, cached per prompt string. The cache keeps the
         `prompt_cache_size` most recently used prompts, so memory stays flat over a dataset whose
-        collection prompts rarely repeat while the per-class prompts stay cached."""
+        collection prompts rarely repeat while the per-class prompts stay cached. `check_length=False`
+        lets the text encoders truncate an over-long prompt instead of refusing it."""
         cond = self._cond_cache.pop(prompt, None)
         if cond is None:
-            self.check_prompt_length(prompt)
+            if check_length:
+                self.check_prompt_length(prompt)
             with torch.no_grad():
                 cond = self._encode_prompt(prompt)
         self._cond_cache[prompt] = cond  # (re)inserted last: dicts keep insertion order
@@ -141,13 +192,52 @@ class ModelAdapter:
             self._cond_cache.pop(next(iter(self._cond_cache)))
         return cond
 
+    @torch.no_grad()
+    def encode_prompt_masked(self, prompt: str, positions: list[int]) -> Cond:
+        """Conditioning of `prompt` with the tokens at `positions` (along `encoder_hidden_states`)
+        hidden from every text encoder's attention: their keys are masked, the other tokens are encoded
+        as if they were absent, and every position keeps its place. This is Compel's "masked" prompt
+        for a fragment weighted below 1 (its default `DownweightMode.MASK`). Not cached."""
+        masks = []
+        for block in self.text_blocks():
+            local = [p - block.offset for p in positions if block.offset <= p < block.offset + block.length]
+            if local:
+                masks += [(encoder, local) for encoder in block.encoders]
+        hooks = []
+
+        def masking(local: list[int]):
+            def hook(module, args, kwargs):
+                ids = args[0] if args else kwargs["input_ids"]
+                mask = torch.ones(ids.shape, dtype=torch.long, device=ids.device)
+                mask[:, [i for i in local if i < ids.shape[1]]] = 0
+                return args, {**kwargs, "attention_mask": mask}
+
+            return hook
+
+        try:
+            for encoder, local in masks:
+                hooks.append(encoder.register_forward_pre_hook(masking(local), with_kwargs=True))
+            return self._encode_prompt(prompt)
+        finally:
+            for handle in hooks:
+                handle.remove()
+
     def clear_prompt_cache(self, prompts: list[str] | None = None) -> None:
         """Forget cached conditionings (all, or those of `prompts`): long prompt lists would fill memory."""
         for p in list(self._cond_cache) if prompts is None else prompts:
             self._cond_cache.pop(p, None)
 
     def token_ids(self, text: str, special: bool = True) -> list[int]:
-        return list(self.attention_tokenizer(text, add_special_tokens=special, truncation=False).input_ids)
+        """The ids of `text` as the denoiser sees them (with prompt_syntax=compel: Compel's pieces)."""
+        tokenizer = self.attention_tokenizer
+        if not self.compel_active:
+            return list(tokenizer(text, add_special_tokens=special, truncation=False).input_ids)
+        ids = [
+            i
+            for piece in compel_fragments(text)
+            for i in tokenizer(piece, add_special_tokens=False, truncation=False).input_ids
+        ]
+        return [tokenizer.bos_token_id, *ids, tokenizer.eos_token_id] if special else ids
 
     def check_prompt_length(self, prompt: str) -> None:
         n, limit = len(self.token_ids(prompt)), self.max_prompt_tokens()

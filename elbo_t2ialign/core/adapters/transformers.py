@@ -72,11 +72,17 @@ class MMDiTAdapter(_TransformerAdapter):
         """[CLIP-L|CLIP-G (77); T5 (max_sequence_length)]; a phrase T5 splits differently in context
         may be missing from the T5 block (not required)."""
         clip = self.pipe.tokenizer
-        blocks = [TextBlock("CLIP", clip, 0, int(clip.model_max_length), True)]
+        encoders = (self.pipe.text_encoder, self.pipe.text_encoder_2)
+        blocks = [TextBlock("CLIP", clip, 0, int(clip.model_max_length), True, encoders)]
         if getattr(self.pipe, "tokenizer_3", None) is not None:
             blocks.append(
                 TextBlock(
-                    "T5", self.pipe.tokenizer_3, int(clip.model_max_length), self.max_sequence_length, False
+                    "T5",
+                    self.pipe.tokenizer_3,
+                    int(clip.model_max_length),
+                    self.max_sequence_length,
+                    False,
+                    tuple(e for e in (getattr(self.pipe, "text_encoder_3", None),) if e is not None),
                 )
             )
         return blocks

@@ -4,11 +4,13 @@ components (a second text encoder, `addition_embed_type`, the scheduler)."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import re
 
 import torch
 
-from elbo_t2ialign.core.adapters.base import Cond, ModelAdapter, TextBlock
+from elbo_t2ialign.core.adapters.base import Cond, ModelAdapter, TextBlock, compel_fragments
 from elbo_t2ialign.core.adapters.schedules import NoiseSchedule, schedule_from_scheduler
 from elbo_t2ialign.core.capture import CaptureAttnProcessor, LayerInfo
 
@@ -19,12 +21,14 @@ _PATH_NAME = {"down_blocks": "down", "mid_block": "mid", "up_blocks": "up"}
 class UNetAdapter(ModelAdapter):
     family = "unet"
     capture_processor = CaptureAttnProcessor
+    parses_compel = True
 
     def __init__(self, pipe, device, dtype, resolution=None, max_sequence_length=None):
         super().__init__(pipe, device, dtype, resolution, max_sequence_length)
         self.unet = pipe.unet
         # SDXL-style conditioning: pooled text embedding + size/crop time ids
         self.is_xl = self.unet.config.get("addition_embed_type") == "text_time"
+        self._compel = None  # built on first use with prompt_syntax=compel
 
     @property
     def denoiser(self):
@@ -49,26 +53,53 @@ class UNetAdapter(ModelAdapter):
     def text_blocks(self) -> list[TextBlock]:
         """One CLIP sequence (SDXL's two encoders share its tokens)."""
         clip = self.pipe.tokenizer
-        return [TextBlock("CLIP", clip, 0, int(clip.model_max_length), True)]
+        both = (self.pipe.text_encoder, getattr(self.pipe, "text_encoder_2", None))
+        encoders = tuple(e for e in both if e is not None)
+        return [TextBlock("CLIP", clip, 0, int(clip.model_max_length), True, encoders)]
 
     def build_schedule(self) -> NoiseSchedule:
         return schedule_from_scheduler(self.pipe.scheduler)
 
+    def _compel_encoder(self):
+        """Compel set up as the reference sets it up (SDXL: both encoders' penultimate hidden states,
+        pooled text from the second)."""
+        if self._compel is None:
+            from compel import Compel, ReturnedEmbeddingsType
+
+            pipe = self.pipe
+            if self.is_xl:  # the reference's call; compel 2.5 prints a deprecation note for it
+                with contextlib.redirect_stdout(io.StringIO()):
+                    self._compel = Compel(
+                        tokenizer=[pipe.tokenizer, pipe.tokenizer_2],
+                        text_encoder=[pipe.text_encoder, pipe.text_encoder_2],
+                        returned_embeddings_type=ReturnedEmbeddingsType.PENULTIMATE_HIDDEN_STATES_NON_NORMALIZED,
+                        requires_pooled=[False, True],
+                    )
+            else:
+                self._compel = Compel(tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder)
+        return self._compel
+
     def _encode_prompt(self, prompt: str) -> Cond:
-        if not self.is_xl:
+        if self.compel_active:
+            compel_fragments(prompt)  # refuses what Compel would encode as more than one sequence
+            out = self._compel_encoder()(prompt)
+            embeds, pooled = out if self.is_xl else (out, None)
+        elif not self.is_xl:
             embeds, _ = self.pipe.encode_prompt(prompt, self.device, 1, False)
-            return {"encoder_hidden_states": embeds.to(self.dtype)}
-        embeds, _, pooled, _ = self.pipe.encode_prompt(
-            prompt, device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=False
-        )
+        else:
+            embeds, _, pooled, _ = self.pipe.encode_prompt(
+                prompt, device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=False
+            )
+        if not self.is_xl:
+            return {"encoder_hidden_states": embeds.to(self.device, self.dtype)}
         size = (self.resolution, self.resolution)
         proj_dim = self.pipe.text_encoder_2.config.projection_dim
         time_ids = self.pipe._get_add_time_ids(
             size, (0, 0), size, dtype=self.dtype, text_encoder_projection_dim=proj_dim
         )
         return {
-            "encoder_hidden_states": embeds.to(self.dtype),
-            "text_embeds": pooled.to(self.dtype),
+            "encoder_hidden_states": embeds.to(self.device, self.dtype),
+            "text_embeds": pooled.to(self.device, self.dtype),
             "time_ids": time_ids.to(self.device),
         }
 
