@@ -36,6 +36,7 @@ from typing import Any, Protocol
 import numpy as np
 from PIL import Image
 
+from elbo_t2ialign.cli import DamagedFileError
 from elbo_t2ialign.core.compat import dtype_keyword
 
 DEFAULT_BLIP = "Salesforce/blip-image-captioning-large"
@@ -45,6 +46,10 @@ DEFAULT_CHAT_PROMPT = "Describe this image in one short sentence."
 
 class CaptionError(Exception):
     """A captioner, endpoint or cache file that cannot be used; the message is one line."""
+
+
+class DamagedCacheError(CaptionError, DamagedFileError):
+    """The caption cache file cannot be parsed (exit status 3 on the command line)."""
 
 
 class Captioner(Protocol):
@@ -283,12 +288,12 @@ class CaptionCache:
         try:
             data = json.loads(self.path.read_text(encoding="utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise CaptionError(
+            raise DamagedCacheError(
                 f"the caption cache {self.path} is not valid JSON ({one_line(err)}); "
                 "move it away (or set caption.cache=<another file>)"
             ) from None
         if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
-            raise CaptionError(
+            raise DamagedCacheError(
                 f"the caption cache {self.path} does not hold {{image digest: {{settings: "
                 "caption}}}; move it away (or set caption.cache=<another file>)"
             )
@@ -312,10 +317,9 @@ class CaptionCache:
         self.misses += 1
         data = self.load()
         data.setdefault(digest, {})[key] = text
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n", encoding="utf-8")
-        os.replace(tmp, self.path)
+        from elbo_t2ialign.runfolder import write_text_atomic
+
+        write_text_atomic(self.path, json.dumps(data, indent=1, sort_keys=True) + "\n")
         return text
 
 

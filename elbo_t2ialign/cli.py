@@ -2,21 +2,60 @@
 
 - `to_container`, `check_known`, `check_integer`, `check_device`: a config as a plain dict, and
   checks whose messages name the key, what was given and what is accepted.
-- `cli_errors`: expected errors print one line `error: ...` and exit non-zero; the traceback
-  only with `--debug` or HYDRA_FULL_ERROR=1.
+- `cli_errors`: expected errors, a full disk, a damaged record (`DamagedFileError`) and Ctrl-C or
+  SIGTERM print one line `error: ...` and exit with a status that tells them apart (`EXIT_*`, the
+  table in docs/reliability.md); the traceback too with `--debug` or HYDRA_FULL_ERROR=1.
 - `config_dir`, `hydra_config_dir`: where the YAML configs are, for a checkout and an installed wheel,
   with a `configs/` folder in the working directory taking precedence.
 """
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import re
+import signal
 import sys
+import threading
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+# Exit statuses of every entry point (docs/reliability.md); 1 is Python's own for an unexpected error
+# (and prepare_data's "some data is missing").
+EXIT_BAD_INPUT = 2  # a bad option, input or config, or a run folder that contradicts this launch
+EXIT_DAMAGED = 3  # a file the command reads is damaged or missing: restore it, or start a new folder
+EXIT_NO_SPACE = 4  # the disk (or the quota) is full: free space and rerun the same command
+EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT): rerun the same command to resume
+EXIT_TERMINATED = 143  # SIGTERM (128 + SIGTERM), e.g. a scheduler's kill: rerun to resume
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+RESTORE = "restore it from a copy, or start a new run with output_dir=<new folder>"
+
+
+class DamagedFileError(ValueError):
+    """A file a command reads (a run folder's record, a finished output) cannot be parsed or lacks
+    what it must hold. The message names the file and how to recover; exit status EXIT_DAMAGED."""
+
+    def __init__(self, message: str, path: str | os.PathLike | None = None) -> None:
+        super().__init__(message)
+        self.path = None if path is None else Path(path)
+
+
+def damaged(path: str | os.PathLike, why: Any, remedy: str = RESTORE) -> DamagedFileError:
+    """The standard message: `<path> is damaged (<why>); <remedy>`."""
+    why = f"{type(why).__name__}: {why}" if isinstance(why, BaseException) else why
+    return DamagedFileError(f"{path} is damaged ({one_line(why)}); {remedy}", path)
+
+
+def disk_full(err: BaseException) -> bool:
+    return isinstance(err, OSError) and err.errno in NO_SPACE
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread while `cli_errors` runs a command, so that the command
+    cleans up (releases its lock, removes temporaries) as it does on Ctrl-C."""
 
 
 def one_line(text: Any) -> str:
@@ -80,17 +119,78 @@ def debug_requested(argv: list[str]) -> tuple[bool, list[str]]:
     return len(rest) < len(argv) or os.environ.get("HYDRA_FULL_ERROR") == "1", rest
 
 
+def fault(
+    err: BaseException, expected: tuple[type[BaseException], ...] = (), status: int = EXIT_BAD_INPUT
+) -> tuple[str, int] | None:
+    """(the one line to print, the exit status) of an error the user can act on; None for a bug."""
+    resume = "rerun the same command to resume: finished outputs are kept"
+    if isinstance(err, Terminated):
+        return f"terminated (SIGTERM); {resume}", EXIT_TERMINATED
+    if isinstance(err, KeyboardInterrupt):
+        return f"interrupted; {resume}", EXIT_INTERRUPTED
+    if isinstance(err, OSError) and err.errno in NO_SPACE:
+        what = "disk quota exceeded" if err.errno == errno.EDQUOT else "no space left on device"
+        where = f" writing {err.filename}; free space there" if err.filename else "; free space"
+        return (
+            f"{what}{where} (or choose a folder on another disk) and rerun the same command: finished "
+            "outputs are kept, nothing half-written is left",
+            EXIT_NO_SPACE,
+        )
+    if isinstance(err, DamagedFileError):
+        return one_line(err), EXIT_DAMAGED
+    if expected and isinstance(err, expected):
+        return one_line(err), status
+    return None
+
+
 def cli_errors(
-    fn: Callable[[], Any], expected: tuple[type[BaseException], ...], debug: bool, status: int = 2
+    fn: Callable[[], Any],
+    expected: tuple[type[BaseException], ...],
+    debug: bool,
+    status: int = EXIT_BAD_INPUT,
 ) -> Any:
-    """Run `fn`; an expected error prints `error: <one line>` to stderr and exits with `status`."""
+    """`cli_run`, then `sys.exit` with the status of a fault; returns what `fn` returned."""
+    result, code = cli_run(fn, expected, debug, status)
+    if code:
+        sys.exit(code)
+    return result
+
+
+def cli_run(
+    fn: Callable[[], Any],
+    expected: tuple[type[BaseException], ...],
+    debug: bool,
+    status: int = EXIT_BAD_INPUT,
+) -> tuple[Any, int]:
+    """Run `fn` with SIGTERM raising `Terminated` -> (its result, 0). An expected error, a full disk,
+    a damaged file or an interruption prints `error: <one line>` to stderr (after the traceback when
+    `debug`) -> (None, its exit status) (`fault`); any other error propagates with its traceback."""
+    previous = _raise_on_sigterm()
     try:
-        return fn()
-    except expected as err:
-        if debug:
+        return fn(), 0
+    except BaseException as err:  # noqa: BLE001  (KeyboardInterrupt included; others are re-raised)
+        found = fault(err, expected, status)
+        if found is None:
             raise
-        print(f"error: {one_line(err)}", file=sys.stderr)
-        sys.exit(status)
+        if debug:
+            traceback.print_exc()
+        print(f"error: {found[0]}", file=sys.stderr)
+        return None, found[1]
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _raise_on_sigterm() -> Any:
+    """Install a SIGTERM handler that raises `Terminated`; returns the previous handler (None when
+    not in the main thread, where Python allows no handler)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def terminate(signum: int, frame: Any) -> None:
+        raise Terminated()
+
+    return signal.signal(signal.SIGTERM, terminate)
 
 
 def config_dir() -> Path:

@@ -18,6 +18,7 @@ as <word>.<kind>.npy (float32 in [0, 1]) and .png (8-bit), and result.json.
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import re
 import sys
@@ -28,9 +29,23 @@ import numpy as np
 from PIL import Image
 
 from elbo_t2ialign.captions import with_words
-from elbo_t2ialign.cli import check_device, check_known, hydra_config_dir, to_container
+from elbo_t2ialign.cli import (
+    check_device,
+    check_known,
+    cli_run,
+    debug_requested,
+    hydra_config_dir,
+    one_line,
+    to_container,
+)
 from elbo_t2ialign.core.options import AlignOptions
-from elbo_t2ialign.runfolder import git_revision
+from elbo_t2ialign.runfolder import (
+    discard_temp_dir,
+    git_revision,
+    pid_alive,
+    write_json_atomic,
+    writing,
+)
 
 TOP_KEYS = {"model", "elbo", "device", "output_dir", "alpha", "cmap", "dpi", "caption"}
 KINDS = ("baseline", "elbo", "cross")  # plotting kinds, also the file tags
@@ -38,11 +53,7 @@ OVERRIDE = re.compile(r"^[+~]{0,2}[A-Za-z_][\w.@/-]*=")
 
 
 class ExplainError(Exception):
-    """Bad input or config; printed as one line, exit status 1."""
-
-
-def one_line(text: Any) -> str:
-    return " ".join(str(text).split())
+    """Bad input or config; printed as one line, exit status 2 (cli.EXIT_BAD_INPUT)."""
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str], list[str]]:
@@ -80,17 +91,33 @@ def compose(overrides: list[str]) -> dict[str, Any]:
     return conf
 
 
-def new_folder(root: Path, stem: str) -> Path:
-    """<root>/<stem>-<n> for the first n whose folder does not exist yet (created here)."""
+def staging_folder(root: Path, stem: str) -> Path:
+    """<root>/.tmp-<stem>.<pid>, created empty: where one call writes before its folder appears.
+    Staging folders of earlier calls that are no longer running (killed) are removed first."""
     root.mkdir(parents=True, exist_ok=True)
+    for old in root.glob(".tmp-*"):
+        pid = old.name.rsplit(".", 1)[-1]
+        if old.is_dir() and pid.isdigit() and (int(pid) == os.getpid() or not pid_alive(int(pid))):
+            discard_temp_dir(old)
+    stage = root / f".tmp-{stem}.{os.getpid()}"
+    stage.mkdir()
+    return stage
+
+
+def publish(stage: Path, root: Path, stem: str) -> Path:
+    """Rename the finished staging folder to <root>/<stem>-<n>, the first n not taken (by an earlier
+    call, or by a concurrent one that renamed first)."""
     n = 1
     while True:
         folder = root / f"{stem}-{n}"
-        try:
-            folder.mkdir()
-            return folder
-        except FileExistsError:
-            n += 1
+        if not folder.exists():
+            try:
+                os.rename(stage, folder)
+                return folder
+            except OSError as err:
+                if err.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                    raise
+        n += 1
 
 
 def file_names(words: list[str]) -> dict[str, str]:
@@ -140,6 +167,8 @@ def caption_prompt(
     try:
         captioner, cache = captions.from_config(conf.get("caption") or {}, resolve_device(conf.get("device")))
         text = cache.caption(image, captioner)
+    except captions.DamagedCacheError:
+        raise
     except captions.CaptionError as err:
         raise ExplainError(str(err)) from None
     return (text, cache.hits > 0, *with_words(text, words))
@@ -178,25 +207,7 @@ def run(
         raise ExplainError(one_line(err)) from None
 
     from elbo_t2ialign.captions import image_digest
-    from elbo_t2ialign.plotting import heatmap
-    from elbo_t2ialign.runfolder import write_json_atomic
-    from elbo_t2ialign.segmentation.runner import to_uint8
 
-    folder = new_folder(Path(conf.get("output_dir") or "runs/explain"), Path(image_path).stem)
-    stems = file_names(list(result.heatmaps))
-    files: dict[str, dict[str, str]] = {}
-    for word, stem in stems.items():
-        files[word] = {}
-        for kind in KINDS:
-            heat = np.asarray(heatmap(result, word, kind), dtype=np.float32)
-            np.save(folder / f"{stem}.{kind}.npy", heat)
-            Image.fromarray(to_uint8(heat, heat.shape, f"{word} {kind}")).save(folder / f"{stem}.{kind}.png")
-            files[word][kind] = f"{stem}.{kind}"
-    title = f"{result.prompts['collect']}   (strength {options.strength:g})"
-    fig = result.plot(
-        image, alpha=float(conf.get("alpha", 0.5)), cmap=str(conf.get("cmap", "jet")), title=title
-    )
-    fig.savefig(folder / "figure.png", dpi=int(conf.get("dpi", 100)))
     info = {
         "image": str(image_path),
         "image_sha256": image_digest(image),
@@ -209,13 +220,45 @@ def run(
         "token_positions": result.token_positions,
         "tau": result.tau,
         "losses": result.losses,
-        "files": files,
+        "files": None,
         "model": conf.get("model"),
         "elbo_options": options.to_dict(),
         "git": git_revision(),
     }
-    write_json_atomic(folder / "result.json", info)
+    root, stem = Path(conf.get("output_dir") or "runs/explain"), Path(image_path).stem
+    stage = staging_folder(root, stem)
+    try:
+        with writing(root):
+            info["files"] = write_maps(stage, conf, options, result, image)
+            write_json_atomic(stage / "result.json", info)
+            folder = publish(stage, root, stem)
+    except BaseException:  # a full disk, Ctrl-C: no half-written folder is left
+        discard_temp_dir(stage)
+        raise
     return info | {"folder": str(folder)}
+
+
+def write_maps(
+    folder: Path, conf: dict[str, Any], options: AlignOptions, result: Any, image: Image.Image
+) -> dict[str, dict[str, str]]:
+    """Each word's maps (.npy, .png) and figure.png into `folder`; returns word -> kind -> file stem."""
+    from elbo_t2ialign.plotting import heatmap
+    from elbo_t2ialign.segmentation.runner import to_uint8
+
+    files: dict[str, dict[str, str]] = {}
+    for word, stem in file_names(list(result.heatmaps)).items():
+        files[word] = {}
+        for kind in KINDS:
+            heat = np.asarray(heatmap(result, word, kind), dtype=np.float32)
+            np.save(folder / f"{stem}.{kind}.npy", heat)
+            Image.fromarray(to_uint8(heat, heat.shape, f"{word} {kind}")).save(folder / f"{stem}.{kind}.png")
+            files[word][kind] = f"{stem}.{kind}"
+    title = f"{result.prompts['collect']}   (strength {options.strength:g})"
+    fig = result.plot(
+        image, alpha=float(conf.get("alpha", 0.5)), cmap=str(conf.get("cmap", "jet")), title=title
+    )
+    fig.savefig(folder / "figure.png", dpi=int(conf.get("dpi", 100)))
+    return files
 
 
 def report(info: dict[str, Any]) -> str:
@@ -246,13 +289,14 @@ def report(info: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args, words, overrides = parse_args(argv)
-    try:
-        info = run(compose(overrides), args.image, words, prompt=args.prompt, caption=args.caption)
-    except ExplainError as err:
-        if args.debug or os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise
-        print(f"error: {one_line(err)}", file=sys.stderr)
-        return 1
+    debug = debug_requested(["--debug"] if args.debug else [])[0]
+    info, code = cli_run(
+        lambda: run(compose(overrides), args.image, words, prompt=args.prompt, caption=args.caption),
+        (ExplainError,),
+        debug,
+    )
+    if code:
+        return code
     print(report(info))
     return 0
 

@@ -4,8 +4,12 @@
   each experiment's folder class adds its own (`segmentation/layout.py`, `generation/layout.py`).
 - `launch`: open a run folder for one launch: lock it, refuse a config or inputs that contradict
   what it holds, record the launch, log to its file; a failed first launch leaves nothing behind.
-- `write_json_atomic`, `save_image_atomic`: every file is written under a temporary name and
-  renamed, so a killed run never leaves half a file; one JSON format for every file.
+- `atomic_path` and the writers on it (`write_json_atomic`, `write_text_atomic`, `save_image_atomic`,
+  `save_figure_atomic`): every file is written under a temporary name and renamed, so a killed run or
+  a full disk never leaves half a file where a finished one belongs (the temporary is removed on any
+  error, and a full disk is reported with the file's name); one JSON format for every file.
+- `read_record`, `read_config`: a record of a run folder (JSON, config.yaml) that cannot be parsed
+  raises `cli.DamagedFileError`, which names the file and how to recover.
 - `RunLock`: one process per run folder (per shard when sharded), held with `flock` so a killed
   holder never blocks the folder; the lock file names the holder (pid, host, start time).
 - `model_identity` / `check_identity`: what produced a folder (weight digests or hub revision,
@@ -27,10 +31,12 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from elbo_t2ialign.cli import NO_SPACE, RESTORE, damaged
 
 log = logging.getLogger(__name__)
 
@@ -47,25 +53,126 @@ def cache_dir() -> Path:
     return Path(base).expanduser() / "elbo_t2ialign"
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    """JSON (indent 1, sorted keys, UTF-8) to a temporary name in the same folder, then renamed over `path`."""
+@contextmanager
+def writing(path: str | os.PathLike) -> Iterator[None]:
+    """A full disk inside the block that names no file (a library failing on flush or close: PIL,
+    numpy, matplotlib) or only a temporary one (a dot-name) is re-raised naming `path`, the file or
+    folder being written."""
+    try:
+        yield
+    except OSError as err:
+        named = str(err.filename or "")
+        temporary = not named or "/." in named or named.startswith(".")
+        if err.errno in NO_SPACE and temporary and named != str(path):
+            raise OSError(err.errno, os.strerror(err.errno), str(path)) from err
+        raise
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
+    """A temporary name beside `path` (`.<name>.<pid>.tmp<suffix>`) to write to: renamed over `path`
+    when the block ends, removed when it raises (Ctrl-C too). A full disk is re-raised naming `path`."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp{suffix}")
+    with writing(path):
+        try:
+            yield tmp
+            os.replace(tmp, path)
+        except BaseException:
+            with suppress(OSError):
+                tmp.unlink()
+            raise
 
 
-def read_json(path: Path) -> Any:
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
+    """JSON (indent 1, sorted keys, UTF-8) to a temporary name in the same folder, then renamed over `path`."""
+    write_text_atomic(path, json.dumps(data, indent=1, sort_keys=True, ensure_ascii=False) + "\n")
+
+
+def save_image_atomic(image: Any, path: str | os.PathLike) -> None:
+    """PIL image as PNG to a temporary name, then renamed: a killed run never leaves half an image."""
+    with atomic_path(path, ".png") as tmp:
+        image.save(tmp, format="PNG")
+
+
+def save_figure_atomic(fig: Any, path: str | os.PathLike, **kwargs: Any) -> None:
+    """A matplotlib figure, in the format of the file's suffix, through a temporary name."""
+    path = Path(path)
+    with atomic_path(path, path.suffix) as tmp:
+        fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", **kwargs)
+
+
+def append_line(path: str | os.PathLike, line: str) -> None:
+    """Append one line to a log-like file; when the write fails (a full disk), the file is cut back
+    to its former length, so it never ends in half a line."""
+    data = (line.rstrip("\n") + "\n").encode("utf-8")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        size = os.fstat(fd).st_size
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+        except BaseException as err:
+            with suppress(OSError):
+                os.ftruncate(fd, size)
+            if isinstance(err, OSError) and not err.filename:
+                raise OSError(err.errno, os.strerror(err.errno or 0), str(path)) from err
+            raise
+    finally:
+        os.close(fd)
+
+
+def read_json(path: str | os.PathLike) -> Any:
     with open(path, encoding="utf-8") as f:
         return json.load(f)
 
 
-def save_image_atomic(image: Any, path: Path) -> None:
-    """PIL image as PNG to a temporary name, then renamed: a killed run never leaves half an image."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
+def read_record(
+    path: str | os.PathLike, kind: type | tuple[type, ...] = (dict, list), remedy: str = RESTORE
+) -> Any:
+    """A JSON record a command needs; one that cannot be parsed, or is not of `kind`, raises
+    `DamagedFileError` naming it and `remedy`."""
+    try:
+        data = read_json(path)
+    except (UnicodeDecodeError, ValueError) as err:
+        raise damaged(path, err, remedy) from None
+    if not isinstance(data, kind):
+        raise damaged(path, f"holds {type(data).__name__}, not the expected {_kind_name(kind)}", remedy)
+    return data
+
+
+def read_config(
+    path: str | os.PathLike, resolve: bool = False, keys: tuple[str, ...] = (), remedy: str = RESTORE
+) -> dict[str, Any]:
+    """A run folder's config.yaml as a plain dict; garbage, half a file, anything but a mapping or a
+    mapping without `keys` raises `DamagedFileError` naming it and `remedy`."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+    from yaml import YAMLError
+
+    try:
+        data = OmegaConf.to_container(OmegaConf.load(path), resolve=resolve)
+    except (YAMLError, UnicodeDecodeError, OmegaConfBaseException, ValueError) as err:
+        raise damaged(path, err, remedy) from None
+    if not isinstance(data, dict) or not data:
+        raise damaged(path, "empty or not a mapping of settings", remedy)
+    lacking = [k for k in keys if not isinstance(data.get(k), dict)]
+    if lacking:
+        raise damaged(path, f"no {', '.join(lacking)} section", remedy)
+    return data  # type: ignore[return-value]
+
+
+def _kind_name(kind: type | tuple[type, ...]) -> str:
+    names = {dict: "object", list: "list"}
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    return " or ".join(names.get(k, k.__name__) for k in kinds)
 
 
 # ------------------------------------------------------------------ folder and launch
@@ -149,8 +256,7 @@ def launch(folder: RunFolder, spec: Launch) -> Iterator[None]:
             "pid": os.getpid(),
             **git,
         }
-        with open(folder.launches, "a", encoding="utf-8") as f:
-            f.write(json.dumps(line) + "\n")
+        append_line(folder.launches, json.dumps(line))
         handler = attach_log(folder.log(spec.shard_tag))
         yield
         ok = True
@@ -178,8 +284,15 @@ class RunLock:
     """Exclusive lock of a run folder (or of one shard of it) for the life of a launch. `conflicts`:
     glob patterns of other locks that must not be held meanwhile (an unsharded launch and shards)."""
 
-    def __init__(self, path: Path, error: type[Exception], conflicts: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        path: Path,
+        error: type[Exception],
+        conflicts: tuple[str, ...] = (),
+        hint: str = "wait for that run to finish, or give this one another output_dir",
+    ) -> None:
         self.path, self.error, self.conflicts, self.fd = Path(path), error, conflicts, None
+        self.hint = hint
 
     def _busy(self, fd: int, path: Path) -> Exception:
         holder = _read_holder(fd)
@@ -189,10 +302,7 @@ class RunLock:
             if holder
             else "another process"
         )
-        return self.error(
-            f"{path.parent} is in use by {who} (lock {path}); wait for that run to finish, or give "
-            "this one another output_dir"
-        )
+        return self.error(f"{path.parent} is in use by {who} (lock {path}); {self.hint}")
 
     def _check_conflicts(self) -> None:
         """Called while holding our own lock, so of two conflicting launches at least one sees the other."""
@@ -225,6 +335,7 @@ class RunLock:
             if same:  # else the holder released and removed the file between our open and flock
                 break
             os.close(fd)
+        self.fd = fd  # held from here: release() (also after an interruption below) lets go
         old = _read_holder(fd)
         if old:  # the kernel dropped that holder's flock: it is no longer running
             log.warning(
@@ -239,9 +350,11 @@ class RunLock:
             "host": socket.gethostname(),
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
-        self.fd = fd
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
+        except OSError:  # a full disk: the flock holds all the same, only the holder's name is missing
+            pass
         self._check_conflicts()
         return self
 
@@ -373,10 +486,7 @@ def check_identity(root: Path, identity: dict[str, Any], error: type[Exception],
     on either side is not compared); record it when `write` and none is recorded yet."""
     path = root / IDENTITY_FILE
     if path.is_file():
-        try:
-            old = json.loads(path.read_text(encoding="utf-8"))
-        except ValueError as err:
-            raise error(f"{path} is unreadable ({err}); restore it or move the run folder away") from None
+        old = read_record(path, dict)
         old_model, new_model = old.get("model") or {}, identity.get("model") or {}
         if None in (old_model.get("revision"), new_model.get("revision")):  # not in the hub cache: unknown
             old = {**old, "model": {k: v for k, v in old_model.items() if k != "revision"}}
@@ -436,9 +546,30 @@ def git_revision() -> dict[str, Any]:
     }
 
 
+class RunLogHandler(logging.FileHandler):
+    """The run's log file. A record it cannot write (a full disk: the log shares the run folder's
+    disk) is dropped quietly instead of logging's traceback per record; the command's next write
+    in the folder fails the same way and says what is wrong in one line."""
+
+    dropped = 0
+
+    def handleError(self, record: logging.LogRecord | None) -> None:  # noqa: N802  (logging's name)
+        self.dropped += 1
+
+    def flush(self) -> None:
+        try:
+            super().flush()
+        except OSError:
+            self.handleError(None)
+
+    def close(self) -> None:
+        with suppress(OSError):  # the text still buffered cannot be written either
+            super().close()
+
+
 def attach_log(path: Path) -> logging.Handler:
     """Send the package's INFO log to `path` too; the caller removes the handler when done."""
-    handler = logging.FileHandler(path, encoding="utf-8")
+    handler = RunLogHandler(path, encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     package = logging.getLogger("elbo_t2ialign")
     package.addHandler(handler)
@@ -467,8 +598,12 @@ def save_or_check_config(
     from omegaconf import OmegaConf
 
     if path.is_file():
-        old = OmegaConf.to_container(OmegaConf.load(path))
-        diff = fingerprint_diff(fingerprint(old), fingerprint(conf))  # type: ignore[arg-type]
+        old = read_config(path)
+        try:
+            recorded = fingerprint(old)
+        except (KeyError, TypeError, AttributeError) as err:  # a mapping that lacks what a config holds
+            raise damaged(path, f"no complete config: {type(err).__name__} {err}") from None
+        diff = fingerprint_diff(recorded, fingerprint(conf))
         if diff:
             shown = "; ".join(diff[:6]) + ("; ..." if len(diff) > 6 else "")
             raise error(
@@ -476,6 +611,5 @@ def save_or_check_config(
                 "set output_dir=<new folder> or restore those values"
             )
         return
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    OmegaConf.save(OmegaConf.create(conf), tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        OmegaConf.save(OmegaConf.create(conf), tmp)

@@ -307,6 +307,75 @@ def _image():
     return Image.fromarray((np.random.RandomState(0).rand(24, 24, 3) * 255).astype("uint8"))
 
 
+def test_processors_are_the_users_own_after_any_sequence_of_calls(monkeypatch):
+    """Every ordered pair of: a normal call, a call that raises inside the capture, a nested
+    recorder, the same recorder entered twice, an entry that fails half way, an exit without an
+    entry. Recorders refuse a second entry, so the user's processors come back every time."""
+    import itertools
+
+    from diffusers.models.attention_processor import AttnProcessor
+    from PIL import Image
+
+    from elbo_t2ialign import Aligner
+    from elbo_t2ialign.core import capture
+    from elbo_t2ialign.devtools.tiny import tiny_sd
+
+    # a pipeline of its own: the shared tiny one must keep its processors for the other tests
+    aligner = Aligner.from_pipeline(
+        tiny_sd(), device="cpu", resolution=32, elbo_timesteps=[1, 501], collect_timesteps=[20]
+    )
+    ad = aligner.adapter
+    own = {name: AttnProcessor() for name in ad.denoiser.attn_processors}  # the user's, one per layer
+    ad.denoiser.set_attn_processor(dict(own))  # (diffusers empties the dict it is given)
+    image = Image.new("RGB", (32, 32), (90, 30, 200))
+    weights = _all_layer_weights(aligner)
+
+    def normal():
+        aligner.heatmaps(image, ["cat", "dog"])
+
+    def raising():
+        def boom(self, layer, maps, batch):
+            raise RuntimeError("boom inside the capture")
+
+        with monkeypatch.context() as m:
+            m.setattr(capture.AttentionRecorder, "add", boom)
+            with pytest.raises(RuntimeError, match="boom inside the capture"):
+                aligner.heatmaps(image, ["cat", "dog"])
+
+    def nested():
+        with ad.recorder(weights):
+            with pytest.raises(RuntimeError, match="already active on this denoiser"):
+                aligner.heatmaps(image, ["cat", "dog"])  # the aligner's own recorder is refused
+            assert all(type(p).__name__.startswith("Capture") for p in ad.denoiser.attn_processors.values())
+
+    def twice():
+        rec = ad.recorder(weights)
+        with rec:
+            with pytest.raises(RuntimeError, match="cannot be entered twice"):
+                rec.__enter__()
+
+    def failed_entry():
+        rec = ad.recorder(weights)
+        rec.on_active = lambda active: (_ for _ in ()).throw(RuntimeError("entry fails"))
+        with pytest.raises(RuntimeError, match="entry fails"):
+            with rec:
+                raise AssertionError("not reached")
+        rec.__exit__(None, None, None)  # an exit after a failed entry changes nothing
+
+    def exit_only():
+        ad.recorder(weights).__exit__(None, None, None)
+
+    calls = [normal, raising, nested, twice, failed_entry, exit_only]
+    for sequence in itertools.product(calls, repeat=2):
+        for call in sequence:
+            call()
+            now = ad.denoiser.attn_processors
+            assert {k: id(v) for k, v in now.items()} == {k: id(v) for k, v in own.items()}, [
+                c.__name__ for c in sequence
+            ]
+    assert ad._capturing == 0  # every entry that counted was matched by an exit
+
+
 # SHA-256 (first 16 hex digits) of the source of each diffusers processor's __call__ that a capture
 # processor repeats, in the releases it was read against (diffusers 0.33.1 and 0.42.1). A release
 # that changes one fails here: read the new source, carry the change into elbo_t2ialign/core/capture.py

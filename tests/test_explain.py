@@ -307,7 +307,7 @@ def test_command_end_to_end_on_the_bundled_model(tmp_path, sample, bundled):
         cwd=tmp_path,
         timeout=300,
     )
-    assert bad.returncode == 1 and "Traceback" not in bad.stderr
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
     errors = [line for line in bad.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and errors[0].startswith("error: cannot locate 'heart' in prompt")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["scene-1", "scene-2"]

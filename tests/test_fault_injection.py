@@ -125,3 +125,143 @@ def test_kill_anywhere_then_rerun_gives_the_uninterrupted_bytes(setup, seed, mom
 
     run(_config(root / "datasets", out), aligner=aligner)
     assert _files(out) == reference  # same bytes, no lock or temporary left
+
+
+# ------------------------------------------------------------------ issue 24: what the user sees
+def _errors(stderr):
+    """The lines a command printed that are not the model loader's (progress bars, library notes)."""
+    return [
+        line
+        for line in stderr.splitlines()
+        if line.strip() and not line.startswith(("[transformers]", "Loading")) and "it/s]" not in line
+    ]
+
+
+@pytest.mark.parametrize(
+    ("sig", "status", "what"),
+    [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated (SIGTERM)")],
+)
+def test_ctrl_c_or_sigterm_prints_one_line_then_the_rerun_resumes(setup, sig, status, what):
+    root, aligner, reference = setup
+    out = root / f"signal-{sig.name}"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SLOW_WRITES, *_overrides(root / "datasets", out)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    _wait(lambda: _finished(out) >= 1, proc)
+    assert proc.poll() is None, proc.stderr.read()  # still running
+    proc.send_signal(sig)
+    stderr = proc.communicate(timeout=60)[1]
+    assert proc.returncode == status, stderr
+    assert "Traceback" not in stderr
+    assert _errors(stderr) == [f"error: {what}; rerun the same command to resume: finished outputs are kept"]
+    assert not any(out.rglob(".*"))  # lock released, the image in flight discarded
+    run(_config(root / "datasets", out), aligner=aligner)
+    assert _files(out) == reference
+
+
+def test_damaged_config_yaml_prints_one_line_and_debug_the_traceback(setup):
+    root, aligner, reference = setup
+    out = root / "damaged-config"
+    run(_config(root / "datasets", out), aligner=aligner)
+    (out / "config.yaml").write_bytes(b"output_dir: runs/x\n\x00\x01\x02 garbage \xff\xfe")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    env.pop("HYDRA_FULL_ERROR", None)
+    cmd = [sys.executable, "-m", "elbo_t2ialign.segment", *_overrides(root / "datasets", out)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 3
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith(f"error: {out / 'config.yaml'} is damaged (")
+    assert line.endswith("); restore it from a copy, or start a new run with output_dir=<new folder>")
+    debug = subprocess.run([*cmd, "--debug"], env=env, capture_output=True, text=True, timeout=120)
+    assert debug.returncode == 3 and "Traceback (most recent call last)" in debug.stderr
+    assert debug.stderr.strip().splitlines()[-1] == line
+    assert _files(out) == reference
+
+
+def _can_mount_tmpfs(folder):
+    try:
+        probe = subprocess.run(
+            ["unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o size=64k tmpfs {folder}"],
+            capture_output=True,
+            timeout=20,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return probe.returncode == 0
+
+
+FULL_TMPFS = """
+set -u
+mount -t tmpfs -o size=48k tmpfs "$DISK"
+"$PY" -m elbo_t2ialign.segment "$@" output_dir="$DISK/run" > /dev/null 2> "$LOG"
+echo "first=$?"
+cd "$DISK/run" && find . -mindepth 1 -name '.*' | sed 's/^/left=/'
+mount -o remount,size=16m "$DISK"
+"$PY" -m elbo_t2ialign.segment "$@" output_dir="$DISK/run" > /dev/null 2>&1
+echo "second=$?"
+cd "$DISK/run" && find maps -type f | sort | xargs sha256sum | sed 's/^/sha=/'
+"""
+
+
+def test_full_tmpfs_during_segment_then_space_is_freed(setup, tmp_path):
+    """The issue's case on a real full disk: a 48 KB tmpfs as the output folder (in a user and
+    mount namespace, where the machine allows one), then 16 MB: the rerun finishes the run."""
+    import hashlib
+
+    root, aligner, reference = setup
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if not _can_mount_tmpfs(disk):
+        pytest.skip("no tmpfs mount here (unshare -rm or mount refused)")
+    log = tmp_path / "stderr.txt"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "DISK": str(disk)}
+    env |= {"PY": sys.executable, "LOG": str(log)}
+    overrides = [o for o in _overrides(root / "datasets", root / "x") if not o.startswith("output_dir=")]
+    done = subprocess.run(
+        ["unshare", "-rm", "sh", "-c", FULL_TMPFS, "sh", *overrides],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    lines = done.stdout.splitlines()
+    assert "first=4" in lines and "second=0" in lines, (done.stdout, done.stderr, log.read_text())
+    assert not [line for line in lines if line.startswith("left=")]  # no temporary, no lock left
+    errors = _errors(log.read_text())
+    assert len(errors) == 1 and "Traceback" not in log.read_text()
+    assert errors[0].startswith(f"error: no space left on device writing {disk / 'run'}")
+    hashes = {}
+    for line in lines:
+        if line.startswith("sha="):  # "sha=<sha256>  maps/<image>/<file>"
+            digest, path = line[4:].split("  ", 1)
+            hashes[path] = digest
+    assert hashes == {k: hashlib.sha256(v).hexdigest() for k, v in reference[0].items()}
+
+
+def test_sigterm_during_generate_prints_one_line(tmp_path):
+    from elbo_t2ialign.devtools.faults import whole_files
+
+    out = tmp_path / "gen"
+    overrides = ["model.id=tiny:sd", "model.name=tiny_sd", "prompts=demo", "steps=2", "num_prompts=20"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "elbo_t2ialign.generate", *overrides, f"output_dir={out}", "progress=false"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    _wait(lambda: any((out / "images" / "elbo").glob("*.png")), proc, seconds=180)
+    assert proc.poll() is None, proc.stderr.read()
+    proc.send_signal(signal.SIGTERM)
+    stderr = proc.communicate(timeout=60)[1]
+    assert proc.returncode == 143 and "Traceback" not in stderr, stderr
+    assert _errors(stderr)[-1] == (
+        "error: terminated (SIGTERM); rerun the same command to resume: finished outputs are kept"
+    )
+    assert whole_files(out) == [] and not (out / ".lock").exists()

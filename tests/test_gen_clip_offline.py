@@ -36,7 +36,7 @@ def test_default_clip_offline_is_one_line(tmp_path, capsys, monkeypatch):
         ClipScorer.from_pretrained(DEFAULT_CLIP)
     assert "\n" not in str(err.value)
     fake_run(tmp_path)
-    assert main([str(tmp_path), "--device", "cpu"]) == 1
+    assert main([str(tmp_path), "--device", "cpu"]) == 2
     stderr = capsys.readouterr().err
     assert "Traceback" not in stderr
     (line,) = [line for line in stderr.splitlines() if line.startswith("error:")]

@@ -7,10 +7,11 @@ import pytest
 import torch
 from PIL import Image
 
+from elbo_t2ialign.cli import DamagedFileError
 from elbo_t2ialign.devtools.tiny import tiny_clip
 from elbo_t2ialign.generation.clipscore import ClipScoreError, ClipScorer
 from elbo_t2ialign.generation.config import GenerationError, read_prompts
-from elbo_t2ialign.generation.evaluate import EvaluationError, evaluate, main
+from elbo_t2ialign.generation.evaluate import evaluate, main
 
 PROMPTS = ["a cat and a dog", "a red car", "a bird on a sofa"]
 
@@ -103,12 +104,14 @@ def test_evaluate_run_folder_means_per_prompt_then_overall(tmp_path):
 def test_unreadable_image_names_the_file(tmp_path):
     paths = fake_run(tmp_path)
     paths[("baseline", 1, 4308)].write_bytes(b"not a png")
-    with pytest.raises(EvaluationError, match=r"cannot read image .*00001_4308\.png.*Delete it and rerun"):
+    with pytest.raises(
+        DamagedFileError, match=r"00001_4308\.png is damaged \(.*rerun the generation command"
+    ):
         evaluate(tmp_path, ClipScorer(*tiny_clip()))
 
 
 def test_cli_reports_errors_without_traceback(tmp_path, capsys):
-    assert main([str(tmp_path), "--clip", "tiny"]) == 1
+    assert main([str(tmp_path), "--clip", "tiny"]) == 2
     assert "not a generation run folder" in capsys.readouterr().err
     fake_run(tmp_path)
     assert main([str(tmp_path), "--clip", "tiny", "--device", "cpu"]) == 0

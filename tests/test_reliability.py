@@ -12,10 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from elbo_t2ialign.cli import DamagedFileError
 from elbo_t2ialign.devtools.fixtures import PixelAligner, fixture_config, random_samples, write_dataset
 from elbo_t2ialign.runfolder import RunLock, folder_digest
 from elbo_t2ialign.segmentation import evaluate, run
-from elbo_t2ialign.segmentation.config import ConfigError, InputError, SegmentationError
+from elbo_t2ialign.segmentation.config import ConfigError, InputError
 
 CLASSES = ["cat", "dog", "boat"]
 
@@ -86,8 +87,8 @@ def test_command_line_prints_one_line_and_traceback_only_on_request(tmp_path):
     corrupt.mkdir()
     (corrupt / "config.yaml").write_text("a: [\n")
     ev = _cli("elbo_t2ialign.evaluate", str(corrupt), cwd=tmp_path)
-    assert ev.returncode == 2 and len(ev.stderr.strip().splitlines()) == 1
-    assert ev.stderr.startswith(f"error: {corrupt / 'config.yaml'} is unreadable (")
+    assert ev.returncode == 3 and len(ev.stderr.strip().splitlines()) == 1
+    assert ev.stderr.startswith(f"error: {corrupt / 'config.yaml'} is damaged (")
 
 
 def test_failed_model_load_leaves_no_folder(tmp_path, data):
@@ -212,7 +213,7 @@ def test_damaged_images_are_named_by_evaluate_and_recomputed_on_resume(tmp_path,
     truncated = sorted((out / "maps" / "img_003").glob("baseline_*.png"))[0]
     truncated.write_bytes(truncated.read_bytes()[:40])
 
-    with pytest.raises(SegmentationError) as err:
+    with pytest.raises(DamagedFileError) as err:
         evaluate(out, progress=False)
     text = str(err.value)
     assert text.startswith("3 file(s) missing or unreadable: ")
@@ -259,7 +260,7 @@ def test_explain_checks_the_device_before_loading(tmp_path, monkeypatch, capsys)
     Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
     assert (
         explain.main([str(tmp_path / "a.png"), "square", "device=cuda", f"output_dir={tmp_path / 'out'}"])
-        == 1
+        == 2
     )
     assert capsys.readouterr().err == (
         "error: device=cuda but torch sees no CUDA device here; use device=auto or device=cpu\n"

@@ -24,6 +24,7 @@ changes one of them, and compares every output with the original's):
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -396,6 +397,10 @@ def resize_self(m: torch.Tensor, r: int, target: int) -> torch.Tensor:
     return keys.repeat_interleave(factor, 0).repeat_interleave(factor, 1).reshape(target * target, -1)
 
 
+# denoiser -> the recorder whose capture processors are in it (weak: a dropped model is forgotten)
+_ACTIVE: weakref.WeakKeyDictionary[torch.nn.Module, AttentionRecorder] = weakref.WeakKeyDictionary()
+
+
 class AttentionRecorder:
     """Context manager that captures attention while the denoiser runs.
 
@@ -446,22 +451,43 @@ class AttentionRecorder:
         ]
 
     def __enter__(self) -> AttentionRecorder:
-        self._saved = dict(self.denoiser.attn_processors)
+        """Install the capture processors, keeping the denoiser's own to put back on exit. One
+        recorder at a time per denoiser: entering this one again, or another one, while one is
+        active raises (its "own" processors would be the capture processors, left in on exit)."""
+        if self.denoiser in _ACTIVE:
+            raise RuntimeError(
+                "an AttentionRecorder is already active on this denoiser; recorders do not nest and "
+                "cannot be entered twice: leave the active one (its `with` block) first"
+            )
+        saved = dict(self.denoiser.attn_processors)
         captured = set(self.captured)
         new = {
             name: (self.processor_factory(self, self.layers[name]) if name in captured else proc)
-            for name, proc in ((k.removesuffix(".processor"), v) for k, v in self._saved.items())
+            for name, proc in ((k.removesuffix(".processor"), v) for k, v in saved.items())
         }
-        self.denoiser.set_attn_processor({f"{k}.processor": v for k, v in new.items()})
-        if self.on_active is not None:
-            self.on_active(True)
+        try:
+            self.denoiser.set_attn_processor({f"{k}.processor": v for k, v in new.items()})
+            _ACTIVE[self.denoiser] = self
+            self._saved = saved
+            if self.on_active is not None:
+                self.on_active(True)
+        except BaseException:  # a failed entry leaves the denoiser's own processors in place
+            self.denoiser.set_attn_processor(saved)
+            _ACTIVE.pop(self.denoiser, None)
+            self._saved = None
+            raise
         return self
 
     def __exit__(self, *exc) -> None:
-        self.denoiser.set_attn_processor(dict(self._saved))
-        self._saved = None
-        if self.on_active is not None:
-            self.on_active(False)
+        if self._saved is None:  # not entered (or its entry failed): nothing to put back
+            return
+        try:
+            self.denoiser.set_attn_processor(dict(self._saved))
+        finally:
+            self._saved = None
+            _ACTIVE.pop(self.denoiser, None)
+            if self.on_active is not None:
+                self.on_active(False)
 
     def add(self, layer: LayerInfo, maps: dict[str, torch.Tensor], batch: int) -> None:
         """Called by a capture processor: maps are summed over `batch` samples."""

@@ -12,19 +12,17 @@ files of the run folder.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
 
-from elbo_t2ialign.cli import one_line
+from elbo_t2ialign.cli import cli_run, damaged, debug_requested, disk_full
 from elbo_t2ialign.generation.clipscore import DEFAULT_CLIP, ClipScoreError, ClipScorer
 from elbo_t2ialign.generation.layout import VARIANTS, GenerationFolder, image_stem
-from elbo_t2ialign.runfolder import write_json_atomic
+from elbo_t2ialign.runfolder import save_image_atomic, write_json_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +37,13 @@ def load_image(path: Path) -> Image.Image:
         with Image.open(path) as im:
             return im.convert("RGB")
     except (OSError, UnidentifiedImageError, SyntaxError) as err:
-        raise EvaluationError(
-            f"cannot read image {path}: {err}. Delete it and rerun the generation command: the run resumes "
-            "and regenerates only missing images."
+        if disk_full(err):
+            raise
+        raise damaged(
+            path,
+            err,
+            "rerun the generation command with the same config: it moves damaged images to damaged/ "
+            "and generates them again",
         ) from None
 
 
@@ -51,15 +53,10 @@ def read_prompts(folder: GenerationFolder) -> dict[int, dict[str, Any]]:
             f"{folder.root} is not a generation run folder (no prompts.json); "
             "run `python -m elbo_t2ialign.generate ...` first"
         )
-    try:
-        entries = json.loads(folder.prompts.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise EvaluationError(
-            f"{folder.prompts} is unreadable ({err}); rerun the generation command to write it again"
-        ) from None
+    entries = folder.read_prompts()
     if not entries:
         raise EvaluationError(f"{folder.prompts} lists no prompts")
-    return {int(e["index"]): e for e in entries}
+    return entries
 
 
 def score_variant(
@@ -121,9 +118,9 @@ def evaluate(run_dir: str | Path, scorer: ClipScorer, grid: int = 4) -> dict[str
             b = sum(variants["baseline"]["per_prompt"][k] for k in shared) / len(shared)
             result["paired"] = {"num_prompts": len(shared), "elbo": e, "baseline": b, "delta": e - b}
     write_json_atomic(folder.scores, result)
-    folder.report.write_text(markdown(result, prompts), encoding="utf-8")
+    write_text_atomic(folder.report, markdown(result, prompts))
     if grid > 0 and "paired" in result:
-        make_grid(folder, result, prompts, grid).save(folder.grid)
+        save_image_atomic(make_grid(folder, result, prompts, grid), folder.grid)
     return result
 
 
@@ -207,16 +204,16 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     from elbo_t2ialign.core.adapters import resolve_device
 
-    try:
+    def scored() -> dict[str, Any]:
         scorer = ClipScorer.from_pretrained(
             args.clip, device=resolve_device(args.device), batch_size=args.batch_size, truncate=args.truncate
         )
-        result = evaluate(args.run_dir, scorer, grid=args.grid)
-    except (EvaluationError, ClipScoreError) as err:
-        if args.debug or os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise
-        print(f"error: {one_line(err)}", file=sys.stderr)
-        return 1
+        return evaluate(args.run_dir, scorer, grid=args.grid)
+
+    debug = debug_requested(["--debug"] if args.debug else [])[0]
+    result, code = cli_run(scored, (EvaluationError, ClipScoreError), debug)
+    if code:
+        return code
     for name, v in result["variants"].items():
         if v:
             print(

@@ -23,10 +23,16 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
-from elbo_t2ialign.runfolder import RunFolder
+from elbo_t2ialign.cli import damaged
+from elbo_t2ialign.runfolder import RunFolder, read_record
 
 VARIANTS = ("elbo", "baseline")
+PROMPTS_REMEDY = (
+    "restore it; or, if the prompt file is unchanged since the images were made, delete it and rerun "
+    "the generation command, which writes it again"
+)
 _NAME = re.compile(r"^(\d+)_(\d+)\.png$")
 
 
@@ -66,3 +72,13 @@ class GenerationFolder(RunFolder):
             return {}
         found = {key: p for p in folder.iterdir() if (key := parse_image_name(p.name)) is not None}
         return dict(sorted(found.items()))
+
+    def read_prompts(self) -> dict[int, dict[str, Any]]:
+        """prompts.json as {index: entry}; a damaged one raises `DamagedFileError` saying how to recover."""
+        entries = read_record(self.prompts, list, PROMPTS_REMEDY)
+        try:
+            return {int(e["index"]): {**e, "prompt": str(e["prompt"])} for e in entries}
+        except (KeyError, TypeError, ValueError) as err:
+            raise damaged(
+                self.prompts, f"an entry without index or prompt: {err!r}", PROMPTS_REMEDY
+            ) from None

@@ -8,7 +8,6 @@ noise of seed `cfg.seed + j`, for the weighted and the baseline image alike.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
@@ -184,8 +183,7 @@ def _write_prompts(
 ) -> dict[int, list[str]]:
     """Noun phrases of every selected prompt, merged into prompts.json; a prompt whose text changed
     since earlier images were made is an error."""
-    old = json.loads(folder.prompts.read_text(encoding="utf-8")) if folder.prompts.is_file() else []
-    entries = {int(e["index"]): e for e in old}
+    entries = folder.read_prompts() if folder.prompts.is_file() else {}
     for index, prompt in selected:
         if index in entries and entries[index]["prompt"] != prompt:
             raise GenerationError(

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from elbo_t2ialign.runfolder import read_json
+from elbo_t2ialign.runfolder import read_json, save_figure_atomic
 from elbo_t2ialign.segmentation.config import SegmentationError
 from elbo_t2ialign.segmentation.layout import SegmentationFolder
 from elbo_t2ialign.segmentation.metrics import SweepAccumulator
@@ -200,7 +200,7 @@ def write_plots(m: dict[str, Any], folder: Path) -> list[Path]:
     )
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
-    fig.savefig(files[0], dpi=120)
+    save_figure_atomic(fig, files[0], dpi=120)
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -211,6 +211,6 @@ def write_plots(m: dict[str, Any], folder: Path) -> list[Path]:
     ax.set(xlabel="threshold", ylabel="mIoU (%)", title=title)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(files[1], dpi=120)
+    save_figure_atomic(fig, files[1], dpi=120)
     plt.close(fig)
     return files

@@ -18,12 +18,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from omegaconf import OmegaConf
 from PIL import Image
 from tqdm import tqdm
 
-from elbo_t2ialign.cli import cli_errors, debug_requested, one_line
-from elbo_t2ialign.runfolder import IDENTITY_FILE, REPO_ROOT, read_json, write_json_atomic
+from elbo_t2ialign.cli import DamagedFileError, cli_errors, damaged, debug_requested
+from elbo_t2ialign.runfolder import (
+    IDENTITY_FILE,
+    REPO_ROOT,
+    read_config,
+    read_json,
+    read_record,
+    write_json_atomic,
+)
 from elbo_t2ialign.segmentation import ablation
 from elbo_t2ialign.segmentation import crf as dense_crf
 from elbo_t2ialign.segmentation.config import SegmentationError
@@ -75,10 +81,9 @@ def evaluate(
     dense_crf.check_unary(crf_unary)
     if crf:
         dense_crf.require()
-    try:
-        conf = OmegaConf.to_container(OmegaConf.load(folder.config), resolve=True)
-    except Exception as err:  # noqa: BLE001  (YAML or OmegaConf error: a damaged file)
-        raise SegmentationError(f"{folder.config} is unreadable ({one_line(err)}); restore it") from None
+    conf = read_config(
+        folder.config, resolve=True, keys=("dataset", "model"), remedy="restore it from a copy"
+    )
     dataset = SegDataset(dataset_config(folder, conf))  # type: ignore[arg-type]
     names = _finished_in_split_order(folder, dataset)
     check_readable(folder, dataset, names)
@@ -141,11 +146,12 @@ def dataset_config(folder: SegmentationFolder, conf: dict[str, Any]) -> dict[str
     dcfg = dict(conf["dataset"])
     recorded = folder.root / IDENTITY_FILE
     if recorded.is_file():
+        remedy = "restore it, or move it away (the data is then looked up by the config's paths)"
         try:
-            paths = read_json(recorded)["dataset"]
+            paths = read_record(recorded, dict, remedy)["dataset"]
             return {**dcfg, "data_root": paths["data_root"], "metadata": paths["metadata"]}
-        except (OSError, ValueError, KeyError, TypeError) as err:
-            raise SegmentationError(f"{recorded} is unreadable ({err}); restore it or move it away") from None
+        except (KeyError, TypeError) as err:
+            raise damaged(recorded, f"no dataset paths: {type(err).__name__} {err}", remedy) from None
     for key in ("data_root", "metadata"):
         value = dcfg.get(key)
         if value and not Path(value).expanduser().exists() and (REPO_ROOT / value).exists():
@@ -165,7 +171,7 @@ def check_readable(folder: SegmentationFolder, dataset: SegDataset, names: list[
         shown = "; ".join(problems[:20]) + (
             f"; ... ({len(problems) - 20} more)" if len(problems) > 20 else ""
         )
-        raise SegmentationError(
+        raise DamagedFileError(
             f"{len(problems)} file(s) missing or unreadable: {shown}. Rerun the segmentation "
             "command with the same config: it recomputes damaged images"
         )

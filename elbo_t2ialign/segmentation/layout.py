@@ -120,9 +120,17 @@ class SegmentationFolder(RunFolder):
         return found
 
     def skipped_images(self) -> dict[str, dict[str, Any]]:
+        """Image -> its skip record; a damaged record (only a note of why an image was skipped) is
+        reported as such rather than stopping the evaluation."""
         if not self.skipped.is_dir():
             return {}
-        return {p.stem: read_json(p) for p in sorted(self.skipped.glob("*.json"))}
+        out = {}
+        for path in sorted(self.skipped.glob("*.json")):
+            try:
+                out[path.stem] = dict(read_json(path))
+            except (ValueError, TypeError) as err:
+                out[path.stem] = {"image": path.stem, "error": f"skip record {path} unreadable ({err})"}
+        return out
 
 
 def heatmap_name(variant: str, class_id: int) -> str:

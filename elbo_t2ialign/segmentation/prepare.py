@@ -27,8 +27,8 @@ from typing import Any
 from omegaconf import OmegaConf
 from PIL import Image
 
-from elbo_t2ialign.cli import config_dir
-from elbo_t2ialign.runfolder import read_json, write_json_atomic
+from elbo_t2ialign.cli import cli_run, config_dir, debug_requested, disk_full
+from elbo_t2ialign.runfolder import RunLock, read_record, write_json_atomic, write_text_atomic, writing
 from elbo_t2ialign.segmentation import archive
 from elbo_t2ialign.segmentation.config import SegmentationError
 from elbo_t2ialign.segmentation.datasets import BUILTIN, SegDataset
@@ -157,7 +157,8 @@ def extract_local(parts: list[Path], datasets_dir: Path, roots: list[str]) -> ar
     if absent:
         raise SegmentationError(f"archive part(s) not found: {absent}")
     record = datasets_dir / "archive_sha256.json"
-    known = read_json(record) if record.is_file() else {}
+    remedy = "restore it, or delete it: the parts' digests are then recorded again from these parts"
+    known = read_record(record, dict, remedy) if record.is_file() else {}
     hint = (
         f"the part differs from the one extracted earlier ({record}): use the same parts, or delete "
         "that record if the archive was replaced on purpose"
@@ -219,7 +220,7 @@ def check(datasets_dir: Path, names: list[str], split: str = "val") -> dict[str,
         if problems:
             listing = datasets_dir / f"missing_{name}.txt"
             datasets_dir.mkdir(parents=True, exist_ok=True)
-            listing.write_text("".join(f"{p}\t{why}\n" for p, why in problems), encoding="utf-8")
+            write_text_atomic(listing, "".join(f"{p}\t{why}\n" for p, why in problems))
             print(f"MISSING {describe_missing(dataset, problems, listing)}")
         else:
             print(
@@ -251,10 +252,32 @@ def main(argv: list[str] | None = None) -> int:
         metavar="PKL",
         help="convert the reference's AEP prompts.pkl to <aep data_root>/phrases/<image>.json",
     )
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an expected error too")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     datasets_dir = Path(args.dir).expanduser().resolve()
-    try:
+    debug = debug_requested(["--debug"] if args.debug else [])[0]
+    missing, code = cli_run(lambda: prepare(args, datasets_dir), (SegmentationError,), debug)
+    if code:
+        return code
+    if any(missing.values()):
+        print(
+            "Some data is missing: rerun this command online, or put the files at the paths above "
+            "(layout: datasets/README.md of the repository).",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+def prepare(args: argparse.Namespace, datasets_dir: Path) -> dict[str, list[FileProblem]]:
+    """Fetch or extract what is missing (unless --check-only), convert AEP prompts, then check. One
+    process at a time per datasets folder (a lock in it), as two would extract into one staging folder."""
+    if args.check_only and not args.aep_prompts:
+        return check(datasets_dir, args.datasets, args.split)
+    datasets_dir.mkdir(parents=True, exist_ok=True)
+    hint = "wait for that prepare_data to finish, or give this one another --dir"
+    with RunLock(datasets_dir / ".prepare.lock", SegmentationError, hint=hint), writing(datasets_dir):
         if not args.check_only:
             roots = wanted_roots(datasets_dir, args.datasets, args.split, prompts=not args.no_prompts)
             if args.archive and roots:
@@ -269,18 +292,7 @@ def main(argv: list[str] | None = None) -> int:
                 SegDataset(dataset_config("aep", datasets_dir)).class_names,
             )
             print(f"converted {args.aep_prompts}: {written} phrase file(s) in {aep_root / 'phrases'}")
-        missing = check(datasets_dir, args.datasets, args.split)
-    except SegmentationError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    if any(missing.values()):
-        print(
-            "Some data is missing: rerun this command online, or put the files at the paths above "
-            "(layout: datasets/README.md of the repository).",
-            file=sys.stderr,
-        )
-        return 1
-    return 0
+        return check(datasets_dir, args.datasets, args.split)
 
 
 def _download_reporting_failure(datasets_dir: Path, roots: list[str], repo_id: str) -> None:
@@ -289,6 +301,8 @@ def _download_reporting_failure(datasets_dir: Path, roots: list[str], repo_id: s
     except SegmentationError:
         raise
     except Exception as err:  # offline, no access, interrupted transfer: the check says what is missing
+        if disk_full(err):
+            raise
         print(
             f"download from {repo_id} failed: {type(err).__name__}: {err} (rerun to resume)", file=sys.stderr
         )

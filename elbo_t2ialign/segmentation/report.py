@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from elbo_t2ialign.runfolder import save_figure_atomic, write_text_atomic
 from elbo_t2ialign.segmentation import ablation
 
 COLUMNS = ("mIoU", "precision", "recall", "FP", "FN", "F1")
@@ -44,8 +45,7 @@ def write_markdown(m: dict[str, Any], path: Path) -> None:
     else:
         lines += ablation.markdown(m)
     lines += ["", *_notes(m)]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    write_text_atomic(path, "\n".join(lines) + "\n")
 
 
 def _comparison(m: dict[str, Any]) -> list[str]:
@@ -158,7 +158,7 @@ def write_plots(m: dict[str, Any], overlays: list[dict[str, Any]], folder: Path)
     ax.set(xlabel="threshold", ylabel="mIoU (%)", title=f"{m['dataset']} {m['split']}")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(files[0], dpi=120)
+    save_figure_atomic(fig, files[0], dpi=120)
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -168,7 +168,7 @@ def write_plots(m: dict[str, Any], overlays: list[dict[str, Any]], folder: Path)
     ax.set(xlabel="ground-truth area bucket (small -> large)", ylabel="mIoU (%)", xticks=x)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(files[1], dpi=120)
+    save_figure_atomic(fig, files[1], dpi=120)
     plt.close(fig)
 
     _overlay_figure(plt, overlays, labels, files[2])
@@ -203,5 +203,5 @@ def _overlay_figure(plt: Any, rows: list[dict[str, Any]], labels: dict[str, str]
         ax.set_xticks([])
         ax.set_yticks([])
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_figure_atomic(fig, path, dpi=100)
     plt.close(fig)

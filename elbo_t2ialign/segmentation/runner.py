@@ -24,15 +24,17 @@ from PIL import Image
 from tqdm import tqdm
 
 from elbo_t2ialign.captions import fit_words
-from elbo_t2ialign.cli import one_line, to_container
+from elbo_t2ialign.cli import disk_full, one_line, to_container
 from elbo_t2ialign.core.options import AlignOptions
 from elbo_t2ialign.runfolder import (
     Launch,
+    discard_temp_dir,
     launch,
     model_identity,
     read_json,
     remove_stale_temps,
     write_json_atomic,
+    writing,
 )
 from elbo_t2ialign.segmentation.captioning import ensure_captions
 from elbo_t2ialign.segmentation.config import (
@@ -258,8 +260,30 @@ def _write_image(
     result: VariantMaps,
     extra: dict[str, Any] | None = None,
 ) -> None:
-    """Write into maps/.tmp-<name>/, then rename it to maps/<name>/ in one step."""
+    """Write into maps/.tmp-<name>/, then rename it to maps/<name>/ in one step. When a write fails
+    (a full disk) or the run is interrupted, the staging folder is removed at once (its space freed)."""
     tmp = _fresh_temp(folder, name)
+    try:
+        with writing(folder.image_dir(name)):
+            _stage_image(folder, tmp, name, index, seed, info, names, phrases, source, result, extra)
+    except BaseException:
+        discard_temp_dir(tmp)
+        raise
+
+
+def _stage_image(
+    folder: SegmentationFolder,
+    tmp: Path,
+    name: str,
+    index: int,
+    seed: int,
+    info: ImageInfo,
+    names: list[str],
+    phrases: list[str] | None,
+    source: str,
+    result: VariantMaps,
+    extra: dict[str, Any] | None = None,
+) -> None:
     _save_maps(tmp, name, info.class_ids, names, info.size, result)
     scores = {
         "image": name,
@@ -277,6 +301,8 @@ def _write_image(
     try:
         os.rename(tmp, folder.image_dir(name))
     except OSError as err:
+        if disk_full(err):
+            raise
         raise ConfigError(
             f"cannot finish {name}: {folder.image_dir(name)} exists but is incomplete ({err}); "
             "move it away and rerun"
@@ -316,7 +342,12 @@ def _add_variants(
         aligner, image, name, scores["classes"], scores["phrases"], scores["seed"], scores, prompt=prompt
     )
     tmp = _fresh_temp(folder, name)
-    _save_maps(tmp, name, scores["class_ids"], scores["classes"], tuple(scores["size"]), result)
+    try:
+        with writing(folder.image_dir(name)):
+            _save_maps(tmp, name, scores["class_ids"], scores["classes"], tuple(scores["size"]), result)
+    except BaseException:
+        discard_temp_dir(tmp)
+        raise
     for f in tmp.iterdir():
         os.replace(f, folder.image_dir(name) / f.name)
     tmp.rmdir()

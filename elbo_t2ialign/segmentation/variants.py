@@ -31,10 +31,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from omegaconf import OmegaConf
 
+from elbo_t2ialign.cli import damaged
 from elbo_t2ialign.core.options import AlignOptions
-from elbo_t2ialign.runfolder import read_json, write_json_atomic
+from elbo_t2ialign.runfolder import read_config, read_json, read_record, write_json_atomic
 from elbo_t2ialign.segmentation.config import ConfigError
 from elbo_t2ialign.segmentation.layout import VARIANTS, SegmentationFolder
 
@@ -135,13 +135,17 @@ def recorded(folder: SegmentationFolder, also: Sequence[str] = ()) -> dict[str, 
     record was lost) are parsed again with the folder's config."""
     path = folder.root / "variants.json"
     if path.is_file():
-        out = {entry["name"]: {k: x for k, x in entry.items() if k != "name"} for entry in read_json(path)}
+        remedy = "delete it: it is rebuilt from config.yaml and the images' scores.json"
+        entries = read_record(path, list, remedy)
+        if not all(isinstance(e, dict) and isinstance(e.get("name"), str) for e in entries):
+            raise damaged(path, "an entry without a name", remedy)
+        out = {entry["name"]: {k: x for k, x in entry.items() if k != "name"} for entry in entries}
     else:
         out, also = {}, [*VARIANTS, *also]
     extra = [name for name in dict.fromkeys(also) if name not in out]
     if extra:
-        conf = OmegaConf.to_container(OmegaConf.load(folder.config), resolve=True)
-        options = AlignOptions.from_mapping(conf.get("elbo"))  # type: ignore[union-attr]
+        conf = read_config(folder.config, resolve=True)
+        options = AlignOptions.from_mapping(conf.get("elbo"))
         out |= {v.name: v.setting() for v in parse_variants(extra, options)}
     return out
 
@@ -268,7 +272,7 @@ class ElboSource:
                 f"elbo_from={path} is not a segmentation run folder (no config.yaml); "
                 "give the output_dir of a finished run"
             )
-        theirs = OmegaConf.to_container(OmegaConf.load(self.folder.config), resolve=True)
+        theirs = read_config(self.folder.config, resolve=True, remedy=f"restore it, or drop elbo_from={path}")
         diffs = [".".join(k) for k in _ELBO_KEYS if _elbo_value(theirs, k) != _elbo_value(conf, k)]
         if diffs:
             raise ConfigError(
@@ -288,7 +292,11 @@ class ElboSource:
 
     def losses(self, image: str, names: list[str], phrases: list[str] | None, seed: int) -> dict[str, float]:
         self.check_images([image])
-        scores = read_json(self.folder.image_dir(image) / "scores.json")
+        scores = read_record(
+            self.folder.image_dir(image) / "scores.json",
+            dict,
+            f"rerun the segmentation of {self.folder.root} (it recomputes damaged images), or drop elbo_from",
+        )
         where = f"elbo_from={self.folder.root}, image {image!r}"
         if list(scores["classes"]) != list(names):
             raise ConfigError(
