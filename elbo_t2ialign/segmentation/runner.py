@@ -263,28 +263,6 @@ def _write_image(
     """Write into maps/.tmp-<name>/, then rename it to maps/<name>/ in one step. When a write fails
     (a full disk) or the run is interrupted, the staging folder is removed at once (its space freed)."""
     tmp = _fresh_temp(folder, name)
-    try:
-        with writing(folder.image_dir(name)):
-            _stage_image(folder, tmp, name, index, seed, info, names, phrases, source, result, extra)
-    except BaseException:
-        discard_temp_dir(tmp)
-        raise
-
-
-def _stage_image(
-    folder: SegmentationFolder,
-    tmp: Path,
-    name: str,
-    index: int,
-    seed: int,
-    info: ImageInfo,
-    names: list[str],
-    phrases: list[str] | None,
-    source: str,
-    result: VariantMaps,
-    extra: dict[str, Any] | None = None,
-) -> None:
-    _save_maps(tmp, name, info.class_ids, names, info.size, result)
     scores = {
         "image": name,
         "index": index,
@@ -297,7 +275,18 @@ def _stage_image(
         **result.scores(),  # elbo, tau, variants (and elbo_from when the losses were reused)
         **(extra or {}),  # prompt (phrase files, captions), caption, appended_to_caption
     }
-    write_json_atomic(tmp / "scores.json", scores)
+    try:
+        with writing(folder.image_dir(name)):
+            _save_maps(tmp, name, info.class_ids, names, info.size, result)
+            write_json_atomic(tmp / "scores.json", scores)
+            _finish(folder, tmp, name)
+    except BaseException:
+        discard_temp_dir(tmp)
+        raise
+
+
+def _finish(folder: SegmentationFolder, tmp: Path, name: str) -> None:
+    """The staged folder becomes maps/<name>/ in one rename."""
     try:
         os.rename(tmp, folder.image_dir(name))
     except OSError as err:
