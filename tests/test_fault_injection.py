@@ -91,19 +91,24 @@ def _wait(condition, proc, seconds=90):
         time.sleep(0.005)
 
 
-@pytest.mark.parametrize(("seed", "moment"), SCENARIOS)
-def test_kill_anywhere_then_rerun_gives_the_uninterrupted_bytes(setup, seed, moment):
-    root, aligner, reference = setup
-    rng = random.Random(seed)
-    out = root / f"killed-{seed}"
+def _launch_slow(root, out) -> subprocess.Popen:
+    """A segment process on the fixture data whose writes are slowed down, so it can be caught mid-run."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(
+    return subprocess.Popen(
         [sys.executable, "-c", SLOW_WRITES, *_overrides(root / "datasets", out)],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
     )
+
+
+@pytest.mark.parametrize(("seed", "moment"), SCENARIOS)
+def test_kill_anywhere_then_rerun_gives_the_uninterrupted_bytes(setup, seed, moment):
+    root, aligner, reference = setup
+    rng = random.Random(seed)
+    out = root / f"killed-{seed}"
+    proc = _launch_slow(root, out)
     _wait(lambda: (out / ".lock").exists(), proc)
     if seed == 0 and proc.poll() is None:  # a second launch meanwhile exits at once, naming the holder
         with pytest.raises(ConfigError, match=rf"{out} is in use by pid {proc.pid} on "):
@@ -144,14 +149,7 @@ def _errors(stderr):
 def test_ctrl_c_or_sigterm_prints_one_line_then_the_rerun_resumes(setup, sig, status, what):
     root, aligner, reference = setup
     out = root / f"signal-{sig.name}"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(
-        [sys.executable, "-c", SLOW_WRITES, *_overrides(root / "datasets", out)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = _launch_slow(root, out)
     _wait(lambda: _finished(out) >= 1, proc)
     assert proc.poll() is None, proc.stderr.read()  # still running
     proc.send_signal(sig)
