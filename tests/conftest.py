@@ -39,3 +39,15 @@ def tiny_aligner(family: str, **options):
 @pytest.fixture(params=FAMILIES)
 def family(request):
     return request.param
+
+
+def guided_conditionings(sampler, monkeypatch) -> list[dict]:
+    """The conditionings of the guided (batch-2) predictions an ElboSampler makes, one per step."""
+    seen = []
+    original = sampler.adapter.predict
+    monkeypatch.setattr(
+        sampler.adapter,
+        "predict",
+        lambda z, t, c: (seen.append(c) if z.shape[0] == 2 else None) or original(z, t, c),
+    )
+    return seen

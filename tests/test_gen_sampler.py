@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import tiny_pipeline
+from conftest import guided_conditionings, tiny_pipeline
 from diffusers import DDIMScheduler
 
 from elbo_t2ialign.core.adapters import adapter_for
@@ -170,13 +170,7 @@ def test_strength_below_one_weights_as_compel_downweights(monkeypatch):
     from elbo_t2ialign.generation.weighting import compel_syntax
 
     s = sampler("sd", strength=0.8)
-    guided = []
-    original = s.adapter.predict
-    monkeypatch.setattr(
-        s.adapter,
-        "predict",
-        lambda z, t, c: (guided.append(c) if z.shape[0] == 2 else None) or original(z, t, c),
-    )
+    guided = guided_conditionings(s, monkeypatch)
     r = s.sample(PROMPT, PHRASES, seed=2)
     compel = Compel(tokenizer=s.adapter.pipe.tokenizer, text_encoder=s.adapter.pipe.text_encoder)
     for step, weights in enumerate(r.weights):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from compel import Compel
-from conftest import tiny_aligner, tiny_pipeline
+from conftest import guided_conditionings, tiny_aligner, tiny_pipeline
 from test_gen_weighting import compel_sdxl
 
 from elbo_t2ialign.core.adapters import adapter_for
@@ -86,17 +86,6 @@ def test_missing_compel_package_says_what_to_install(monkeypatch):
 
 
 PROMPT, PHRASES = "a photo of a cat and a dog", ["a cat", "a dog"]
-
-
-def guided_conditionings(sampler: ElboSampler, monkeypatch) -> list[dict]:
-    seen = []
-    original = sampler.adapter.predict
-    monkeypatch.setattr(
-        sampler.adapter,
-        "predict",
-        lambda z, t, c: (seen.append(c) if z.shape[0] == 2 else None) or original(z, t, c),
-    )
-    return seen
 
 
 @pytest.mark.parametrize("strength", [1.2, 0.8])
