@@ -19,7 +19,7 @@ TORCH_INDEX ?=
 PIP_TORCH_FLAGS := $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX),)
 OFFLINE := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 OMP_NUM_THREADS=1
 
-.PHONY: install test test-floor demo report-demo lint bench lock clean-venv
+.PHONY: install test test-floor demo report-demo app lint bench lock clean-venv
 
 $(VENV)/.installed: pyproject.toml requirements/current.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,9 +29,14 @@ $(VENV)/.installed: pyproject.toml requirements/current.txt
 	@touch $@
 
 # the tests also exercise the optional extras: the dense CRF (pydensecrf2 compiles in about a
-# minute where no wheel exists) and the mmsegmentation cross-check of the IoU arithmetic
+# minute where no wheel exists), the mmsegmentation cross-check of the IoU arithmetic and the
+# explorer page (gradio; its browser test drives the system's Chromium, see .ci/run)
 $(VENV)/.installed-extras: $(VENV)/.installed
-	$(PY) -m pip install -q -c requirements/current.txt -e ".[dev,spacy-model,crf,mmseg]"
+	$(PY) -m pip install -q -c requirements/current.txt -e ".[dev,spacy-model,crf,mmseg,app]"
+	@touch $@
+
+$(VENV)/.installed-app: $(VENV)/.installed
+	$(PY) -m pip install -q -c requirements/current.txt -e ".[dev,spacy-model,app]"
 	@touch $@
 
 $(FLOOR_VENV)/.installed: pyproject.toml requirements/floor.txt
@@ -59,6 +64,13 @@ demo: $(VENV)/.installed
 report-demo: $(VENV)/.installed
 	HF_HUB_OFFLINE=1 $(PY) -m elbo_t2ialign.testbed.world --ensure
 	HF_HUB_OFFLINE=1 $(PY) -m elbo_t2ialign.grid demo
+
+# the explorer page on the bundled testbed model, offline, on http://127.0.0.1:7860 (this machine
+# only); run folders under runs/ can be opened (APP_ARGS="model=sd15 elbo=default" for a real model)
+APP_ARGS ?=
+app: $(VENV)/.installed-app
+	mkdir -p runs
+	HF_HUB_OFFLINE=1 $(PY) -m elbo_t2ialign.app runs=runs $(APP_ARGS)
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check elbo_t2ialign tests scripts setup.py
