@@ -93,7 +93,8 @@ def make_run(tmp: Path) -> Path:
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("app")
-    runs = make_run(tmp)
+    runs = tmp / "runs"
+    runs.mkdir()
     port = free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
@@ -116,6 +117,7 @@ def app(tmp_path_factory):
     )
     url = f"http://127.0.0.1:{port}/"
     try:
+        make_run(tmp)  # while the app starts
         deadline = time.time() + 60
         while True:
             try:

@@ -41,9 +41,10 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         print("the app needs Gradio: pip install 'elbo-t2ialign[app]'", file=sys.stderr)
         return 2
+    from elbo_t2ialign.app.inputs import Limits
     from elbo_t2ialign.app.model import ModelSession
     from elbo_t2ialign.app.runs import RunsRoot
-    from elbo_t2ialign.app.ui import Limits, build
+    from elbo_t2ialign.app.ui import build
     from elbo_t2ialign.explain import ExplainError, compose
 
     try:
@@ -62,12 +63,16 @@ def main(argv: list[str] | None = None) -> int:
     limits = Limits(args.max_upload_mb, args.max_pixels)
     demo = build(session, root, limits)
     demo.queue(default_concurrency_limit=1)
+    where = f"http://{'localhost' if args.host == '127.0.0.1' else args.host}:{args.port}"
+    scope = "this machine only" if args.host in ("127.0.0.1", "localhost") else f"listening on {args.host}"
+    print(f"explorer: {where} ({scope}); model {session.name}, loaded on first use; Ctrl-C stops it")
     demo.launch(
         server_name=args.host,
         server_port=args.port,
-        share=False,
+        share=False,  # never a public link
         max_file_size=limits.max_bytes,
         show_error=True,
+        quiet=True,
     )
     return 0
 

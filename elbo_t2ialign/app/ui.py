@@ -6,7 +6,6 @@ from __future__ import annotations
 import math
 import os
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,43 +14,12 @@ import numpy as np
 from PIL import Image
 
 from elbo_t2ialign.app import views
+from elbo_t2ialign.app.inputs import Limits, check_upload, split_words
 from elbo_t2ialign.app.model import ModelSession, Settings, result_at
 from elbo_t2ialign.app.runs import SIZES, SORTS, PathRefused, RunsRoot, read_run_view, table
 
 SHAPES_PICKS = 20  # the first images of the shapes world's val split offered on the page
 KINDS = (("cross", "cross-attention"), ("baseline", "baseline"), ("elbo", "calibrated"))
-
-
-@dataclass
-class Limits:
-    max_upload_mb: float = 20.0
-    max_pixels: int = 16_000_000
-
-    @property
-    def max_bytes(self) -> int:
-        return int(self.max_upload_mb * 1024 * 1024)
-
-
-def check_upload(path: str, limits: Limits) -> Image.Image:
-    """The uploaded file as an RGB image, or ValueError with the limit it breaks."""
-    size = os.path.getsize(path)
-    if size > limits.max_bytes:
-        raise ValueError(
-            f"refused: the file is {size / 2**20:.1f} MB, above the upload limit of "
-            f"{limits.max_upload_mb:g} MB; send a smaller image"
-        )
-    with Image.open(path) as img:  # reads the header only
-        width, height = img.size
-        if width * height > limits.max_pixels:
-            raise ValueError(
-                f"refused: the image is {width}x{height} = {width * height / 1e6:.1f} megapixels, "
-                f"above the limit of {limits.max_pixels / 1e6:g}; resize it first"
-            )
-        return img.convert("RGB")
-
-
-def split_words(text: str) -> list[str]:
-    return [w.strip() for w in (text or "").split(",") if w.strip()]
 
 
 def build(session: ModelSession, runs_root: RunsRoot | None, limits: Limits) -> gr.Blocks:
