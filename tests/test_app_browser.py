@@ -104,7 +104,7 @@ def app(tmp_path_factory):
             sys.executable,
             "-m",
             "elbo_t2ialign.app",
-            f"runs={runs}",
+            "runs=runs",
             "--port",
             str(port),
             "--max-pixels",
@@ -206,7 +206,8 @@ def test_one_image(app, page):
     page.locator("#upload input[type=file]").set_input_files(str(path))
     page.locator("#words textarea").fill(", ".join(WORDS))
     page.locator("#compute").click()
-    wait_gallery(page, "maps", 3 * len(WORDS) + 2)  # per word 3 maps, then 2 label maps
+    wait_gallery(page, "maps", 3 * len(WORDS))  # per word: cross-attention, baseline, calibrated
+    wait_gallery(page, "labels", 2)  # baseline and calibrated labels
     loaded = forwards(page)
     assert loaded > 0
 
@@ -235,12 +236,20 @@ def test_one_image(app, page):
         "([sel, old]) => Array.from(document.querySelectorAll(sel)).map(i => i.src).join() !== old",
         arg=["#maps .grid-container img", old],
     )
-    wait_gallery(page, "maps", 3 * len(WORDS) + 2)
+    wait_gallery(page, "maps", 3 * len(WORDS))
     second = gallery_images(page, "maps")
     changed = max(np.abs(second[3 * i + 2] - first[3 * i + 2]).mean() for i in range(len(WORDS)))
     assert changed > 0.5
     for i in range(len(WORDS)):  # the baseline and cross-attention maps do not depend on the strength
         assert np.abs(second[3 * i] - first[3 * i]).max() == 0
+    assert forwards(page) == loaded
+    # so does a new threshold: the labels change, nothing is recomputed by the network
+    old = ",".join(i.get_attribute("src") for i in page.locator("#labels .grid-container img").all())
+    page.locator("#threshold input[type=range]").fill("0.9")
+    page.wait_for_function(
+        "([sel, old]) => Array.from(document.querySelectorAll(sel)).map(i => i.src).join() !== old",
+        arg=["#labels .grid-container img", old],
+    )
     assert forwards(page) == loaded
     if shots():
         page.screenshot(path=str(shots() / "app_one_image.png"), full_page=True)

@@ -29,6 +29,7 @@ class PathRefused(ValueError):
 
 class RunsRoot:
     def __init__(self, root: str | Path):
+        self.given = str(root)  # as given (runs=), for messages
         self.root = Path(root).expanduser().resolve()
 
     def resolve(self, given: str | Path) -> Path:
@@ -39,9 +40,9 @@ class RunsRoot:
         path = Path(text).expanduser()
         path = (path if path.is_absolute() else self.root / path).resolve()
         if path != self.root and self.root not in path.parents:
-            raise PathRefused(f"refused: {text} is outside the runs folder {self.root}; pick a run below it")
+            raise PathRefused(f"refused: {text} is outside the runs folder {self.given}; pick a run below it")
         if not path.is_dir():
-            raise PathRefused(f"{text} is not a folder below the runs folder {self.root}")
+            raise PathRefused(f"{text} is not a folder below the runs folder {self.given}")
         return path
 
     def segmentation_runs(self) -> list[tuple[str, Any]]:

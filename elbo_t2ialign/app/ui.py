@@ -53,12 +53,14 @@ def build(session: ModelSession, runs_root: RunsRoot | None, limits: Limits) -> 
                 )[word]
                 extra = f" (tau {result.tau[word]:.3g})" if kind == "elbo" else ""
                 items.append((views.heat_over(image, heat), f"{word}: {title}{extra}"))
-        ids = list(range(1, len(evidence.names) + 1))
+        ids, labels_items = list(range(1, len(evidence.names) + 1)), []
         for key, title in (("baseline_heatmaps", "baseline"), ("heatmaps", "calibrated")):
             maps = np.stack([getattr(result, key)[w] for w in evidence.names])
             levels = np.round(maps * 255).astype(np.uint8)
             labels = predict(levels, ids, threshold)
-            items.append((views.labels_over(image, labels), f"{title} labels at threshold {threshold:.2f}"))
+            labels_items.append(
+                (views.labels_over(image, labels), f"{title} labels at threshold {threshold:.2f}")
+            )
         rows = [
             [
                 w,
@@ -68,11 +70,11 @@ def build(session: ModelSession, runs_root: RunsRoot | None, limits: Limits) -> 
             ]
             for w in evidence.names
         ]
-        return items, rows, result
+        return items, labels_items, rows
 
     def observe(path, words_text, prompt, strength, fixed, refine, threshold, progress=gr.Progress()):  # noqa: B008
         def fail(message: str):
-            return None, None, gr.update(), gr.update(), f"**{message}**", forwards_line()
+            return None, None, gr.update(), gr.update(), gr.update(), f"**{message}**", forwards_line()
 
         if not path:
             return fail("upload an image or pick one of the shapes world first")
@@ -92,19 +94,16 @@ def build(session: ModelSession, runs_root: RunsRoot | None, limits: Limits) -> 
         except (TypeError, ValueError, OSError) as err:
             return fail(" ".join(str(err).split()))
         progress(0.9, desc="drawing the maps")
-        items, rows, _ = gallery(image, evidence, Settings(strength, fixed, refine), threshold)
+        items, labels, rows = gallery(image, evidence, Settings(strength, fixed, refine), threshold)
         status = f"prompt: `{evidence.prompts['collect']}`"
-        return (image, evidence), None, items, rows, status, forwards_line()
+        return (image, evidence), None, items, labels, rows, status, forwards_line()
 
     def redraw(state, strength, fixed, refine, threshold):
         if state is None:
-            return gr.update(), gr.update(), forwards_line()
+            return gr.update(), gr.update(), gr.update(), forwards_line()
         image, evidence = state
-        try:
-            items, rows, _ = gallery(image, evidence, Settings(strength, fixed, refine), threshold)
-        except ValueError as err:
-            return gr.update(), gr.update(), f"**{err}**"
-        return items, rows, forwards_line()
+        items, labels, rows = gallery(image, evidence, Settings(strength, fixed, refine), threshold)
+        return items, labels, rows, forwards_line()
 
     def downloads(state, strength, fixed, refine):
         from elbo_t2ialign.explain import write_maps
@@ -194,7 +193,7 @@ def build(session: ModelSession, runs_root: RunsRoot | None, limits: Limits) -> 
         status = f"phrases: {', '.join(phrases) or '(none)'}; weights at the last step: " + ", ".join(
             f"{p} {w:.2f}" for p, w in zip(weighted.phrases, weighted.weights[-1], strict=True)
         )
-        return weighted.image, baseline.image, plot, status, forwards_line()
+        return views.plain(weighted.image), views.plain(baseline.image), plot, status, forwards_line()
 
     # ------------------------------------------------------------ layout
     with gr.Blocks(title="elbo-t2ialign explorer") as demo:
@@ -249,6 +248,14 @@ def build(session: ModelSession, runs_root: RunsRoot | None, limits: Limits) -> 
                             format="png",
                             elem_id="maps",
                             height="auto",
+                            buttons=["download", "fullscreen"],
+                        )
+                        label_maps = gr.Gallery(
+                            label="labels (argmax over the words, background below the threshold)",
+                            columns=3,
+                            format="png",
+                            elem_id="labels",
+                            buttons=["download", "fullscreen"],
                         )
                         get_files = gr.Button(
                             "Prepare downloads (maps .npy/.png, figure)", elem_id="prepare-downloads"
@@ -258,7 +265,7 @@ def build(session: ModelSession, runs_root: RunsRoot | None, limits: Limits) -> 
                 go.click(
                     observe,
                     [upload, words, prompt, strength, fixed, refine, threshold],
-                    [state, files, maps, word_table, one_status, forwards],
+                    [state, files, maps, label_maps, word_table, one_status, forwards],
                     concurrency_limit=1,
                     concurrency_id="model",
                 )
@@ -266,14 +273,14 @@ def build(session: ModelSession, runs_root: RunsRoot | None, limits: Limits) -> 
                     control.change(
                         redraw,
                         [state, strength, fixed, refine, threshold],
-                        [maps, word_table, forwards],
+                        [maps, label_maps, word_table, forwards],
                         trigger_mode="always_last",
                     )
                 get_files.click(downloads, [state, strength, fixed, refine], [files])
 
             with gr.Tab("Run folder", id="runs"):
                 view_state = gr.State(None)
-                where = str(runs_root.root) if runs_root else "(none: start with runs=<folder>)"
+                where = runs_root.given if runs_root else "(none: start with runs=<folder>)"
                 gr.Markdown(f"Segmentation runs below `{where}`")
                 with gr.Row():
                     run_pick = gr.Dropdown(
@@ -351,7 +358,10 @@ def build(session: ModelSession, runs_root: RunsRoot | None, limits: Limits) -> 
                         gen_status = gr.Markdown(elem_id="gen-status")
                         with gr.Row():
                             weighted = gr.Image(
-                                label="ELBO-weighted", format="png", elem_id="gen-weighted", height=256
+                                label="ELBO-weighted",
+                                format="png",
+                                elem_id="gen-weighted",
+                                buttons=["download", "fullscreen"],
                             )
                             baseline = gr.Image(
                                 label="baseline (same seed, no weights)",
