@@ -150,9 +150,13 @@ def page(app):
         browser.close()
 
 
-def shots() -> Path | None:
+def screenshot(page, name: str) -> None:
+    """A full-page screenshot into $ELBO_APP_SCREENSHOTS, once no component is pending any more."""
     target = os.environ.get("ELBO_APP_SCREENSHOTS")
-    return Path(target) if target else None
+    if target:
+        page.wait_for_function("() => document.querySelectorAll('.pending').length === 0")
+        page.wait_for_timeout(500)  # the fade-in of the last update
+        page.screenshot(path=str(Path(target) / name), full_page=True)
 
 
 def forwards(page) -> int:
@@ -251,8 +255,7 @@ def test_one_image(app, page):
         arg=["#labels .grid-container img", old],
     )
     assert forwards(page) == loaded
-    if shots():
-        page.screenshot(path=str(shots() / "app_one_image.png"), full_page=True)
+    screenshot(page, "app_one_image.png")
 
     # an image above the pixel limit (1 megapixel here) is refused with a message on the page
     big = app["tmp"] / "big.png"
@@ -303,8 +306,7 @@ def test_run_folder(app, page):
         "Ablation" in page.locator("#run-report").inner_text()
         or "mIoU" in page.locator("#run-report").inner_text()
     )
-    if shots():
-        page.screenshot(path=str(shots() / "app_run_folder.png"), full_page=True)
+    screenshot(page, "app_run_folder.png")
 
 
 def test_generation(app, page):
@@ -318,5 +320,4 @@ def test_generation(app, page):
     # 20 steps (999, 949, ..., 49 -> 0): the weighted image makes one ELBO forward (prompt and phrases
     # in one batch) and one guided forward per step, the baseline one guided forward per step
     assert forwards(page) == before + 20 * 2 + 20
-    if shots():
-        page.screenshot(path=str(shots() / "app_generation.png"), full_page=True)
+    screenshot(page, "app_generation.png")

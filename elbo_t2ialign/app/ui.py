@@ -58,8 +58,11 @@ def build(session: ModelSession, runs_root: RunsRoot | None, limits: Limits) -> 
             maps = np.stack([getattr(result, key)[w] for w in evidence.names])
             levels = np.round(maps * 255).astype(np.uint8)
             labels = predict(levels, ids, threshold)
+            legend = ", ".join(
+                f"{w} {views.colour_name(i)}" for i, w in zip(ids, evidence.names, strict=True)
+            )
             labels_items.append(
-                (views.labels_over(image, labels), f"{title} labels at threshold {threshold:.2f}")
+                (views.labels_over(image, labels), f"{title} labels at threshold {threshold:.2f} ({legend})")
             )
         rows = [
             [
@@ -252,7 +255,7 @@ def build(session: ModelSession, runs_root: RunsRoot | None, limits: Limits) -> 
                         )
                         label_maps = gr.Gallery(
                             label="labels (argmax over the words, background below the threshold)",
-                            columns=3,
+                            columns=4,
                             format="png",
                             elem_id="labels",
                             buttons=["download", "fullscreen"],

@@ -29,12 +29,20 @@ def heat_over(image: Image.Image, heat: np.ndarray, alpha: float = 0.5, cmap: st
     return _enlarge((base * (1 - alpha) + colour * alpha).round().astype(np.uint8))
 
 
+COLOUR_NAMES = ("blue", "orange", "green", "red", "purple", "brown", "pink", "grey", "olive", "cyan")
+
+
+def colour_name(class_id: int) -> str:
+    """The name of the colour `labels_over` gives a class id (matplotlib's tab10, cycling)."""
+    return COLOUR_NAMES[(class_id - 1) % 10]
+
+
 def labels_over(image: Image.Image | None, labels: np.ndarray, alpha: float = 0.6) -> Image.Image:
-    """Class ids coloured (tab20, cycling; background black) over the image, or alone."""
+    """Class ids coloured (tab10, cycling; background black) over the image, or alone."""
     from matplotlib import colormaps
 
-    palette = np.vstack([[0, 0, 0], colormaps["tab20"](np.arange(20))[:, :3]]) * 255.0
-    colour = palette[np.where(labels > 0, (labels - 1) % 20 + 1, 0)]
+    palette = np.vstack([[0, 0, 0], colormaps["tab10"](np.arange(10))[:, :3]]) * 255.0
+    colour = palette[np.where(labels > 0, (labels - 1) % 10 + 1, 0)]
     if image is None:
         return _enlarge(colour.round().astype(np.uint8))
     base = np.asarray(image.convert("RGB").resize(labels.shape[::-1]), dtype=np.float32)
