@@ -17,9 +17,13 @@ from typing import Any
 from PIL import Image
 
 from elbo_t2ialign.core.aligner import Evidence, HeatmapResult
+from elbo_t2ialign.core.nlp import PhraseError
 from elbo_t2ialign.core.options import AlignOptions
+from elbo_t2ialign.explain import ExplainError
 
 Progress = Callable[[float, str], None]
+# what a model call raises on bad input or an unusable model or setting: shown on the page as one line
+EXPECTED = (TypeError, ValueError, OSError, ExplainError, PhraseError)
 
 
 def _no_progress(fraction: float, desc: str) -> None:

@@ -96,7 +96,8 @@ class RunView:
         return line
 
 
-def _dataset(folder: Path):
+def dataset_of(folder: Path):
+    """(SegmentationFolder, SegDataset) of a run folder, the data found as the evaluator finds it."""
     from elbo_t2ialign.runfolder import read_config
     from elbo_t2ialign.segmentation.datasets import SegDataset
     from elbo_t2ialign.segmentation.evaluate import dataset_config
@@ -131,7 +132,7 @@ def read_run_view(folder: Path) -> RunView:
     run = read_run(folder)
     if run is None or run.task != "segment":
         raise PathRefused(f"{folder.name} is not a segmentation run folder (no readable config.yaml)")
-    seg, dataset = _dataset(folder)
+    seg, dataset = dataset_of(folder)
     metrics_path = folder / "metrics.json"
     metrics = read_json(metrics_path) if metrics_path.is_file() else None
     names = seg.finished_images()

@@ -15,8 +15,8 @@ from PIL import Image
 
 from elbo_t2ialign.app import views
 from elbo_t2ialign.app.inputs import Limits, check_upload, split_words
-from elbo_t2ialign.app.model import ModelSession, Settings, result_at
-from elbo_t2ialign.app.runs import SIZES, SORTS, PathRefused, RunsRoot, read_run_view, table
+from elbo_t2ialign.app.model import EXPECTED, ModelSession, Settings, result_at
+from elbo_t2ialign.app.runs import SIZES, SORTS, PathRefused, RunsRoot, dataset_of, read_run_view, table
 
 SHAPES_PICKS = 20  # the first images of the shapes world's val split offered on the page
 KINDS = (("cross", "cross-attention"), ("baseline", "baseline"), ("elbo", "calibrated"))
@@ -94,7 +94,7 @@ def build(session: ModelSession, runs_root: RunsRoot | None, limits: Limits) -> 
             evidence = session.observe(
                 image, words, prompt.strip() or None, progress=lambda f, d: progress(f, desc=d)
             )
-        except (TypeError, ValueError, OSError) as err:
+        except EXPECTED as err:
             return fail(" ".join(str(err).split()))
         progress(0.9, desc="drawing the maps")
         items, labels, rows = gallery(image, evidence, Settings(strength, fixed, refine), threshold)
@@ -154,7 +154,6 @@ def build(session: ModelSession, runs_root: RunsRoot | None, limits: Limits) -> 
         return rows, gr.update(choices=[r[0] for r in rows])
 
     def open_image(view, name):
-        from elbo_t2ialign.app.runs import _dataset
         from elbo_t2ialign.segmentation.evaluate import load_image_result
         from elbo_t2ialign.segmentation.metrics import predict
 
@@ -163,10 +162,14 @@ def build(session: ModelSession, runs_root: RunsRoot | None, limits: Limits) -> 
         row = next((r for r in view.rows if r.name == name), None)
         if row is None:
             return [], []
-        seg, dataset = _dataset(view.folder)
         variants = list(row.iou)
-        gt, ids, maps, _ = load_image_result(seg, dataset, name, variants)
-        image = dataset.load_image(name).convert("RGB")
+        try:
+            seg, dataset = dataset_of(view.folder)
+            gt, ids, maps, _ = load_image_result(seg, dataset, name, variants)
+            image = dataset.load_image(name).convert("RGB")
+        except (OSError, ValueError, KeyError) as err:  # moved or damaged since the run was opened
+            gr.Warning(f"{name}: cannot be read: {' '.join(str(err).split())}")
+            return [], []
         items = [(views.plain(image), "image"), (views.labels_over(None, gt), "ground truth")]
         for v in variants:
             th = view.thresholds.get(v, 0.5)
@@ -190,7 +193,7 @@ def build(session: ModelSession, runs_root: RunsRoot | None, limits: Limits) -> 
             weighted, baseline = session.generate(
                 prompt, phrases, int(seed), int(steps), float(strength), lambda f, d: progress(f, desc=d)
             )
-        except (TypeError, ValueError, OSError) as err:
+        except EXPECTED as err:
             return None, None, None, f"**{' '.join(str(err).split())}**", forwards_line()
         plot = _weights_figure(weighted)
         status = f"phrases: {', '.join(phrases) or '(none)'}; weights at the last step: " + ", ".join(
