@@ -9,6 +9,7 @@ runs the page may open (nothing outside it is read). Offline with the defaults.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from elbo_t2ialign.explain import OVERRIDE
@@ -36,6 +37,8 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str], str | 
 
 def main(argv: list[str] | None = None) -> int:
     args, overrides, runs = parse(argv)
+    # offline by default: no usage analytics or version check calls out (GRADIO_ANALYTICS_ENABLED=True allows them)
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     try:
         import gradio  # noqa: F401
     except ImportError:
