@@ -123,3 +123,15 @@ def test_upload_limits(tmp_path):
     with pytest.raises(ValueError, match="above the upload limit"):
         check_upload(str(path), Limits(max_upload_mb=(size - 1) / 2**20))
     assert split_words(" circle, a red square ,, ") == ["circle", "a red square"]
+
+
+def test_command_line_refuses_bad_arguments(tmp_path, capsys):
+    pytest.importorskip("gradio", reason="the app needs Gradio: the [app] extra (not installed at the floor)")
+    from elbo_t2ialign.app.__main__ import main
+
+    assert main([f"runs={tmp_path / 'missing'}"]) == 2
+    assert "is not a folder" in capsys.readouterr().err
+    assert main(["model=no-such-model"]) == 2
+    assert "no-such-model" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["circle"])  # not key=value
