@@ -105,6 +105,10 @@ def app(tmp_path_factory):
             "-m",
             "elbo_t2ialign.app",
             "runs=runs",
+            # a random tiny BLIP built in code, over the shapes world's words (offline)
+            "caption.model=tiny-shapes",
+            "caption.max_new_tokens=3",
+            f"caption.cache={tmp / 'captions.json'}",
             "--port",
             str(port),
             "--max-pixels",
@@ -267,6 +271,25 @@ def test_one_image(app, page):
     status.filter(has_text="refused").wait_for()
     assert "1200x1000" in status.inner_text() and "megapixels" in status.inner_text()
     assert forwards(page) == loaded
+
+
+def test_caption_as_prompt(app, page):
+    sample = world.generate(IMAGE, "val")
+    path = app["tmp"] / "shapes.png"
+    Image.fromarray(sample.image).save(path)
+    page.locator("#upload button[aria-label='Remove Image']").click()
+    page.locator("#upload input[type=file]").set_input_files(str(path))
+    page.locator("#words textarea").fill(", ".join(WORDS))
+    page.locator("#caption input").check()
+    page.locator("#compute").click()
+    status = page.locator("#one-status")
+    status.filter(has_text="caption").wait_for()
+    wait_gallery(page, "maps", 3 * len(WORDS))
+    text = status.inner_text()
+    prompt = text.split("prompt:", 1)[1]
+    assert all(word in prompt for word in WORDS), text  # the words the caption lacks are appended
+    assert (app["tmp"] / "captions.json").is_file()
+    page.locator("#caption input").uncheck()
 
 
 def test_run_folder(app, page):

@@ -107,6 +107,15 @@ class ModelSession:
                 image, words, prompt=prompt, options=self.options, need_elbo=len(words) > 1
             )
 
+    def caption_prompt(self, image: Image.Image, words: list[str], progress: Progress = _no_progress):
+        """(caption, from the cache, prompt, appended words): the image's caption by the configured
+        captioner (configs/explain.yaml `caption`, cached), with the words it lacks appended."""
+        from elbo_t2ialign.explain import caption_prompt
+
+        with self._lock:
+            progress(0.1, "captioning the image")
+            return caption_prompt(self.conf, image, words)
+
     # ------------------------------------------------------------ generation
     def phrases(self, prompt: str) -> list[str]:
         """The prompt's noun phrases, as the generation runner extracts them (spaCy, default stop-list)."""

@@ -75,7 +75,17 @@ def build(session: ModelSession, runs_root: RunsRoot | None, limits: Limits) -> 
         ]
         return items, labels_items, rows
 
-    def observe(path, words_text, prompt, strength, fixed, refine, threshold, progress=gr.Progress()):  # noqa: B008
+    def observe(
+        path,
+        words_text,
+        prompt,
+        caption,
+        strength,
+        fixed,
+        refine,
+        threshold,
+        progress=gr.Progress(),  # noqa: B008
+    ):
         def fail(message: str):
             return None, None, gr.update(), gr.update(), gr.update(), f"**{message}**", forwards_line()
 
@@ -90,15 +100,22 @@ def build(session: ModelSession, runs_root: RunsRoot | None, limits: Limits) -> 
         words = split_words(words_text)
         if not words:
             return fail("type at least one word (several: separate them with commas)")
+        if caption and prompt.strip():
+            return fail("give a prompt or ask for the caption, not both")
+        report = lambda f, d: progress(f, desc=d)  # noqa: E731
+        status = ""
         try:
-            evidence = session.observe(
-                image, words, prompt.strip() or None, progress=lambda f, d: progress(f, desc=d)
-            )
+            if caption:
+                text, cached, prompt, appended = session.caption_prompt(image, words, report)
+                status = f"caption{' (from the cache)' if cached else ''}: {text}" + (
+                    f" (appended: {', '.join(appended)})" if appended else ""
+                )
+            evidence = session.observe(image, words, prompt.strip() or None, progress=report)
         except EXPECTED as err:
             return fail(" ".join(str(err).split()))
         progress(0.9, desc="drawing the maps")
         items, labels, rows = gallery(image, evidence, Settings(strength, fixed, refine), threshold)
-        status = f"prompt: `{evidence.prompts['collect']}`"
+        status = "  \n".join(filter(None, [status, f"prompt: `{evidence.prompts['collect']}`"]))
         return (image, evidence), None, items, labels, rows, status, forwards_line()
 
     def redraw(state, strength, fixed, refine, threshold):
@@ -224,6 +241,11 @@ def build(session: ModelSession, runs_root: RunsRoot | None, limits: Limits) -> 
                         prompt = gr.Textbox(
                             label="prompt (optional: the words are found in it)", elem_id="prompt"
                         )
+                        caption = gr.Checkbox(
+                            value=False,
+                            label="prompt = the image's caption (words it lacks are appended)",
+                            elem_id="caption",
+                        )
                         go = gr.Button("Compute maps", variant="primary", elem_id="compute")
                         strength = gr.Slider(
                             1,
@@ -270,7 +292,7 @@ def build(session: ModelSession, runs_root: RunsRoot | None, limits: Limits) -> 
                 pick.change(pick_shapes, [pick], [upload, words])
                 go.click(
                     observe,
-                    [upload, words, prompt, strength, fixed, refine, threshold],
+                    [upload, words, prompt, caption, strength, fixed, refine, threshold],
                     [state, files, maps, label_maps, word_table, one_status, forwards],
                     concurrency_limit=1,
                     concurrency_id="model",
