@@ -15,6 +15,7 @@ from elbo_t2ialign.app.inputs import Limits, check_upload, split_words
 from elbo_t2ialign.app.runs import PathRefused, RunsRoot, read_run_view, table
 from elbo_t2ialign.devtools.fixtures import PixelAligner, fixture_config, random_samples, write_dataset
 from elbo_t2ialign.segmentation import evaluate, run
+from elbo_t2ialign.segmentation.datasets import IGNORE
 
 CLASSES = ["cat", "dog", "bird"]
 
@@ -135,3 +136,25 @@ def test_command_line_refuses_bad_arguments(tmp_path, capsys):
     assert "no-such-model" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["circle"])  # not key=value
+
+
+def test_label_and_heat_colours():
+    from matplotlib import colormaps
+
+    from elbo_t2ialign.app import views
+
+    labels = np.array([[0, 1], [2, IGNORE]])
+    out = np.asarray(views.labels_over(None, labels))  # 2x2 enlarged to 256x256, pixels kept
+    assert out.shape == (256, 256, 3)
+    tab10 = np.round(colormaps["tab10"](np.arange(10))[:, :3] * 255)
+    assert out[0, 0].tolist() == [0, 0, 0]  # background
+    assert out[0, 200].tolist() == tab10[0].tolist() and views.colour_name(1) == "blue"
+    assert out[200, 0].tolist() == tab10[1].tolist() and views.colour_name(2) == "orange"
+    assert out[200, 200].tolist() == [255, 255, 255]  # ignored
+    black = Image.new("RGB", (2, 2))
+    heat = np.array([[0.0, 1.0], [0.5, 0.25]], np.float32)
+    over = np.asarray(views.heat_over(black, heat, alpha=0.5))
+    jet = colormaps["jet"]
+    for (y, x), value in np.ndenumerate(heat):
+        want = np.round(np.asarray(jet(float(value))[:3]) * 255 * 0.5)
+        assert np.abs(over[y * 128, x * 128] - want).max() <= 1, (y, x)

@@ -3,8 +3,10 @@ model calls go through `model.ModelSession`, run folders through `runs.RunsRoot`
 
 from __future__ import annotations
 
+import atexit
 import math
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -23,7 +25,8 @@ KINDS = (("cross", "cross-attention"), ("baseline", "baseline"), ("elbo", "calib
 
 
 def build(session: ModelSession, runs_root: RunsRoot | None, limits: Limits) -> gr.Blocks:
-    work = Path(tempfile.mkdtemp(prefix="elbo-t2ialign-app-"))
+    work = Path(tempfile.mkdtemp(prefix="elbo-t2ialign-app-"))  # downloads; removed when the app stops
+    atexit.register(shutil.rmtree, work, ignore_errors=True)
 
     def forwards_line() -> str:
         state = "loaded" if session.loaded else "not loaded yet"

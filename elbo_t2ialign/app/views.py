@@ -38,11 +38,14 @@ def colour_name(class_id: int) -> str:
 
 
 def labels_over(image: Image.Image | None, labels: np.ndarray, alpha: float = 0.6) -> Image.Image:
-    """Class ids coloured (tab10, cycling; background black) over the image, or alone."""
+    """Class ids coloured (tab10, cycling; background black, ignored pixels (IGNORE) white) over the
+    image, or alone."""
     from matplotlib import colormaps
 
-    palette = np.vstack([[0, 0, 0], colormaps["tab10"](np.arange(10))[:, :3]]) * 255.0
-    colour = palette[np.where(labels > 0, (labels - 1) % 10 + 1, 0)]
+    from elbo_t2ialign.segmentation.datasets import IGNORE
+
+    palette = np.vstack([[0, 0, 0], colormaps["tab10"](np.arange(10))[:, :3] * 255.0, [255, 255, 255]])
+    colour = palette[np.where(labels == IGNORE, 11, np.where(labels > 0, (labels - 1) % 10 + 1, 0))]
     if image is None:
         return _enlarge(colour.round().astype(np.uint8))
     base = np.asarray(image.convert("RGB").resize(labels.shape[::-1]), dtype=np.float32)
