@@ -200,6 +200,10 @@ def wait_table(page, elem: str, ready, timeout: float = 30.0) -> list[list[str]]
         page.wait_for_timeout(200)
 
 
+def read_gallery_count(page, elem: str) -> int:
+    return page.locator(f"#{elem} .grid-container img").count()
+
+
 def wait_gallery(page, elem: str, count: int) -> None:
     page.wait_for_function(
         "([sel, n]) => document.querySelectorAll(sel).length === n",
@@ -271,6 +275,7 @@ def test_one_image(app, page):
     status.filter(has_text="refused").wait_for()
     assert "1200x1000" in status.inner_text() and "megapixels" in status.inner_text()
     assert forwards(page) == loaded
+    assert read_gallery_count(page, "maps") == 0  # the maps of the earlier image are gone
 
 
 def test_caption_as_prompt(app, page):
@@ -283,9 +288,10 @@ def test_caption_as_prompt(app, page):
     page.locator("#caption input").check()
     page.locator("#compute").click()
     status = page.locator("#one-status")
-    status.filter(has_text="caption").wait_for()
+    status.filter(has_text="prompt:").wait_for()  # the result, not the progress line ("captioning ...")
     wait_gallery(page, "maps", 3 * len(WORDS))
     text = status.inner_text()
+    assert text.startswith("caption: "), text
     prompt = text.split("prompt:", 1)[1]
     assert all(word in prompt for word in WORDS), text  # the words the caption lacks are appended
     assert (app["tmp"] / "captions.json").is_file()

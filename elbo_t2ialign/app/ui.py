@@ -90,7 +90,7 @@ def build(session: ModelSession, runs_root: RunsRoot | None, limits: Limits) -> 
         progress=gr.Progress(),  # noqa: B008
     ):
         def fail(message: str):
-            return None, None, gr.update(), gr.update(), gr.update(), f"**{message}**", forwards_line()
+            return None, None, [], [], [], f"**{message}**", forwards_line()
 
         if not path:
             return fail("upload an image or pick one of the shapes world first")
