@@ -31,6 +31,7 @@ TOP_KEYS = {
     "variants",
     "elbo_from",  # calibration variants of one run, ELBO losses from another (variants.py)
     "caption",  # the captioner of dataset.prompt=caption (elbo_t2ialign/captions.py)
+    "save_token_maps",  # keep every text token's cross-attention (tokens.npy per image)
 }
 DATASET_KEYS = {
     "name",
@@ -98,8 +99,9 @@ def validate(cfg: dict[str, Any]) -> AlignOptions:
         raise ConfigError(f"output_dir must be a folder path, got {cfg.get('output_dir')!r}")
     check_integer("num_images", cfg.get("num_images"), 0, ConfigError, none="the whole split")
     check_integer("seed", cfg.get("seed", 0), 0, ConfigError)
-    if not isinstance(cfg.get("progress", True), bool):
-        raise ConfigError(f"progress must be true or false, got {cfg.get('progress')!r}")
+    for key, default in (("progress", True), ("save_token_maps", False)):
+        if not isinstance(cfg.get(key, default), bool):
+            raise ConfigError(f"{key} must be true or false, got {cfg.get(key)!r}")
     parse_shard(cfg.get("shard"))
     resolve_rank_device(cfg.get("device"))
     _check_prompt(cfg)
