@@ -441,9 +441,8 @@ class Aligner:
 
         weights = self._weights if opts is self.options else capture.layer_weights(self.layers, opts)
         texts_collected = [g.text for g in plan]
-        rec = self._collect(
-            z0, texts_collected, collect_noise, opts, weights, check_length=opts.prompt_overflow != "truncate"
-        )
+        check = opts.prompt_overflow != "truncate"  # truncate: the text encoder cuts the prompt
+        rec = self._collect(z0, texts_collected, collect_noise, opts, weights, False, check)
         groups = [None] if len(plan) == 1 else list(range(len(plan)))
         store = torch.float32 if opts.capture_precision == "float32" else self.adapter.dtype
         tokens = _stacked([rec.mean("cross", g).to(store) for g in groups])  # (P, R*R, L)
