@@ -191,7 +191,7 @@ def attend_and_capture(
                 head_mean = probs.mean(dim=1).sum(dim=0).float()  # (r, Sk)
             else:  # (G, r, Sk): the rows of each group summed apart
                 head_mean = probs.new_zeros((n_groups, hi - lo, sk), dtype=torch.float32)
-                head_mean.index_add_(0, groups.to(probs.device), probs.mean(dim=1).float())
+                head_mean.index_add_(0, groups, probs.mean(dim=1).float())
             del probs
             for name, blk in blocks.items():
                 maps[name][..., lo - start : hi - start, :] += head_mean[..., blk]
@@ -452,6 +452,7 @@ class AttentionRecorder:
         # with set_groups: the rows' group ids, and per group its own sums and sample counts
         self.groups: torch.Tensor | None = None
         self.n_groups: int | None = None
+        self.group_counts: list[int] = []
         self.group_sums: dict[int, dict[str, torch.Tensor]] = {}
         self.group_samples: dict[int, dict[str, int]] = {}
         self.on_active = on_active  # told True once the capture processors are in, False once out
@@ -518,7 +519,10 @@ class AttentionRecorder:
         if self.n_groups is not None and n != self.n_groups:
             raise ValueError(f"this recorder keeps {self.n_groups} groups, not {n}")
         self.n_groups = n
-        self.groups = torch.as_tensor(list(groups), dtype=torch.long)
+        rows = [int(g) for g in groups]
+        self.group_counts = [rows.count(g) for g in range(n)]  # on the host: no device sync per layer
+        device = next(self.denoiser.parameters()).device
+        self.groups = torch.tensor(rows, dtype=torch.long, device=device)
 
     def grouping(self) -> dict[str, object]:
         """The group arguments of `attend_and_capture` for the current batch (none when ungrouped)."""
@@ -528,8 +532,7 @@ class AttentionRecorder:
         """Called by a capture processor: maps are summed over `batch` samples (per group, a
         leading group dimension, when `set_groups` gave the rows' groups)."""
         if self.groups is not None:
-            counts = torch.bincount(self.groups, minlength=self.n_groups).tolist()
-            for g, count in enumerate(counts):
+            for g, count in enumerate(self.group_counts):
                 if count:
                     self._add(layer, {k: m[g] for k, m in maps.items()}, count, g)
             return
