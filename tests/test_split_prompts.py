@@ -204,3 +204,34 @@ def test_split_batches_every_prompt_in_one_recorder_pass():
     assert res.evidence.collect_prompts == ["a photo of cat", "a photo of dog"]
     assert seen == [8, 8, 4]
     assert torch.isfinite(res.evidence.tokens).all()
+
+
+@needs_model
+def test_a_phrase_file_prompt_that_does_not_fit_is_split_by_class(tmp_path):
+    """Phrases "a photo of a <class>": three of them overflow the 20 tokens in one prompt, so the
+    runner leaves the phrase-file prompt and the aligner splits the phrases over template prompts."""
+    world.ensure_dataset(tmp_path / "datasets" / "shapes")
+    names = (tmp_path / "datasets" / "shapes" / "val_id.txt").read_text().split()[:6]
+    (tmp_path / "phrases").mkdir()
+    for name in names:
+        classes = sorted({o.cls for o in world.generate(int(name.split("_")[-1]), "val").objects})
+        entry = {"subject": classes, "phrase": [f"a photo of a {c}" for c in classes]}
+        (tmp_path / "phrases" / f"{name}.json").write_text(json.dumps(entry))
+    out = _segment(
+        tmp_path,
+        f"output_dir={tmp_path / 'run'}",
+        "elbo.collect_prompt='a photo of {}'",
+        f"dataset.phrase_path='{tmp_path}/phrases/{{img_name}}.json'",
+    )
+    seen = set()
+    for name in names:
+        scores = json.loads((out / "maps" / name / "scores.json").read_text())
+        assert scores["phrase_source"] == "phrase_file"
+        n = len(scores["classes"])
+        seen.add(n)
+        if n == 3:  # 22 tokens in one prompt: split, the phrases in the template
+            assert "prompt" not in scores and len(scores["collect_prompts"]) == 2
+            assert scores["collect_prompts"][1] == f"a photo of {scores['phrases'][2]}"
+        else:  # fits: the reference's prompt of every phrase
+            assert scores["collect_prompts"] == [scores["prompt"]]
+    assert 3 in seen
