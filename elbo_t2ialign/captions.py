@@ -114,10 +114,9 @@ class BlipCaptioner:
 
         dev = resolve_device(device)
         if model_id in ("tiny", "tiny-shapes"):
-            from elbo_t2ialign.devtools.tiny import tiny_blip
-            from elbo_t2ialign.testbed.world import VOCABULARY
+            from elbo_t2ialign.tiny.models import SHAPES_WORDS, tiny_blip
 
-            model, processor = tiny_blip(words=VOCABULARY if model_id == "tiny-shapes" else None)
+            model, processor = tiny_blip(words=SHAPES_WORDS if model_id == "tiny-shapes" else None)
             return cls(model, processor, model_id, device=dev, **settings)
         from transformers import BlipForConditionalGeneration, BlipProcessor
 

@@ -13,6 +13,7 @@ segmentation run, so a second `make demo` only re-evaluates; a retrained model i
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -22,7 +23,6 @@ from hydra import compose, initialize_config_dir
 from elbo_t2ialign.cli import cli_errors, debug_requested, hydra_config_dir
 from elbo_t2ialign.segmentation import ablation, evaluate, run
 from elbo_t2ialign.segmentation.config import SegmentationError
-from elbo_t2ialign.testbed import world
 
 MODEL = Path(__file__).resolve().parent / "testbed" / "model"  # the bundled testbed model
 # elbo = strength 3 (configs/elbo/shapes.yaml), so strengths 1-5, fixed tau 3 and the unrefined map
@@ -38,7 +38,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("overrides", nargs="*", help="more Hydra overrides, e.g. elbo.strength=2")
     args = parser.parse_args(argv)
 
-    world.ensure_dataset(Path(args.datasets_dir) / "shapes")
+    # the world's own command (the package's modules do not import the testbed): writes it when missing
+    command = [sys.executable, "-m", "elbo_t2ialign.testbed.world", "--ensure"]
+    subprocess.run([*command, "--out", str(Path(args.datasets_dir) / "shapes")], check=True)
     out = Path(args.out) / f"shapes-{args.split}"
     overrides = [
         # elbo=shapes: the method's defaults, refinement from this model's 16x16 self-attention

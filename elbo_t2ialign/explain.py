@@ -12,7 +12,10 @@ Words are class names put into the prompt template ("a photo of square, triangle
 configs/explain.yaml (model, elbo, device, output_dir, caption.*). The defaults run offline on the
 bundled testbed model. Writes, into a new folder under output_dir: figure.png (per word: the image,
 the baseline, ELBO-calibrated and cross-attention maps over it, tau and loss in the titles), each map
-as <word>.<kind>.npy (float32 in [0, 1]) and .png (8-bit), and result.json.
+as <word>.<kind>.npy (float32 in [0, 1]) and .png (8-bit), tokens.npy (every text token's
+cross-attention, (P, R, R, L) float32: any other word's map without a forward) and result.json.
+Class lists longer than the text encoder's context are split over several prompts
+(elbo.prompt_overflow; result.json "collect_prompts" and "prompt_of").
 """
 
 from __future__ import annotations
@@ -217,6 +220,8 @@ def run(
         "caption_from_cache": cached,
         "appended_to_caption": appended,
         "prompts": result.prompts,
+        "collect_prompts": result.evidence.collect_prompts if result.evidence is not None else None,
+        "prompt_of": result.prompt_of,
         "token_positions": result.token_positions,
         "tau": result.tau,
         "losses": result.losses,
@@ -253,6 +258,13 @@ def write_maps(
             np.save(folder / f"{stem}.{kind}.npy", heat)
             Image.fromarray(to_uint8(heat, heat.shape, f"{word} {kind}")).save(folder / f"{stem}.{kind}.png")
             files[word][kind] = f"{stem}.{kind}"
+    evidence = getattr(result, "evidence", None)
+    if evidence is not None and evidence.tokens is not None:  # every word of the prompt(s), later
+        tokens = evidence.tokens.detach().cpu().float()
+        side = evidence.grid
+        np.save(
+            folder / "tokens.npy", tokens.reshape(len(tokens), side, side, -1).numpy(), allow_pickle=False
+        )
     title = f"{result.prompts['collect']}   (strength {options.strength:g})"
     fig = result.plot(
         image, alpha=float(conf.get("alpha", 0.5)), cmap=str(conf.get("cmap", "jet")), title=title
@@ -283,7 +295,7 @@ def report(info: dict[str, Any]) -> str:
         )
     folder = Path(info["folder"])
     lines.append(f"figure: {folder / 'figure.png'}")
-    lines.append(f"maps:   {folder}/<word>.{{baseline,elbo,cross}}.{{npy,png}}, result.json")
+    lines.append(f"maps:   {folder}/<word>.{{baseline,elbo,cross}}.{{npy,png}}, tokens.npy, result.json")
     return "\n".join(lines)
 
 

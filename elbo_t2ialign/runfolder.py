@@ -40,6 +40,38 @@ from elbo_t2ialign.cli import NO_SPACE, RESTORE, damaged
 
 log = logging.getLogger(__name__)
 
+
+@dataclass(frozen=True)
+class Shard:
+    """This process's part of a run: images with index % count == index."""
+
+    index: int
+    count: int
+
+    def owns(self, image_index: int) -> bool:
+        return image_index % self.count == self.index
+
+    @property
+    def tag(self) -> str:
+        return "" if self.count == 1 else f".shard{self.index}-of-{self.count}"
+
+
+def parse_shard(spec: Any, env: dict[str, str] | None = None, error: type[Exception] = ValueError) -> Shard:
+    """`"i/n"` from the config, else RANK/WORLD_SIZE set by `accelerate launch`, else 0/1; a bad
+    spec raises `error`."""
+    env = os.environ if env is None else env
+    if spec in (None, ""):
+        world = int(env.get("WORLD_SIZE", "1"))
+        return Shard(int(env.get("RANK", "0")), world) if world > 1 else Shard(0, 1)
+    try:
+        index, count = (int(part) for part in str(spec).split("/"))
+    except ValueError:
+        raise error(f"shard must look like 'i/n' (e.g. 0/2), got {spec!r}") from None
+    if not 0 <= index < count:
+        raise error(f"shard {spec!r}: need 0 <= i < n")
+    return Shard(index, count)
+
+
 REPO_ROOT = Path(__file__).resolve().parents[1]  # the checkout; site-packages for an installed wheel
 IDENTITY_FILE = "identity.json"
 _TEMP_FILE = re.compile(r"^\..+\.(\d+)\.tmp(\.\w+)?$")  # .<name>.<pid>.tmp[.png] of write_*_atomic

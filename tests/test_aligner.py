@@ -95,8 +95,12 @@ def test_bad_class_lists_are_clear_errors():
     with pytest.raises(TypeError, match="list of names"):
         aligner.heatmaps(_rgb(), "cat")
     too_many = [f"class{i}" for i in range(20)]  # each spelled out in characters: far over 77 tokens
-    with pytest.raises(ValueError, match=r"tokens but the text encoder takes at most 77"):
-        aligner.heatmaps(_rgb(), too_many)
+    with pytest.raises(
+        ValueError, match=r"tokens but the text encoder takes at most 77.*prompt_overflow=split"
+    ):
+        aligner.heatmaps(_rgb(), too_many, prompt_overflow="refuse")
+    with pytest.raises(ValueError, match=r"this class alone does not fit"):
+        aligner.heatmaps(_rgb(), ["x" * 80, "cat"])  # split (the default) cannot split one class
 
 
 def test_unknown_option_is_named():
@@ -149,5 +153,5 @@ def test_bad_prompt_fails_before_any_forward(monkeypatch):
     calls = []
     monkeypatch.setattr(aligner.adapter, "_forward", lambda *a: calls.append(1))
     with pytest.raises(ValueError, match="tokens but the text encoder takes at most 77"):
-        aligner.heatmaps(_rgb(), [f"class{i}" for i in range(20)])
+        aligner.heatmaps(_rgb(), [f"class{i}" for i in range(20)], prompt_overflow="refuse")
     assert calls == []  # the long collection prompt is checked before the ELBO forwards

@@ -42,8 +42,10 @@ def _package_imports(path: Path) -> list[tuple[str, bool]]:
 
 
 def test_imports_go_one_way():
-    """The core imports only the core (plotting is loaded by HeatmapResult.plot when called); user
-    modules load developer tools only inside the functions that build tiny models."""
+    """The core imports only the core (plotting is loaded by HeatmapResult.plot when called); the
+    models built in code (`tiny/`) import nothing else of the package; no other module of the
+    library imports the developer tools or the testbed, not even inside a function; the developer
+    tools import neither the experiments nor the entry points."""
     core = list((PACKAGE / "core").rglob("*.py"))
     assert len(core) >= 10
     for path in core:
@@ -52,9 +54,16 @@ def test_imports_go_one_way():
                 path,
                 module,
             )
-    users = [
+    for path in (PACKAGE / "tiny").rglob("*.py"):
+        assert all(m.startswith("elbo_t2ialign.tiny") for m, _ in _package_imports(path)), path
+    library = [
         p for p in PACKAGE.rglob("*.py") if not {"devtools", "testbed"} & set(p.relative_to(PACKAGE).parts)
     ]
-    for path in users:
-        for module, top_level in _package_imports(path):
-            assert not (module.startswith("elbo_t2ialign.devtools") and top_level), (path, module)
+    assert len(library) >= 40
+    for path in library:
+        for module, _ in _package_imports(path):
+            assert not module.startswith(("elbo_t2ialign.devtools", "elbo_t2ialign.testbed")), (path, module)
+    above = ("segmentation", "generation", "segment", "evaluate", "generate", "explain", "grid", "report")
+    for path in (PACKAGE / "devtools").rglob("*.py"):
+        for module, _ in _package_imports(path):
+            assert module.split(".")[1] not in above, (path, module)

@@ -141,6 +141,9 @@ class _Sink:
     def add(self, layer, maps, batch):
         self.maps = maps
 
+    def grouping(self):
+        return {}
+
 
 def test_attend_and_capture_matches_sdpa_and_hand_softmax():
     g = torch.Generator().manual_seed(1)

@@ -143,6 +143,12 @@ def test_words_and_phrases_of_a_prompt(bundled, sample):
         collect_timesteps=[100],
     )
     assert info["tau"] == direct.tau and info["losses"] == direct.losses
+    # tokens.npy: every token's attention; a word's cross map is the min-max of its columns' mean
+    tokens = np.load(folder / "tokens.npy")
+    assert tokens.shape[0] == 1 and tokens.shape[-1] == 20 and info["collect_prompts"] == [PROMPT]
+    own = tokens[0][..., info["token_positions"]["triangle"]].mean(-1).ravel()
+    own = (own - own.min()) / (own.max() - own.min() + 1e-10)
+    np.testing.assert_allclose(own, direct.evidence.cross["triangle"].numpy(), atol=1e-6)
     assert sorted(direct.tau.values())[-1] == pytest.approx(3.0)  # strength 3 of elbo=shapes
     for tag, maps in (
         ("baseline", direct.baseline_heatmaps),
@@ -277,7 +283,7 @@ def test_command_end_to_end_on_the_bundled_model(tmp_path, sample, bundled):
         f"{info['tau']['square']:.3g}",
     ]
     assert sorted(p.name for p in folder.iterdir()) == sorted(
-        ["figure.png", "result.json"]
+        ["figure.png", "result.json", "tokens.npy"]
         + [
             f"{w}.{t}.{e}"
             for w in ("square", "triangle")

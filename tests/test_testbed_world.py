@@ -118,3 +118,11 @@ def test_segmentation_datasets_read_it(tmp_path):
     assert ds.class_names == list(world.CLASSES) and len(ds.images) == 2
     labels = ds.load_labels(ds.images[0])
     assert np.array_equal(labels, world.generate(0, "val_rare").mask)
+
+
+def test_tiny_shapes_captioner_words_are_the_worlds():
+    """`tiny.models.SHAPES_WORDS` is a copy (the library sits below the testbed): it must stay the
+    world's caption vocabulary."""
+    from elbo_t2ialign.tiny.models import SHAPES_WORDS
+
+    assert tuple(SHAPES_WORDS) == tuple(world.VOCABULARY)

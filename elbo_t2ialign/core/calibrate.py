@@ -100,8 +100,12 @@ def minmax(x: torch.Tensor) -> torch.Tensor:
 
 
 def class_cross_maps(cross: torch.Tensor, positions: dict[str, list[int]]) -> dict[str, torch.Tensor]:
-    """Aggregated cross map (R*R, L) -> per class (R*R,), min-max normalised."""
-    return {name: minmax(cross[:, pos].mean(dim=1)) for name, pos in positions.items()}
+    """Aggregated cross map (R*R, L) -> per class (R*R,), min-max normalised; a class without
+    tokens (cut off a truncated prompt) gets zeros."""
+    return {
+        name: minmax(cross[:, pos].mean(dim=1)) if pos else cross.new_zeros(cross.shape[0])
+        for name, pos in positions.items()
+    }
 
 
 def self_attention_refine(a: torch.Tensor, s1: torch.Tensor | None, s2: torch.Tensor | None) -> torch.Tensor:

@@ -143,6 +143,8 @@ def attend_and_capture(
     mask: torch.Tensor | None = None,
     chunk_mb: float = 256.0,
     precision: str = "float32",
+    groups: torch.Tensor | None = None,
+    n_groups: int = 1,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Attention output plus probability maps of the image-query rows.
 
@@ -154,6 +156,8 @@ def attend_and_capture(
     precision "float32": scores, softmax and head mean in float32 whatever the input dtype (under
     autocast too); "model": in the input dtype, as the reference's half-precision path does.
     The layer's output is always probabilities (cast to the value dtype) times values.
+    groups: (B,) long, the group (collection prompt) of each batch row: the maps are then summed
+    per group, (n_groups, n_image_rows, block_len).
     """
     b, h, sq, _ = query.shape
     sk = key.shape[2]
@@ -164,8 +168,9 @@ def attend_and_capture(
         out[:, :, :start] = _sdpa_rows(query, key, value, mask, scale, slice(0, start))
     if stop < sq:
         out[:, :, stop:] = _sdpa_rows(query, key, value, mask, scale, slice(stop, sq))
+    lead = () if groups is None else (n_groups,)
     maps = {
-        name: query.new_zeros((stop - start, len(range(sk)[blk])), dtype=torch.float32)
+        name: query.new_zeros((*lead, stop - start, len(range(sk)[blk])), dtype=torch.float32)
         for name, blk in blocks.items()
     }
     # rows per chunk so that the chunk's two float32 (B, H, rows, Sk) blocks, scores and
@@ -182,10 +187,14 @@ def attend_and_capture(
             probs = scores.softmax(dim=-1)
             del scores
             out[:, :, lo:hi] = torch.matmul(probs.to(value.dtype), value)
-            head_mean = probs.mean(dim=1).sum(dim=0).float()  # (r, Sk)
+            if groups is None:
+                head_mean = probs.mean(dim=1).sum(dim=0).float()  # (r, Sk)
+            else:  # (G, r, Sk): the rows of each group summed apart
+                head_mean = probs.new_zeros((n_groups, hi - lo, sk), dtype=torch.float32)
+                head_mean.index_add_(0, groups, probs.mean(dim=1).float())
             del probs
             for name, blk in blocks.items():
-                maps[name][lo - start : hi - start] += head_mean[:, blk]
+                maps[name][..., lo - start : hi - start, :] += head_mean[..., blk]
     return out, maps
 
 
@@ -254,6 +263,7 @@ class CaptureAttnProcessor(_CaptureBase):
             mask=attention_mask,
             chunk_mb=self.recorder.chunk_mb,
             precision=self.recorder.precision,
+            **self.recorder.grouping(),
         )
         self.recorder.add(self.layer, maps, batch)
 
@@ -303,6 +313,7 @@ class CaptureJointAttnProcessor(_CaptureBase):
             blocks=blocks,
             chunk_mb=self.recorder.chunk_mb,
             precision=self.recorder.precision,
+            **self.recorder.grouping(),
         )
         self.recorder.add(self.layer, maps, batch)
 
@@ -363,6 +374,7 @@ class CaptureFluxAttnProcessor(_CaptureBase):
             mask=attention_mask,
             chunk_mb=self.recorder.chunk_mb,
             precision=self.recorder.precision,
+            **self.recorder.grouping(),
         )
         self.recorder.add(self.layer, maps, query.shape[0])
         out = out.transpose(1, 2).flatten(2, 3).to(query.dtype)  # (B, S, H*D)
@@ -437,6 +449,12 @@ class AttentionRecorder:
         self.sums: dict[str, torch.Tensor] = {}
         self.layer_sums: dict[str, dict[str, torch.Tensor]] = {}
         self.samples: dict[str, int] = {}
+        # with set_groups: the rows' group ids, and per group its own sums and sample counts
+        self.groups: torch.Tensor | None = None
+        self.n_groups: int | None = None
+        self.group_counts: list[int] = []
+        self.group_sums: dict[int, dict[str, torch.Tensor]] = {}
+        self.group_samples: dict[int, dict[str, int]] = {}
         self.on_active = on_active  # told True once the capture processors are in, False once out
         self._saved = None
 
@@ -489,15 +507,46 @@ class AttentionRecorder:
             if self.on_active is not None:
                 self.on_active(False)
 
+    def set_groups(self, groups: Sequence[int] | None, n_groups: int | None = None) -> None:
+        """The group (collection prompt) of each row of the next forward's batch; the recorder then
+        keeps one set of sums per group (`mean(agg, group=g)`). None: one sum over all rows."""
+        if groups is None:
+            self.groups, self.n_groups = None, None
+            return
+        if self.per_layer:
+            raise ValueError("per_layer recording keeps one sum per layer; it does not take groups")
+        n = int(n_groups if n_groups is not None else max(groups) + 1)
+        if self.n_groups is not None and n != self.n_groups:
+            raise ValueError(f"this recorder keeps {self.n_groups} groups, not {n}")
+        self.n_groups = n
+        rows = [int(g) for g in groups]
+        self.group_counts = [rows.count(g) for g in range(n)]  # on the host: no device sync per layer
+        device = next(self.denoiser.parameters()).device
+        self.groups = torch.tensor(rows, dtype=torch.long, device=device)
+
+    def grouping(self) -> dict[str, object]:
+        """The group arguments of `attend_and_capture` for the current batch (none when ungrouped)."""
+        return {} if self.groups is None else {"groups": self.groups, "n_groups": self.n_groups}
+
     def add(self, layer: LayerInfo, maps: dict[str, torch.Tensor], batch: int) -> None:
-        """Called by a capture processor: maps are summed over `batch` samples."""
+        """Called by a capture processor: maps are summed over `batch` samples (per group, a
+        leading group dimension, when `set_groups` gave the rows' groups)."""
+        if self.groups is not None:
+            for g, count in enumerate(self.group_counts):
+                if count:
+                    self._add(layer, {k: m[g] for k, m in maps.items()}, count, g)
+            return
+        self._add(layer, maps, batch, None)
+
+    def _add(self, layer: LayerInfo, maps: dict[str, torch.Tensor], batch: int, group: int | None) -> None:
         n_img = next(iter(maps.values())).shape[0]
         if n_img != layer.resolution**2:
             raise RuntimeError(
                 f"layer {layer.name} was declared at resolution {layer.resolution} but saw {n_img} image "
                 "tokens; the adapter's resolution bookkeeping is wrong for this model/image size"
             )
-        self.samples[layer.name] = self.samples.get(layer.name, 0) + batch
+        counts = self.samples if group is None else self.group_samples.setdefault(group, {})
+        counts[layer.name] = counts.get(layer.name, 0) + batch
         if self.per_layer:
             store = self.layer_sums.setdefault(layer.name, {})
             for block, m in maps.items():
@@ -513,25 +562,33 @@ class AttentionRecorder:
                 if block == "cross"
                 else resize_self(maps[block], r, target)
             )
-            if agg in self.sums:
-                self.sums[agg].add_(resized, alpha=w)  # in place: no (R^2, R^2) temporaries per layer call
+            sums = self.sums if group is None else self.group_sums.setdefault(group, {})
+            if agg in sums:
+                sums[agg].add_(resized, alpha=w)  # in place: no (R^2, R^2) temporaries per layer call
             else:
-                self.sums[agg] = w * resized
+                sums[agg] = w * resized
 
-    def mean(self, agg: str) -> torch.Tensor:
-        """Weighted layer average of the per-sample mean map of aggregate `agg`."""
-        if agg not in self.sums:
-            raise KeyError(f"nothing was recorded for {agg!r}; did the forward pass run inside the recorder?")
-        total_w = sum(w for name, w in self.weights[agg].items() if name in self.samples)
-        n = self._samples_per_layer()
-        return self.sums[agg] / (n * total_w)
+    def mean(self, agg: str, group: int | None = None) -> torch.Tensor:
+        """Weighted layer average of the per-sample mean map of aggregate `agg` (of one group's rows
+        when the recorder was given groups)."""
+        sums = self.sums if group is None else self.group_sums.get(group, {})
+        samples = self.samples if group is None else self.group_samples.get(group, {})
+        if agg not in sums:
+            raise KeyError(
+                f"nothing was recorded for {agg!r}"
+                + ("" if group is None else f" in group {group}")
+                + "; did the forward pass run inside the recorder?"
+            )
+        total_w = sum(w for name, w in self.weights[agg].items() if name in samples)
+        n = self._samples_per_layer(samples)
+        return sums[agg] / (n * total_w)
 
     def layer_mean(self, name: str, block: str) -> torch.Tensor:
         """Per-sample mean map of one layer (needs per_layer=True)."""
         return self.layer_sums[name][block] / self.samples[name]
 
-    def _samples_per_layer(self) -> int:
-        counts = set(self.samples.values())
+    def _samples_per_layer(self, samples: dict[str, int]) -> int:
+        counts = set(samples.values())
         if len(counts) != 1:
-            raise RuntimeError(f"layers saw different numbers of samples: {self.samples}")
+            raise RuntimeError(f"layers saw different numbers of samples: {samples}")
         return counts.pop()

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed accepts [0, 2**64)
+PROMPT_OVERFLOW = ("split", "refuse", "truncate")
 
 
 @dataclass
@@ -27,6 +28,14 @@ class AlignOptions:
     # -- attention collection (method.md §4) --
     collect_prompt: str = "a photo of {}"  # {} <- "c_1, c_2, ..., c_K"
     collect_timesteps: list[int] = field(default_factory=lambda: list(range(20, 201, 20)))
+    # A class list whose collection prompt is longer than the text encoder's context: "split" the
+    # classes, in their given order, over as few prompts as fit, as evenly as they fit (each class's
+    # map from its own prompt's attention); "refuse" it (an error); "truncate" the prompt as the text
+    # encoder would, the classes cut off get all-zero maps (a naive port; for comparison).
+    prompt_overflow: str = "split"
+    # At most this many classes per collection prompt (more: split as above, whatever the context);
+    # None: as many as fit. For measuring what splitting changes, or a fixed competition per prompt.
+    max_prompt_classes: int | None = None
     # Per-image phrases whose class word is not one of the phrase's words: "nouns" reads the
     # phrase's spaCy NOUN tokens (the reference), "phrase" averages all of the phrase's tokens.
     phrase_tokens: str = "nouns"
@@ -76,6 +85,16 @@ class AlignOptions:
                 )
         if self.prompt_syntax not in ("plain", "compel"):
             raise ValueError(f"prompt_syntax must be 'plain' or 'compel', got {self.prompt_syntax!r}")
+        if self.prompt_overflow not in PROMPT_OVERFLOW:
+            raise ValueError(
+                f"prompt_overflow must be one of {list(PROMPT_OVERFLOW)}, got {self.prompt_overflow!r}"
+            )
+        if self.max_prompt_classes is not None and (
+            not _is_int(self.max_prompt_classes) or self.max_prompt_classes < 1
+        ):
+            raise ValueError(
+                f"max_prompt_classes must be an integer >= 1 or null, got {self.max_prompt_classes!r}"
+            )
         if self.phrase_tokens not in ("nouns", "phrase"):
             raise ValueError(f"phrase_tokens must be 'nouns' or 'phrase', got {self.phrase_tokens!r}")
         _check_number("gaussian_sigma", self.gaussian_sigma, positive=False)

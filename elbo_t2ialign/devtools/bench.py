@@ -64,7 +64,7 @@ from elbo_t2ialign.devtools.bench_profile import (
     format_tables,
     record_forwards,
 )
-from elbo_t2ialign.devtools.tiny import WORDS
+from elbo_t2ialign.tiny.models import WORDS
 
 CONFIG_DIR = Path(__file__).with_name("bench_configs")
 FULL_MODELS = ("sd15", "sdxl", "sd3")
@@ -83,7 +83,7 @@ T5_NOTE = (
 def build_pipeline(model: str, device: torch.device, t5: bool = False) -> tuple[Any, list[str]]:
     """A random-weight pipeline with `model`'s architecture, built on `device` (float32)."""
     if model in TINY_MODELS:
-        from elbo_t2ialign.devtools.tiny import BUILDERS
+        from elbo_t2ialign.tiny.models import BUILDERS
 
         pipe = BUILDERS[model.removeprefix("tiny-")]()
         sharpen_attention(pipe.unet if hasattr(pipe, "unet") else pipe.transformer, ATTENTION_SHARPNESS / 2)
@@ -92,7 +92,7 @@ def build_pipeline(model: str, device: torch.device, t5: bool = False) -> tuple[
         raise ValueError(f"unknown model {model!r}; choose one of {FULL_MODELS + TINY_MODELS}")
     import diffusers
 
-    from elbo_t2ialign.devtools.tokenizers import build_clip_tokenizer, build_word_tokenizer
+    from elbo_t2ialign.tiny.tokenizers import build_clip_tokenizer, build_word_tokenizer
 
     spec = json.loads((CONFIG_DIR / f"{model}.json").read_text())
     notes, parts = [], {}
@@ -209,9 +209,12 @@ class ReferenceAligner(Aligner):
                 losses.append(total)
         return losses
 
-    def _collect(self, z0, prompt, noise, opts, weights):
+    def _collect(self, z0, prompts, noise, opts, weights, per_layer=False, check_length=True):
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if len(prompts) != 1 or per_layer:
+            raise ValueError("reference mode collects one prompt; give classes that fit the context")
         ad = self.adapter
-        cond = ad.encode_prompt(prompt)
+        cond = ad.encode_prompt(prompts[0], check_length=check_length)
         rec = KeepAllRecorder(ad, weights, keep=True)
         with rec:
             for j, t in enumerate(opts.collect_timesteps):
@@ -291,7 +294,7 @@ def image_classes(index: int, k: int) -> list[str]:
 
 def run_mode(args: argparse.Namespace) -> dict[str, Any]:
     """Build the model, run this process's share of the images in one mode, return the fields."""
-    from elbo_t2ialign.segmentation.config import parse_shard
+    from elbo_t2ialign.runfolder import parse_shard
 
     device = torch.device(args.device)
     dtype = resolve_dtype(args.dtype, device)

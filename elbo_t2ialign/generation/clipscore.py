@@ -55,7 +55,7 @@ class ClipScorer:
     ) -> ClipScorer:
         """A CLIP hub id or local folder, or "tiny"; unreachable models fail with what to do."""
         if model_id == "tiny":  # a random CLIP built in code, for tests and offline smoke runs
-            from elbo_t2ialign.devtools.tiny import tiny_clip
+            from elbo_t2ialign.tiny.models import tiny_clip
 
             return cls(*tiny_clip(), device=device, name="tiny", **kwargs)
         from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer

@@ -149,7 +149,7 @@ def build_sampler(conf: dict[str, Any]) -> ElboSampler:
     model_id = str(model["id"])
     log.info("loading model %s (%s) on %s, %s", model["name"], model_id, device, dtype)
     if model_id.startswith(TINY_PREFIX):
-        from elbo_t2ialign.devtools.tiny import BUILDERS
+        from elbo_t2ialign.tiny.models import BUILDERS
 
         family = model_id[len(TINY_PREFIX) :]
         if family not in BUILDERS:

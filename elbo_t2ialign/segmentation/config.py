@@ -8,12 +8,13 @@ the core's option errors into messages that name the offending keys.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from typing import Any
 
 from elbo_t2ialign.cli import check_device, check_integer, check_known
 from elbo_t2ialign.core.adapters import resolve_device
 from elbo_t2ialign.core.options import AlignOptions
+from elbo_t2ialign.runfolder import Shard
+from elbo_t2ialign.runfolder import parse_shard as runfolder_parse_shard
 
 TOP_KEYS = {
     "model",
@@ -31,6 +32,7 @@ TOP_KEYS = {
     "variants",
     "elbo_from",  # calibration variants of one run, ELBO losses from another (variants.py)
     "caption",  # the captioner of dataset.prompt=caption (elbo_t2ialign/captions.py)
+    "save_token_maps",  # keep every text token's cross-attention (tokens.npy per image)
 }
 DATASET_KEYS = {
     "name",
@@ -65,19 +67,6 @@ class InputError(SegmentationError):
     """One image or mask cannot be used; the run skips it or stops (cfg.on_error)."""
 
 
-@dataclass(frozen=True)
-class Shard:
-    index: int
-    count: int
-
-    def owns(self, image_index: int) -> bool:
-        return image_index % self.count == self.index
-
-    @property
-    def tag(self) -> str:
-        return "" if self.count == 1 else f".shard{self.index}-of-{self.count}"
-
-
 def _unknown(section: str, got: set[str], known: set[str]) -> None:
     check_known(section, got, known, ConfigError)
 
@@ -98,8 +87,9 @@ def validate(cfg: dict[str, Any]) -> AlignOptions:
         raise ConfigError(f"output_dir must be a folder path, got {cfg.get('output_dir')!r}")
     check_integer("num_images", cfg.get("num_images"), 0, ConfigError, none="the whole split")
     check_integer("seed", cfg.get("seed", 0), 0, ConfigError)
-    if not isinstance(cfg.get("progress", True), bool):
-        raise ConfigError(f"progress must be true or false, got {cfg.get('progress')!r}")
+    for key, default in (("progress", True), ("save_token_maps", False)):
+        if not isinstance(cfg.get(key, default), bool):
+            raise ConfigError(f"{key} must be true or false, got {cfg.get(key)!r}")
     parse_shard(cfg.get("shard"))
     resolve_rank_device(cfg.get("device"))
     _check_prompt(cfg)
@@ -133,18 +123,8 @@ def _check_prompt(cfg: dict[str, Any]) -> None:
 
 
 def parse_shard(spec: Any, env: dict[str, str] | None = None) -> Shard:
-    """`"i/n"` from the config, else RANK/WORLD_SIZE set by `accelerate launch`, else 0/1."""
-    env = os.environ if env is None else env
-    if spec in (None, ""):
-        world = int(env.get("WORLD_SIZE", "1"))
-        return Shard(int(env.get("RANK", "0")), world) if world > 1 else Shard(0, 1)
-    try:
-        index, count = (int(part) for part in str(spec).split("/"))
-    except ValueError:
-        raise ConfigError(f"shard must look like 'i/n' (e.g. 0/2), got {spec!r}") from None
-    if not 0 <= index < count:
-        raise ConfigError(f"shard {spec!r}: need 0 <= i < n")
-    return Shard(index, count)
+    """`runfolder.parse_shard`, a bad spec as a ConfigError."""
+    return runfolder_parse_shard(spec, env, ConfigError)
 
 
 def resolve_rank_device(name: str | None, env: dict[str, str] | None = None) -> str:

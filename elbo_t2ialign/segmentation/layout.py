@@ -15,7 +15,10 @@ Layout (``<run>`` is ``cfg.output_dir``)::
                               "variants": [names on disk], "elbo_from": run folder (only if reused),
                               "prompt": the collection prompt when the runner built one (phrase
                               files, captions), "caption", "appended_to_caption": [class words],
-                              "caption_words_dropped": n (only when shortened to fit)}
+                              "caption_words_dropped": n (only when shortened to fit),
+                              "collect_prompts": [the collection prompt(s)], "prompt_of": {class:
+                              index into collect_prompts}, "truncated": [classes cut off, only with
+                              elbo.prompt_overflow=truncate]}
                              ("elbo": summed ELBO loss, null when no variant needed it; "tau": of
                              the configured setting; no "variants": elbo and baseline)
         elbo_<id>.png        calibrated heatmap of class <id> (ground-truth id, 3 digits),
@@ -23,6 +26,7 @@ Layout (``<run>`` is ``cfg.output_dir``)::
         baseline_<id>.png    the strength-1 map from the same captured attention
         <variant>_<id>.png   every other variant of `variants` (s2_<id>.png, fixed3_<id>.png,
                              cross_<id>.png, ...), from the same network passes
+        tokens.npy           save_token_maps=true: every text token's cross-attention, (P, R, R, L)
       maps/.tmp-<image>/     the image in flight (a killed run leaves at most this one)
       captions.json          dataset.prompt=caption: {"captioner": its settings, "captions":
                              {image: caption}}, written before the model loads (captioning.py)

@@ -201,43 +201,89 @@ def _process(
     captions: dict[str, str] | None = None,
 ) -> str | None:
     """Compute and write one image; returns the phrase source, None when skipped."""
+    from elbo_t2ialign.core.aligner import PromptTooLong
+
     try:
-        image, info = dataset.load_example(name)
-        phrases, source = dataset.phrases_for(name, info.class_ids)
-    except InputError as err:
+        return _compute(folder, dataset, aligner, conf, index, name, plan, captions)
+    except (InputError, PromptTooLong) as err:  # an unreadable image, a refused prompt
         if conf.get("on_error", "skip") == "stop":
             raise InputError(f"{err}\n(on_error=stop: finished images are kept; a rerun resumes)") from None
         log.warning("skipping %s: %s", name, err)
         write_json_atomic(folder.skip_record(name), {"image": name, "index": index, "error": str(err)})
         return None
+
+
+def _compute(
+    folder: SegmentationFolder,
+    dataset: SegDataset,
+    aligner: HeatmapAligner,
+    conf: dict[str, Any],
+    index: int,
+    name: str,
+    plan: VariantPlan,
+    captions: dict[str, str] | None = None,
+) -> str | None:
+    image, info = dataset.load_example(name)
+    phrases, source = dataset.phrases_for(name, info.class_ids)
     names = [dataset.class_names[i - 1] for i in info.class_ids]
     if phrases is None and source != "class_names":
         log.info("%s: %s; prompting with class names", name, source)
     seed = int(conf.get("seed", 0)) + index
     if folder.is_done(name):  # finished before: only the variants added since, with its recorded prompt
-        _add_variants(folder, name, aligner, plan, image, _prompt(conf, dataset, name, phrases))
+        _add_variants(folder, name, aligner, plan, image, _prompt(conf, dataset, name, phrases, aligner))
         return source
-    prompt, extra = _prompt(conf, dataset, name, phrases), {}
+    prompt, extra = _prompt(conf, dataset, name, phrases, aligner), {}
     if captions is not None:
         prompt, appended, dropped = fit_words(captions[name], names, _fits(aligner))
         extra = {"caption": captions[name], "appended_to_caption": appended}
         extra |= {"caption_words_dropped": dropped} if dropped else {}
         source = "caption"
+        prompt = _unless_split(conf, prompt, aligner, "its caption with the class words")
     result = plan.compute(aligner, image, name, names, phrases, seed, prompt=prompt)
     if prompt is not None:
         extra["prompt"] = prompt
-    _write_image(folder, name, index, seed, info, names, phrases, source, result, extra)
+    save_tokens = bool(conf.get("save_token_maps"))
+    _write_image(folder, name, index, seed, info, names, phrases, source, result, extra, save_tokens)
     if folder.skip_record(name).exists():
         os.unlink(folder.skip_record(name))  # an earlier failure that is now fixed
     return source
 
 
-def _prompt(conf: dict[str, Any], dataset: SegDataset, name: str, phrases: list[str] | None) -> str | None:
+def _prompt(
+    conf: dict[str, Any], dataset: SegDataset, name: str, phrases: list[str] | None, aligner: Any = None
+) -> str | None:
     """The collection prompt of a phrase file: as the reference, every phrase of the image in order
-    (None: the aligner fills elbo.collect_prompt with the class names)."""
+    (None: the aligner fills elbo.collect_prompt with the class names, or the phrases, splitting them
+    over several prompts when they do not fit; so too a phrase-file prompt that does not fit)."""
     if phrases is None:
         return None
-    return conf["elbo"]["collect_prompt"].format(", ".join(dataset.phrase_lists(name)[1]))
+    prompt = conf["elbo"]["collect_prompt"].format(", ".join(dataset.phrase_lists(name)[1]))
+    return _unless_split(conf, prompt, aligner, "every phrase of its phrase file")
+
+
+def _unless_split(conf: dict[str, Any], prompt: str | None, aligner: Any, what: str) -> str | None:
+    """`prompt`, or None (the aligner's template prompts, split as needed) when it does not fit the
+    text encoder and elbo.prompt_overflow is split."""
+    fits = _fits(aligner)
+    if prompt is None or fits is None or fits(prompt):
+        return prompt
+    if conf["elbo"].get("prompt_overflow", "split") != "split":
+        return prompt  # refused or truncated by the aligner
+    log.info("the prompt of %s does not fit the text encoder; its classes go into split prompts", what)
+    return None
+
+
+def _save_tokens(folder: Path, tokens: Any) -> None:
+    """save_token_maps: every text token's cross-attention map, (P, R, R, L) in the capture precision
+    (bfloat16 as float32: numpy has no bfloat16), as tokens.npy beside the maps."""
+    import torch
+
+    arr = tokens.detach().cpu()
+    if arr.dtype == torch.bfloat16:
+        arr = arr.float()
+    p, rr, length = arr.shape
+    side = int(round(rr**0.5))
+    np.save(folder / "tokens.npy", arr.reshape(p, side, side, length).numpy(), allow_pickle=False)
 
 
 def _fits(aligner: Any) -> Callable[[str], bool] | None:
@@ -259,6 +305,7 @@ def _write_image(
     source: str,
     result: VariantMaps,
     extra: dict[str, Any] | None = None,
+    save_tokens: bool = False,
 ) -> None:
     """Write into maps/.tmp-<name>/, then rename it to maps/<name>/ in one step. When a write fails
     (a full disk) or the run is interrupted, the staging folder is removed at once (its space freed)."""
@@ -278,6 +325,8 @@ def _write_image(
     try:
         with writing(folder.image_dir(name)):
             _save_maps(tmp, name, info.class_ids, names, info.size, result)
+            if save_tokens and result.tokens is not None:
+                _save_tokens(tmp, result.tokens)
             write_json_atomic(tmp / "scores.json", scores)
             _finish(folder, tmp, name)
     except BaseException:

@@ -163,6 +163,10 @@ class VariantMaps:
     losses: dict[str, float] | None  # summed ELBO loss per class (computed or reused); None: none needed
     tau: dict[str, float | None]  # the configured setting's tau per class (None: no ELBO losses)
     elbo_from: str | None = None  # the run folder the losses were taken from
+    collect_prompts: list[str] | None = None  # the collection prompt(s) of the image
+    prompt_of: dict[str, int] | None = None  # class -> index of its collection prompt
+    truncated: list[str] | None = None  # prompt_overflow=truncate: the classes cut off (zero maps)
+    tokens: Any = None  # (P, R*R, L) text attention of every token (Evidence.tokens), if kept
 
     def scores(self) -> dict[str, Any]:
         """The scores.json fields of these maps (classes in map order)."""
@@ -172,6 +176,10 @@ class VariantMaps:
             "tau": {c: None if self.tau[c] is None else float(self.tau[c]) for c in names},
             "variants": list(self.maps),
         }
+        if self.collect_prompts:
+            out |= {"collect_prompts": list(self.collect_prompts), "prompt_of": dict(self.prompt_of or {})}
+        if self.truncated:
+            out |= {"truncated": list(self.truncated)}
         return out | ({"elbo_from": self.elbo_from} if self.elbo_from else {})
 
 
@@ -234,7 +242,16 @@ class VariantPlan:
             tau = evidence.temperatures(self.options.strength, self.options.fixed_temperature)
         except ValueError:  # no ELBO losses, and no variant needed them
             tau = dict.fromkeys(names)
-        return VariantMaps(maps, evidence.losses, dict(tau), origin if losses is not None else None)
+        return VariantMaps(
+            maps,
+            evidence.losses,
+            dict(tau),
+            origin if losses is not None else None,
+            list(getattr(evidence, "collect_prompts", None) or []),
+            dict(getattr(evidence, "prompt_of", None) or {}),
+            list(getattr(evidence, "truncated", None) or []),
+            getattr(evidence, "tokens", None),
+        )
 
 
 def merged_scores(stored: Mapping[str, Any], added: VariantMaps) -> dict[str, Any]:
@@ -245,6 +262,9 @@ def merged_scores(stored: Mapping[str, Any], added: VariantMaps) -> dict[str, An
         out |= {k: new[k] for k in ("elbo", "tau")} | (
             {"elbo_from": added.elbo_from} if added.elbo_from else {}
         )
+    for key in ("collect_prompts", "prompt_of"):  # folders written before the keys
+        if key not in stored and key in new:
+            out[key] = new[key]
     return out
 
 

@@ -108,7 +108,7 @@ class TrainConfig:
 
 
 def build_tokenizer():
-    from elbo_t2ialign.devtools.tokenizers import build_clip_tokenizer
+    from elbo_t2ialign.tiny.tokenizers import build_clip_tokenizer
 
     # Longest words first: the BPE merges of a long word must come before those of
     # shorter words that share letter pairs ("green" before "red"), or it splits.
@@ -302,7 +302,7 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 def save_pipeline(out: Path, vae, text_encoder, tokenizer, unet, scheduler, info: dict | None = None):
     from diffusers import StableDiffusionPipeline
 
-    from elbo_t2ialign.devtools.tokenizers import add_bpe_files
+    from elbo_t2ialign.tiny.tokenizers import add_bpe_files
 
     pipe = StableDiffusionPipeline(
         vae=vae,

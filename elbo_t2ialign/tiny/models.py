@@ -1,0 +1,338 @@
+"""Tiny random-weight pipelines of every supported family, built in code (`tiny:<family>`).
+
+No weights and no download: small configs, offline tokenizers, fixed seeds.
+Used by the tests, the CPU smoke demo and the notebooks' offline mode. The
+maps they give are meaningless; they exercise shapes, slices and arithmetic.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+from elbo_t2ialign.tiny.tokenizers import build_bert_tokenizer, build_clip_tokenizer, build_word_tokenizer
+
+WORDS = [
+    "a",
+    "photo",
+    "of",
+    "and",
+    "the",
+    "cat",
+    "dog",
+    "bird",
+    "car",
+    "plant",
+    "person",
+    "red",
+    "blue",
+    "green",
+    "circle",
+    "square",
+    "triangle",
+    "on",
+    "with",
+    "sofa",
+    "table",
+]
+
+
+def _token_fields(tokenizer) -> dict[str, int]:
+    """The text-config fields a tokenizer fixes: vocabulary size, context length, special token ids."""
+    return dict(
+        vocab_size=len(tokenizer),
+        max_position_embeddings=tokenizer.model_max_length,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def _clip_text(tokenizer, hidden: int = 32, projection: int | None = None, seed: int = 0):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    cfg = CLIPTextConfig(
+        **_token_fields(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        projection_dim=projection or hidden,
+    )
+    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(cfg).eval()
+
+
+def _t5_text(tokenizer, d_model: int = 32, seed: int = 0):
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    cfg = T5Config(
+        vocab_size=len(tokenizer),
+        d_model=d_model,
+        d_kv=8,
+        d_ff=2 * d_model,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+    )
+    return T5EncoderModel(cfg).eval()
+
+
+def _vae(latent_channels: int = 4, sample_size: int = 32, shift_factor: float | None = None, seed: int = 0):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=latent_channels,
+        block_out_channels=(8, 16),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        layers_per_block=1,
+        norm_num_groups=8,
+        sample_size=sample_size,
+        scaling_factor=0.5,
+        shift_factor=shift_factor,
+    ).eval()  # scale factor 2: 32 px -> 16x16 latents
+
+
+def _ddpm(prediction_type: str = "epsilon"):
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        prediction_type=prediction_type,
+        steps_offset=1,
+        clip_sample=False,
+    )
+
+
+def tiny_sd(prediction_type: str = "epsilon", seed: int = 0):
+    """SD1.x/2.x-like: 2 cross-attention resolutions (16, 8) + mid block, 7 cross and 7 self layers."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+    tok = build_clip_tokenizer(WORDS)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=4,
+        norm_num_groups=8,
+    ).eval()
+    return StableDiffusionPipeline(
+        vae=_vae(seed=seed),
+        text_encoder=_clip_text(tok, seed=seed),
+        tokenizer=tok,
+        unet=unet,
+        scheduler=_ddpm(prediction_type),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def tiny_sdxl(seed: int = 0):
+    """SDXL-like: two CLIP encoders, pooled embedding and time ids, a down block without attention."""
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+
+    tok = build_clip_tokenizer(WORDS)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(16, 32, 32),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 1, 2),
+        cross_attention_dim=64,
+        attention_head_dim=(2, 4, 8),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=6 * 8 + 32,
+        norm_num_groups=8,
+    ).eval()
+    return StableDiffusionXLPipeline(
+        vae=_vae(seed=seed),
+        text_encoder=_clip_text(tok, seed=seed),
+        text_encoder_2=_clip_text(tok, 32, 32, seed + 1),
+        tokenizer=tok,
+        tokenizer_2=build_clip_tokenizer(WORDS),
+        unet=unet,
+        scheduler=_ddpm(),
+    )
+
+
+def tiny_sd3(seed: int = 0, dual_attention: bool = False):
+    """SD3-like MMDiT: joint attention over [image; CLIP(77) + T5] tokens, flow matching with shift 3."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    tok = build_clip_tokenizer(WORDS)
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(
+        sample_size=16,
+        patch_size=2,
+        in_channels=4,
+        out_channels=4,
+        num_layers=3,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        joint_attention_dim=64,
+        caption_projection_dim=32,
+        pooled_projection_dim=64,
+        pos_embed_max_size=16,
+        qk_norm="rms_norm" if dual_attention else None,
+        dual_attention_layers=(0,) if dual_attention else (),
+    ).eval()
+    return StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=_vae(shift_factor=0.1, seed=seed),
+        text_encoder=_clip_text(tok, 32, 32, seed),
+        text_encoder_2=_clip_text(tok, 32, 32, seed + 1),
+        text_encoder_3=_t5_text(build_word_tokenizer(WORDS), 64),
+        tokenizer=tok,
+        tokenizer_2=build_clip_tokenizer(WORDS),
+        tokenizer_3=build_word_tokenizer(WORDS),
+    )
+
+
+def tiny_flux(seed: int = 0):
+    """FLUX-like: [text; image] joint attention, one double- and one single-stream block, RoPE."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    tok, t5tok = build_clip_tokenizer(WORDS), build_word_tokenizer(WORDS)
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=16,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        pooled_projection_dim=32,
+        axes_dims_rope=(4, 4, 8),
+        guidance_embeds=False,
+    ).eval()
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        use_dynamic_shifting=True,
+        base_image_seq_len=16,
+        max_image_seq_len=256,
+        base_shift=0.5,
+        max_shift=1.15,
+    )
+    pipe = FluxPipeline(
+        scheduler=scheduler,
+        vae=_vae(shift_factor=0.1, seed=seed),
+        text_encoder=_clip_text(tok, seed=seed),
+        tokenizer=tok,
+        text_encoder_2=_t5_text(t5tok),
+        tokenizer_2=t5tok,
+        transformer=transformer,
+    )
+    pipe.default_sample_size = 16  # 32 px images, like the other tiny models
+    return pipe
+
+
+def tiny_pixart(seed: int = 0):
+    """PixArt-Sigma-like DiT: self- and T5 cross-attention per block, learned sigma output."""
+    from diffusers import DDIMScheduler, PixArtSigmaPipeline, PixArtTransformer2DModel
+
+    t5tok = build_word_tokenizer(WORDS)
+    torch.manual_seed(seed)
+    transformer = PixArtTransformer2DModel(
+        sample_size=16,
+        num_layers=2,
+        patch_size=2,
+        attention_head_dim=8,
+        num_attention_heads=3,
+        caption_channels=32,
+        in_channels=4,
+        cross_attention_dim=24,
+        out_channels=8,
+        attention_bias=True,
+        activation_fn="gelu-approximate",
+        num_embeds_ada_norm=1000,
+        norm_type="ada_norm_single",
+        norm_elementwise_affine=False,
+        norm_eps=1e-6,
+    ).eval()
+    return PixArtSigmaPipeline(
+        tokenizer=t5tok,
+        text_encoder=_t5_text(t5tok),
+        vae=_vae(seed=seed),
+        transformer=transformer,
+        scheduler=DDIMScheduler(),
+    )
+
+
+BUILDERS = {"sd": tiny_sd, "sdxl": tiny_sdxl, "sd3": tiny_sd3, "flux": tiny_flux, "pixart": tiny_pixart}
+
+
+# ------------------------------------------------ scorers and captioners
+
+# the text and vision towers of the tiny CLIP scorer and BLIP captioner (32-px images)
+SMALL_ENCODER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+SMALL_VISION = dict(SMALL_ENCODER, image_size=32, patch_size=8)
+
+
+def tiny_clip(seed: int = 0):
+    """(model, tokenizer, image processor) of a random 32-px CLIP built in code, offline."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    tok = build_clip_tokenizer(WORDS)
+    text = dict(**SMALL_ENCODER, **_token_fields(tok))
+    torch.manual_seed(seed)
+    model = CLIPModel(CLIPConfig(text_config=text, vision_config=SMALL_VISION, projection_dim=16)).eval()
+    processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    return model, tok, processor
+
+
+# The shapes world's caption words (`testbed.world.VOCABULARY`, which tests/test_testbed_world.py
+# checks this against; this module sits below the testbed and cannot import it): the vocabulary of
+# the "tiny-shapes" captioner, whose captions the testbed model's tokenizer reads word by word.
+SHAPES_WORDS = (
+    "a", "an", "photo", "of", "and",
+    "circle", "square", "triangle", "star", "cross", "ring", "diamond", "heart",
+)  # fmt: skip
+
+
+def tiny_blip(seed: int = 0, words: Iterable[str] | None = None):
+    """(model, processor) of a random BLIP captioner for 32-px inputs, built in code, offline; its
+    vocabulary is `words` (default: the shapes world's words and the tiny models' `WORDS`)."""
+    import torch
+    from transformers import BlipConfig, BlipForConditionalGeneration, BlipImageProcessor, BlipProcessor
+
+    tok = build_bert_tokenizer([*SHAPES_WORDS, *WORDS] if words is None else list(words))
+    # BLIP's decoder ends a caption at [SEP]
+    text = dict(
+        **SMALL_ENCODER,
+        **_token_fields(tok) | dict(eos_token_id=tok.sep_token_id),
+        encoder_hidden_size=32,
+        sep_token_id=tok.sep_token_id,
+    )
+    torch.manual_seed(seed)
+    model = BlipForConditionalGeneration(
+        BlipConfig(text_config=text, vision_config=SMALL_VISION, projection_dim=16)
+    )
+    processor = BlipProcessor(
+        image_processor=BlipImageProcessor(size={"height": 32, "width": 32}), tokenizer=tok
+    )
+    return model.eval(), processor
