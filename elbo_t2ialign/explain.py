@@ -36,6 +36,7 @@ from elbo_t2ialign.cli import (
     debug_requested,
     hydra_config_dir,
     one_line,
+    override_message,
     to_container,
 )
 from elbo_t2ialign.core.options import AlignOptions
@@ -85,7 +86,7 @@ def compose(overrides: list[str]) -> dict[str, Any]:
         with initialize_config_dir(config_dir=hydra_config_dir(), version_base="1.3"):
             conf = to_container(hydra_compose("explain", overrides=overrides), ExplainError)
     except (HydraException, OmegaConfBaseException) as err:
-        raise ExplainError(f"bad override in {overrides}: {one_line(err)}") from None
+        raise ExplainError(override_message(err, "explain", overrides)) from None
     check_known("the explain config", set(conf), TOP_KEYS, ExplainError)
     check_device(conf.get("device"), ExplainError)
     return conf

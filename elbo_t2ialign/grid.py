@@ -51,6 +51,7 @@ from elbo_t2ialign.cli import (
     debug_requested,
     hydra_config_dir,
     one_line,
+    override_message,
     to_container,
 )
 
@@ -168,7 +169,7 @@ def plan(grid: dict[str, Any], extra: list[str], shard: str | None) -> list[Cell
                 validate(conf)
                 dataset = SegDataset(conf["dataset"])
             except (HydraException, OmegaConfBaseException) as err:
-                raise GridError(f"cell {i + 1} ({overrides}): {one_line(err)}") from None
+                raise GridError(f"cell {i + 1}: {override_message(err, 'segment', overrides)}") from None
             except ConfigError as err:
                 raise GridError(f"cell {i + 1} ({' '.join(values_text(values))}): {err}") from None
             limit = conf.get("num_images")
