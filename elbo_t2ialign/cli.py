@@ -31,9 +31,11 @@ from typing import Any
 EXIT_BAD_INPUT = 2  # a bad option, input or config, or a run folder that contradicts this launch
 EXIT_DAMAGED = 3  # a file the command reads is damaged or missing: restore it, or start a new folder
 EXIT_NO_SPACE = 4  # the disk (or the quota) is full: free space and rerun the same command
+EXIT_REFUSED = 5  # the file system refuses: read-only, permission denied, a path through a regular file
 EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT): rerun the same command to resume
 EXIT_TERMINATED = 143  # SIGTERM (128 + SIGTERM), e.g. a scheduler's kill: rerun to resume
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+REFUSED = (errno.EROFS, errno.EACCES, errno.EPERM)  # the file system refuses access (not the data)
 RESTORE = "restore it from a copy, or start a new run with output_dir=<new folder>"
 
 
@@ -54,6 +56,12 @@ def damaged(path: str | os.PathLike, why: Any, remedy: str = RESTORE) -> Damaged
 
 def disk_full(err: BaseException) -> bool:
     return isinstance(err, OSError) and err.errno in NO_SPACE
+
+
+def storage_fault(err: BaseException) -> bool:
+    """A full disk or a file system that refuses access: the machine's fault, never the file's, so
+    never a reason to call a file damaged or to skip an image."""
+    return isinstance(err, OSError) and err.errno in NO_SPACE + REFUSED
 
 
 class Terminated(KeyboardInterrupt):
@@ -139,10 +147,31 @@ def fault(
             "outputs are kept, nothing half-written is left",
             EXIT_NO_SPACE,
         )
+    refused = _refused(err)
+    if refused:
+        return f"{refused} and rerun the same command: finished outputs are kept", EXIT_REFUSED
     if isinstance(err, DamagedFileError):
         return one_line(err), EXIT_DAMAGED
     if expected and isinstance(err, expected):
         return one_line(err), status
+    return None
+
+
+def _refused(err: BaseException) -> str | None:
+    """What a file system's refusal says (the first half of the line), None for any other error."""
+    if not isinstance(err, OSError) or err.errno not in (*REFUSED, errno.ENOTDIR, errno.EEXIST):
+        return None
+    path = err.filename or "a file"
+    if err.errno == errno.EROFS:
+        return (
+            f"read-only file system: cannot write {path}; choose a folder on a writable disk (or remount it)"
+        )
+    if err.errno in (errno.EACCES, errno.EPERM):
+        return f"permission denied: {path}; give this user access to it (or choose another folder)"
+    if err.errno == errno.ENOTDIR:
+        return f"{path}: a part of this path is a regular file, not a folder; choose another folder"
+    if isinstance(err, FileExistsError) and err.filename and Path(err.filename).is_file():
+        return f"{path} is a regular file, not a folder; choose another folder (or move the file away)"
     return None
 
 

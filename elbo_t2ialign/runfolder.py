@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from elbo_t2ialign.cli import NO_SPACE, RESTORE, damaged
+from elbo_t2ialign.cli import NO_SPACE, REFUSED, RESTORE, damaged
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ def cache_dir() -> Path:
 
 @contextmanager
 def writing(path: str | os.PathLike) -> Iterator[None]:
-    """A full disk inside the block that names no file (a library failing on flush or close: PIL,
+    """A full disk (or a read-only one, permission denied) inside the block that names no file (a library failing on flush or close: PIL,
     numpy, matplotlib) or only a temporary one (a dot-name) is re-raised naming `path`, the file or
     folder being written."""
     try:
@@ -63,7 +63,7 @@ def writing(path: str | os.PathLike) -> Iterator[None]:
     except OSError as err:
         named = str(err.filename or "")
         temporary = not named or "/." in named or named.startswith(".")
-        if err.errno in NO_SPACE and temporary and named != str(path):
+        if err.errno in NO_SPACE + REFUSED and temporary and named != str(path):
             raise OSError(err.errno, os.strerror(err.errno), str(path)) from err
         raise
 

@@ -238,3 +238,232 @@ def test_ctrl_c_while_the_libraries_import_prints_one_line(tmp_path, command):
     assert proc.returncode == EXIT_INTERRUPTED, err
     assert err.splitlines() == ["error: interrupted while starting; nothing was run: start the command again"]
     assert out == "" and list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------------------ item 1: file systems that refuse
+def _can(*command: str) -> bool:
+    try:
+        return subprocess.run(list(command), capture_output=True, timeout=20).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _last_lines(stderr: str) -> list[str]:
+    """The command's own error lines (not the libraries' loading bars and notes)."""
+    return [line for line in stderr.splitlines() if line.startswith("error:") or "Traceback" in line]
+
+
+# each command of the script writes its status and its stderr's `error:` lines to stdout
+IN_NAMESPACE = """
+set -u
+step() { name=$1; shift; "$PY" -m "$@" > /dev/null 2> "$TMP/err"; echo "$name=$?"; grep -E '^error:|Traceback' "$TMP/err" | sed "s/^/$name: /"; }
+"""
+
+READ_ONLY = (
+    IN_NAMESPACE
+    + """
+mount -t tmpfs -o size=1m,ro tmpfs "$DISK"
+step segment_new elbo_t2ialign.segment "$@" output_dir="$DISK/run"
+mount --bind -o ro "$RUN" "$RUN"
+step segment_resume elbo_t2ialign.segment "$@" output_dir="$RUN"
+step evaluate elbo_t2ialign.evaluate "$RUN"
+step report elbo_t2ialign.report "$RUN" --out "$DISK/report" --no-plot
+"""
+)
+
+
+@TESTBED
+def test_read_only_disk_one_line_for_every_command_and_nothing_changed(segmented, shapes, tmp_path):
+    """A real read-only file system (a read-only tmpfs, and the finished run bind-mounted read-only,
+    in a user and mount namespace): a new run, a resumed one, an evaluation and a report each end
+    with one line and status 5, and the run's files are the same bytes."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if not _can("unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o ro tmpfs {disk}"):
+        pytest.skip("no read-only mount here (unshare -rm or mount refused)")
+    run = tmp_path / "run"
+    subprocess.run(["cp", "-a", str(segmented[0]), str(run)], check=True)
+    before = _tree(run)
+    args = [a for a in _segment_args(shapes, tmp_path / "x")[1:] if not a.startswith("output_dir=")]
+    env = _env() | {"PY": sys.executable, "DISK": str(disk), "RUN": str(run), "TMP": str(tmp_path)}
+    done = subprocess.run(
+        ["unshare", "-rm", "sh", "-c", READ_ONLY, "sh", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
+    tail = "choose a folder on a writable disk (or remount it) and rerun the same command: finished outputs are kept"
+    assert done.stdout.splitlines() == [
+        "segment_new=5",
+        f"segment_new: error: read-only file system: cannot write {disk / 'run'}; {tail}",
+        "segment_resume=5",
+        f"segment_resume: error: read-only file system: cannot write {run / '.lock'}; {tail}",
+        "evaluate=5",
+        f"evaluate: error: read-only file system: cannot write {run / 'metrics.json'}; {tail}",
+        "report=5",
+        f"report: error: read-only file system: cannot write {disk / 'report'}; {tail}",
+    ], done.stderr
+    assert _tree(run) == before
+
+
+PERMISSION = (
+    IN_NAMESPACE
+    + """
+chmod -R a-w "$RUN"
+step evaluate elbo_t2ialign.evaluate "$RUN"
+step segment_resume elbo_t2ialign.segment "$@" output_dir="$RUN"
+chmod a+w "$RUN"
+chmod a-r "$RUN/maps"
+step evaluate_unreadable elbo_t2ialign.evaluate "$RUN"
+chmod -R u+rw "$RUN"
+"""
+)
+
+
+@TESTBED
+def test_permission_denied_one_line_and_nothing_changed(segmented, shapes, tmp_path):
+    """Permission denied, made real although the tests run as root: the commands run as a non-root
+    user of a user namespace (`unshare --map-user=1000`), which owns the files but has no
+    capabilities, so that mode bits bind it."""
+    if not _can("unshare", "--user", "--map-user=1000", "--map-group=1000", "true"):
+        pytest.skip("no user namespace with a non-root user here (unshare --map-user refused)")
+    run = tmp_path / "run"
+    subprocess.run(["cp", "-a", str(segmented[0]), str(run)], check=True)
+    before = _tree(run)
+    args = [a for a in _segment_args(shapes, tmp_path / "x")[1:] if not a.startswith("output_dir=")]
+    env = _env() | {"PY": sys.executable, "RUN": str(run), "TMP": str(tmp_path)}
+    done = subprocess.run(
+        ["unshare", "--user", "--map-user=1000", "--map-group=1000", "sh", "-c", PERMISSION, "sh", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
+    tail = "give this user access to it (or choose another folder) and rerun the same command: finished outputs are kept"
+    assert done.stdout.splitlines() == [
+        "evaluate=5",
+        f"evaluate: error: permission denied: {run / 'metrics.json'}; {tail}",
+        "segment_resume=5",
+        f"segment_resume: error: permission denied: {run / '.lock'}; {tail}",
+        "evaluate_unreadable=5",
+        f"evaluate_unreadable: error: permission denied: {run / 'maps'}; {tail}",
+    ], done.stderr
+    assert _tree(run) == before
+
+
+@TESTBED
+def test_output_below_a_regular_file(segmented, shapes, tmp_path):
+    """An output folder whose path runs through a regular file, or is one: one line, status 5."""
+    (tmp_path / "afile").write_text("mine\n")
+    tail = "and rerun the same command: finished outputs are kept"
+    below = f"{tmp_path / 'afile' / 'run'}: a part of this path is a regular file, not a folder; choose another folder"
+    cases = [
+        (
+            [
+                *_segment_args(shapes, tmp_path / "afile" / "run"),
+            ],
+            below,
+        ),
+        (
+            [
+                "elbo_t2ialign.generate",
+                "model.id=tiny:sd",
+                "model.name=t",
+                "prompts=demo",
+                "steps=2",
+                f"output_dir={tmp_path / 'afile' / 'run'}",
+            ],
+            below,
+        ),
+        (["elbo_t2ialign.report", str(segmented[0]), "--out", str(tmp_path / "afile" / "run")], below),
+        (
+            [
+                "elbo_t2ialign.generate",
+                "model.id=tiny:sd",
+                "model.name=t",
+                "prompts=demo",
+                "steps=2",
+                f"output_dir={tmp_path / 'afile'}",
+            ],
+            f"{tmp_path / 'afile'} is a regular file, not a folder; choose another folder (or move the file away)",
+        ),
+    ]
+    for args, line in cases:
+        done = _cli(*args, cwd=tmp_path)
+        assert (done.returncode, _last_lines(done.stderr)) == (5, [f"error: {line} {tail}"]), (
+            args,
+            done.stderr,
+        )
+    assert (
+        sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+        and (tmp_path / "afile").read_text() == "mine\n"
+    )
+
+
+FULL = (
+    IN_NAMESPACE
+    + """
+mount -t tmpfs -o size=4m tmpfs "$DISK"
+cp -a "$RUN" "$DISK/run"
+cp -a "$REPORT" "$DISK/report"
+dd if=/dev/zero of="$DISK/filler" bs=4k 2> /dev/null
+step evaluate elbo_t2ialign.evaluate "$DISK/run"
+step rep elbo_t2ialign.report "$DISK/run" --out "$DISK/report"
+cd "$DISK" && find . -mindepth 1 -name '.*' | sed 's/^/left=/'
+find run report -type f | sort | xargs sha256sum | sed 's/^/sha=/'
+rm "$DISK/filler"
+step evaluate_freed elbo_t2ialign.evaluate "$DISK/run"
+step rep_freed elbo_t2ialign.report "$DISK/run" --out "$DISK/report"
+ls report | sed 's/^/report=/'
+"""
+)
+
+
+@TESTBED
+def test_full_disk_while_evaluating_and_writing_the_report(segmented, shapes, tmp_path):
+    """A real full disk (a tmpfs filled to the last block, in a user and mount namespace) under a
+    finished run and its earlier report: `evaluate` and `report` end with one line and status 4, no
+    temporary is left and every file is the same bytes; once space is freed both finish."""
+    import hashlib
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if not _can("unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o size=64k tmpfs {disk}"):
+        pytest.skip("no tmpfs mount here (unshare -rm or mount refused)")
+    run, report = tmp_path / "run", tmp_path / "report"
+    subprocess.run(["cp", "-a", str(segmented[0]), str(run)], check=True)
+    first = _cli("elbo_t2ialign.report", str(run), "--out", str(report), "--no-plot", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    before = {f"run/{k}": v for k, v in _tree(run).items()} | {
+        f"report/{k}": v for k, v in _tree(report).items()
+    }
+    env = _env() | {"PY": sys.executable, "DISK": str(disk), "RUN": str(run), "REPORT": str(report)}
+    env["TMP"] = str(tmp_path)
+    done = subprocess.run(
+        ["unshare", "-rm", "sh", "-c", FULL],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
+    lines = done.stdout.splitlines()
+    tail = "(or choose a folder on another disk) and rerun the same command: finished outputs are kept, nothing half-written is left"
+    assert [line for line in lines if not line.startswith(("sha=", "report="))] == [
+        "evaluate=4",
+        f"evaluate: error: no space left on device writing {disk / 'run' / 'metrics.json'}; free space there {tail}",
+        "rep=4",
+        f"rep: error: no space left on device writing {disk / 'report' / 'segmentation.tex'}; free space there {tail}",
+        "evaluate_freed=0",
+        "rep_freed=0",
+    ], (done.stdout, done.stderr)
+    hashes = dict(reversed(line[4:].split("  ", 1)) for line in lines if line.startswith("sha="))
+    assert hashes == {k: hashlib.sha256(v).hexdigest() for k, v in before.items()}
+    assert {"report=report.md", "report=segmentation.csv"} <= set(lines)

@@ -24,7 +24,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from elbo_t2ialign.captions import fit_words
-from elbo_t2ialign.cli import disk_full, one_line, to_container
+from elbo_t2ialign.cli import one_line, storage_fault, to_container
 from elbo_t2ialign.core.options import AlignOptions
 from elbo_t2ialign.runfolder import (
     Launch,
@@ -290,7 +290,7 @@ def _finish(folder: SegmentationFolder, tmp: Path, name: str) -> None:
     try:
         os.rename(tmp, folder.image_dir(name))
     except OSError as err:
-        if disk_full(err):
+        if storage_fault(err):
             raise
         raise ConfigError(
             f"cannot finish {name}: {folder.image_dir(name)} exists but is incomplete ({err}); "
