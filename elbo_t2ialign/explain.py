@@ -30,6 +30,7 @@ from PIL import Image
 
 from elbo_t2ialign.captions import with_words
 from elbo_t2ialign.cli import (
+    DamagedFileError,
     check_device,
     check_known,
     cli_run,
@@ -154,6 +155,8 @@ def load_aligner(conf: dict[str, Any], options: AlignOptions):
 
     try:
         return Aligner.from_config(conf["model"], options=options, device=conf.get("device", "auto"))
+    except DamagedFileError:  # a damaged model folder: exit status 3, the line names the file
+        raise
     except (OSError, ValueError) as err:
         raise ExplainError(one_line(err)) from None
 

@@ -467,3 +467,105 @@ def test_full_disk_while_evaluating_and_writing_the_report(segmented, shapes, tm
     hashes = dict(reversed(line[4:].split("  ", 1)) for line in lines if line.startswith("sha="))
     assert hashes == {k: hashlib.sha256(v).hexdigest() for k, v in before.items()}
     assert {"report=report.md", "report=segmentation.csv"} <= set(lines)
+
+
+# ------------------------------------------------------------------ item 2: damaged models
+def _damage(kind: str, folder: Path) -> Path:
+    """A copy of the bundled testbed pipeline in `folder`, damaged one way; returns the file at fault."""
+    import shutil
+
+    shutil.copytree(train.DEFAULT_MODEL_DIR, folder)
+    unet = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    if kind == "truncated":
+        with open(unet, "r+b") as f:
+            f.truncate(unet.stat().st_size // 2)
+        return unet
+    if kind == "garbage header":
+        data = bytearray(unet.read_bytes())
+        data[8:40] = b"\xff" * 32
+        unet.write_bytes(bytes(data))
+        return unet
+    if kind == "empty":
+        unet.write_bytes(b"")
+        return unet
+    if kind == "no model_index.json":
+        (folder / "model_index.json").unlink()
+        return folder
+    if kind == "component missing":
+        shutil.rmtree(folder / "text_encoder")
+        return folder / "text_encoder"
+    if kind == "no weights":
+        (folder / "vae" / "diffusion_pytorch_model.safetensors").unlink()
+        return folder / "vae"
+    if kind == "config mismatch":
+        config = folder / "unet" / "config.json"
+        config.write_text(
+            config.read_text().replace('"cross_attention_dim": 64', '"cross_attention_dim": 48')
+        )
+        return config
+    raise AssertionError(kind)
+
+
+DAMAGE = {
+    "truncated": "is damaged (truncated: 2171500 bytes, its header describes 4343000)",
+    "garbage header": "is damaged (its header is not valid safetensors JSON: UnicodeDecodeError)",
+    "empty": "is damaged (0 bytes: not a safetensors file (empty or cut off))",
+    "no model_index.json": "has no model_index.json: it is not a complete diffusers pipeline folder; check the path, or",
+    "component missing": "is missing (model_index.json lists text_encoder: transformers CLIPTextModel)",
+    "no weights": "holds no weights file (*.safetensors or *.bin)",
+    "config mismatch": "does not match the weights beside it (Cannot load because down_blocks.0.attentions.0."
+    "transformer_blocks.0.attn2.to_k.weight expected shape torch.Size([32, 48]), but got torch.Size([32, 64])); "
+    "the config and the weights come from different models",
+}
+
+
+@TESTBED
+@pytest.mark.parametrize("kind", list(DAMAGE))
+def test_damaged_model_folder_names_the_file(tmp_path, kind):
+    import torch
+
+    from elbo_t2ialign.cli import DamagedFileError
+    from elbo_t2ialign.core.adapters import load_pipeline
+
+    folder = tmp_path / "model"
+    culprit = _damage(kind, folder)
+    if kind == "truncated":
+        assert culprit.stat().st_size == 2171500  # the half kept, as the message says
+    with pytest.raises(DamagedFileError) as err:
+        load_pipeline(str(folder), torch.device("cpu"), torch.float32)
+    message = str(err.value)
+    assert message.startswith(f"{culprit} {DAMAGE[kind]}"), message
+    assert message.endswith(
+        f"download the model again into a new folder (`hf download <repo id> --local-dir <folder>`) or "
+        f"restore {folder} from a copy"
+    )
+    assert "\n" not in message
+
+
+@TESTBED
+def test_damaged_model_on_the_command_line_one_line_status_3(shapes, tmp_path):
+    """`segment` and `explain` with a truncated weights file: one line naming it, status 3, no run
+    folder left behind."""
+    culprit = _damage("truncated", tmp_path / "model")
+    line = f"error: {culprit} {DAMAGE['truncated']}; download the model again"
+    out = tmp_path / "run"
+    seg = _cli(*_segment_args(shapes, out), f"model.id={tmp_path / 'model'}", cwd=tmp_path)
+    assert seg.returncode == 3 and len(_last_lines(seg.stderr)) == 1, seg.stderr
+    assert _last_lines(seg.stderr)[0].startswith(line)
+    assert not out.exists()
+    image = tmp_path / "image.png"
+    from PIL import Image
+
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(image)
+    exp = _cli(
+        "elbo_t2ialign.explain",
+        str(image),
+        "square",
+        "model=shapes",
+        f"model.id={tmp_path / 'model'}",
+        "device=cpu",
+        f"output_dir={tmp_path / 'explained'}",
+        cwd=tmp_path,
+    )
+    assert exp.returncode == 3 and [ln for ln in _last_lines(exp.stderr) if ln.startswith(line)], exp.stderr
+    assert not (tmp_path / "explained").exists() or not any((tmp_path / "explained").iterdir())

@@ -24,7 +24,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from elbo_t2ialign.captions import fit_words
-from elbo_t2ialign.cli import one_line, storage_fault, to_container
+from elbo_t2ialign.cli import DamagedFileError, one_line, storage_fault, to_container
 from elbo_t2ialign.core.options import AlignOptions
 from elbo_t2ialign.runfolder import (
     Launch,
@@ -181,6 +181,8 @@ def build_aligner(conf: dict[str, Any], options: AlignOptions) -> HeatmapAligner
     log.info("loading model %s (%s) on %s", conf["model"]["name"], conf["model"]["id"], device)
     try:
         return Aligner.from_config(conf["model"], options=options, device=device)
+    except DamagedFileError:  # a damaged model folder: exit status 3, the line names the file
+        raise
     except (FileNotFoundError, ValueError) as err:  # unreachable hub id, unusable folder, bad dtype
         raise ConfigError(one_line(err)) from None
 
