@@ -569,3 +569,139 @@ def test_damaged_model_on_the_command_line_one_line_status_3(shapes, tmp_path):
     )
     assert exp.returncode == 3 and [ln for ln in _last_lines(exp.stderr) if ln.startswith(line)], exp.stderr
     assert not (tmp_path / "explained").exists() or not any((tmp_path / "explained").iterdir())
+
+
+# ------------------------------------------------------------------ item 3: non-finite numbers
+def _edited_testbed(folder: Path, edit) -> Path:
+    """A copy of the testbed pipeline whose UNet weights `edit(weights)` changed in place."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(train.DEFAULT_MODEL_DIR, folder)
+    path = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    weights = load_file(path)
+    edit(weights)
+    save_file(weights, path)
+    return folder
+
+
+def _nan_in_cross_attention(weights):
+    weights["down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight"][0, 0] = float("nan")
+
+
+def _overflows_in_float16(weights):
+    weights["conv_in.weight"] *= 3e4  # activations beyond float16's 65504; float32 holds them
+
+
+CHECKED = {"elbo_timesteps": [1, 501], "collect_timesteps": [20, 100]}
+
+
+@TESTBED
+def test_nan_weights_are_refused_where_they_arise(tmp_path):
+    """A NaN in one cross-attention weight: the ELBO losses are NaN (two classes), the cross-attention
+    maps are NaN (one class, no ELBO forwards). Each is refused naming it; no maps are returned."""
+    import numpy as np
+    from PIL import Image
+
+    from elbo_t2ialign import Aligner
+    from elbo_t2ialign.core.finite import NonFiniteError
+
+    aligner = Aligner.from_pretrained(
+        str(_edited_testbed(tmp_path / "m", _nan_in_cross_attention)), device="cpu"
+    )
+    image = Image.fromarray(np.full((32, 32, 3), 180, np.uint8))
+    damaged_weights = (
+        "with float32 this points to damaged weights: check the model's files (download it again)"
+    )
+    with pytest.raises(NonFiniteError) as err:
+        aligner.heatmaps(image, ["square", "circle"], **CHECKED)
+    assert (
+        str(err.value)
+        == f"non-finite numbers in the ELBO losses (denoiser) (2 NaN, 0 infinite of 2 values); {damaged_weights}"
+    )
+    with pytest.raises(NonFiniteError) as err:
+        aligner.heatmaps(image, ["square"], **CHECKED)
+    res = aligner.adapter.unet.config.sample_size  # the cross maps are (res * res,) per class at 16 x 16
+    assert str(err.value).startswith("non-finite numbers in the cross-attention maps (denoiser) (")
+    assert err.value.what == "the cross-attention maps (denoiser)" and res
+    # given losses skip the ELBO forwards: the attention check still refuses
+    with pytest.raises(NonFiniteError, match="cross-attention maps"):
+        aligner.heatmaps(image, ["square", "circle"], elbo_losses={"square": 1.0, "circle": 2.0}, **CHECKED)
+
+
+@TESTBED
+def test_float16_overflow_is_refused_and_float32_gives_the_maps(tmp_path):
+    """A real float16 overflow: the first convolution's weights scaled by 3e4 give activations beyond
+    float16's range; in float16 the image is refused with the setting that avoids it, in float32 the
+    same model gives finite maps."""
+    import numpy as np
+    from PIL import Image
+
+    from elbo_t2ialign import Aligner
+    from elbo_t2ialign.core.finite import NonFiniteError
+
+    folder = _edited_testbed(tmp_path / "m", _overflows_in_float16)
+    image = Image.fromarray(np.full((32, 32, 3), 180, np.uint8))
+    half = Aligner.from_pretrained(str(folder), device="cpu", dtype="float16")
+    with pytest.raises(NonFiniteError) as err:
+        half.heatmaps(image, ["square", "circle"], **CHECKED)
+    assert str(err.value).endswith(
+        "float16 overflows on some models and images: run in float32 or bfloat16 (model.dtype=float32 or "
+        "model.dtype=bfloat16 on the command line, dtype= in the API)"
+    )
+    full = Aligner.from_pretrained(str(folder), device="cpu", dtype="float32")
+    result = full.heatmaps(image, ["square", "circle"], **CHECKED)
+    assert all(np.isfinite(m).all() for m in result.heatmaps.values())
+    assert all(np.isfinite(v) for v in result.losses.values()) and len(set(result.losses.values())) == 2
+
+
+@TESTBED
+@pytest.mark.parametrize("on_error", ["skip", "stop"])
+def test_segment_with_nan_weights_records_or_stops_and_writes_no_maps(shapes, tmp_path, on_error):
+    """`segment` on a model with a NaN weight: on_error=skip records each image and, as the first
+    images all fail the same way, stops the run (the model is at fault); on_error=stop stops at the
+    first image naming it. No map is written."""
+    model = _edited_testbed(tmp_path / "m", _nan_in_cross_attention)
+    out = tmp_path / "run"
+    done = _cli(
+        *_segment_args(shapes, out, images=2), f"model.id={model}", f"on_error={on_error}", cwd=tmp_path
+    )
+    lines = _last_lines(done.stderr)
+    assert done.returncode == 2 and len(lines) == 1, done.stderr
+    if on_error == "skip":
+        assert lines[0].startswith(
+            "error: the first 2 image(s) of this launch all gave non-finite numbers (in the "
+        ), lines
+        assert lines[0].endswith(
+            "so the model or its dtype is at fault, not the images; with float32 this points to damaged "
+            "weights: check the model's files (download it again); finished images are kept"
+        )
+        assert sorted(p.name for p in (out / "skipped").iterdir()) == ["val_00000.json", "val_00001.json"]
+    else:
+        assert lines[0].startswith("error: val_00000: non-finite numbers in the "), lines
+        assert lines[0].endswith("(on_error=stop: finished images are kept; a rerun resumes)")
+    assert not list((out / "maps").glob("*/*.png")) if (out / "maps").exists() else True
+
+
+def test_one_image_with_non_finite_numbers_is_skipped_and_the_run_goes_on(tmp_path):
+    """With on_error=skip, an image that fails with non-finite numbers among images that do not is
+    recorded and the run goes on (the run stops only when the first images all fail)."""
+    from elbo_t2ialign.core.finite import NonFiniteError
+    from elbo_t2ialign.devtools.fixtures import PixelAligner, fixture_config, random_samples, write_dataset
+    from elbo_t2ialign.segmentation import run
+
+    class SecondImageOverflows(PixelAligner):
+        def observe(self, image, *args, **kwargs):
+            if len(self.calls) == 1:
+                self.calls.append({})
+                raise NonFiniteError(
+                    "non-finite numbers in the ELBO losses (denoiser) (...)", "the ELBO losses"
+                )
+            return super().observe(image, *args, **kwargs)
+
+    data = write_dataset(tmp_path / "data", ["cat", "dog"], random_samples(["cat", "dog"], 4))
+    out = run(fixture_config(data, tmp_path / "run", num_images=4), aligner=SecondImageOverflows())
+    finished = sorted(p.name for p in (out / "maps").iterdir() if (p / "scores.json").is_file())
+    skipped = sorted(p.stem for p in (out / "skipped").iterdir())
+    assert len(finished) == 3 and len(skipped) == 1 and skipped[0] not in finished

@@ -33,6 +33,7 @@ from elbo_t2ialign.core.adapters import (
     resolve_dtype,
 )
 from elbo_t2ialign.core.adapters.base import cat_cond
+from elbo_t2ialign.core.finite import check_finite
 from elbo_t2ialign.core.images import as_image
 from elbo_t2ialign.core.options import AlignOptions
 
@@ -263,6 +264,8 @@ class Aligner:
             need_elbo = len(names) > 1 and not opts.fixed_temperature and opts.strength != 1.0
 
         z0 = self.adapter.encode_image(image)  # (1, C, h, w)
+        dtype = self.adapter.dtype
+        check_finite(z0, "the image's latents (VAE encoder)", self.adapter.vae.dtype)
         collect_noise, elbo_noise = self._draw_noise(z0, opts, seed)
         losses = None
         if elbo_losses is not None:
@@ -270,6 +273,7 @@ class Aligner:
         elif need_elbo and len(names) > 1:
             conds = [self.adapter.encode_prompt(p) for p in elbo_prompts]
             values = self._elbo_losses(z0, conds, opts.elbo_timesteps, elbo_noise, self._batch(opts))
+            check_finite(torch.tensor(values), "the ELBO losses (denoiser)", dtype)
             losses = dict(zip(names, values, strict=True))
 
         weights = self._weights if opts is self.options else capture.layer_weights(self.layers, opts)
@@ -277,6 +281,9 @@ class Aligner:
         cross = calibrate.class_cross_maps(rec.mean("cross"), positions)
         s1 = rec.mean("self1") if opts.refine and "self1" in rec.sums else None
         s2 = rec.mean("self2") if opts.refine and "self2" in rec.sums else None
+        for tensor, what in ((cross, "cross"), (s1, "self"), (s2, "self")):
+            maps = torch.stack(list(tensor.values())) if isinstance(tensor, dict) else tensor
+            check_finite(maps, f"the {what}-attention maps (denoiser)", dtype)
         prompts = dict(zip(names, elbo_prompts, strict=True)) | {"collect": collect_prompt}
         return Evidence(names, losses, cross, s1, s2, rec.target_res, image.size, prompts, positions)
 
