@@ -705,3 +705,133 @@ def test_one_image_with_non_finite_numbers_is_skipped_and_the_run_goes_on(tmp_pa
     finished = sorted(p.name for p in (out / "maps").iterdir() if (p / "scores.json").is_file())
     skipped = sorted(p.stem for p in (out / "skipped").iterdir())
     assert len(finished) == 3 and len(skipped) == 1 and skipped[0] not in finished
+
+
+# ------------------------------------------------------------------ item 4: unusual images
+@pytest.fixture(scope="module")
+def testbed_aligner():
+    if not (train.DEFAULT_MODEL_DIR / "model_index.json").is_file():
+        pytest.skip("no committed testbed model")
+    from elbo_t2ialign import Aligner
+
+    return Aligner.from_pretrained(str(train.DEFAULT_MODEL_DIR), device="cpu", **CHECKED)
+
+
+def _unusual_dataset(root: Path) -> tuple[Path, dict]:
+    """One image per unusual case (mask: the top rows class 1), each stored as the case needs; the
+    file is named .png whatever its format (PIL reads the content)."""
+    import numpy as np
+    from PIL import Image
+
+    from elbo_t2ialign.devtools.fixtures import write_dataset
+
+    rng = np.random.default_rng(0)
+    sizes = {"tiny2x2": (2, 2), "tiny3x5": (3, 5), "one_pixel": (1, 1)}
+    names = [
+        "tiny2x2",
+        "tiny3x5",
+        "one_pixel",
+        "cmyk",
+        "i16",
+        "p_transparent",
+        "la",
+        "exif_rotated",
+        "mask_10x10",
+    ]
+    samples = {}
+    for name in names:
+        h, w = sizes.get(name, (24, 32))
+        mask = np.zeros((h, w), np.uint8)
+        mask[: h // 2 + 1] = 1
+        samples[name] = (rng.integers(0, 256, (h, w, 3), dtype=np.uint8), mask)
+    data = write_dataset(root, ["cat"], samples)
+    images = data / "images"
+    Image.fromarray(samples["cmyk"][0]).convert("CMYK").save(images / "cmyk.png", format="JPEG", quality=95)
+    wide = rng.integers(0, 65536, (24, 32)).astype(np.uint16)
+    wide[0, 0], wide[0, 1] = 0, 65535  # the range is known: 0..65535
+    Image.fromarray(wide).save(images / "i16.png")
+    Image.fromarray(samples["p_transparent"][0]).convert("P").save(
+        images / "p_transparent.png", transparency=0
+    )
+    Image.fromarray(samples["la"][0]).convert("LA").save(images / "la.png")
+    exif = Image.Image().getexif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    Image.fromarray(samples["exif_rotated"][0]).save(
+        images / "exif_rotated.png", format="JPEG", exif=exif, quality=95
+    )
+    Image.fromarray(np.zeros((10, 10), np.uint8)).save(data / "masks" / "mask_10x10.png")
+    return data, {"i16": wide}
+
+
+def test_unusual_images_through_a_segmentation_run(tmp_path, testbed_aligner):
+    """Every PIL mode a dataset may hold, EXIF orientation, tiny images and a mask of another size,
+    with the testbed model: each image gets its maps at its stored size, or is skipped with one line."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from elbo_t2ialign.devtools.fixtures import fixture_config
+    from elbo_t2ialign.segmentation import run
+    from elbo_t2ialign.segmentation.datasets import SegDataset
+
+    data, raw = _unusual_dataset(tmp_path / "data")
+    conf = fixture_config(data, tmp_path / "run")
+    dataset = SegDataset(conf["dataset"])
+    loaded = {n: np.asarray(dataset.load_image(n)) for n in dataset.images}
+    # as the reference reads a dataset image: Image.open(path).convert("RGB") (the library's result)
+    for name in ("cmyk", "p_transparent", "la", "exif_rotated", "tiny3x5"):
+        with Image.open(data / "images" / f"{name}.png") as img:
+            assert np.array_equal(loaded[name], np.asarray(img.convert("RGB"))), name
+    # EXIF orientation is not applied: the stored 32x24 pixels, not the displayed 24x32
+    assert loaded["exif_rotated"].shape == (24, 32, 3)
+    # 16-bit: rescaled by its range (0..65535) by hand, where convert("RGB") would clip at 255
+    expected = np.round(raw["i16"].astype(np.float64) / 65535 * 255).astype(np.uint8)
+    assert np.array_equal(loaded["i16"], np.repeat(expected[..., None], 3, axis=2))
+
+    out = run(conf, aligner=testbed_aligner)
+    sizes = {}
+    for folder in sorted((out / "maps").iterdir()):
+        with Image.open(folder / "elbo_001.png") as m:
+            sizes[folder.name] = m.size
+    assert sizes == {
+        "cmyk": (32, 24),
+        "exif_rotated": (32, 24),
+        "i16": (32, 24),
+        "la": (32, 24),
+        "p_transparent": (32, 24),
+        "tiny2x2": (2, 2),
+        "tiny3x5": (5, 3),
+    }
+    skipped = {p.stem: json.loads(p.read_text())["error"] for p in (out / "skipped").iterdir()}
+    assert skipped == {
+        "one_pixel": "image one_pixel is 1x1; heatmaps need at least 2x2 pixels",
+        "mask_10x10": "mask of mask_10x10 is 10x10 but the image is 32x24",
+    }
+
+
+def test_api_images_of_every_mode():
+    """The API and `explain` (`as_image`, then `to_rgb`): transparency over white, 16-bit rescaled,
+    CMYK and palette through PIL's conversion, EXIF orientation not applied, 1x1 refused."""
+    import numpy as np
+    from PIL import Image
+
+    from elbo_t2ialign.core.adapters.base import to_rgb
+    from elbo_t2ialign.core.images import as_image
+
+    palette = Image.fromarray(np.array([[0, 1], [1, 0]], np.uint8), mode="P")
+    palette.putpalette([10, 20, 30, 200, 100, 50] + [0] * 762)
+    palette.info["transparency"] = 0
+    assert np.asarray(to_rgb(palette)).tolist() == [
+        [[255, 255, 255], [200, 100, 50]],
+        [[200, 100, 50], [255, 255, 255]],
+    ]
+    la = Image.fromarray(np.array([[[40, 0], [40, 255]]], np.uint8), mode="LA")
+    assert np.asarray(to_rgb(la)).tolist() == [[[255, 255, 255], [40, 40, 40]]]
+    wide = Image.fromarray(np.array([[1000, 3000], [2000, 5000]], np.uint16))
+    expected = np.round((np.array([[1000, 3000], [2000, 5000]]) - 1000) / 4000 * 255)
+    assert np.asarray(to_rgb(wide))[..., 0].tolist() == expected.tolist()
+    cmyk = Image.new("CMYK", (2, 2), (0, 255, 255, 0))  # pure red in CMYK
+    assert np.asarray(to_rgb(as_image(cmyk))).tolist() == [[[255, 0, 0]] * 2] * 2
+    with pytest.raises(ValueError, match="the image is 1x1; heatmaps need at least 2x2 pixels"):
+        as_image(Image.new("RGB", (1, 1)))
