@@ -835,3 +835,23 @@ def test_api_images_of_every_mode():
     assert np.asarray(to_rgb(as_image(cmyk))).tolist() == [[[255, 0, 0]] * 2] * 2
     with pytest.raises(ValueError, match="the image is 1x1; heatmaps need at least 2x2 pixels"):
         as_image(Image.new("RGB", (1, 1)))
+
+
+def test_an_image_above_pils_size_limit_is_skipped_with_one_line(tmp_path, monkeypatch):
+    """PIL's decompression-bomb refusal (2 x Image.MAX_IMAGE_PIXELS, lowered here so that a 100x100
+    image meets it) is an image error, not a traceback."""
+    import numpy as np
+    from PIL import Image
+
+    from elbo_t2ialign.devtools.fixtures import fixture_config, write_dataset
+    from elbo_t2ialign.segmentation.config import InputError
+    from elbo_t2ialign.segmentation.datasets import SegDataset
+
+    data = write_dataset(
+        tmp_path / "d", ["cat"], {"big": (np.zeros((100, 100, 3), np.uint8), np.ones((100, 100)))}
+    )
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 4000)
+    with pytest.raises(
+        InputError, match=r"^image big: .*big.png is too large for PIL \(Image size \(10000 pixels\)"
+    ):
+        SegDataset(fixture_config(data, tmp_path / "run")["dataset"]).load_image("big")

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from elbo_t2ialign.cli import storage_fault
 from elbo_t2ialign.core.adapters.base import to_rgb
 from elbo_t2ialign.runfolder import cache_dir, list_digest, read_json, write_json_atomic
 from elbo_t2ialign.segmentation.config import ConfigError, InputError
@@ -245,7 +246,11 @@ def _open(path: Path, what: str) -> Image.Image:
     try:
         img = Image.open(path)
         img.load()
+    except Image.DecompressionBombError as err:  # above 2 x Image.MAX_IMAGE_PIXELS: PIL refuses it
+        raise InputError(f"{what}: {path} is too large for PIL ({err})") from None
     except (OSError, SyntaxError, ValueError) as err:
+        if storage_fault(err):  # permission denied is the machine's fault, not the image's
+            raise
         raise InputError(f"{what}: cannot decode {path}: {err}") from None
     return img
 
