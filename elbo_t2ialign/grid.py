@@ -363,6 +363,11 @@ def run_grid(
                 aligner = (aligner_factory or shared_aligner)(cell.conf, models)
                 run(cell.conf, aligner=aligner, on_image=estimator)
             except SegmentationError as err:  # this cell only: the others still run, its images are kept
+                if getattr(err, "lock_holder", None) is not None:  # another grid process computes it
+                    say(
+                        f"   cell {cell.index + 1} is being computed by another launch ({one_line(err)}); left to it"
+                    )
+                    continue
                 say(f"   cell {cell.index + 1} stopped: {one_line(err)}")
                 failed.append(f"cell {cell.index + 1} ({cell.label}): {one_line(err)}")
                 continue

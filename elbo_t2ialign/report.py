@@ -100,7 +100,18 @@ def _state_summary(runs: list[results.Run]) -> list[str]:
     for run in runs:
         counts[run.state] = counts.get(run.state, 0) + 1
     parts = [f"{counts[s]} {s}" for s in tables.STATES if s in counts]
-    return ["## Runs", "", f"{len(runs)} run(s): " + ", ".join(parts) + ".", ""]
+    lines = ["## Runs", "", f"{len(runs)} run(s): " + ", ".join(parts) + ".", ""]
+    running = [r for r in runs if r.running]
+    if running:  # another launch still computes these: their rows will change
+        lines += [
+            f"Still running ({len(running)}; write the report again when they end): "
+            + "; ".join(
+                f"{r.name} ({r.done}/{r.expected if r.expected is not None else '?'} images)" for r in running
+            )
+            + ".",
+            "",
+        ]
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -232,9 +232,10 @@ def launch(folder: RunFolder, spec: Launch) -> Iterator[None]:
     fresh = not folder.root.exists()
     folder.root.mkdir(parents=True, exist_ok=True)
     lock = RunLock(folder.lock(spec.shard_tag), spec.error, conflicts=spec.conflicts)
-    handler, ok = None, False
+    handler, ok, locked = None, False, False
     try:
         lock.acquire()
+        locked = True  # from here the folder is this launch's; before, another launch's files may be there
         save_or_check_config(folder.config, spec.conf, spec.fingerprint, spec.error)
         check_identity(folder.root, spec.identity, spec.error, write=True)
         git = git_revision()
@@ -265,7 +266,7 @@ def launch(folder: RunFolder, spec: Launch) -> Iterator[None]:
             logging.getLogger("elbo_t2ialign").removeHandler(handler)
             handler.close()
         lock.release()
-        if fresh and not ok:
+        if fresh and not ok and locked:
             discard_fresh(folder.root, folder.launch_files() + spec.own_files)
 
 
@@ -295,6 +296,7 @@ class RunLock:
         self.hint = hint
 
     def _busy(self, fd: int, path: Path) -> Exception:
+        """The error of a lock another launch holds; its `lock_holder` attribute tells it apart."""
         holder = _read_holder(fd)
         os.close(fd)
         who = (
@@ -302,7 +304,9 @@ class RunLock:
             if holder
             else "another process"
         )
-        return self.error(f"{path.parent} is in use by {who} (lock {path}); {self.hint}")
+        err = self.error(f"{path.parent} is in use by {who} (lock {path}); {self.hint}")
+        err.lock_holder = holder or {"lock": str(path)}  # type: ignore[attr-defined]
+        return err
 
     def _check_conflicts(self) -> None:
         """Called while holding our own lock, so of two conflicting launches at least one sees the other."""
@@ -373,6 +377,25 @@ class RunLock:
 
     def __exit__(self, *exc: Any) -> None:
         self.release()
+
+
+def lock_held(root: Path) -> bool:
+    """Whether a live launch holds a lock of the run folder `root` (`.lock` or a shard's): a run
+    still running. Read-only: a shared flock tried on each lock file, never created."""
+    for path in sorted(Path(root).glob(".lock*")):
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        except OSError:
+            continue
+        finally:
+            os.close(fd)  # closing releases a shared lock taken here
+    return False
 
 
 def _read_holder(fd: int) -> dict[str, Any]:

@@ -855,3 +855,101 @@ def test_an_image_above_pils_size_limit_is_skipped_with_one_line(tmp_path, monke
         InputError, match=r"^image big: .*big.png is too large for PIL \(Image size \(10000 pixels\)"
     ):
         SegDataset(fixture_config(data, tmp_path / "run")["dataset"]).load_image("big")
+
+
+# ------------------------------------------------------------------ item 5: several processes at once
+def _to_do(cell: Path) -> int:
+    """Images the launches of a cell set out to compute, summed over its segment.log."""
+    import re
+
+    return sum(int(m) for m in re.findall(r"(\d+) to do ->", (cell / "segment.log").read_text()))
+
+
+@TESTBED
+def test_two_grid_processes_on_one_grid_compute_every_cell_once(shapes, tmp_path):
+    """Two `grid` processes started together on the same 3-cell grid: both end with status 0, every
+    image is set out to be computed once in all (a cell in use by the other process is left to it,
+    not counted as stopped), and the last report is complete."""
+    import yaml
+
+    out = tmp_path / "grid"
+    overrides = [a for a in _segment_args(shapes, out, images=2)[1:] if not a.startswith("output_dir=")]
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(
+        yaml.safe_dump({"output_dir": str(out), "overrides": overrides, "axes": {"seed": [0, 1, 2]}})
+    )
+    command = [sys.executable, "-m", "elbo_t2ialign.grid", str(grid)]
+    procs = [
+        subprocess.Popen(
+            command, cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        for _ in range(2)
+    ]
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    cells = [out / str(seed) for seed in (0, 1, 2)]
+    assert [_to_do(c) for c in cells] == [2, 2, 2], outputs
+    assert all(len(list((c / "maps").glob("*/scores.json"))) == 2 for c in cells)
+    report = (out / "report" / "report.md").read_text()
+    assert "3 run(s): 3 done." in report and "Still running" not in report
+
+
+@TESTBED
+def test_report_and_evaluate_while_a_launch_holds_the_run(segmented, shapes, tmp_path):
+    """A run whose lock a live launch holds (taken here: a real flock of another open file) and
+    whose split has an image left: `report` lists it as still running and `evaluate` says so in
+    metrics.md; both end with status 0 and change nothing of the run's images."""
+    from elbo_t2ialign.runfolder import RunLock, lock_held
+    from elbo_t2ialign.segmentation.config import ConfigError
+
+    run = tmp_path / "run"
+    subprocess.run(["cp", "-a", str(segmented[0]), str(run)], check=True)
+    config = run / "config.yaml"
+    config.write_text(config.read_text().replace("num_images: 1", "num_images: 2"))
+    before = _tree(run / "maps")
+    assert not lock_held(run)
+    lock = RunLock(run / ".lock", ConfigError).acquire()
+    try:
+        assert lock_held(run)
+        rep = _cli(
+            "elbo_t2ialign.report", str(run), "--out", str(tmp_path / "report"), "--no-plot", cwd=tmp_path
+        )
+        ev = _cli("elbo_t2ialign.evaluate", str(run), cwd=tmp_path)
+    finally:
+        lock.release()
+    assert rep.returncode == 0 and ev.returncode == 0, (rep.stderr, ev.stderr)
+    assert (
+        f"Still running (1; write the report again when they end): {run} (1/2 images)."
+        in (tmp_path / "report" / "report.md").read_text()
+    )
+    assert (
+        "- 1 image(s) of the split are not finished yet: the run is incomplete. The segmentation is still "
+        "running: evaluate again when it ends." in (run / "metrics.md").read_text()
+    )
+    assert _tree(run / "maps") == before and not lock_held(run)
+
+
+def test_a_launch_refused_by_another_leaves_that_launchs_new_folder_alone(tmp_path, monkeypatch):
+    """Two launches that both find no folder: the second takes the lock first and writes its
+    config; the first, refused, must not remove the folder it did not make its own (it used to:
+    the other launch then failed writing into a vanished folder)."""
+    from elbo_t2ialign.devtools.fixtures import PixelAligner, fixture_config, random_samples, write_dataset
+    from elbo_t2ialign.runfolder import RunLock
+    from elbo_t2ialign.segmentation import run
+    from elbo_t2ialign.segmentation.config import ConfigError
+
+    data = write_dataset(tmp_path / "data", ["cat"], random_samples(["cat"], 2))
+    out = tmp_path / "run"
+    acquire, other = RunLock.acquire, []
+
+    def the_other_launch_first(self):
+        if not other:  # the other launch (another open file: a real conflicting flock) wins the race
+            other.append(acquire(RunLock(self.path, ConfigError)))
+            (out / "config.yaml").write_text("the other launch's config\n")
+        return acquire(self)
+
+    monkeypatch.setattr(RunLock, "acquire", the_other_launch_first)
+    with pytest.raises(ConfigError, match=r"is in use by pid \d+"):
+        run(fixture_config(data, out), aligner=PixelAligner())
+    assert (out / "config.yaml").read_text() == "the other launch's config\n"
+    other[0].release()
