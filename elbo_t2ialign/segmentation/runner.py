@@ -268,7 +268,7 @@ def _non_finite(
 
 
 def _dtype_of(conf: dict[str, Any]) -> Any:
-
+    """The dtype the model runs in (for the advice of a non-finite failure)."""
     from elbo_t2ialign.core.adapters import resolve_dtype
 
     return resolve_dtype(conf["model"].get("dtype", "auto"), resolve_rank_device(conf.get("device")))
