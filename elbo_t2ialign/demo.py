@@ -18,11 +18,9 @@ import sys
 import time
 from pathlib import Path
 
-from hydra import compose, initialize_config_dir
-
-from elbo_t2ialign.cli import cli_errors, debug_requested, hydra_config_dir
+from elbo_t2ialign.cli import cli_errors, compose_config, debug_requested
 from elbo_t2ialign.segmentation import ablation, evaluate, run
-from elbo_t2ialign.segmentation.config import SegmentationError
+from elbo_t2ialign.segmentation.config import ConfigError, SegmentationError
 
 MODEL = Path(__file__).resolve().parent / "testbed" / "model"  # the bundled testbed model
 # elbo = strength 3 (configs/elbo/shapes.yaml), so strengths 1-5, fixed tau 3 and the unrefined map
@@ -38,9 +36,6 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("overrides", nargs="*", help="more Hydra overrides, e.g. elbo.strength=2")
     args = parser.parse_args(argv)
 
-    # the world's own command (the package's modules do not import the testbed): writes it when missing
-    command = [sys.executable, "-m", "elbo_t2ialign.testbed.world", "--ensure"]
-    subprocess.run([*command, "--out", str(Path(args.datasets_dir) / "shapes")], check=True)
     out = Path(args.out) / f"shapes-{args.split}"
     overrides = [
         # elbo=shapes: the method's defaults, refinement from this model's 16x16 self-attention
@@ -55,8 +50,10 @@ def main(argv: list[str] | None = None) -> dict:
         *([f"num_images={args.images}"] if args.images else []),
         *args.overrides,
     ]
-    with initialize_config_dir(config_dir=hydra_config_dir(), version_base="1.3"):
-        cfg = compose("segment", overrides=overrides)
+    cfg = compose_config("segment", overrides, ConfigError)  # a bad override: before anything is written
+    # the world's own command (the package's modules do not import the testbed): writes it when missing
+    command = [sys.executable, "-m", "elbo_t2ialign.testbed.world", "--ensure"]
+    subprocess.run([*command, "--out", str(Path(args.datasets_dir) / "shapes")], check=True)
     start = time.time()
     run(cfg)
     metrics = evaluate(out, overlays=4)

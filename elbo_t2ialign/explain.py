@@ -33,12 +33,14 @@ from PIL import Image
 
 from elbo_t2ialign.captions import with_words
 from elbo_t2ialign.cli import (
+    DamagedFileError,
     check_device,
     check_known,
     cli_run,
     debug_requested,
     hydra_config_dir,
     one_line,
+    override_message,
     to_container,
 )
 from elbo_t2ialign.core.options import AlignOptions
@@ -88,7 +90,7 @@ def compose(overrides: list[str]) -> dict[str, Any]:
         with initialize_config_dir(config_dir=hydra_config_dir(), version_base="1.3"):
             conf = to_container(hydra_compose("explain", overrides=overrides), ExplainError)
     except (HydraException, OmegaConfBaseException) as err:
-        raise ExplainError(f"bad override in {overrides}: {one_line(err)}") from None
+        raise ExplainError(override_message(err, "explain", overrides)) from None
     check_known("the explain config", set(conf), TOP_KEYS, ExplainError)
     check_device(conf.get("device"), ExplainError)
     return conf
@@ -156,6 +158,8 @@ def load_aligner(conf: dict[str, Any], options: AlignOptions):
 
     try:
         return Aligner.from_config(conf["model"], options=options, device=conf.get("device", "auto"))
+    except DamagedFileError:  # a damaged model folder: exit status 3, the line names the file
+        raise
     except (OSError, ValueError) as err:
         raise ExplainError(one_line(err)) from None
 

@@ -15,7 +15,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from elbo_t2ialign.cli import cli_errors, debug_requested, hydra_config_dir
+from elbo_t2ialign.cli import check_overrides, cli_errors, debug_requested, hydra_config_dir
 from elbo_t2ialign.generation.config import GenerationError
 from elbo_t2ialign.generation.phrases import PhraseError
 from elbo_t2ialign.generation.runner import run
@@ -30,4 +30,5 @@ def main(cfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     DEBUG, sys.argv = debug_requested(sys.argv)
+    check_overrides("generate", sys.argv[1:], DEBUG)
     main()

@@ -51,6 +51,7 @@ from elbo_t2ialign.cli import (
     debug_requested,
     hydra_config_dir,
     one_line,
+    override_message,
     to_container,
 )
 
@@ -168,7 +169,7 @@ def plan(grid: dict[str, Any], extra: list[str], shard: str | None) -> list[Cell
                 validate(conf)
                 dataset = SegDataset(conf["dataset"])
             except (HydraException, OmegaConfBaseException) as err:
-                raise GridError(f"cell {i + 1} ({overrides}): {one_line(err)}") from None
+                raise GridError(f"cell {i + 1}: {override_message(err, 'segment', overrides)}") from None
             except ConfigError as err:
                 raise GridError(f"cell {i + 1} ({' '.join(values_text(values))}): {err}") from None
             limit = conf.get("num_images")
@@ -362,6 +363,11 @@ def run_grid(
                 aligner = (aligner_factory or shared_aligner)(cell.conf, models)
                 run(cell.conf, aligner=aligner, on_image=estimator)
             except SegmentationError as err:  # this cell only: the others still run, its images are kept
+                if getattr(err, "lock_holder", None) is not None:  # another grid process computes it
+                    say(
+                        f"   cell {cell.index + 1} is being computed by another launch ({one_line(err)}); left to it"
+                    )
+                    continue
                 say(f"   cell {cell.index + 1} stopped: {one_line(err)}")
                 failed.append(f"cell {cell.index + 1} ({cell.label}): {one_line(err)}")
                 continue

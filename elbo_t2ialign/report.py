@@ -22,6 +22,7 @@ from typing import Any
 from elbo_t2ialign import results, tables
 from elbo_t2ialign.cli import cli_errors, debug_requested
 from elbo_t2ialign.results import ReportError
+from elbo_t2ialign.runfolder import atomic_path, write_text_atomic
 
 FILES = {"segment": "segmentation", "generate": "generation"}
 log = logging.getLogger(__name__)
@@ -78,12 +79,15 @@ def write(
             table = tables.build(runs, task, crf=crf, sizes=sizes, digits=digits)
         made[task] = table
         lines += tables.markdown(table)
-        (out / f"{stem}.tex").write_text(tables.latex(table), encoding="utf-8")
-        tables.write_csv(table, out / f"{stem}.csv")
+        # every file through a temporary name: a full disk or Ctrl-C leaves the last report's file whole
+        write_text_atomic(out / f"{stem}.tex", tables.latex(table))
+        with atomic_path(out / f"{stem}.csv", ".csv") as tmp:
+            tables.write_csv(table, tmp)
         if plot:
-            tables.plot(table, out / f"{stem}.png")
+            with atomic_path(out / f"{stem}.png", ".png") as tmp:
+                tables.plot(table, tmp)
     lines += _state_summary(runs)
-    (out / "report.md").write_text("\n".join(lines), encoding="utf-8")
+    write_text_atomic(out / "report.md", "\n".join(lines))
     if not quiet:
         print("\n".join(lines))
         written = sorted(p.name for p in out.iterdir() if p.suffix in (".md", ".tex", ".csv", ".png"))
@@ -96,7 +100,18 @@ def _state_summary(runs: list[results.Run]) -> list[str]:
     for run in runs:
         counts[run.state] = counts.get(run.state, 0) + 1
     parts = [f"{counts[s]} {s}" for s in tables.STATES if s in counts]
-    return ["## Runs", "", f"{len(runs)} run(s): " + ", ".join(parts) + ".", ""]
+    lines = ["## Runs", "", f"{len(runs)} run(s): " + ", ".join(parts) + ".", ""]
+    running = [r for r in runs if r.running]
+    if running:  # another launch still computes these: their rows will change
+        lines += [
+            f"Still running ({len(running)}; write the report again when they end): "
+            + "; ".join(
+                f"{r.name} ({r.done}/{r.expected if r.expected is not None else '?'} images)" for r in running
+            )
+            + ".",
+            "",
+        ]
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from elbo_t2ialign.runfolder import IDENTITY_FILE, read_json
+from elbo_t2ialign.runfolder import IDENTITY_FILE, lock_held, read_json
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,7 @@ class Run:
     labels: dict[str, str] = field(default_factory=dict)  # variant name -> setting ("strength 3")
     order: int = 0  # position in the grid / in the sorted folder list
     evaluated: int | None = None  # images the metrics were computed over (None: not evaluated)
+    running: bool = False  # a live launch holds the folder's lock (runfolder.lock_held)
 
     def update_state(self) -> None:
         """done: every image finished (or skipped) and evaluated since; unevaluated: finished, no
@@ -241,6 +242,7 @@ def _segmentation(folder: Path, conf: dict[str, Any]) -> Run:
         variants = _seg_variants(metrics)
         labels |= {v: r["setting"]["label"] for v, r in (metrics.get("variants") or {}).items()}
     run = Run("segment", folder, fields, "partial", done, expected, skipped, variants, labels)
+    run.running = lock_held(folder)
     run.evaluated = metrics.get("num_images") if metrics else None
     run.update_state()
     return run
@@ -343,6 +345,7 @@ def _generation(folder: Path, conf: dict[str, Any]) -> Run:
             variants[v] = {"clip": value, "num_images": result.get("num_images", 0)}
     labels = {"baseline": "unweighted", "elbo": f"ELBO weights, strength {conf.get('strength')}"}
     run = Run("generate", folder, fields, "partial", done, expected, 0, variants, labels)
+    run.running = lock_held(folder)
     run.evaluated = sum(r.get("num_images", 0) for r in variants.values()) if scores else None
     run.update_state()
     return run

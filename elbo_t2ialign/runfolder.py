@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from elbo_t2ialign.cli import NO_SPACE, RESTORE, damaged
+from elbo_t2ialign.cli import NO_SPACE, REFUSED, RESTORE, damaged
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ def cache_dir() -> Path:
 
 @contextmanager
 def writing(path: str | os.PathLike) -> Iterator[None]:
-    """A full disk inside the block that names no file (a library failing on flush or close: PIL,
+    """A full disk (or a read-only one, permission denied) inside the block that names no file (a library failing on flush or close: PIL,
     numpy, matplotlib) or only a temporary one (a dot-name) is re-raised naming `path`, the file or
     folder being written."""
     try:
@@ -95,7 +95,7 @@ def writing(path: str | os.PathLike) -> Iterator[None]:
     except OSError as err:
         named = str(err.filename or "")
         temporary = not named or "/." in named or named.startswith(".")
-        if err.errno in NO_SPACE and temporary and named != str(path):
+        if err.errno in NO_SPACE + REFUSED and temporary and named != str(path):
             raise OSError(err.errno, os.strerror(err.errno), str(path)) from err
         raise
 
@@ -264,9 +264,10 @@ def launch(folder: RunFolder, spec: Launch) -> Iterator[None]:
     fresh = not folder.root.exists()
     folder.root.mkdir(parents=True, exist_ok=True)
     lock = RunLock(folder.lock(spec.shard_tag), spec.error, conflicts=spec.conflicts)
-    handler, ok = None, False
+    handler, ok, locked = None, False, False
     try:
         lock.acquire()
+        locked = True  # from here the folder is this launch's; before, another launch's files may be there
         save_or_check_config(folder.config, spec.conf, spec.fingerprint, spec.error)
         check_identity(folder.root, spec.identity, spec.error, write=True)
         git = git_revision()
@@ -297,7 +298,7 @@ def launch(folder: RunFolder, spec: Launch) -> Iterator[None]:
             logging.getLogger("elbo_t2ialign").removeHandler(handler)
             handler.close()
         lock.release()
-        if fresh and not ok:
+        if fresh and not ok and locked:
             discard_fresh(folder.root, folder.launch_files() + spec.own_files)
 
 
@@ -327,6 +328,7 @@ class RunLock:
         self.hint = hint
 
     def _busy(self, fd: int, path: Path) -> Exception:
+        """The error of a lock another launch holds; its `lock_holder` attribute tells it apart."""
         holder = _read_holder(fd)
         os.close(fd)
         who = (
@@ -334,7 +336,9 @@ class RunLock:
             if holder
             else "another process"
         )
-        return self.error(f"{path.parent} is in use by {who} (lock {path}); {self.hint}")
+        err = self.error(f"{path.parent} is in use by {who} (lock {path}); {self.hint}")
+        err.lock_holder = holder or {"lock": str(path)}  # type: ignore[attr-defined]
+        return err
 
     def _check_conflicts(self) -> None:
         """Called while holding our own lock, so of two conflicting launches at least one sees the other."""
@@ -405,6 +409,25 @@ class RunLock:
 
     def __exit__(self, *exc: Any) -> None:
         self.release()
+
+
+def lock_held(root: Path) -> bool:
+    """Whether a live launch holds a lock of the run folder `root` (`.lock` or a shard's): a run
+    still running. Read-only: a shared flock tried on each lock file, never created."""
+    for path in sorted(Path(root).glob(".lock*")):
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        except OSError:
+            continue
+        finally:
+            os.close(fd)  # closing releases a shared lock taken here
+    return False
 
 
 def _read_holder(fd: int) -> dict[str, Any]:

@@ -15,7 +15,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from elbo_t2ialign.cli import cli_errors, debug_requested, hydra_config_dir
+from elbo_t2ialign.cli import check_overrides, cli_errors, debug_requested, hydra_config_dir
 from elbo_t2ialign.segmentation.config import SegmentationError
 from elbo_t2ialign.segmentation.runner import run
 
@@ -42,4 +42,5 @@ def shard_flag_to_override(argv: list[str]) -> list[str]:
 
 if __name__ == "__main__":
     DEBUG, sys.argv = debug_requested(shard_flag_to_override(sys.argv))
+    check_overrides("segment", sys.argv[1:], DEBUG)
     main()

@@ -197,7 +197,7 @@ def test_bad_input_is_one_error_and_writes_nothing(bundled, sample):
         explain.run(conf | {"elbo": conf["elbo"] | {"strength": 0}}, str(sample), ["square"], aligner=aligner)
     assert sorted(root.iterdir()) == before
     with pytest.raises(
-        ExplainError, match=r"bad override in \['elbo.strenght=2'\]: Could not override 'elbo.strenght'"
+        ExplainError, match=r"elbo.strenght is not a setting .* \(did you mean elbo.strength\?\)"
     ):
         explain.compose(["elbo.strenght=2"])
 

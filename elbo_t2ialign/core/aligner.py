@@ -33,6 +33,7 @@ from elbo_t2ialign.core.adapters import (
     resolve_dtype,
 )
 from elbo_t2ialign.core.adapters.base import cat_cond
+from elbo_t2ialign.core.finite import check_finite
 from elbo_t2ialign.core.images import as_image
 from elbo_t2ialign.core.options import AlignOptions
 
@@ -430,6 +431,8 @@ class Aligner:
             need_elbo = len(names) > 1 and not opts.fixed_temperature and opts.strength != 1.0
 
         z0 = self.adapter.encode_image(image)  # (1, C, h, w)
+        dtype = self.adapter.dtype
+        check_finite(z0, "the image's latents (VAE encoder)", self.adapter.vae.dtype)
         collect_noise, elbo_noise = self._draw_noise(z0, opts, seed)
         losses = None
         if elbo_losses is not None:
@@ -437,6 +440,7 @@ class Aligner:
         elif need_elbo and len(names) > 1:
             conds = [self.adapter.encode_prompt(p) for p in elbo_prompts]
             values = self._elbo_losses(z0, conds, opts.elbo_timesteps, elbo_noise, self._batch(opts))
+            check_finite(torch.tensor(values), "the ELBO losses (denoiser)", dtype)
             losses = dict(zip(names, values, strict=True))
 
         weights = self._weights if opts is self.options else capture.layer_weights(self.layers, opts)
@@ -456,6 +460,8 @@ class Aligner:
             _stacked([rec.mean(agg, g) for g in groups]) if opts.refine and agg in recorded else None
             for agg in ("self1", "self2")
         )
+        for maps, what in ((tokens, "cross"), (s1, "self"), (s2, "self")):
+            check_finite(maps, f"the {what}-attention maps (denoiser)", dtype)
         collect = texts_collected[0] if len(plan) == 1 else " | ".join(texts_collected)
         prompts = dict(zip(names, elbo_prompts, strict=True)) | {"collect": collect}
         origin = "given" if elbo_losses is not None else "computed"  # of the losses, if any

@@ -22,3 +22,29 @@ def release(text: str) -> tuple[int, ...]:
 def dtype_keyword(library: str) -> str:
     """The keyword of `from_pretrained` that sets the weights' dtype in the installed `library`."""
     return "dtype" if release(version(library)) >= DTYPE_KEYWORD_SINCE[library] else "torch_dtype"
+
+
+# transformers >= 5 without torchvision: importing `<Model>ImageProcessor` (diffusers' pipeline modules
+# import CLIPImageProcessor and SiglipImageProcessor for components this package never runs) falls
+# back to `<Model>ImageProcessorPil` and logs this notice, once per class, on every command
+TORCHVISION_FALLBACK = re.compile(
+    r"`\w+ImageProcessor` requires torchvision \(not installed\); falling back to"
+)
+
+
+class _TorchvisionFallbackFilter:
+    """Drops transformers' torchvision fallback notice and nothing else (the PIL processor it falls
+    back to is the one every earlier release used)."""
+
+    def filter(self, record) -> bool:
+        return not TORCHVISION_FALLBACK.search(record.getMessage())
+
+
+def quiet_torchvision_fallback() -> None:
+    """Install `_TorchvisionFallbackFilter` on the logger that emits the notice (idempotent; transformers
+    need not be imported yet: its loggers are the standard library's)."""
+    import logging
+
+    logger = logging.getLogger("transformers.utils.import_utils")
+    if not any(isinstance(f, _TorchvisionFallbackFilter) for f in logger.filters):
+        logger.addFilter(_TorchvisionFallbackFilter())

@@ -19,7 +19,7 @@ from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
 
-from elbo_t2ialign.cli import cli_run, damaged, debug_requested, disk_full
+from elbo_t2ialign.cli import cli_run, damaged, debug_requested, storage_fault
 from elbo_t2ialign.generation.clipscore import DEFAULT_CLIP, ClipScoreError, ClipScorer
 from elbo_t2ialign.generation.layout import VARIANTS, GenerationFolder, image_stem
 from elbo_t2ialign.runfolder import save_image_atomic, write_json_atomic, write_text_atomic
@@ -37,7 +37,7 @@ def load_image(path: Path) -> Image.Image:
         with Image.open(path) as im:
             return im.convert("RGB")
     except (OSError, UnidentifiedImageError, SyntaxError) as err:
-        if disk_full(err):
+        if storage_fault(err):
             raise
         raise damaged(
             path,

@@ -26,6 +26,7 @@ from PIL import Image
 
 from elbo_t2ialign.core.adapters.base import Cond, ModelAdapter, cat_cond
 from elbo_t2ialign.core.adapters.schedules import DDPMSchedule, FlowSchedule
+from elbo_t2ialign.core.finite import check_finite
 from elbo_t2ialign.generation.weighting import (
     compel_syntax,
     phrase_weights,
@@ -185,6 +186,7 @@ class ElboSampler:
             ).chunk(2)  # (1, C, h, w) each
             z = self._step(ad.schedule, z, t, t_next, pred_u + self.guidance * (pred_c - pred_u))
             result.weights.append(list(weights))
+        check_finite(z, "the sampled latents (denoiser)", ad.dtype)  # never decoded into an image
         result.latent = z
         result.image = decode(ad, z)
         return result
@@ -198,5 +200,6 @@ def decode(adapter: ModelAdapter, z: torch.Tensor) -> Image.Image:
     x = vae.decode(
         (z.float() / vae.config.scaling_factor + shift).to(vae.device, vae.dtype), return_dict=False
     )[0]
+    check_finite(x, "the decoded image (VAE decoder)", vae.dtype)
     x = ((x[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # (3, H, W)
     return Image.fromarray(np.ascontiguousarray(x.permute(1, 2, 0).cpu().numpy()), mode="RGB")

@@ -19,9 +19,12 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from elbo_t2ialign.cli import storage_fault
+from elbo_t2ialign.core.adapters.base import to_rgb
 from elbo_t2ialign.runfolder import cache_dir, list_digest, read_json, write_json_atomic
 from elbo_t2ialign.segmentation.config import ConfigError, InputError
 
+WIDE_MODES = ("I;16", "I;16B", "I;16L", "I", "F")  # more than 8 bits per pixel: rescaled, not clipped
 log = logging.getLogger(__name__)
 
 IGNORE = -1  # label of ignored ground-truth pixels after conversion
@@ -152,8 +155,13 @@ class SegDataset:
 
     # -- loading --
     def load_image(self, name: str) -> Image.Image:
-        """RGB image, fully decoded (a truncated file fails here, not later)."""
-        return _open(self.image_path(name), f"image {name}").convert("RGB")
+        """RGB image, fully decoded (a truncated file fails here, not later). As the reference reads
+        its datasets: `Image.open(path).convert("RGB")`, the stored pixels (no EXIF rotation, an
+        alpha channel dropped, the masks being aligned with the stored pixels); 16-bit, 32-bit and
+        float images, which that conversion would clip at 255, are rescaled by their range
+        (`core.adapters.base.to_rgb`)."""
+        image = _open(self.image_path(name), f"image {name}")
+        return to_rgb(image) if image.mode in WIDE_MODES else image.convert("RGB")
 
     def load_labels(self, name: str) -> np.ndarray:
         """(H, W) int32 ground truth after the dataset's convention."""
@@ -170,6 +178,10 @@ class SegDataset:
     def load_example(self, name: str) -> tuple[Image.Image, ImageInfo]:
         """Image and its labels; a mask whose size differs from the image is an error."""
         image = self.load_image(name)
+        if min(image.size) < 2:  # the aligner's own limit (core/images.py), as a per-image error
+            raise InputError(
+                f"image {name} is {image.width}x{image.height}; heatmaps need at least 2x2 pixels"
+            )
         info = self.labels.get(name)
         if info.size != (image.height, image.width):
             raise InputError(
@@ -234,7 +246,11 @@ def _open(path: Path, what: str) -> Image.Image:
     try:
         img = Image.open(path)
         img.load()
+    except Image.DecompressionBombError as err:  # above 2 x Image.MAX_IMAGE_PIXELS: PIL refuses it
+        raise InputError(f"{what}: {path} is too large for PIL ({err})") from None
     except (OSError, SyntaxError, ValueError) as err:
+        if storage_fault(err):  # permission denied is the machine's fault, not the image's
+            raise
         raise InputError(f"{what}: cannot decode {path}: {err}") from None
     return img
 

@@ -25,6 +25,7 @@ from elbo_t2ialign.cli import DamagedFileError, cli_errors, damaged, debug_reque
 from elbo_t2ialign.runfolder import (
     IDENTITY_FILE,
     REPO_ROOT,
+    lock_held,
     read_config,
     read_json,
     read_record,
@@ -284,6 +285,7 @@ def _assemble(
         "num_expected": len(expected),
         "skipped": {k: v.get("error") for k, v in skipped.items() if k not in done},
         "unfinished": sum(n not in done and n not in skipped for n in expected),
+        "running": lock_held(folder.root),  # a segmentation launch still writes the folder
         "phrase_sources": dict(sources),
         **{v: results[v] for v in VARIANTS if v in results},
         **(

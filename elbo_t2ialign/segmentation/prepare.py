@@ -27,7 +27,7 @@ from typing import Any
 from omegaconf import OmegaConf
 from PIL import Image
 
-from elbo_t2ialign.cli import cli_run, config_dir, debug_requested, disk_full
+from elbo_t2ialign.cli import cli_run, config_dir, debug_requested, storage_fault
 from elbo_t2ialign.runfolder import RunLock, read_record, write_json_atomic, write_text_atomic, writing
 from elbo_t2ialign.segmentation import archive
 from elbo_t2ialign.segmentation.config import SegmentationError
@@ -301,7 +301,7 @@ def _download_reporting_failure(datasets_dir: Path, roots: list[str], repo_id: s
     except SegmentationError:
         raise
     except Exception as err:  # offline, no access, interrupted transfer: the check says what is missing
-        if disk_full(err):
+        if storage_fault(err):
             raise
         print(
             f"download from {repo_id} failed: {type(err).__name__}: {err} (rerun to resume)", file=sys.stderr

@@ -127,6 +127,7 @@ def _notes(m: dict[str, Any]) -> list[str]:
     if m["unfinished"]:
         notes.append(
             f"- {m['unfinished']} image(s) of the split are not finished yet: the run is incomplete."
+            + (" The segmentation is still running: evaluate again when it ends." if m.get("running") else "")
         )
     fallback = {k: v for k, v in m["phrase_sources"].items() if k.startswith("class_names (")}
     if fallback:

@@ -24,7 +24,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from elbo_t2ialign.captions import fit_words
-from elbo_t2ialign.cli import disk_full, one_line, to_container
+from elbo_t2ialign.cli import DamagedFileError, one_line, storage_fault, to_container
+from elbo_t2ialign.core.finite import NonFiniteError, advice
 from elbo_t2ialign.core.options import AlignOptions
 from elbo_t2ialign.runfolder import (
     Launch,
@@ -148,9 +149,12 @@ def run(
                 desc=f"{dataset.name}{shard.tag}",
                 disable=not conf.get("progress", True),
             )
-            fallback = 0
+            fallback, non_finite = 0, []
             for k, (index, name) in enumerate(progress):
-                source = _process(folder, dataset, aligner, conf, index, name, plan, captions)
+                try:
+                    source = _process(folder, dataset, aligner, conf, index, name, plan, captions)
+                except NonFiniteError as err:
+                    source = _non_finite(folder, conf, index, name, err, non_finite, (k + 1, len(todo)))
                 fallback += source is not None and source.startswith("class_names (")
                 if on_image is not None:
                     on_image(k + 1, len(todo))
@@ -181,6 +185,8 @@ def build_aligner(conf: dict[str, Any], options: AlignOptions) -> HeatmapAligner
     log.info("loading model %s (%s) on %s", conf["model"]["name"], conf["model"]["id"], device)
     try:
         return Aligner.from_config(conf["model"], options=options, device=device)
+    except DamagedFileError:  # a damaged model folder: exit status 3, the line names the file
+        raise
     except (FileNotFoundError, ValueError) as err:  # unreachable hub id, unusable folder, bad dtype
         raise ConfigError(one_line(err)) from None
 
@@ -247,6 +253,42 @@ def _compute(
     if folder.skip_record(name).exists():
         os.unlink(folder.skip_record(name))  # an earlier failure that is now fixed
     return source
+
+
+def _non_finite(
+    folder: SegmentationFolder,
+    conf: dict[str, Any],
+    index: int,
+    name: str,
+    err: NonFiniteError,
+    failed: list[str],
+    progress: tuple[int, int],
+) -> None:
+    """An image whose latents, losses or attention hold NaN or infinity: no maps are written; the
+    image is recorded and skipped, or (on_error=stop) the run stops naming it. When the first images
+    of this launch (3, or all if fewer) all fail so, the model or its dtype is at fault, not the
+    images: the run stops."""
+    if conf.get("on_error", "skip") == "stop":
+        raise InputError(
+            f"{name}: {err} (on_error=stop: finished images are kept; a rerun resumes)"
+        ) from None
+    log.warning("skipping %s: %s", name, err)
+    write_json_atomic(folder.skip_record(name), {"image": name, "index": index, "error": str(err)})
+    failed.append(err.what)
+    done, todo = progress
+    if len(failed) == done >= min(3, todo):
+        raise ConfigError(
+            f"the first {done} image(s) of this launch all gave non-finite numbers (in "
+            f"{' and '.join(sorted(set(failed)))}), so the model or its dtype is at fault, not the images; "
+            f"{advice(_dtype_of(conf))}; finished images are kept"
+        )
+
+
+def _dtype_of(conf: dict[str, Any]) -> Any:
+    """The dtype the model runs in (for the advice of a non-finite failure)."""
+    from elbo_t2ialign.core.adapters import resolve_dtype
+
+    return resolve_dtype(conf["model"].get("dtype", "auto"), resolve_rank_device(conf.get("device")))
 
 
 def _prompt(
@@ -339,7 +381,7 @@ def _finish(folder: SegmentationFolder, tmp: Path, name: str) -> None:
     try:
         os.rename(tmp, folder.image_dir(name))
     except OSError as err:
-        if disk_full(err):
+        if storage_fault(err):
             raise
         raise ConfigError(
             f"cannot finish {name}: {folder.image_dir(name)} exists but is incomplete ({err}); "

@@ -10,6 +10,7 @@ from elbo_t2ialign.core.adapters.base import ModelAdapter
 from elbo_t2ialign.core.adapters.transformers import FluxAdapter, MMDiTAdapter, PixArtAdapter
 from elbo_t2ialign.core.adapters.unet import UNetAdapter
 from elbo_t2ialign.core.compat import dtype_keyword
+from elbo_t2ialign.core.model_files import check_pipeline_folder, mismatch
 
 # Denoiser class -> adapter. The choice is made once, from the pipeline's components.
 TRANSFORMER_ADAPTERS: dict[str, type[ModelAdapter]] = {
@@ -73,12 +74,16 @@ def load_pipeline(model_id: str, device: torch.device, dtype: torch.dtype, prepa
     if not local.is_absolute() and not local.exists() and (REPO_ROOT / local).is_dir():
         local = REPO_ROOT / local  # a relative folder in a config, e.g. the bundled testbed model
     source = str(local) if local.is_dir() else model_id
+    if local.is_dir():  # a damaged folder: one line naming the file (core/model_files.py)
+        check_pipeline_folder(local)
     try:
         # the safety checker is never run here: skip loading it
         pipe = DiffusionPipeline.from_pretrained(
             source, safety_checker=None, **{dtype_keyword("diffusers"): dtype}
         )
     except (OSError, ValueError) as err:
+        if local.is_dir() and mismatch(local, err):
+            raise mismatch(local, err) from err
         if local.exists() or model_id.startswith((".", "/", "~")):
             raise FileNotFoundError(
                 f"cannot load a diffusers pipeline from folder {model_id!r}: {err}"
