@@ -26,6 +26,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from elbo_t2ialign.core.errors import RESTORE, DamagedFileError, damaged, one_line  # noqa: F401 (re-exported)
+
 # Exit statuses of every entry point (docs/reliability.md); 1 is Python's own for an unexpected error
 # (and prepare_data's "some data is missing").
 EXIT_BAD_INPUT = 2  # a bad option, input or config, or a run folder that contradicts this launch
@@ -36,22 +38,6 @@ EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT): rerun the same command to resum
 EXIT_TERMINATED = 143  # SIGTERM (128 + SIGTERM), e.g. a scheduler's kill: rerun to resume
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 REFUSED = (errno.EROFS, errno.EACCES, errno.EPERM)  # the file system refuses access (not the data)
-RESTORE = "restore it from a copy, or start a new run with output_dir=<new folder>"
-
-
-class DamagedFileError(ValueError):
-    """A file a command reads (a run folder's record, a finished output) cannot be parsed or lacks
-    what it must hold. The message names the file and how to recover; exit status EXIT_DAMAGED."""
-
-    def __init__(self, message: str, path: str | os.PathLike | None = None) -> None:
-        super().__init__(message)
-        self.path = None if path is None else Path(path)
-
-
-def damaged(path: str | os.PathLike, why: Any, remedy: str = RESTORE) -> DamagedFileError:
-    """The standard message: `<path> is damaged (<why>); <remedy>`."""
-    why = f"{type(why).__name__}: {why}" if isinstance(why, BaseException) else why
-    return DamagedFileError(f"{path} is damaged ({one_line(why)}); {remedy}", path)
 
 
 def disk_full(err: BaseException) -> bool:
@@ -67,10 +53,6 @@ def storage_fault(err: BaseException) -> bool:
 class Terminated(KeyboardInterrupt):
     """SIGTERM, raised in the main thread while `cli_errors` runs a command, so that the command
     cleans up (releases its lock, removes temporaries) as it does on Ctrl-C."""
-
-
-def one_line(text: Any) -> str:
-    return " ".join(str(text).split())
 
 
 def to_container(cfg: Any, error: type[Exception] = ValueError) -> dict[str, Any]:

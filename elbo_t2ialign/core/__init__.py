@@ -16,5 +16,7 @@ Read it in the order of docs/method.md, each file top to bottom:
                       every map setting (tau computed and applied there) is made without another pass.
 
 Beside them: `images.py` (the image inputs as one PIL image), `nlp.py` (spaCy nouns), `compat.py`
-(names that differ between the supported diffusers and transformers releases).
+(names that differ between the supported diffusers and transformers releases), `errors.py` (the
+damaged-file error), `model_files.py` (a local model folder checked before loading), `finite.py`
+(NaN and infinity refused where they arise).
 """

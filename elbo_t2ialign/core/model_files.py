@@ -17,7 +17,7 @@ import json
 import re
 from pathlib import Path
 
-from elbo_t2ialign.cli import DamagedFileError, damaged
+from elbo_t2ialign.core.errors import DamagedFileError, damaged
 
 WEIGHTS = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")
 
