@@ -107,6 +107,7 @@ EXPECTED = {
     "sd3": (3, ["joint"] * 3, [8] * 3),
     "flux": (2, ["joint"] * 2, [8] * 2),
     "pixart": (4, ["self", "cross"] * 2, [8] * 4),
+    "sana": (4, ["self", "cross"] * 2, [16] * 4),
 }
 
 

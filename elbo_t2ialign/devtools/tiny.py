@@ -11,7 +11,12 @@ from collections.abc import Iterable
 
 import torch
 
-from elbo_t2ialign.devtools.tokenizers import build_bert_tokenizer, build_clip_tokenizer, build_word_tokenizer
+from elbo_t2ialign.devtools.tokenizers import (
+    build_bert_tokenizer,
+    build_clip_tokenizer,
+    build_lm_tokenizer,
+    build_word_tokenizer,
+)
 
 WORDS = [
     "a",
@@ -283,7 +288,78 @@ def tiny_pixart(seed: int = 0):
     )
 
 
+def _gemma2_text(tokenizer, hidden: int = 32, seed: int = 0):
+    """A 2-layer random Gemma-2 (Sana's and Lumina-Image 2.0's text encoder)."""
+    from transformers import Gemma2Config, Gemma2Model
+
+    torch.manual_seed(seed)
+    cfg = Gemma2Config(
+        **_token_fields(tokenizer) | dict(max_position_embeddings=512),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        sliding_window=64,
+    )
+    return Gemma2Model(cfg).eval()
+
+
+def tiny_sana(seed: int = 0):
+    """Sana-like: linear self-attention and Gemma cross-attention, a 2x DC autoencoder, DPM flow sigmas."""
+    from diffusers import AutoencoderDC, DPMSolverMultistepScheduler, SanaPipeline, SanaTransformer2DModel
+
+    from elbo_t2ialign.core.adapters.lm_text import require_diffusers
+    from elbo_t2ialign.core.adapters.sana import SINCE
+
+    require_diffusers("sana", SINCE)
+    tok = build_lm_tokenizer(WORDS)
+    torch.manual_seed(seed)
+    transformer = SanaTransformer2DModel(
+        in_channels=4,
+        out_channels=4,
+        num_attention_heads=2,
+        attention_head_dim=8,
+        num_layers=2,
+        num_cross_attention_heads=2,
+        cross_attention_head_dim=8,
+        cross_attention_dim=16,
+        caption_channels=32,
+        sample_size=16,
+        patch_size=1,
+    ).eval()
+    torch.manual_seed(seed)
+    vae = AutoencoderDC(
+        in_channels=3,
+        latent_channels=4,
+        attention_head_dim=2,
+        encoder_block_types=("ResBlock", "EfficientViTBlock"),
+        decoder_block_types=("ResBlock", "EfficientViTBlock"),
+        encoder_block_out_channels=(8, 8),
+        decoder_block_out_channels=(8, 8),
+        encoder_layers_per_block=(1, 1),
+        decoder_layers_per_block=(1, 1),
+        encoder_qkv_multiscales=((), (5,)),
+        decoder_qkv_multiscales=((), (5,)),
+        decoder_norm_types="rms_norm",
+        decoder_act_fns="silu",
+        scaling_factor=0.41407,
+    ).eval()  # scale factor 2: 32 px -> 16x16 latents
+    scheduler = DPMSolverMultistepScheduler(
+        flow_shift=3.0, use_flow_sigmas=True, prediction_type="flow_prediction"
+    )
+    return SanaPipeline(
+        tokenizer=tok,
+        text_encoder=_gemma2_text(tok, seed=seed),
+        vae=vae,
+        transformer=transformer,
+        scheduler=scheduler,
+    )
+
+
 BUILDERS = {"sd": tiny_sd, "sdxl": tiny_sdxl, "sd3": tiny_sd3, "flux": tiny_flux, "pixart": tiny_pixart}
+BUILDERS["sana"] = tiny_sana
 
 
 # ------------------------------------------------ scorers and captioners

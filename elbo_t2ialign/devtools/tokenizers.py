@@ -146,3 +146,38 @@ def build_bert_tokenizer(words: Iterable[str], model_max_length: int = 64):
         bos_token="[DEC]",
         model_max_length=model_max_length,
     )
+
+
+def build_lm_tokenizer(
+    words: Iterable[str], prefix: Iterable[str] = ("<bos>",), model_max_length: int = 4096
+):
+    """A language-model-like word tokenizer (Gemma, GLM, Qwen stand-in): a word after a space is a
+    different token ("▁cat") from the same word at the start of the text ("cat"), as in byte-level
+    and SentencePiece BPE without a dummy prefix; punctuation is split off; `prefix` tokens (Gemma's
+    <bos>, GLM's [gMASK] <sop>) open every text encoded with special tokens. pad=0, eos=1, unk=2."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    prefix = list(prefix)
+    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2}
+    for token in [*prefix, ",", ".", ":", "-", "'"]:
+        vocab.setdefault(token, len(vocab))
+    for word in dict.fromkeys(w.lower() for w in words):
+        vocab.setdefault(word, len(vocab))
+        vocab.setdefault("▁" + word, len(vocab))
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never"), pre_tokenizers.Punctuation()]
+    )
+    core.post_processor = processors.TemplateProcessing(
+        single=" ".join([*prefix, "$A"]), special_tokens=[(t, vocab[t]) for t in prefix]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        pad_token="<pad>",
+        eos_token="<eos>",
+        unk_token="<unk>",
+        bos_token=prefix[0] if prefix else None,
+        additional_special_tokens=prefix[1:],
+        model_max_length=model_max_length,
+    )

@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from elbo_t2ialign.core.adapters.base import ModelAdapter
+from elbo_t2ialign.core.adapters.sana import SanaAdapter
 from elbo_t2ialign.core.adapters.transformers import FluxAdapter, MMDiTAdapter, PixArtAdapter
 from elbo_t2ialign.core.adapters.unet import UNetAdapter
 from elbo_t2ialign.core.compat import dtype_keyword
@@ -17,6 +18,7 @@ TRANSFORMER_ADAPTERS: dict[str, type[ModelAdapter]] = {
     "FluxTransformer2DModel": FluxAdapter,
     "PixArtTransformer2DModel": PixArtAdapter,
 }
+TRANSFORMER_ADAPTERS["SanaTransformer2DModel"] = SanaAdapter
 
 REPO_ROOT = Path(__file__).resolve().parents[3]  # relative model folders are also looked up here
 

@@ -105,7 +105,7 @@ class ModelAdapter:
         self.device = torch.device(device)
         self.dtype = dtype
         self.vae = pipe.vae
-        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.vae_scale_factor = self.latent_scale_factor()
         self.resolution = int(resolution or self.default_resolution())
         if self.resolution % self.vae_scale_factor:
             raise ValueError(
@@ -153,6 +153,10 @@ class ModelAdapter:
         raise ValueError(f"prompt weighting supports the unet and mmdit families, not {self.family!r}")
 
     # ---- shared
+    def latent_scale_factor(self) -> int:
+        """Image pixels per latent pixel along a side: 2 ** (VAE down blocks - 1) for AutoencoderKL."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
     def default_resolution(self) -> int:
         """method.md §2: the VAE's configured sample size."""
         size = self.vae.config.sample_size
