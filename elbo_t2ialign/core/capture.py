@@ -397,6 +397,29 @@ def resize_self(m: torch.Tensor, r: int, target: int) -> torch.Tensor:
     return keys.repeat_interleave(factor, 0).repeat_interleave(factor, 1).reshape(target * target, -1)
 
 
+def attn_processors(denoiser: torch.nn.Module) -> dict[str, object]:
+    """The denoiser's processors by "<module>.processor", as diffusers' `attn_processors` lists them;
+    for a model without that mixin (Lumina2Transformer2DModel), every submodule that has a processor."""
+    if hasattr(denoiser, "set_attn_processor"):
+        return dict(denoiser.attn_processors)
+    return {
+        f"{name}.processor": module.processor
+        for name, module in denoiser.named_modules()
+        if hasattr(module, "set_processor") and hasattr(module, "processor")
+    }
+
+
+def set_attn_processors(denoiser: torch.nn.Module, processors: dict[str, object]) -> None:
+    """Install processors given as `attn_processors` lists them (diffusers' `set_attn_processor`, or
+    each module's `set_processor` for a model without the mixin)."""
+    if hasattr(denoiser, "set_attn_processor"):
+        denoiser.set_attn_processor(dict(processors))
+        return
+    modules = dict(denoiser.named_modules())
+    for key, processor in processors.items():
+        modules[key.removesuffix(".processor")].set_processor(processor)
+
+
 # denoiser -> the recorder whose capture processors are in it (weak: a dropped model is forgotten)
 _ACTIVE: weakref.WeakKeyDictionary[torch.nn.Module, AttentionRecorder] = weakref.WeakKeyDictionary()
 
@@ -459,20 +482,20 @@ class AttentionRecorder:
                 "an AttentionRecorder is already active on this denoiser; recorders do not nest and "
                 "cannot be entered twice: leave the active one (its `with` block) first"
             )
-        saved = dict(self.denoiser.attn_processors)
+        saved = attn_processors(self.denoiser)
         captured = set(self.captured)
         new = {
             name: (self.processor_factory(self, self.layers[name]) if name in captured else proc)
             for name, proc in ((k.removesuffix(".processor"), v) for k, v in saved.items())
         }
         try:
-            self.denoiser.set_attn_processor({f"{k}.processor": v for k, v in new.items()})
+            set_attn_processors(self.denoiser, {f"{k}.processor": v for k, v in new.items()})
             _ACTIVE[self.denoiser] = self
             self._saved = saved
             if self.on_active is not None:
                 self.on_active(True)
         except BaseException:  # a failed entry leaves the denoiser's own processors in place
-            self.denoiser.set_attn_processor(saved)
+            set_attn_processors(self.denoiser, saved)
             _ACTIVE.pop(self.denoiser, None)
             self._saved = None
             raise
@@ -482,7 +505,7 @@ class AttentionRecorder:
         if self._saved is None:  # not entered (or its entry failed): nothing to put back
             return
         try:
-            self.denoiser.set_attn_processor(dict(self._saved))
+            set_attn_processors(self.denoiser, self._saved)
         finally:
             self._saved = None
             _ACTIVE.pop(self.denoiser, None)

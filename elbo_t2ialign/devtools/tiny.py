@@ -358,8 +358,44 @@ def tiny_sana(seed: int = 0):
     )
 
 
+def tiny_lumina2(seed: int = 0):
+    """Lumina-Image-2.0-like: Gemma text refiner, image refiner and joint blocks, 3-axis RoPE, GQA."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, Lumina2Pipeline, Lumina2Transformer2DModel
+
+    from elbo_t2ialign.core.adapters.lm_text import require_diffusers
+    from elbo_t2ialign.core.adapters.lumina2 import SINCE
+
+    require_diffusers("lumina2", SINCE)
+    tok = build_lm_tokenizer(WORDS)
+    torch.manual_seed(seed)
+    transformer = Lumina2Transformer2DModel(
+        sample_size=16,
+        patch_size=2,
+        in_channels=4,
+        hidden_size=32,
+        num_layers=2,
+        num_refiner_layers=1,
+        num_attention_heads=2,
+        num_kv_heads=1,
+        multiple_of=16,
+        axes_dim_rope=(4, 6, 6),
+        axes_lens=(320, 32, 32),
+        cap_feat_dim=32,
+    ).eval()
+    pipe = Lumina2Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=_vae(shift_factor=0.1, seed=seed),
+        text_encoder=_gemma2_text(tok, seed=seed),
+        tokenizer=tok,
+    )
+    pipe.system_prompt = "Draw."  # short: the tests' text window is 16 tokens
+    return pipe
+
+
 BUILDERS = {"sd": tiny_sd, "sdxl": tiny_sdxl, "sd3": tiny_sd3, "flux": tiny_flux, "pixart": tiny_pixart}
 BUILDERS["sana"] = tiny_sana
+BUILDERS["lumina2"] = tiny_lumina2
 
 
 # ------------------------------------------------ scorers and captioners

@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from elbo_t2ialign.core.adapters.base import ModelAdapter
+from elbo_t2ialign.core.adapters.lumina2 import Lumina2Adapter
 from elbo_t2ialign.core.adapters.sana import SanaAdapter
 from elbo_t2ialign.core.adapters.transformers import FluxAdapter, MMDiTAdapter, PixArtAdapter
 from elbo_t2ialign.core.adapters.unet import UNetAdapter
@@ -19,6 +20,7 @@ TRANSFORMER_ADAPTERS: dict[str, type[ModelAdapter]] = {
     "PixArtTransformer2DModel": PixArtAdapter,
 }
 TRANSFORMER_ADAPTERS["SanaTransformer2DModel"] = SanaAdapter
+TRANSFORMER_ADAPTERS["Lumina2Transformer2DModel"] = Lumina2Adapter
 
 REPO_ROOT = Path(__file__).resolve().parents[3]  # relative model folders are also looked up here
 

@@ -80,6 +80,7 @@ class LMTextAdapter(_TransformerAdapter):
 
     def token_ids(self, text: str, special: bool = True) -> list[int]:
         if special:
+            self.check_prompt_length(text)  # a cut prompt would lose words without a word about it
             return self.fed_ids(text)
         tokenizer = self.attention_tokenizer
         return list(tokenizer(" " + text, add_special_tokens=False, truncation=False).input_ids)
