@@ -143,6 +143,7 @@ def attend_and_capture(
     mask: torch.Tensor | None = None,
     chunk_mb: float = 256.0,
     precision: str = "float32",
+    probe: Callable[[torch.Tensor, int], None] | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Attention output plus probability maps of the image-query rows.
 
@@ -154,6 +155,8 @@ def attend_and_capture(
     precision "float32": scores, softmax and head mean in float32 whatever the input dtype (under
     autocast too); "model": in the input dtype, as the reference's half-precision path does.
     The layer's output is always probabilities (cast to the value dtype) times values.
+    probe (tests): called with each chunk's per-head probabilities (B, H, rows, Sk) and the index of
+    its first query row, before they are averaged; None in normal runs.
     """
     b, h, sq, _ = query.shape
     sk = key.shape[2]
@@ -181,6 +184,8 @@ def attend_and_capture(
                 scores.add_(_mask_rows(mask, lo, hi).to(work))
             probs = scores.softmax(dim=-1)
             del scores
+            if probe is not None:
+                probe(probs, lo)
             out[:, :, lo:hi] = torch.matmul(probs.to(value.dtype), value)
             head_mean = probs.mean(dim=1).sum(dim=0).float()  # (r, Sk)
             del probs
@@ -202,9 +207,44 @@ def _sdpa_rows(query, key, value, mask, scale, rows: slice):
 
 
 class _CaptureBase:
+    """What every capture processor shares: `attend` computes the attention of its (already projected,
+    normed and rotated) query, key and value with `attend_and_capture`, under the recorder's settings,
+    reports the maps to the recorder, and passes every chunk of per-head probabilities to the
+    recorder's `probe` when one is set (tests/test_own_attention.py compares them with the model's own
+    attention). A family's processor calls it where the diffusers processor it repeats calls SDPA."""
+
     def __init__(self, recorder: AttentionRecorder, layer: LayerInfo):
         self.recorder = recorder
         self.layer = layer
+
+    def attend(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        *,
+        scale: float,
+        image_rows: slice,
+        blocks: dict[str, slice],
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """query, key, value (B, H, S, D) -> attention output (B, H, Sq, D); see attend_and_capture."""
+        recorder, layer = self.recorder, self.layer
+        probe = getattr(recorder, "probe", None)
+        out, maps = attend_and_capture(
+            query,
+            key,
+            value,
+            scale=scale,
+            image_rows=image_rows,
+            blocks=blocks,
+            mask=mask,
+            chunk_mb=recorder.chunk_mb,
+            precision=recorder.precision,
+            probe=None if probe is None else (lambda probs, lo: probe(layer, probs, lo, blocks)),
+        )
+        recorder.add(layer, maps, query.shape[0])
+        return out
 
 
 class CaptureAttnProcessor(_CaptureBase):
@@ -244,7 +284,7 @@ class CaptureAttnProcessor(_CaptureBase):
             key = attn.norm_k(key)
 
         block = "cross" if is_cross else "self"
-        out, maps = attend_and_capture(
+        out = self.attend(
             query,
             key,
             value,
@@ -252,10 +292,7 @@ class CaptureAttnProcessor(_CaptureBase):
             image_rows=slice(None),
             blocks={block: slice(None)},
             mask=attention_mask,
-            chunk_mb=self.recorder.chunk_mb,
-            precision=self.recorder.precision,
         )
-        self.recorder.add(self.layer, maps, batch)
 
         hidden_states = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
         hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
@@ -294,17 +331,7 @@ class CaptureJointAttnProcessor(_CaptureBase):
                 ck = attn.norm_added_k(ck)
             query, key, value = (torch.cat(p, dim=2) for p in ((query, cq), (key, ck), (value, cv)))
             blocks["cross"] = slice(n_img, None)
-        out, maps = attend_and_capture(
-            query,
-            key,
-            value,
-            scale=attn.scale,
-            image_rows=slice(0, n_img),
-            blocks=blocks,
-            chunk_mb=self.recorder.chunk_mb,
-            precision=self.recorder.precision,
-        )
-        self.recorder.add(self.layer, maps, batch)
+        out = self.attend(query, key, value, scale=attn.scale, image_rows=slice(0, n_img), blocks=blocks)
 
         out = out.transpose(1, 2).reshape(batch, -1, out.shape[1] * out.shape[-1]).to(query.dtype)
         hidden_states, context = out[:, :n_img], out[:, n_img:]
@@ -353,7 +380,7 @@ class CaptureFluxAttnProcessor(_CaptureBase):
         if image_rotary_emb is not None:
             query = apply_rotary_emb(query, image_rotary_emb)
             key = apply_rotary_emb(key, image_rotary_emb)
-        out, maps = attend_and_capture(
+        out = self.attend(
             query,
             key,
             value,
@@ -361,10 +388,7 @@ class CaptureFluxAttnProcessor(_CaptureBase):
             image_rows=slice(n_txt, None),
             blocks={"cross": slice(0, n_txt), "self": slice(n_txt, None)},
             mask=attention_mask,
-            chunk_mb=self.recorder.chunk_mb,
-            precision=self.recorder.precision,
         )
-        self.recorder.add(self.layer, maps, query.shape[0])
         out = out.transpose(1, 2).flatten(2, 3).to(query.dtype)  # (B, S, H*D)
         if encoder_hidden_states is None:
             return out
@@ -438,6 +462,9 @@ class AttentionRecorder:
         self.layer_sums: dict[str, dict[str, torch.Tensor]] = {}
         self.samples: dict[str, int] = {}
         self.on_active = on_active  # told True once the capture processors are in, False once out
+        # tests: called as probe(layer, probs (B, H, rows, Sk), first row, blocks) for every chunk of
+        # per-head probabilities a capture processor computes (see _CaptureBase.attend)
+        self.probe: Callable | None = None
         self._saved = None
 
     @property
