@@ -43,8 +43,7 @@ PROB_ATOL = 1e-5
 
 def _inputs(ad, seed=0):
     g = torch.Generator().manual_seed(seed)
-    channels = ad.latent_channels if hasattr(ad, "latent_channels") else 4
-    z = torch.randn((2, channels, ad.latent_size, ad.latent_size), generator=g)
+    z = torch.randn((2, *ad.latent_shape), generator=g)
     t = torch.tensor([20, 400])
     return z, t, cat_cond([ad.encode_prompt("a photo of cat, dog")] * 2)
 

@@ -148,7 +148,7 @@ def attend_and_capture(
     """Attention output plus probability maps of the image-query rows.
 
     query (B, H, Sq, D); key, value (B, H, Sk, D); mask broadcastable to
-    (B, H, Sq, Sk), additive. Returns the output (B, H, Sq, D) and, per block
+    (B, H, Sq, Sk), additive, or boolean as SDPA takes it (True: the key may be attended). Returns the output (B, H, Sq, D) and, per block
     name, the probabilities of image queries x block keys, averaged over heads
     and summed over the batch: (n_image_rows, block_len), float32.
     Rows outside `image_rows` (text queries of joint attention) use SDPA.
@@ -160,6 +160,10 @@ def attend_and_capture(
     """
     b, h, sq, _ = query.shape
     sk = key.shape[2]
+    if mask is not None and mask.dtype == torch.bool:  # SDPA's boolean mask: True = may attend
+        mask = torch.zeros(mask.shape, dtype=query.dtype, device=mask.device).masked_fill_(
+            ~mask, float("-inf")
+        )
     out = torch.empty_like(query)
     rows = range(sq)[image_rows]
     start, stop = rows.start, rows.stop

@@ -7,6 +7,8 @@ from pathlib import Path
 import torch
 
 from elbo_t2ialign.core.adapters.base import ModelAdapter
+from elbo_t2ialign.core.adapters.chroma import ChromaAdapter
+from elbo_t2ialign.core.adapters.flux2 import Flux2Adapter
 from elbo_t2ialign.core.adapters.transformers import FluxAdapter, MMDiTAdapter, PixArtAdapter
 from elbo_t2ialign.core.adapters.unet import UNetAdapter
 from elbo_t2ialign.core.compat import dtype_keyword
@@ -16,6 +18,8 @@ TRANSFORMER_ADAPTERS: dict[str, type[ModelAdapter]] = {
     "SD3Transformer2DModel": MMDiTAdapter,
     "FluxTransformer2DModel": FluxAdapter,
     "PixArtTransformer2DModel": PixArtAdapter,
+    "Flux2Transformer2DModel": Flux2Adapter,
+    "ChromaTransformer2DModel": ChromaAdapter,
 }
 
 REPO_ROOT = Path(__file__).resolve().parents[3]  # relative model folders are also looked up here
