@@ -413,6 +413,83 @@ def tiny_chroma(seed: int = 0):
     return pipe
 
 
+def tiny_qwenimage(seed: int = 0):
+    """Qwen-Image-like: Qwen2.5-VL text behind the pipeline's instruction template (its first 34
+    tokens dropped), the video VAE's one frame, two joint-attention blocks with 3-axis RoPE."""
+    from diffusers import (
+        AutoencoderKLQwenImage,
+        FlowMatchEulerDiscreteScheduler,
+        QwenImagePipeline,
+        QwenImageTransformer2DModel,
+    )
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    tok = _qwen_tokenizer()
+    torch.manual_seed(seed)
+    text = dict(
+        vocab_size=len(tok),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=1024,
+        rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]},
+        bos_token_id=None,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    vision = dict(
+        depth=1,
+        hidden_size=16,
+        intermediate_size=32,
+        num_heads=2,
+        out_hidden_size=16,
+        patch_size=2,
+        spatial_merge_size=1,
+        temporal_patch_size=1,
+        fullatt_block_indexes=[0],
+    )
+    config = Qwen2_5_VLConfig(
+        text_config=text, vision_config=vision, **{k: text[k] for k in ("vocab_size", "hidden_size")}
+    )
+    text_encoder = Qwen2_5_VLForConditionalGeneration(config).eval()
+    z_dim = 4
+    vae = AutoencoderKLQwenImage(
+        base_dim=8,
+        z_dim=z_dim,
+        dim_mult=[1, 2],
+        num_res_blocks=1,
+        temperal_downsample=[False],
+        latents_mean=[0.1, -0.2, 0.05, 0.3],
+        latents_std=[1.5, 0.8, 1.2, 2.0],
+    ).eval()  # scale factor 2: 32 px -> 16x16 latents
+    transformer = QwenImageTransformer2DModel(
+        patch_size=2,
+        in_channels=4 * z_dim,
+        out_channels=z_dim,
+        num_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=16,
+        axes_dims_rope=(4, 6, 6),
+    ).eval()
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        use_dynamic_shifting=True,
+        base_image_seq_len=16,
+        max_image_seq_len=256,
+        base_shift=0.5,
+        max_shift=0.9,
+        shift_terminal=0.02,
+        time_shift_type="exponential",
+    )
+    pipe = QwenImagePipeline(
+        scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tok, transformer=transformer
+    )
+    pipe.default_sample_size = 16
+    return pipe
+
+
 # text positions the tests give each tiny model (max_sequence_length): 16 T5 tokens, more where a
 # chat template wraps the prompt (the templates alone take 10 to 14 positions)
 TEST_TEXT_LENGTHS = {"flux2": 32, "qwenimage": 32, "zimage": 32}
@@ -425,6 +502,7 @@ BUILDERS = {
     "pixart": tiny_pixart,
     "flux2": tiny_flux2,
     "chroma": tiny_chroma,
+    "qwenimage": tiny_qwenimage,
 }
 
 

@@ -9,6 +9,7 @@ import torch
 from elbo_t2ialign.core.adapters.base import ModelAdapter
 from elbo_t2ialign.core.adapters.chroma import ChromaAdapter
 from elbo_t2ialign.core.adapters.flux2 import Flux2Adapter
+from elbo_t2ialign.core.adapters.qwenimage import QwenImageAdapter
 from elbo_t2ialign.core.adapters.transformers import FluxAdapter, MMDiTAdapter, PixArtAdapter
 from elbo_t2ialign.core.adapters.unet import UNetAdapter
 from elbo_t2ialign.core.compat import dtype_keyword
@@ -20,6 +21,7 @@ TRANSFORMER_ADAPTERS: dict[str, type[ModelAdapter]] = {
     "PixArtTransformer2DModel": PixArtAdapter,
     "Flux2Transformer2DModel": Flux2Adapter,
     "ChromaTransformer2DModel": ChromaAdapter,
+    "QwenImageTransformer2DModel": QwenImageAdapter,
 }
 
 REPO_ROOT = Path(__file__).resolve().parents[3]  # relative model folders are also looked up here
