@@ -153,7 +153,9 @@ def test_captured_attention_is_the_models_own(family, monkeypatch):
         if "cross" in blocks:
             recorded = rec.layer_sums[name]["cross"].double()
             expected = probs[..., blocks["cross"]].mean(1).sum(0)
-            d_map = (recorded - expected).abs().max().item()
+            # a family whose text block varies with the prompt pads the map with zero columns
+            assert recorded.shape[1] >= expected.shape[1] and not recorded[:, expected.shape[1] :].any()
+            d_map = (recorded[:, : expected.shape[1]] - expected).abs().max().item()
             assert d_map < PROB_ATOL, f"{name}: the recorded cross map is not the probabilities' head mean"
             worst["map"] = max(worst["map"], d_map)
         worst["probs"] = max(worst["probs"], d_probs)

@@ -231,8 +231,11 @@ class _CaptureBase:
         image_rows: slice,
         blocks: dict[str, slice],
         mask: torch.Tensor | None = None,
+        cross_width: int | None = None,
     ) -> torch.Tensor:
-        """query, key, value (B, H, S, D) -> attention output (B, H, Sq, D); see attend_and_capture."""
+        """query, key, value (B, H, S, D) -> attention output (B, H, Sq, D); see attend_and_capture.
+        `cross_width`: for a family whose text block's length varies with the prompt, the width the
+        recorded "cross" map is padded to with zero columns (the adapter's `text_length`)."""
         recorder, layer = self.recorder, self.layer
         probe = getattr(recorder, "probe", None)
         out, maps = attend_and_capture(
@@ -247,6 +250,8 @@ class _CaptureBase:
             precision=recorder.precision,
             probe=None if probe is None else (lambda probs, lo: probe(layer, probs, lo, blocks)),
         )
+        if cross_width is not None and "cross" in maps and maps["cross"].shape[1] < cross_width:
+            maps["cross"] = F.pad(maps["cross"], (0, cross_width - maps["cross"].shape[1]))
         recorder.add(layer, maps, query.shape[0])
         return out
 
@@ -425,6 +430,30 @@ def resize_self(m: torch.Tensor, r: int, target: int) -> torch.Tensor:
     return keys.repeat_interleave(factor, 0).repeat_interleave(factor, 1).reshape(target * target, -1)
 
 
+def attention_processors(model: torch.nn.Module) -> dict[str, object]:
+    """{"<module name>.processor": processor} of every attention module of `model`, as diffusers'
+    `AttentionMixin.attn_processors` gives it; also for denoisers without that mixin (Z-Image), from
+    the modules that have a processor."""
+    if hasattr(type(model), "attn_processors"):
+        return dict(model.attn_processors)
+    return {
+        f"{name}.processor": module.processor
+        for name, module in model.named_modules()
+        if hasattr(module, "set_processor") and getattr(module, "processor", None) is not None
+    }
+
+
+def set_attention_processors(model: torch.nn.Module, processors: dict[str, object]) -> None:
+    """Install `processors` (keyed like `attention_processors`), through `set_attn_processor` where
+    the denoiser has it."""
+    if hasattr(type(model), "set_attn_processor"):
+        model.set_attn_processor(dict(processors))  # diffusers empties the dict it is given
+        return
+    modules = dict(model.named_modules())
+    for key, processor in processors.items():
+        modules[key.removesuffix(".processor")].set_processor(processor)
+
+
 # denoiser -> the recorder whose capture processors are in it (weak: a dropped model is forgotten)
 _ACTIVE: weakref.WeakKeyDictionary[torch.nn.Module, AttentionRecorder] = weakref.WeakKeyDictionary()
 
@@ -490,20 +519,20 @@ class AttentionRecorder:
                 "an AttentionRecorder is already active on this denoiser; recorders do not nest and "
                 "cannot be entered twice: leave the active one (its `with` block) first"
             )
-        saved = dict(self.denoiser.attn_processors)
+        saved = attention_processors(self.denoiser)
         captured = set(self.captured)
         new = {
             name: (self.processor_factory(self, self.layers[name]) if name in captured else proc)
             for name, proc in ((k.removesuffix(".processor"), v) for k, v in saved.items())
         }
         try:
-            self.denoiser.set_attn_processor({f"{k}.processor": v for k, v in new.items()})
+            set_attention_processors(self.denoiser, {f"{k}.processor": v for k, v in new.items()})
             _ACTIVE[self.denoiser] = self
             self._saved = saved
             if self.on_active is not None:
                 self.on_active(True)
         except BaseException:  # a failed entry leaves the denoiser's own processors in place
-            self.denoiser.set_attn_processor(saved)
+            set_attention_processors(self.denoiser, saved)
             _ACTIVE.pop(self.denoiser, None)
             self._saved = None
             raise
@@ -513,7 +542,7 @@ class AttentionRecorder:
         if self._saved is None:  # not entered (or its entry failed): nothing to put back
             return
         try:
-            self.denoiser.set_attn_processor(dict(self._saved))
+            set_attention_processors(self.denoiser, self._saved)
         finally:
             self._saved = None
             _ACTIVE.pop(self.denoiser, None)

@@ -490,6 +490,40 @@ def tiny_qwenimage(seed: int = 0):
     return pipe
 
 
+def tiny_zimage(seed: int = 0):
+    """Z-Image-like single-stream DiT: Qwen3 text behind the chat template, one image-only refiner, one
+    caption-only refiner and one joint block over [image; caption], 3-axis RoPE, fixed shift 3."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+
+    tok = _qwen_tokenizer()
+    torch.manual_seed(seed)
+    transformer = ZImageTransformer2DModel(
+        all_patch_size=(2,),
+        all_f_patch_size=(1,),
+        in_channels=4,
+        dim=32,
+        n_layers=1,
+        n_refiner_layers=1,
+        n_heads=2,
+        n_kv_heads=2,
+        cap_feat_dim=16,
+        axes_dims=[4, 6, 6],
+        axes_lens=[256, 32, 32],
+    ).eval()
+    with torch.no_grad():  # the pad tokens start at zero; random ones show where they sit
+        transformer.x_pad_token.normal_()
+        transformer.cap_pad_token.normal_()
+    pipe = ZImagePipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=_vae(shift_factor=0.1, seed=seed),
+        text_encoder=_qwen3_text(tok, seed=seed),
+        tokenizer=tok,
+        transformer=transformer,
+    )
+    pipe.default_sample_size = 16
+    return pipe
+
+
 # text positions the tests give each tiny model (max_sequence_length): 16 T5 tokens, more where a
 # chat template wraps the prompt (the templates alone take 10 to 14 positions)
 TEST_TEXT_LENGTHS = {"flux2": 32, "qwenimage": 32, "zimage": 32}
@@ -503,6 +537,7 @@ BUILDERS = {
     "flux2": tiny_flux2,
     "chroma": tiny_chroma,
     "qwenimage": tiny_qwenimage,
+    "zimage": tiny_zimage,
 }
 
 

@@ -12,6 +12,7 @@ from elbo_t2ialign.core.adapters.flux2 import Flux2Adapter
 from elbo_t2ialign.core.adapters.qwenimage import QwenImageAdapter
 from elbo_t2ialign.core.adapters.transformers import FluxAdapter, MMDiTAdapter, PixArtAdapter
 from elbo_t2ialign.core.adapters.unet import UNetAdapter
+from elbo_t2ialign.core.adapters.zimage import ZImageAdapter
 from elbo_t2ialign.core.compat import dtype_keyword
 
 # Denoiser class -> adapter. The choice is made once, from the pipeline's components.
@@ -22,6 +23,7 @@ TRANSFORMER_ADAPTERS: dict[str, type[ModelAdapter]] = {
     "Flux2Transformer2DModel": Flux2Adapter,
     "ChromaTransformer2DModel": ChromaAdapter,
     "QwenImageTransformer2DModel": QwenImageAdapter,
+    "ZImageTransformer2DModel": ZImageAdapter,
 }
 
 REPO_ROOT = Path(__file__).resolve().parents[3]  # relative model folders are also looked up here
