@@ -14,7 +14,7 @@ os.environ.setdefault("ELBO_T2IALIGN_CACHE", tempfile.mkdtemp(prefix="elbo-t2ial
 os.environ["OMP_NUM_THREADS"] = "1"
 torch.set_num_threads(1)
 
-from elbo_t2ialign.devtools.tiny import BUILDERS  # noqa: E402
+from elbo_t2ialign.devtools.tiny import BUILDERS, TEST_TEXT_LENGTHS  # noqa: E402
 
 FAMILIES = list(BUILDERS)
 _CACHE = {}
@@ -30,9 +30,13 @@ def tiny_pipeline(family: str):
 def tiny_aligner(family: str, **options):
     from elbo_t2ialign import Aligner
 
-    # T5 text kept short (16 tokens) in tests; ignored by CLIP-only families
+    # T5 text kept short (16 tokens) in tests, chat-template text a little longer; ignored by CLIP-only families
     return Aligner.from_pipeline(
-        tiny_pipeline(family), device="cpu", resolution=32, max_sequence_length=16, **options
+        tiny_pipeline(family),
+        device="cpu",
+        resolution=32,
+        max_sequence_length=TEST_TEXT_LENGTHS.get(family, 16),
+        **options,
     )
 
 

@@ -11,7 +11,7 @@ from elbo_t2ialign.core.capture import (
     CaptureFluxAttnProcessor,
     CaptureJointAttnProcessor,
     attend_and_capture,
-    attn_processors,
+    attention_processors,
     resize_self,
     stage_index,
 )
@@ -36,24 +36,24 @@ def test_capture_does_not_change_output_and_restores_processors(family):
     aligner = tiny_aligner(family)
     ad = aligner.adapter
     z, t, cond = _inputs(aligner)
-    before = attn_processors(ad.denoiser)
+    before = attention_processors(ad.denoiser)
     plain = ad.predict(z, t, cond)
     rec = ad.recorder(_all_layer_weights(aligner), chunk_mb=0.001)  # tiny chunks: many row blocks
     with rec:
         captured = ad.predict(z, t, cond)
-        installed = attn_processors(ad.denoiser)
+        installed = attention_processors(ad.denoiser)
         # every listed layer's (Lumina2's text-only refiner blocks have no image token: not listed)
         listed = [installed[f"{layer.name}.processor"] for layer in aligner.layers]
         assert all(type(p).__name__.startswith("Capture") for p in listed)
     torch.testing.assert_close(captured, plain, rtol=1e-4, atol=1e-5)
-    assert {k: id(v) for k, v in attn_processors(ad.denoiser).items()} == {
+    assert {k: id(v) for k, v in attention_processors(ad.denoiser).items()} == {
         k: id(v) for k, v in before.items()
     }
 
     with pytest.raises(RuntimeError, match="boom"):
         with ad.recorder(_all_layer_weights(aligner)):
             raise RuntimeError("boom")
-    assert {k: id(v) for k, v in attn_processors(ad.denoiser).items()} == {
+    assert {k: id(v) for k, v in attention_processors(ad.denoiser).items()} == {
         k: id(v) for k, v in before.items()
     }
 
@@ -63,9 +63,9 @@ def test_only_weighted_layers_are_replaced(family):
     aligner = tiny_aligner(family)
     ad = aligner.adapter
     first = aligner.layers[0].name
-    before = attn_processors(ad.denoiser)
+    before = attention_processors(ad.denoiser)
     with ad.recorder({"cross": {first: 1.0}}):
-        now = attn_processors(ad.denoiser)
+        now = attention_processors(ad.denoiser)
         replaced = [k for k in now if now[k] is not before[k]]
     assert replaced == [f"{first}.processor"]
 
@@ -378,7 +378,7 @@ def test_processors_are_the_users_own_after_any_sequence_of_calls(monkeypatch):
     for sequence in itertools.product(calls, repeat=2):
         for call in sequence:
             call()
-            now = attn_processors(ad.denoiser)
+            now = attention_processors(ad.denoiser)
             assert {k: id(v) for k, v in now.items()} == {k: id(v) for k, v in own.items()}, [
                 c.__name__ for c in sequence
             ]

@@ -15,6 +15,7 @@ from elbo_t2ialign.devtools.tokenizers import (
     build_bert_tokenizer,
     build_clip_tokenizer,
     build_lm_tokenizer,
+    build_qwen_tokenizer,
     build_word_tokenizer,
 )
 
@@ -393,9 +394,259 @@ def tiny_lumina2(seed: int = 0):
     return pipe
 
 
-BUILDERS = {"sd": tiny_sd, "sdxl": tiny_sdxl, "sd3": tiny_sd3, "flux": tiny_flux, "pixart": tiny_pixart}
-BUILDERS["sana"] = tiny_sana
-BUILDERS["lumina2"] = tiny_lumina2
+# ------------------------------------------------ current families (diffusers >= 0.36)
+
+# words of the templates the chat-encoder pipelines wrap prompts in, one token each in the tiny
+# tokenizer like in the real ones (Qwen-Image drops its template's first 34 tokens: this makes the
+# tiny template's prefix 34 tokens long as well)
+TEMPLATE_WORDS = [
+    "user",
+    "assistant",
+    "system",
+    "Describe",
+    *"the image by detailing color shape size texture quantity text spatial relationships objects background".split(),
+]
+
+
+def _qwen_tokenizer():
+    return build_qwen_tokenizer([*WORDS, *TEMPLATE_WORDS])
+
+
+def _qwen3_text(tokenizer, hidden: int = 16, layers: int = 2, causal_lm: bool = False, seed: int = 0):
+    """A Qwen3 text model (FLUX.2 [klein], Z-Image) of `layers` tiny layers."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM, Qwen3Model
+
+    torch.manual_seed(seed)
+    cfg = Qwen3Config(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+        max_position_embeddings=1024,
+        bos_token_id=None,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    return (Qwen3ForCausalLM if causal_lm else Qwen3Model)(cfg).eval()
+
+
+def tiny_flux2(seed: int = 0):
+    """FLUX.2 [klein]-like: Qwen3 text (27 layers: the pipeline stacks hidden states 9, 18 and 27),
+    chat template, 2x2-patchified batch-normalised latents, one double- and one single-stream block."""
+    from diffusers import (
+        AutoencoderKLFlux2,
+        FlowMatchEulerDiscreteScheduler,
+        Flux2KleinPipeline,
+        Flux2Transformer2DModel,
+    )
+
+    tok = _qwen_tokenizer()
+    torch.manual_seed(seed)
+    vae = AutoencoderKLFlux2(
+        block_out_channels=(8, 16),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=32,
+    ).eval()
+    with torch.no_grad():  # batch-norm statistics other than (0, 1), so the normalisation shows
+        vae.bn.running_mean.uniform_(-0.2, 0.2)
+        vae.bn.running_var.uniform_(0.5, 2.0)
+    transformer = Flux2Transformer2DModel(
+        patch_size=1,
+        in_channels=16,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=3 * 16,
+        timestep_guidance_channels=32,
+        axes_dims_rope=(4, 4, 4, 4),
+        guidance_embeds=False,
+    ).eval()
+    scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, time_shift_type="exponential")
+    pipe = Flux2KleinPipeline(
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=_qwen3_text(tok, layers=27, causal_lm=True, seed=seed),
+        tokenizer=tok,
+        transformer=transformer,
+    )
+    pipe.default_sample_size = 16  # 32 px images, like the other tiny models
+    return pipe
+
+
+def tiny_chroma(seed: int = 0):
+    """Chroma-like: FLUX.1's layout with T5 text only, no pooled text or guidance, a text mask."""
+    from diffusers import ChromaPipeline, ChromaTransformer2DModel, FlowMatchEulerDiscreteScheduler
+
+    t5tok = build_word_tokenizer(WORDS)
+    torch.manual_seed(seed)
+    transformer = ChromaTransformer2DModel(
+        patch_size=1,
+        in_channels=16,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        axes_dims_rope=(4, 4, 8),
+        approximator_num_channels=8,
+        approximator_hidden_dim=32,
+        approximator_layers=1,
+    ).eval()
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        use_dynamic_shifting=True,
+        base_image_seq_len=16,
+        max_image_seq_len=256,
+        base_shift=0.5,
+        max_shift=1.15,
+    )
+    pipe = ChromaPipeline(
+        scheduler=scheduler,
+        vae=_vae(shift_factor=0.1, seed=seed),
+        text_encoder=_t5_text(t5tok, seed=seed),
+        tokenizer=t5tok,
+        transformer=transformer,
+    )
+    pipe.default_sample_size = 16
+    return pipe
+
+
+def tiny_qwenimage(seed: int = 0):
+    """Qwen-Image-like: Qwen2.5-VL text behind the pipeline's instruction template (its first 34
+    tokens dropped), the video VAE's one frame, two joint-attention blocks with 3-axis RoPE."""
+    from diffusers import (
+        AutoencoderKLQwenImage,
+        FlowMatchEulerDiscreteScheduler,
+        QwenImagePipeline,
+        QwenImageTransformer2DModel,
+    )
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    tok = _qwen_tokenizer()
+    torch.manual_seed(seed)
+    text = dict(
+        vocab_size=len(tok),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=1024,
+        rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]},
+        bos_token_id=None,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    vision = dict(
+        depth=1,
+        hidden_size=16,
+        intermediate_size=32,
+        num_heads=2,
+        out_hidden_size=16,
+        patch_size=2,
+        spatial_merge_size=1,
+        temporal_patch_size=1,
+        fullatt_block_indexes=[0],
+    )
+    config = Qwen2_5_VLConfig(
+        text_config=text, vision_config=vision, **{k: text[k] for k in ("vocab_size", "hidden_size")}
+    )
+    text_encoder = Qwen2_5_VLForConditionalGeneration(config).eval()
+    z_dim = 4
+    vae = AutoencoderKLQwenImage(
+        base_dim=8,
+        z_dim=z_dim,
+        dim_mult=[1, 2],
+        num_res_blocks=1,
+        temperal_downsample=[False],
+        latents_mean=[0.1, -0.2, 0.05, 0.3],
+        latents_std=[1.5, 0.8, 1.2, 2.0],
+    ).eval()  # scale factor 2: 32 px -> 16x16 latents
+    transformer = QwenImageTransformer2DModel(
+        patch_size=2,
+        in_channels=4 * z_dim,
+        out_channels=z_dim,
+        num_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=16,
+        axes_dims_rope=(4, 6, 6),
+    ).eval()
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        use_dynamic_shifting=True,
+        base_image_seq_len=16,
+        max_image_seq_len=256,
+        base_shift=0.5,
+        max_shift=0.9,
+        shift_terminal=0.02,
+        time_shift_type="exponential",
+    )
+    pipe = QwenImagePipeline(
+        scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tok, transformer=transformer
+    )
+    pipe.default_sample_size = 16
+    return pipe
+
+
+def tiny_zimage(seed: int = 0):
+    """Z-Image-like single-stream DiT: Qwen3 text behind the chat template, one image-only refiner, one
+    caption-only refiner and one joint block over [image; caption], 3-axis RoPE, fixed shift 3."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+
+    tok = _qwen_tokenizer()
+    torch.manual_seed(seed)
+    transformer = ZImageTransformer2DModel(
+        all_patch_size=(2,),
+        all_f_patch_size=(1,),
+        in_channels=4,
+        dim=32,
+        n_layers=1,
+        n_refiner_layers=1,
+        n_heads=2,
+        n_kv_heads=2,
+        cap_feat_dim=16,
+        axes_dims=[4, 6, 6],
+        axes_lens=[256, 32, 32],
+    ).eval()
+    with torch.no_grad():  # the pad tokens start at zero; random ones show where they sit
+        transformer.x_pad_token.normal_()
+        transformer.cap_pad_token.normal_()
+    pipe = ZImagePipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=_vae(shift_factor=0.1, seed=seed),
+        text_encoder=_qwen3_text(tok, seed=seed),
+        tokenizer=tok,
+        transformer=transformer,
+    )
+    pipe.default_sample_size = 16
+    return pipe
+
+
+# text positions the tests give each tiny model (max_sequence_length): 16 T5 tokens, more where a
+# chat template wraps the prompt (the templates alone take 10 to 14 positions)
+TEST_TEXT_LENGTHS = {"flux2": 32, "qwenimage": 32, "zimage": 32}
+
+BUILDERS = {
+    "sd": tiny_sd,
+    "sdxl": tiny_sdxl,
+    "sd3": tiny_sd3,
+    "flux": tiny_flux,
+    "pixart": tiny_pixart,
+    "flux2": tiny_flux2,
+    "chroma": tiny_chroma,
+    "qwenimage": tiny_qwenimage,
+    "zimage": tiny_zimage,
+    "sana": tiny_sana,
+    "lumina2": tiny_lumina2,
+}
 
 
 # ------------------------------------------------ scorers and captioners

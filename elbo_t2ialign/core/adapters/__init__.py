@@ -7,10 +7,14 @@ from pathlib import Path
 import torch
 
 from elbo_t2ialign.core.adapters.base import ModelAdapter
+from elbo_t2ialign.core.adapters.chroma import ChromaAdapter
+from elbo_t2ialign.core.adapters.flux2 import Flux2Adapter
 from elbo_t2ialign.core.adapters.lumina2 import Lumina2Adapter
+from elbo_t2ialign.core.adapters.qwenimage import QwenImageAdapter
 from elbo_t2ialign.core.adapters.sana import SanaAdapter
 from elbo_t2ialign.core.adapters.transformers import FluxAdapter, MMDiTAdapter, PixArtAdapter
 from elbo_t2ialign.core.adapters.unet import UNetAdapter
+from elbo_t2ialign.core.adapters.zimage import ZImageAdapter
 from elbo_t2ialign.core.compat import dtype_keyword
 
 # Denoiser class -> adapter. The choice is made once, from the pipeline's components.
@@ -18,6 +22,10 @@ TRANSFORMER_ADAPTERS: dict[str, type[ModelAdapter]] = {
     "SD3Transformer2DModel": MMDiTAdapter,
     "FluxTransformer2DModel": FluxAdapter,
     "PixArtTransformer2DModel": PixArtAdapter,
+    "Flux2Transformer2DModel": Flux2Adapter,
+    "ChromaTransformer2DModel": ChromaAdapter,
+    "QwenImageTransformer2DModel": QwenImageAdapter,
+    "ZImageTransformer2DModel": ZImageAdapter,
 }
 TRANSFORMER_ADAPTERS["SanaTransformer2DModel"] = SanaAdapter
 TRANSFORMER_ADAPTERS["Lumina2Transformer2DModel"] = Lumina2Adapter

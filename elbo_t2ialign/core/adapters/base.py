@@ -105,7 +105,7 @@ class ModelAdapter:
         self.device = torch.device(device)
         self.dtype = dtype
         self.vae = pipe.vae
-        self.vae_scale_factor = self.latent_scale_factor()
+        self.vae_scale_factor = self.vae_scale()
         self.resolution = int(resolution or self.default_resolution())
         if self.resolution % self.vae_scale_factor:
             raise ValueError(
@@ -153,9 +153,14 @@ class ModelAdapter:
         raise ValueError(f"prompt weighting supports the unet and mmdit families, not {self.family!r}")
 
     # ---- shared
-    def latent_scale_factor(self) -> int:
-        """Image pixels per latent pixel along a side: 2 ** (VAE down blocks - 1) for AutoencoderKL."""
+    def vae_scale(self) -> int:
+        """Pixels per latent cell along a side, as the pipeline computes it."""
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        """(C, h, w) of the latents `encode_image` gives, which the ELBO and collection noise share."""
+        return (int(self.vae.config.latent_channels), self.latent_size, self.latent_size)
 
     def default_resolution(self) -> int:
         """method.md §2: the VAE's configured sample size."""

@@ -21,7 +21,7 @@ import torch
 from elbo_t2ialign.core.adapters.base import Cond
 from elbo_t2ialign.core.adapters.lm_text import LMTextAdapter, require_diffusers
 from elbo_t2ialign.core.adapters.schedules import FlowSchedule, NoiseSchedule
-from elbo_t2ialign.core.capture import LayerInfo, _CaptureBase, attend_and_capture, attn_processors
+from elbo_t2ialign.core.capture import LayerInfo, _CaptureBase, attend_and_capture, attention_processors
 
 SINCE = (0, 33, 0)  # first diffusers release with Lumina2Pipeline
 
@@ -182,7 +182,7 @@ class Lumina2Adapter(LMTextAdapter):
     def attention_layers(self) -> list[LayerInfo]:
         """The image-only refiner blocks ("self"), then the joint blocks; the text-only refiner blocks
         have no image token and are left out."""
-        names = [k.removesuffix(".processor") for k in attn_processors(self.denoiser)]
+        names = [k.removesuffix(".processor") for k in attention_processors(self.denoiser)]
         image = [n for n in names if n.startswith("noise_refiner.")]
         joint = [n for n in names if n.startswith("layers.")]
         return [

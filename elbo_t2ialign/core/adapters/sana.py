@@ -161,7 +161,7 @@ class SanaAdapter(LMTextAdapter):
         self.instruction = list(default.default) if default is not None and default.default else []
         super().__init__(pipe, *args, **kwargs)
 
-    def latent_scale_factor(self) -> int:
+    def vae_scale(self) -> int:
         return 2 ** (len(self.pipe.vae.config.encoder_block_out_channels) - 1)
 
     @torch.no_grad()

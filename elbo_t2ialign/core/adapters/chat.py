@@ -1,0 +1,58 @@
+"""Shared parts of the families whose text encoder is a chat language model (FLUX.2, Qwen-Image,
+Z-Image): the prompt is wrapped in a chat or instruction template before it is tokenized, and the
+denoiser attends to the template's tokens as well, minus any prefix the pipeline drops. Token
+positions (what `token_ids(prompt)` returns, what the class words are searched in) are therefore
+positions in the wrapped sequence as the denoiser receives it, so a class word's positions are the
+columns of its keys in the captured attention."""
+
+from __future__ import annotations
+
+from elbo_t2ialign.core.adapters.base import ModelAdapter
+from elbo_t2ialign.core.compat import release
+
+
+def require_diffusers(family: str, since: str) -> None:
+    """One clear line when the installed diffusers predates the first release with `family`."""
+    from importlib.metadata import version
+
+    installed = version("diffusers")
+    if release(installed) < release(since):
+        raise ImportError(
+            f"{family} needs diffusers >= {since} (installed: {installed}); "
+            f"pip install 'diffusers>={since}' (and a transformers release that supports its text encoder)"
+        )
+
+
+class ChatTextAdapter(ModelAdapter):
+    """`token_ids(text)` is the templated sequence the denoiser attends to (`_template_ids`); with
+    `special=False`, the text's own tokens. A prompt may use at most `max_sequence_length` positions."""
+
+    max_sequence_length = 512
+
+    @property
+    def attention_tokenizer(self):
+        return self.pipe.tokenizer
+
+    @property
+    def text_length(self) -> int:
+        return self.max_sequence_length
+
+    def max_prompt_tokens(self) -> int:
+        return self.max_sequence_length
+
+    def _template_ids(self, text: str) -> list[int]:
+        """The ids of `text` wrapped as the pipeline wraps it, from the first position the denoiser sees."""
+        raise NotImplementedError
+
+    def token_ids(self, text: str, special: bool = True) -> list[int]:
+        if special:
+            return self._template_ids(text)
+        return list(self.attention_tokenizer(text, add_special_tokens=False, truncation=False).input_ids)
+
+
+def chat_text(tokenizer, text: str, **template_kwargs) -> str:
+    """One user turn rendered by the tokenizer's chat template, as the Qwen3-based pipelines render it."""
+    messages = [{"role": "user", "content": text}]
+    return tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True, **template_kwargs
+    )
