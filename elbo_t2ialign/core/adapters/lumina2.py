@@ -21,7 +21,7 @@ import torch
 from elbo_t2ialign.core.adapters.base import Cond
 from elbo_t2ialign.core.adapters.lm_text import LMTextAdapter, require_diffusers
 from elbo_t2ialign.core.adapters.schedules import FlowSchedule, NoiseSchedule
-from elbo_t2ialign.core.capture import LayerInfo, _CaptureBase, attend_and_capture, attention_processors
+from elbo_t2ialign.core.capture import LayerInfo, _CaptureBase, attention_processors
 
 SINCE = (0, 33, 0)  # first diffusers release with Lumina2Pipeline
 
@@ -67,51 +67,36 @@ class CaptureLumina2AttnProcessor(_CaptureBase):
         if n_rep >= 1:
             key = key.unsqueeze(3).repeat(1, 1, 1, n_rep, 1).flatten(2, 3)
             value = value.unsqueeze(3).repeat(1, 1, 1, n_rep, 1).flatten(2, 3)
-        mask = None
-        if attention_mask is not None:  # bool keys -> additive (B, 1, 1, S)
-            keep = attention_mask.bool().view(batch, 1, 1, -1)
-            mask = torch.zeros(keep.shape, dtype=query.dtype, device=query.device).masked_fill(
-                ~keep, -math.inf
-            )
         query, key, value = (x.transpose(1, 2) for x in (query, key, value))
-
-        def attend(q, k, v, m, rows, blocks):
-            return attend_and_capture(
-                q,
-                k,
-                v,
-                scale=scale,
-                image_rows=rows,
-                blocks=blocks,
-                mask=m,
-                chunk_mb=self.recorder.chunk_mb,
-                precision=self.recorder.precision,
-            )
-
         n_img = self.layer.resolution**2
         if self.layer.kind == "self":
-            out, maps = attend(query, key, value, mask, slice(None), {"self": slice(None)})
+            out = self.attend(
+                query, key, value, scale=scale, image_rows=slice(None), blocks={"self": slice(None)}
+            )
         else:
-            outs, maps = [], {}
-            width = self.recorder.text_length
-            for i in range(batch):
-                valid = int(attention_mask[i].sum()) if attention_mask is not None else sequence_length
-                n_txt = valid - n_img
-                one = slice(i, i + 1)
-                m = None if mask is None else mask[one]
-                o, mp = attend(
-                    query[one],
-                    key[one],
-                    value[one],
-                    m,
-                    slice(n_txt, valid),
-                    {"cross": slice(0, n_txt), "self": slice(n_txt, valid)},
+            # [text; image; padding] per sample: text as long as the sample's key mask says
+            keep = None if attention_mask is None else attention_mask.bool().view(batch, 1, 1, -1)
+            valid = [sequence_length] * batch if keep is None else keep.flatten(1).sum(1).tolist()
+            groups = [list(range(batch))] if len(set(valid)) == 1 else [[i] for i in range(batch)]
+            outs = []
+            for group in groups:
+                n_txt = int(valid[group[0]]) - n_img
+                outs.append(
+                    self.attend(
+                        query[group],
+                        key[group],
+                        value[group],
+                        scale=scale,
+                        image_rows=slice(n_txt, n_txt + n_img),
+                        blocks={"cross": slice(0, n_txt), "self": slice(n_txt, n_txt + n_img)}
+                        | (
+                            {"padding": slice(n_txt + n_img, None)} if n_txt + n_img < sequence_length else {}
+                        ),
+                        mask=None if keep is None else keep[group],
+                        cross_width=self.recorder.text_length,
+                    )
                 )
-                outs.append(o)
-                mp["cross"] = torch.nn.functional.pad(mp["cross"], (0, width - n_txt))
-                maps = {k: maps[k] + v if k in maps else v for k, v in mp.items()}
             out = torch.cat(outs)
-        self.recorder.add(self.layer, maps, batch)
         out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).type_as(query)
         return attn.to_out[1](attn.to_out[0](out))
 

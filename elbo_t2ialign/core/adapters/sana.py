@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from elbo_t2ialign.core.adapters.base import Cond
 from elbo_t2ialign.core.adapters.lm_text import LMTextAdapter, require_diffusers
 from elbo_t2ialign.core.adapters.schedules import FlowSchedule, NoiseSchedule
-from elbo_t2ialign.core.capture import LayerInfo, _CaptureBase, attend_and_capture
+from elbo_t2ialign.core.capture import LayerInfo, _CaptureBase
 
 SINCE = (0, 32, 0)  # first diffusers release with SanaPipeline
 
@@ -47,7 +47,7 @@ class CaptureSanaCrossProcessor(_CaptureBase):
         query, key, value = (
             x.view(batch, -1, attn.heads, head_dim).transpose(1, 2) for x in (query, key, value)
         )
-        out, maps = attend_and_capture(
+        out = self.attend(
             query,
             key,
             value,
@@ -55,10 +55,7 @@ class CaptureSanaCrossProcessor(_CaptureBase):
             image_rows=slice(None),
             blocks={"cross": slice(None)},
             mask=attention_mask,
-            chunk_mb=self.recorder.chunk_mb,
-            precision=self.recorder.precision,
         )
-        self.recorder.add(self.layer, maps, batch)
         out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
         out = attn.to_out[1](attn.to_out[0](out))
         return out / attn.rescale_output_factor
@@ -218,3 +215,7 @@ class SanaAdapter(LMTextAdapter):
 
     def attention_layers(self) -> list[LayerInfo]:
         return self._layers(lambda name, module: "self" if name.endswith("attn1") else "cross")
+
+    def linear_attention_layers(self) -> list[str]:
+        """The layers whose attention is the ReLU linear kernel, not a softmax."""
+        return [layer.name for layer in self.attention_layers() if layer.kind == "self"]
