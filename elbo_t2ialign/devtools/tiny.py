@@ -630,6 +630,55 @@ def tiny_zimage(seed: int = 0):
     return pipe
 
 
+def tiny_cogview4(seed: int = 0):
+    """CogView4-like: [GLM text; image] joint attention, image RoPE, size conditions, linear time shift."""
+    from diffusers import CogView4Pipeline, CogView4Transformer2DModel, FlowMatchEulerDiscreteScheduler
+    from transformers import GlmConfig, GlmModel
+
+    from elbo_t2ialign.core.adapters.cogview4 import SINCE
+    from elbo_t2ialign.core.adapters.lm_text import require_diffusers
+
+    require_diffusers("cogview4", SINCE)
+    tok = build_lm_tokenizer(WORDS, prefix=("[gMASK]", "<sop>"))
+    torch.manual_seed(seed)
+    glm = GlmModel(
+        GlmConfig(
+            **_token_fields(tok) | dict(max_position_embeddings=512),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=16,
+        )
+    ).eval()
+    torch.manual_seed(seed)
+    transformer = CogView4Transformer2DModel(
+        patch_size=2,
+        in_channels=4,
+        out_channels=4,
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        text_embed_dim=32,
+        time_embed_dim=16,
+        condition_dim=8,
+        pos_embed_max_size=16,
+        sample_size=16,
+        rope_axes_dim=(16, 16),
+    ).eval()
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        base_image_seq_len=16,
+        base_shift=0.25,
+        max_shift=0.75,
+        use_dynamic_shifting=True,
+        time_shift_type="linear",
+    )
+    return CogView4Pipeline(
+        tokenizer=tok, text_encoder=glm, vae=_vae(seed=seed), transformer=transformer, scheduler=scheduler
+    )
+
+
 # text positions the tests give each tiny model (max_sequence_length): 16 T5 tokens, more where a
 # chat template wraps the prompt (the templates alone take 10 to 14 positions)
 TEST_TEXT_LENGTHS = {"flux2": 32, "qwenimage": 32, "zimage": 32}
@@ -646,6 +695,7 @@ BUILDERS = {
     "zimage": tiny_zimage,
     "sana": tiny_sana,
     "lumina2": tiny_lumina2,
+    "cogview4": tiny_cogview4,
 }
 
 
