@@ -119,7 +119,15 @@ def capture_sana(recorder, layer: LayerInfo):
 class SanaFlowSchedule(FlowSchedule):
     """Flow matching as `SanaPipeline` samples it: DPM-Solver's flow sigmas with the static
     `flow_shift` (sigma = shift s / (1 + (shift - 1) s)), the network conditioned on sigma * T times
-    the transformer's `timestep_scale`; a flow-match Euler scheduler is read as the other flow families."""
+    the transformer's `timestep_scale`, sigma * T truncated to an integer as DPM-Solver stores its
+    timesteps (int64); a flow-match Euler scheduler is read as the other flow families."""
+
+    integer_timesteps = False
+
+    def model_timestep(self, t):
+        if not self.integer_timesteps:
+            return super().model_timestep(t)
+        return torch.floor(self.sigma(t) * self.num_train_timesteps) * self.timestep_scale
 
     @classmethod
     def for_pipeline(cls, pipe, image_seq_len: int) -> FlowSchedule:
@@ -129,7 +137,9 @@ class SanaFlowSchedule(FlowSchedule):
             n = int(config.get("num_train_timesteps", 1000))
             shift = float(config.get("flow_shift", 1.0))
             s = torch.arange(1, n + 1, dtype=torch.float64) / n
-            return cls(shift * s / (1 + (shift - 1) * s), n, scale)
+            schedule = cls(shift * s / (1 + (shift - 1) * s), n, scale)
+            schedule.integer_timesteps = True
+            return schedule
         if "shift" in config or config.get("use_dynamic_shifting", False):
             return FlowSchedule.from_scheduler_config(
                 config, image_seq_len=image_seq_len, timestep_scale=scale

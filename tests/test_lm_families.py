@@ -1,0 +1,169 @@
+"""Sana, Lumina-Image 2.0 and CogView4 (language-model text encoders, instruction templates):
+the text columns are the ids the pipeline itself feeds, the schedules are the scheduler's own,
+Sana's linear self-attention map is its ReLU kernel, and explain gives maps per word."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_aligner
+from PIL import Image
+
+LM_FAMILIES = ["sana", "lumina2", "cogview4"]
+
+
+def _encoder_inputs(ad, prompt):
+    """The ids the pipeline's own `encode_prompt` gives the text encoder (a forward pre-hook on it)."""
+    seen = []
+
+    def hook(module, args, kwargs):
+        seen.append((args[0] if args else kwargs["input_ids"]).clone())
+
+    handle = ad.pipe.text_encoder.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        if ad.family == "cogview4":  # the pipeline pads to a multiple of 16 of the batch's longest prompt
+            ad.pipe._get_glm_embeds(prompt, max_sequence_length=ad.text_length, device=ad.device)
+        elif ad.family == "sana":
+            ad.pipe.encode_prompt(
+                prompt,
+                do_classifier_free_guidance=False,
+                device=ad.device,
+                max_sequence_length=ad.max_sequence_length,
+                complex_human_instruction=ad.instruction,
+            )
+        else:
+            ad.pipe.encode_prompt(
+                prompt,
+                do_classifier_free_guidance=False,
+                device=ad.device,
+                max_sequence_length=ad.max_sequence_length,
+            )
+    finally:
+        handle.remove()
+    return seen[0][0].tolist()
+
+
+@pytest.mark.parametrize("family", LM_FAMILIES)
+def test_text_columns_are_the_ids_the_pipeline_feeds(family):
+    ad = tiny_aligner(family).adapter
+    tok = ad.pipe.tokenizer
+    prompt = "a photo of cat, dog"
+    fed = _encoder_inputs(ad, prompt)
+    if family == "sana":  # the pipeline keeps BOS and the last max_sequence_length - 1 positions
+        n = ad.max_sequence_length
+        fed = [fed[0], *fed[len(fed) - n + 1 :]]
+    ids = ad.token_ids(prompt)
+    if family == "cogview4":
+        assert len(fed) == ad.text_length and fed == ids  # left padding is part of the columns
+    else:
+        assert fed[: len(ids)] == ids and set(fed[len(ids) :]) <= {tok.pad_token_id}
+    # the class words sit where the tokenizer puts " cat" and " dog", after the template
+    positions = (
+        tiny_aligner(family)
+        .heatmaps(_image(), ["cat", "dog"], elbo_timesteps=[1, 501], collect_timesteps=[20])
+        .token_positions
+    )
+    for word in ("cat", "dog"):
+        (pos,) = positions[word]
+        assert tok.convert_ids_to_tokens(ids[pos]) == "▁" + word
+    assert positions["cat"][0] > positions["dog"][0] - 3  # "cat" "," "dog"
+
+
+def _image(seed=0):
+    return Image.fromarray((np.random.RandomState(seed).rand(32, 32, 3) * 255).astype(np.uint8))
+
+
+@pytest.mark.parametrize("family", LM_FAMILIES)
+def test_explain_maps_are_finite_in_unit_range_and_differ_between_words(family):
+    res = tiny_aligner(family).heatmaps(
+        _image(1), ["cat", "dog"], elbo_timesteps=[1, 501], collect_timesteps=[20], strength=2.0
+    )
+    for maps in (res.heatmaps, res.baseline_heatmaps, res.cross):
+        for m in maps.values():
+            assert np.isfinite(m).all() and m.min() >= 0 and m.max() <= 1
+        assert np.abs(maps["cat"] - maps["dog"]).max() > 1e-3
+    assert all(np.isfinite(v) for v in res.losses.values())
+
+
+def _scheduler_pairs(ad, steps=10):
+    """(sigma, network timestep) pairs of the pipeline's own sampling schedule, from its scheduler."""
+    import copy
+
+    sch = copy.deepcopy(ad.pipe.scheduler)
+    if ad.family == "sana":  # 9 steps: DPM's flow levels j * 999 / 9000 lie on the 1/1000 grid
+        sch.set_timesteps(9)
+        return sch.sigmas[:-1].double(), sch.timesteps.double() * ad.pipe.transformer.config.timestep_scale
+    if ad.family == "lumina2":
+        sch.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps))
+        return sch.sigmas[:-1].double(), 1 - sch.timesteps.double() / sch.config.num_train_timesteps
+    from diffusers.pipelines.cogview4.pipeline_cogview4 import calculate_shift
+
+    c = sch.config
+    ts = np.linspace(c.num_train_timesteps, 1.0, steps).astype(np.int64).astype(np.float32)
+    mu = calculate_shift(ad.grid**2, c.base_image_seq_len, c.base_shift, c.max_shift)
+    sch.set_timesteps(steps, timesteps=ts, sigmas=ts / c.num_train_timesteps, mu=mu)
+    return sch.sigmas[:-1].double(), sch.timesteps.double()
+
+
+@pytest.mark.parametrize("family", LM_FAMILIES)
+def test_schedule_is_the_pipelines_own(family):
+    ad = tiny_aligner(family).adapter
+    sigmas, model_t = _scheduler_pairs(ad)
+    # each pipeline step's noise level is a level of the adapter's table (a training index), and there
+    # the network is given the pipeline's timestep
+    sched = ad.schedule
+    index = (sched.sigmas.double()[None] - sigmas[:, None]).abs().argmin(1)
+    torch.testing.assert_close(sched.sigma(index).double(), sigmas, atol=1e-5, rtol=0)
+    torch.testing.assert_close(sched.model_timestep(index).double(), model_t, atol=1e-3, rtol=0)
+
+
+def test_lumina2_prediction_is_negated_velocity():
+    ad = tiny_aligner("lumina2").adapter
+    z = torch.randn(1, 4, 16, 16)
+    t = torch.tensor([300])
+    cond = ad.encode_prompt("a photo of cat")
+    raw = ad.network(ad.schedule.model_input(z, t), ad.schedule.model_timestep(t), cond)
+    torch.testing.assert_close(ad.predict(z, t, cond), -raw.float())
+
+
+def test_sana_linear_self_attention_map_is_its_relu_kernel():
+    """The recorded self map of a linear-attention layer is relu(q) . relu(k) normalised per query row,
+    computed here from the module's own projections, and times the values gives the processor's
+    output before its out-projection."""
+    aligner = tiny_aligner("sana")
+    ad = aligner.adapter
+    modules = dict(ad.denoiser.named_modules())
+    linear = ad.linear_attention_layers()
+    assert linear == [layer.name for layer in aligner.layers if layer.kind == "self"] and linear
+    inputs, outputs, hooks = {}, {}, []
+    for name in linear:
+        attn = modules[name]
+        hooks.append(attn.register_forward_pre_hook(lambda m, a, n=name: inputs.setdefault(n, a[0].clone())))
+        hooks.append(
+            attn.to_out[0].register_forward_pre_hook(lambda m, a, n=name: outputs.setdefault(n, a[0].clone()))
+        )
+    z, t = torch.randn(2, 4, 16, 16), torch.tensor([20, 400])
+    cond = {k: torch.cat([v, v]) for k, v in ad.encode_prompt("a photo of cat, dog").items()}
+    try:
+        ad.predict(z, t, cond)  # diffusers' own processors
+    finally:
+        for h in hooks:
+            h.remove()
+    rec = ad.recorder({"self1": dict.fromkeys(linear, 1.0)}, per_layer=True, chunk_mb=0.01)
+    with rec:
+        ad.predict(z, t, cond)
+    for name in linear:
+        attn, x = modules[name], inputs[name].double()
+        heads = attn.heads
+
+        def project(lin):
+            bias = None if lin.bias is None else lin.bias.double()
+            return torch.nn.functional.linear(x, lin.weight.double(), bias).unflatten(-1, (heads, -1))
+
+        q, k, v = torch.relu(project(attn.to_q)), torch.relu(project(attn.to_k)), project(attn.to_v)
+        scores = torch.einsum("bnhd,bmhd->bhnm", q, k)
+        probs = scores / (scores.sum(-1, keepdim=True) + 1e-15)  # (B, H, N, N)
+        torch.testing.assert_close(
+            rec.layer_sums[name]["self"].double(), probs.mean(1).sum(0), atol=1e-5, rtol=0
+        )
+        out = torch.einsum("bhnm,bmhd->bnhd", probs, v).flatten(2)
+        torch.testing.assert_close(out, outputs[name].double(), atol=1e-4, rtol=1e-4)
