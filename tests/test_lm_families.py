@@ -52,8 +52,13 @@ def test_text_columns_are_the_ids_the_pipeline_feeds(family):
         n = ad.max_sequence_length
         fed = [fed[0], *fed[len(fed) - n + 1 :]]
     ids = ad.token_ids(prompt)
-    if family == "cogview4":
-        assert len(fed) == ad.text_length and fed == ids  # left padding is part of the columns
+    if family == "cogview4":  # the pipeline pads on the left, the adapter on the right (cogview4.py)
+        assert [i for i in fed if i != tok.pad_token_id] == ids and len(ids) < len(fed)
+        # a prompt that fills its 16 columns: the pipeline adds no padding, the embeddings are its own
+        full = "a photo of red " + ", ".join(["cat", "dog", "bird", "car", "plant"]) + " on"
+        assert len(ad.token_ids(full)) == 16
+        own = ad.pipe._get_glm_embeds(full, max_sequence_length=16, device=ad.device)
+        torch.testing.assert_close(ad.encode_prompt(full)["encoder_hidden_states"], own.to(ad.dtype))
     else:
         assert fed[: len(ids)] == ids and set(fed[len(ids) :]) <= {tok.pad_token_id}
     # the class words sit where the tokenizer puts " cat" and " dog", after the template
@@ -155,7 +160,7 @@ def test_sana_linear_self_attention_map_is_its_relu_kernel():
         attn, x = modules[name], inputs[name].double()
         heads = attn.heads
 
-        def project(lin):
+        def project(lin, x=x, heads=heads):
             bias = None if lin.bias is None else lin.bias.double()
             return torch.nn.functional.linear(x, lin.weight.double(), bias).unflatten(-1, (heads, -1))
 
@@ -167,3 +172,25 @@ def test_sana_linear_self_attention_map_is_its_relu_kernel():
         )
         out = torch.einsum("bhnm,bmhd->bnhd", probs, v).flatten(2)
         torch.testing.assert_close(out, outputs[name].double(), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", LM_FAMILIES)
+def test_generate_runs_with_elbo_phrase_weights(family, tmp_path):
+    """`generate` on the tiny model: the pipeline takes prompt embeddings, so the ELBO phrase weights
+    act on them; both images are written and the phrases are located in the fed text."""
+    from hydra import compose, initialize_config_dir
+
+    from elbo_t2ialign.cli import config_dir, to_container
+    from elbo_t2ialign.generation.runner import run
+    from elbo_t2ialign.generation.weighting import token_positions
+
+    overrides = [f"model.id=tiny:{family}", f"model.name=tiny_{family}", "model.max_sequence_length=16"]
+    overrides += ["prompts=demo", "steps=2", "num_prompts=1", "progress=false", f"output_dir={tmp_path}"]
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        run(to_container(compose("generate", overrides=overrides)))
+    assert Image.open(tmp_path / "images/elbo/00000_4307.png").size == (32, 32)
+    ad = tiny_aligner(family).adapter
+    ids = ad.token_ids("a cat and a dog")
+    (cat, dog) = token_positions(ad, "a cat and a dog", ["a cat", "a dog"])
+    assert [ad.attention_tokenizer.convert_ids_to_tokens(ids[p]) for p in cat][-1] == "▁cat"
+    assert [ad.attention_tokenizer.convert_ids_to_tokens(ids[p]) for p in dog] == ["▁a", "▁dog"]

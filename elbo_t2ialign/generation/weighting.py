@@ -78,6 +78,10 @@ def token_positions(adapter: ModelAdapter, prompt: str, phrases: Sequence[str]) 
         for k, phrase in enumerate(phrases):
             sub = list(tokenizer(phrase, add_special_tokens=False, truncation=False).input_ids)
             start = find_subsequence(ids, sub, cursor) if sub else -1
+            if start < 0 and sub:  # byte-level BPE spells a word after a space differently (calibrate.py)
+                spaced = list(tokenizer(" " + phrase, add_special_tokens=False, truncation=False).input_ids)
+                start = find_subsequence(ids, spaced, cursor)
+                sub = spaced if start >= 0 else sub
             if start < 0:
                 msg = (
                     f"cannot locate phrase {phrase!r} in the {name} tokens of prompt {prompt!r} "

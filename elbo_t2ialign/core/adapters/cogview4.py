@@ -3,9 +3,13 @@ with 2-D RoPE on the image tokens only, SDXL-like size conditions, flow matching
 
 The text: GLM's tokenizer adds its own prefix ([gMASK] <sop>); the pipeline pads the batch on the LEFT
 with the pad token up to a multiple of 16 and passes no mask (text encoder and denoiser both attend
-to the padding). The adapter encodes each prompt on its own and joins prompts into batches, so it
-pads every prompt to one width, max_sequence_length rounded up to 16: what the pipeline does for a
-batch whose longest prompt has that many tokens.
+to the padding). The adapter encodes each prompt on its own and joins prompts into batches, so every
+prompt gets one width, max_sequence_length rounded up to 16, and it pads on the RIGHT, so that a
+word's column does not move with the prompt's length (the class search counts from the start). The
+denoiser gives its text tokens no position (RoPE is on the image tokens only), so the side of the
+padding does not change how it treats the columns; GLM is causal, so the prompt's own embeddings are
+those of the unpadded prompt, i.e. the pipeline's for a prompt whose length is a multiple of 16 (the
+test checks this); only the padding's embeddings, which follow the prompt here, differ.
 
 The schedule: the pipeline shifts the sigmas by mu = sqrt(image tokens / base_image_seq_len) *
 max_shift + base_shift (its own `calculate_shift`, the scheduler's linear time shift) but conditions
@@ -88,6 +92,7 @@ class CogView4Adapter(LMTextAdapter):
     family = "cogview4"
     capture_processor = CaptureCogView4AttnProcessor
     max_sequence_length = 128  # prompt tokens, GLM's prefix included; rounded up to a multiple of 16
+    text_follows_space = False  # no template: the prompt's first word has no space before it
 
     def __init__(self, pipe, *args, **kwargs):
         require_diffusers(self.family, SINCE)
@@ -115,13 +120,16 @@ class CogView4Adapter(LMTextAdapter):
 
     def fed_ids(self, text: str) -> list[int]:
         tok = self.pipe.tokenizer
-        ids = list(tok(text, add_special_tokens=True, truncation=True, max_length=self.text_length).input_ids)
-        return [tok.pad_token_id] * (self.text_length - len(ids)) + ids
+        return list(
+            tok(text, add_special_tokens=True, truncation=True, max_length=self.text_length).input_ids
+        )
 
     def _encode_prompt(self, prompt: str) -> Cond:
-        # `CogView4Pipeline._get_glm_embeds` for a batch padded to text_length: left padding, no mask,
-        # the text encoder's second-to-last hidden state
-        ids = torch.tensor([self.fed_ids(prompt)], device=self.device)
+        # `CogView4Pipeline._get_glm_embeds` (no mask, the second-to-last hidden state) with the padding
+        # to text_length on the right (module docstring)
+        ids = self.fed_ids(prompt)
+        ids = torch.tensor([ids + [self.pipe.tokenizer.pad_token_id] * (self.text_length - len(ids))])
+        ids = ids.to(self.device)
         hidden = self.pipe.text_encoder(ids, output_hidden_states=True).hidden_states[-2]
         return {"encoder_hidden_states": hidden.to(self.dtype)}
 

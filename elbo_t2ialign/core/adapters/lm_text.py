@@ -6,8 +6,8 @@ the pipeline does it, so the attention's text columns are not the prompt's own t
 column of the denoiser's attention (`token_ids(text, True)`); `token_ids(text, False)` is a word or
 phrase as it appears inside a prompt, i.e. after a space: byte-level BPE (GLM, Qwen) and SentencePiece
 BPE without a dummy prefix (Gemma) give "cat" and " cat" different ids, and in every template these
-families use the prompt's words follow a space. A word that opens a prompt with no template in front
-of it (CogView4) is therefore not found; the error says to use the word as it appears in the prompt.
+families use the prompt's words follow a space. Without a template (CogView4) a word is looked up in
+both spellings (`calibrate.locate_tokens`, `generation.weighting.token_positions`).
 """
 
 from __future__ import annotations
@@ -68,6 +68,10 @@ class LMTextAdapter(_TransformerAdapter):
 
     generation_kind = "flow"
     default_guidance = 4.5
+    # the prompt follows a template that ends in a space (Sana, Lumina2): a word or phrase is tokenized
+    # after a space, so that it is found after the template and never inside it; without a template
+    # (CogView4) it is tokenized as given and located in either spelling (calibrate.locate_tokens)
+    text_follows_space = True
 
     @property
     def attention_tokenizer(self):
@@ -83,7 +87,8 @@ class LMTextAdapter(_TransformerAdapter):
             self.check_prompt_length(text)  # a cut prompt would lose words without a word about it
             return self.fed_ids(text)
         tokenizer = self.attention_tokenizer
-        return list(tokenizer(" " + text, add_special_tokens=False, truncation=False).input_ids)
+        text = " " + text if self.text_follows_space else text
+        return list(tokenizer(text, add_special_tokens=False, truncation=False).input_ids)
 
     def check_prompt_length(self, prompt: str) -> None:
         tokenizer = self.attention_tokenizer
