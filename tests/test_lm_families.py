@@ -194,3 +194,37 @@ def test_generate_runs_with_elbo_phrase_weights(family, tmp_path):
     (cat, dog) = token_positions(ad, "a cat and a dog", ["a cat", "a dog"])
     assert [ad.attention_tokenizer.convert_ids_to_tokens(ids[p]) for p in cat][-1] == "▁cat"
     assert [ad.attention_tokenizer.convert_ids_to_tokens(ids[p]) for p in dog] == ["▁a", "▁dog"]
+
+
+@pytest.mark.parametrize("family", LM_FAMILIES)
+def test_explain_and_segment_take_the_tiny_model_by_id(family, tmp_path):
+    """`model.id=tiny:<family>` in the explain and segment configs: finite maps in [0, 1] per word."""
+    from elbo_t2ialign import explain
+    from elbo_t2ialign.devtools.fixtures import fixture_config, random_samples, write_dataset
+    from elbo_t2ialign.segmentation import run
+
+    image = tmp_path / "img.png"
+    _image(2).save(image)
+    model = [f"model.id=tiny:{family}", "model.resolution=32", "model.max_sequence_length=16"]
+    fast = ["elbo=default", "elbo.elbo_timesteps=[1,501]", "elbo.collect_timesteps=[20]", "device=cpu"]
+    argv = [str(image), "cat", "dog", *model, *fast, f"output_dir={tmp_path / 'explain'}"]
+    assert explain.main(argv) == 0
+    maps = sorted((tmp_path / "explain").rglob("*.png"))
+    assert maps
+
+    classes = ["cat", "dog"]
+    data = write_dataset(tmp_path / "data", classes, random_samples(classes, 1, convention="voc"))
+    cfg = fixture_config(data, tmp_path / "seg", "voc", num_images=1)
+    cfg["model"] = {
+        "name": f"tiny_{family}",
+        "id": f"tiny:{family}",
+        "resolution": 32,
+        "max_sequence_length": 16,
+    }
+    cfg["elbo"] = {"strength": 3.0, "elbo_timesteps": [1, 501], "collect_timesteps": [20]}
+    out = run(cfg)
+    stored = sorted((out / "maps").rglob("elbo_*.png"))
+    assert stored
+    for path in stored:
+        m = np.asarray(Image.open(path)) / 255.0
+        assert np.isfinite(m).all() and 0 <= m.min() and m.max() <= 1
