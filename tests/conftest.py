@@ -23,7 +23,12 @@ _CACHE = {}
 def tiny_pipeline(family: str):
     """One shared random-weight pipeline per family (weights never change in tests)."""
     if family not in _CACHE:
-        _CACHE[family] = BUILDERS[family]()
+        try:
+            _CACHE[family] = BUILDERS[family]()
+        except ImportError as err:  # a family newer than the installed diffusers: its one-line reason
+            if "needs diffusers >=" not in str(err):
+                raise
+            pytest.skip(str(err))
     return _CACHE[family]
 
 

@@ -117,6 +117,7 @@ EXPECTED = {
     "sana": (4, ["self", "cross"] * 2, [16] * 4),
     "lumina2": (3, ["self", "joint", "joint"], [8] * 3),
     "cogview4": (2, ["joint"] * 2, [8] * 2),
+    "hunyuanimage": (2, ["joint"] * 2, [8] * 2),
 }
 
 

@@ -309,12 +309,13 @@ def _gemma2_text(tokenizer, hidden: int = 32, seed: int = 0):
 
 def tiny_sana(seed: int = 0):
     """Sana-like: linear self-attention and Gemma cross-attention, a 2x DC autoencoder, DPM flow sigmas."""
-    from diffusers import AutoencoderDC, DPMSolverMultistepScheduler, SanaPipeline, SanaTransformer2DModel
-
     from elbo_t2ialign.core.adapters.lm_text import require_diffusers
     from elbo_t2ialign.core.adapters.sana import SINCE
 
     require_diffusers("sana", SINCE)
+
+    from diffusers import AutoencoderDC, DPMSolverMultistepScheduler, SanaPipeline, SanaTransformer2DModel
+
     tok = build_lm_tokenizer(WORDS)
     torch.manual_seed(seed)
     transformer = SanaTransformer2DModel(
@@ -361,12 +362,13 @@ def tiny_sana(seed: int = 0):
 
 def tiny_lumina2(seed: int = 0):
     """Lumina-Image-2.0-like: Gemma text refiner, image refiner and joint blocks, 3-axis RoPE, GQA."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, Lumina2Pipeline, Lumina2Transformer2DModel
-
     from elbo_t2ialign.core.adapters.lm_text import require_diffusers
     from elbo_t2ialign.core.adapters.lumina2 import SINCE
 
     require_diffusers("lumina2", SINCE)
+
+    from diffusers import FlowMatchEulerDiscreteScheduler, Lumina2Pipeline, Lumina2Transformer2DModel
+
     tok = build_lm_tokenizer(WORDS)
     torch.manual_seed(seed)
     transformer = Lumina2Transformer2DModel(
@@ -632,13 +634,14 @@ def tiny_zimage(seed: int = 0):
 
 def tiny_cogview4(seed: int = 0):
     """CogView4-like: [GLM text; image] joint attention, image RoPE, size conditions, linear time shift."""
-    from diffusers import CogView4Pipeline, CogView4Transformer2DModel, FlowMatchEulerDiscreteScheduler
-    from transformers import GlmConfig, GlmModel
-
     from elbo_t2ialign.core.adapters.cogview4 import SINCE
     from elbo_t2ialign.core.adapters.lm_text import require_diffusers
 
     require_diffusers("cogview4", SINCE)
+
+    from diffusers import CogView4Pipeline, CogView4Transformer2DModel, FlowMatchEulerDiscreteScheduler
+    from transformers import GlmConfig, GlmModel
+
     tok = build_lm_tokenizer(WORDS, prefix=("[gMASK]", "<sop>"))
     torch.manual_seed(seed)
     glm = GlmModel(
@@ -679,6 +682,92 @@ def tiny_cogview4(seed: int = 0):
     )
 
 
+def tiny_hunyuanimage(seed: int = 0):
+    """HunyuanImage-2.1-like: Qwen2.5-VL text behind the template (first 34 tokens dropped) and a ByT5
+    glyph encoder, one double- and one single-stream block, a 2x HunyuanImage VAE, static shift."""
+    from elbo_t2ialign.core.adapters.hunyuanimage import SINCE
+    from elbo_t2ialign.core.adapters.lm_text import require_diffusers
+
+    require_diffusers("hunyuanimage", SINCE)
+
+    from diffusers import (
+        AutoencoderKLHunyuanImage,
+        FlowMatchEulerDiscreteScheduler,
+        HunyuanImagePipeline,
+        HunyuanImageTransformer2DModel,
+    )
+    from transformers import ByT5Tokenizer, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    tok = _qwen_tokenizer()
+    torch.manual_seed(seed)
+    text = dict(
+        vocab_size=len(tok),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=1024,
+        rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]},
+        bos_token_id=None,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    vision = dict(
+        depth=1,
+        hidden_size=16,
+        intermediate_size=32,
+        num_heads=2,
+        out_hidden_size=16,
+        patch_size=2,
+        spatial_merge_size=1,
+        temporal_patch_size=1,
+        fullatt_block_indexes=[0],
+    )
+    config = Qwen2_5_VLConfig(
+        text_config=text, vision_config=vision, **{k: text[k] for k in ("vocab_size", "hidden_size")}
+    )
+    text_encoder = Qwen2_5_VLForConditionalGeneration(config).eval()
+    byt5 = ByT5Tokenizer()
+    glyph_encoder = _t5_text(byt5, d_model=16, seed=seed)
+    torch.manual_seed(seed)
+    vae = AutoencoderKLHunyuanImage(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(32, 32),  # GroupNorm(32)
+        layers_per_block=1,
+        spatial_compression_ratio=2,
+        sample_size=32,
+        scaling_factor=0.75,
+    ).eval()  # 32 px -> 16x16 latents
+    transformer = HunyuanImageTransformer2DModel(
+        in_channels=4,
+        out_channels=4,
+        num_attention_heads=2,
+        attention_head_dim=8,
+        num_layers=1,
+        num_single_layers=1,
+        num_refiner_layers=1,
+        patch_size=(2, 2),
+        text_embed_dim=16,
+        text_embed_2_dim=16,
+        rope_axes_dim=(4, 4),
+    ).eval()
+    pipe = HunyuanImagePipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tok,
+        text_encoder_2=glyph_encoder,
+        tokenizer_2=byt5,
+        transformer=transformer,
+    )
+    pipe.default_sample_size = 16
+    pipe.tokenizer_2_max_length = 8  # the tests' text is short (the pipeline: 128 glyph bytes)
+    return pipe
+
+
 # text positions the tests give each tiny model (max_sequence_length): 16 T5 tokens, more where a
 # chat template wraps the prompt (the templates alone take 10 to 14 positions)
 TEST_TEXT_LENGTHS = {"flux2": 32, "qwenimage": 32, "zimage": 32}
@@ -696,6 +785,7 @@ BUILDERS = {
     "sana": tiny_sana,
     "lumina2": tiny_lumina2,
     "cogview4": tiny_cogview4,
+    "hunyuanimage": tiny_hunyuanimage,
 }
 
 

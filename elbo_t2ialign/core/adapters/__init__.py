@@ -10,6 +10,7 @@ from elbo_t2ialign.core.adapters.base import ModelAdapter
 from elbo_t2ialign.core.adapters.chroma import ChromaAdapter
 from elbo_t2ialign.core.adapters.cogview4 import CogView4Adapter
 from elbo_t2ialign.core.adapters.flux2 import Flux2Adapter
+from elbo_t2ialign.core.adapters.hunyuanimage import HunyuanImageAdapter
 from elbo_t2ialign.core.adapters.lumina2 import Lumina2Adapter
 from elbo_t2ialign.core.adapters.qwenimage import QwenImageAdapter
 from elbo_t2ialign.core.adapters.sana import SanaAdapter
@@ -31,6 +32,7 @@ TRANSFORMER_ADAPTERS: dict[str, type[ModelAdapter]] = {
 TRANSFORMER_ADAPTERS["SanaTransformer2DModel"] = SanaAdapter
 TRANSFORMER_ADAPTERS["Lumina2Transformer2DModel"] = Lumina2Adapter
 TRANSFORMER_ADAPTERS["CogView4Transformer2DModel"] = CogView4Adapter
+TRANSFORMER_ADAPTERS["HunyuanImageTransformer2DModel"] = HunyuanImageAdapter
 
 REPO_ROOT = Path(__file__).resolve().parents[3]  # relative model folders are also looked up here
 
