@@ -257,3 +257,17 @@ def test_hunyuanimage_glyph_columns_come_first():
     assert n_glyph > 0 and ids[:n_glyph] == [-1] * n_glyph
     plain = ad.token_ids("a cat with hi")
     assert ids[n_glyph : n_glyph + 3] == plain[:3]  # "a", " cat", " with" after the glyph columns
+
+
+@pytest.mark.parametrize(
+    ("family", "since"), [("sana", "0.32.0"), ("lumina2", "0.33.0"), ("hunyuanimage", "0.36.0")]
+)
+def test_an_older_diffusers_is_refused_in_one_line_naming_the_release(family, since, monkeypatch):
+    import importlib.metadata
+
+    from elbo_t2ialign.core.adapters import adapter_for
+
+    pipe = tiny_pipeline(family)
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.31.0")
+    with pytest.raises(ImportError, match=rf"^{family} needs diffusers >= {since} \(installed: 0.31.0\)"):
+        adapter_for(pipe, torch.device("cpu"), torch.float32, 32, 16)

@@ -309,7 +309,7 @@ def _gemma2_text(tokenizer, hidden: int = 32, seed: int = 0):
 
 def tiny_sana(seed: int = 0):
     """Sana-like: linear self-attention and Gemma cross-attention, a 2x DC autoencoder, DPM flow sigmas."""
-    from elbo_t2ialign.core.adapters.lm_text import require_diffusers
+    from elbo_t2ialign.core.adapters.chat import require_diffusers
     from elbo_t2ialign.core.adapters.sana import SINCE
 
     require_diffusers("sana", SINCE)
@@ -362,7 +362,7 @@ def tiny_sana(seed: int = 0):
 
 def tiny_lumina2(seed: int = 0):
     """Lumina-Image-2.0-like: Gemma text refiner, image refiner and joint blocks, 3-axis RoPE, GQA."""
-    from elbo_t2ialign.core.adapters.lm_text import require_diffusers
+    from elbo_t2ialign.core.adapters.chat import require_diffusers
     from elbo_t2ialign.core.adapters.lumina2 import SINCE
 
     require_diffusers("lumina2", SINCE)
@@ -634,8 +634,8 @@ def tiny_zimage(seed: int = 0):
 
 def tiny_cogview4(seed: int = 0):
     """CogView4-like: [GLM text; image] joint attention, image RoPE, size conditions, linear time shift."""
+    from elbo_t2ialign.core.adapters.chat import require_diffusers
     from elbo_t2ialign.core.adapters.cogview4 import SINCE
-    from elbo_t2ialign.core.adapters.lm_text import require_diffusers
 
     require_diffusers("cogview4", SINCE)
 
@@ -685,8 +685,8 @@ def tiny_cogview4(seed: int = 0):
 def tiny_hunyuanimage(seed: int = 0):
     """HunyuanImage-2.1-like: Qwen2.5-VL text behind the template (first 34 tokens dropped) and a ByT5
     glyph encoder, one double- and one single-stream block, a 2x HunyuanImage VAE, static shift."""
+    from elbo_t2ialign.core.adapters.chat import require_diffusers
     from elbo_t2ialign.core.adapters.hunyuanimage import SINCE
-    from elbo_t2ialign.core.adapters.lm_text import require_diffusers
 
     require_diffusers("hunyuanimage", SINCE)
 

@@ -22,11 +22,12 @@ from __future__ import annotations
 import torch
 
 from elbo_t2ialign.core.adapters.base import Cond
-from elbo_t2ialign.core.adapters.lm_text import LMTextAdapter, require_diffusers, shifted_sigmas
+from elbo_t2ialign.core.adapters.chat import require_diffusers
+from elbo_t2ialign.core.adapters.lm_text import LMTextAdapter, shifted_sigmas
 from elbo_t2ialign.core.adapters.schedules import FlowSchedule, NoiseSchedule
 from elbo_t2ialign.core.capture import LayerInfo, _CaptureBase
 
-SINCE = (0, 33, 0)  # first diffusers release with CogView4Pipeline
+SINCE = "0.33.0"  # first diffusers release with CogView4Pipeline
 
 
 class CaptureCogView4AttnProcessor(_CaptureBase):

@@ -21,11 +21,12 @@ from __future__ import annotations
 import torch
 
 from elbo_t2ialign.core.adapters.base import Cond
-from elbo_t2ialign.core.adapters.lm_text import LMTextAdapter, require_diffusers
+from elbo_t2ialign.core.adapters.chat import require_diffusers
+from elbo_t2ialign.core.adapters.lm_text import LMTextAdapter
 from elbo_t2ialign.core.adapters.schedules import FlowSchedule, NoiseSchedule
 from elbo_t2ialign.core.capture import LayerInfo, _CaptureBase
 
-SINCE = (0, 36, 0)  # first diffusers release with HunyuanImagePipeline
+SINCE = "0.36.0"  # first diffusers release with HunyuanImagePipeline
 GLYPH = -1  # the id given to ByT5 glyph columns in `token_ids`: no word's token
 
 

@@ -18,20 +18,6 @@ import torch
 
 from elbo_t2ialign.core.adapters.base import TextBlock
 from elbo_t2ialign.core.adapters.transformers import _TransformerAdapter
-from elbo_t2ialign.core.compat import release
-
-
-def require_diffusers(family: str, since: tuple[int, ...]) -> None:
-    """One line naming the release a family needs, when the installed diffusers is older."""
-    from importlib.metadata import version
-
-    installed = version("diffusers")
-    if release(installed) < since:
-        need = ".".join(map(str, since))
-        raise ImportError(
-            f"the {family} family needs diffusers >= {need} (installed: {installed}); "
-            f"pip install 'diffusers>={need}'"
-        )
 
 
 def shifted_sigmas(config, mu: float | None = None) -> torch.Tensor:

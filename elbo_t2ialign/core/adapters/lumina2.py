@@ -19,11 +19,12 @@ import math
 import torch
 
 from elbo_t2ialign.core.adapters.base import Cond
-from elbo_t2ialign.core.adapters.lm_text import LMTextAdapter, require_diffusers
+from elbo_t2ialign.core.adapters.chat import require_diffusers
+from elbo_t2ialign.core.adapters.lm_text import LMTextAdapter
 from elbo_t2ialign.core.adapters.schedules import FlowSchedule, NoiseSchedule
 from elbo_t2ialign.core.capture import LayerInfo, _CaptureBase, attention_processors
 
-SINCE = (0, 33, 0)  # first diffusers release with Lumina2Pipeline
+SINCE = "0.33.0"  # first diffusers release with Lumina2Pipeline
 
 
 class CaptureLumina2AttnProcessor(_CaptureBase):

@@ -21,11 +21,12 @@ import torch
 import torch.nn.functional as F
 
 from elbo_t2ialign.core.adapters.base import Cond
-from elbo_t2ialign.core.adapters.lm_text import LMTextAdapter, require_diffusers
+from elbo_t2ialign.core.adapters.chat import require_diffusers
+from elbo_t2ialign.core.adapters.lm_text import LMTextAdapter
 from elbo_t2ialign.core.adapters.schedules import FlowSchedule, NoiseSchedule
 from elbo_t2ialign.core.capture import LayerInfo, _CaptureBase
 
-SINCE = (0, 32, 0)  # first diffusers release with SanaPipeline
+SINCE = "0.32.0"  # first diffusers release with SanaPipeline
 
 
 class CaptureSanaCrossProcessor(_CaptureBase):
