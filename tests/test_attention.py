@@ -404,6 +404,26 @@ FOLLOWED = {
         "diffusers.models.transformers.transformer_flux:FluxAttnProcessor",  # 0.33: FluxAttnProcessor2_0
         {"236dd95645f14c0d", "d5b36134887ebe45"},
     ),
+    "CaptureSanaCrossProcessor": (
+        "diffusers.models.transformers.sana_transformer:SanaAttnProcessor2_0",
+        {"01f4c3d5e7e6912b", "6a918a076d11ed30"},
+    ),
+    "CaptureSanaLinearProcessor": (
+        "diffusers.models.attention_processor:SanaLinearAttnProcessor2_0",
+        {"e75ae1143d56a89d", "c02c02e8a72102d3"},
+    ),
+    "CaptureLumina2AttnProcessor": (
+        "diffusers.models.transformers.transformer_lumina2:Lumina2AttnProcessor2_0",
+        {"e24c0e3b1ba3c4f3", "ba403b33102ba67a"},
+    ),
+    "CaptureCogView4AttnProcessor": (  # 0.33.1 differs in the mask it builds, which no pipeline passes
+        "diffusers.models.transformers.transformer_cogview4:CogView4AttnProcessor",
+        {"f0c45c2f94b39a75", "e9a16e51d1953319"},
+    ),
+    "CaptureHunyuanImageAttnProcessor": (  # diffusers >= 0.36 only
+        "diffusers.models.transformers.transformer_hunyuanimage:HunyuanImageAttnProcessor",
+        {"03b77a4e7b05bf70"},
+    ),
 }
 
 
@@ -420,6 +440,8 @@ def test_followed_diffusers_processors_are_the_ones_read(ours):
     try:
         followed = getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError):  # diffusers 0.33/0.34 keep FLUX's processor with the others
+        if ours != "CaptureFluxAttnProcessor":
+            pytest.skip(f"{where} is not in diffusers {diffusers.__version__}")
         followed = importlib.import_module("diffusers.models.attention_processor").FluxAttnProcessor2_0
     digest = hashlib.sha256(inspect.getsource(followed.__call__).encode()).hexdigest()[:16]
     assert digest in known, (
