@@ -11,6 +11,7 @@ from elbo_t2ialign.core.capture import (
     CaptureFluxAttnProcessor,
     CaptureJointAttnProcessor,
     attend_and_capture,
+    attention_processors,
     resize_self,
     stage_index,
 )
@@ -19,7 +20,7 @@ from elbo_t2ialign.core.capture import (
 def _inputs(aligner, n=2, seed=0):
     ad = aligner.adapter
     g = torch.Generator().manual_seed(seed)
-    z = torch.randn((n, 4, ad.latent_size, ad.latent_size), generator=g)
+    z = torch.randn((n, *ad.latent_shape), generator=g)
     t = torch.tensor([20, 400][:n])
     cond = cat_cond([ad.encode_prompt("a photo of cat, dog")] * n)
     return z, t, cond
@@ -35,20 +36,27 @@ def test_capture_does_not_change_output_and_restores_processors(family):
     aligner = tiny_aligner(family)
     ad = aligner.adapter
     z, t, cond = _inputs(aligner)
-    before = dict(ad.denoiser.attn_processors)
+    before = dict(attention_processors(ad.denoiser))
     plain = ad.predict(z, t, cond)
     rec = ad.recorder(_all_layer_weights(aligner), chunk_mb=0.001)  # tiny chunks: many row blocks
     with rec:
         captured = ad.predict(z, t, cond)
-        installed = ad.denoiser.attn_processors
-        assert all(type(p).__name__.startswith("Capture") for p in installed.values())
+        installed = attention_processors(ad.denoiser)
+        # every listed layer's (Z-Image's caption-only refiners are not listed: they see no image)
+        assert all(
+            type(installed[f"{x.name}.processor"]).__name__.startswith("Capture") for x in aligner.layers
+        )
     torch.testing.assert_close(captured, plain, rtol=1e-4, atol=1e-5)
-    assert {k: id(v) for k, v in ad.denoiser.attn_processors.items()} == {k: id(v) for k, v in before.items()}
+    assert {k: id(v) for k, v in attention_processors(ad.denoiser).items()} == {
+        k: id(v) for k, v in before.items()
+    }
 
     with pytest.raises(RuntimeError, match="boom"):
         with ad.recorder(_all_layer_weights(aligner)):
             raise RuntimeError("boom")
-    assert {k: id(v) for k, v in ad.denoiser.attn_processors.items()} == {k: id(v) for k, v in before.items()}
+    assert {k: id(v) for k, v in attention_processors(ad.denoiser).items()} == {
+        k: id(v) for k, v in before.items()
+    }
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -56,9 +64,9 @@ def test_only_weighted_layers_are_replaced(family):
     aligner = tiny_aligner(family)
     ad = aligner.adapter
     first = aligner.layers[0].name
-    before = dict(ad.denoiser.attn_processors)
+    before = dict(attention_processors(ad.denoiser))
     with ad.recorder({"cross": {first: 1.0}}):
-        now = ad.denoiser.attn_processors
+        now = attention_processors(ad.denoiser)
         replaced = [k for k in now if now[k] is not before[k]]
     assert replaced == [f"{first}.processor"]
 
@@ -107,6 +115,10 @@ EXPECTED = {
     "sd3": (3, ["joint"] * 3, [8] * 3),
     "flux": (2, ["joint"] * 2, [8] * 2),
     "pixart": (4, ["self", "cross"] * 2, [8] * 4),
+    "flux2": (2, ["joint"] * 2, [8] * 2),
+    "chroma": (2, ["joint"] * 2, [8] * 2),
+    "qwenimage": (2, ["joint"] * 2, [8] * 2),
+    "zimage": (2, ["self", "joint"], [8] * 2),  # the caption-only refiner is left out
 }
 
 
@@ -325,7 +337,7 @@ def test_processors_are_the_users_own_after_any_sequence_of_calls(monkeypatch):
         tiny_sd(), device="cpu", resolution=32, elbo_timesteps=[1, 501], collect_timesteps=[20]
     )
     ad = aligner.adapter
-    own = {name: AttnProcessor() for name in ad.denoiser.attn_processors}  # the user's, one per layer
+    own = {name: AttnProcessor() for name in attention_processors(ad.denoiser)}  # the user's, one per layer
     ad.denoiser.set_attn_processor(dict(own))  # (diffusers empties the dict it is given)
     image = Image.new("RGB", (32, 32), (90, 30, 200))
     weights = _all_layer_weights(aligner)
@@ -346,7 +358,9 @@ def test_processors_are_the_users_own_after_any_sequence_of_calls(monkeypatch):
         with ad.recorder(weights):
             with pytest.raises(RuntimeError, match="already active on this denoiser"):
                 aligner.heatmaps(image, ["cat", "dog"])  # the aligner's own recorder is refused
-            assert all(type(p).__name__.startswith("Capture") for p in ad.denoiser.attn_processors.values())
+            assert all(
+                type(p).__name__.startswith("Capture") for p in attention_processors(ad.denoiser).values()
+            )
 
     def twice():
         rec = ad.recorder(weights)
@@ -369,7 +383,7 @@ def test_processors_are_the_users_own_after_any_sequence_of_calls(monkeypatch):
     for sequence in itertools.product(calls, repeat=2):
         for call in sequence:
             call()
-            now = ad.denoiser.attn_processors
+            now = attention_processors(ad.denoiser)
             assert {k: id(v) for k, v in now.items()} == {k: id(v) for k, v in own.items()}, [
                 c.__name__ for c in sequence
             ]
