@@ -7,14 +7,14 @@ out by hand."""
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_aligner, tiny_pipeline
+from conftest import family_param, needs, tiny_aligner, tiny_pipeline
 from PIL import Image
 
 from elbo_t2ialign import explain
 from elbo_t2ialign.devtools.fixtures import fixture_config, random_samples, write_dataset
 from elbo_t2ialign.devtools.tiny import TEST_TEXT_LENGTHS
 
-NEW = ["flux2", "chroma", "qwenimage", "zimage"]
+NEW = [family_param(name) for name in ("flux2", "chroma", "qwenimage", "zimage")]
 PROMPT = "a photo of cat, dog"
 FAST = dict(elbo_timesteps=[101, 501], collect_timesteps=[100])
 
@@ -103,7 +103,7 @@ def _hand_template(family: str, prompt: str) -> tuple[str, int]:
     return turn, 0  # Z-Image: enable_thinking=True adds nothing
 
 
-@pytest.mark.parametrize("family", ["flux2", "qwenimage", "zimage"])
+@pytest.mark.parametrize("family", [family_param(name) for name in ("flux2", "qwenimage", "zimage")])
 def test_class_words_point_at_their_token_columns(family):
     aligner = tiny_aligner(family, **FAST)
     res = aligner.heatmaps(_image(), ["cat", "dog"])
@@ -118,6 +118,7 @@ def test_class_words_point_at_their_token_columns(family):
         assert res.token_positions[word] == [token - dropped]
 
 
+@needs("flux2", "qwenimage", "zimage")
 def test_text_columns_are_the_encoder_states_the_pipeline_keeps():
     """Column p of the denoiser's text input is the text encoder's state of template token p (+ the
     dropped prefix): Qwen-Image the last layer from token 34 on, Z-Image the second-to-last layer,
@@ -148,6 +149,7 @@ def test_text_columns_are_the_encoder_states_the_pipeline_keeps():
             assert not got[n:].any()
 
 
+@needs("qwenimage")
 def test_qwenimage_padding_to_a_fixed_length_leaves_the_output_unchanged():
     """The pipeline gives one prompt its own length and no mask; the adapter pads to
     max_sequence_length with a key mask: the same velocity."""
@@ -174,6 +176,7 @@ def test_qwenimage_padding_to_a_fixed_length_leaves_the_output_unchanged():
     torch.testing.assert_close(ours, own, rtol=1e-5, atol=1e-6)
 
 
+@needs("zimage")
 def test_zimage_output_is_the_negated_velocity_at_one_minus_sigma():
     """Z-Image's network takes 1 - sigma and the pipeline steps with minus its output."""
     ad = tiny_aligner("zimage").adapter
@@ -192,6 +195,7 @@ def test_zimage_output_is_the_negated_velocity_at_one_minus_sigma():
     assert sigma.item() == pytest.approx(3 * s / (1 + 2 * s), rel=1e-6)
 
 
+@needs("flux2")
 def test_flux2_latents_are_patchified_and_batch_normalised():
     ad = tiny_aligner("flux2").adapter
     pipe = tiny_pipeline("flux2")
@@ -211,3 +215,51 @@ def test_flux2_latents_are_patchified_and_batch_normalised():
     hand = (hand - bn.running_mean.view(1, -1, 1, 1)) / torch.sqrt(bn.running_var.view(1, -1, 1, 1) + bn.eps)
     torch.testing.assert_close(z, hand, rtol=1e-5, atol=1e-6)
     assert tuple(z.shape[1:]) == ad.latent_shape
+
+
+# ------------------------------------------------------------------ releases
+
+
+def _old_diffusers(monkeypatch, installed="0.33.1"):
+    import importlib.metadata
+
+    real = importlib.metadata.version
+    monkeypatch.setattr(
+        importlib.metadata, "version", lambda name: installed if name == "diffusers" else real(name)
+    )
+
+
+@pytest.mark.parametrize(
+    "pipeline, family, since",
+    [
+        ("QwenImagePipeline", "Qwen-Image", "0.37.0"),
+        ("Flux2Pipeline", "FLUX.2", "0.36.0"),
+        ("Flux2KleinPipeline", r"FLUX.2 \[klein\]", "0.37.0"),
+        ("ZImagePipeline", "Z-Image", "0.36.0"),
+        ("ChromaPipeline", "Chroma", "0.34.0"),
+    ],
+)
+def test_loading_on_an_older_diffusers_names_the_release(tmp_path, monkeypatch, pipeline, family, since):
+    import json
+
+    from elbo_t2ialign.core.adapters import load_pipeline
+    from elbo_t2ialign.core.adapters.chat import ReleaseError
+
+    (tmp_path / "model_index.json").write_text(
+        json.dumps({"_class_name": pipeline, "_diffusers_version": "0.42.1"})
+    )
+    _old_diffusers(monkeypatch)
+    with pytest.raises(
+        ReleaseError, match=rf"^{family} needs diffusers >= {since} \(installed: 0.33.1\); pip install"
+    ):
+        load_pipeline(str(tmp_path), torch.device("cpu"), torch.float32)
+
+
+@needs("zimage")
+def test_adapter_on_an_older_diffusers_is_one_line(monkeypatch):
+    from elbo_t2ialign import Aligner
+
+    pipe = tiny_pipeline("zimage")
+    _old_diffusers(monkeypatch, "0.35.2")
+    with pytest.raises(ValueError, match=r"^Z-Image needs diffusers >= 0.36.0 \(installed: 0.35.2\)"):
+        Aligner.from_pipeline(pipe, device="cpu", resolution=32)

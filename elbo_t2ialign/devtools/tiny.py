@@ -331,6 +331,7 @@ def _qwen3_text(tokenizer, hidden: int = 16, layers: int = 2, causal_lm: bool = 
 def tiny_flux2(seed: int = 0):
     """FLUX.2 [klein]-like: Qwen3 text (27 layers: the pipeline stacks hidden states 9, 18 and 27),
     chat template, 2x2-patchified batch-normalised latents, one double- and one single-stream block."""
+    _require("flux2")
     from diffusers import (
         AutoencoderKLFlux2,
         FlowMatchEulerDiscreteScheduler,
@@ -378,6 +379,7 @@ def tiny_flux2(seed: int = 0):
 
 def tiny_chroma(seed: int = 0):
     """Chroma-like: FLUX.1's layout with T5 text only, no pooled text or guidance, a text mask."""
+    _require("chroma")
     from diffusers import ChromaPipeline, ChromaTransformer2DModel, FlowMatchEulerDiscreteScheduler
 
     t5tok = build_word_tokenizer(WORDS)
@@ -416,6 +418,7 @@ def tiny_chroma(seed: int = 0):
 def tiny_qwenimage(seed: int = 0):
     """Qwen-Image-like: Qwen2.5-VL text behind the pipeline's instruction template (its first 34
     tokens dropped), the video VAE's one frame, two joint-attention blocks with 3-axis RoPE."""
+    _require("qwenimage")
     from diffusers import (
         AutoencoderKLQwenImage,
         FlowMatchEulerDiscreteScheduler,
@@ -493,6 +496,7 @@ def tiny_qwenimage(seed: int = 0):
 def tiny_zimage(seed: int = 0):
     """Z-Image-like single-stream DiT: Qwen3 text behind the chat template, one image-only refiner, one
     caption-only refiner and one joint block over [image; caption], 3-axis RoPE, fixed shift 3."""
+    _require("zimage")
     from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
 
     tok = _qwen_tokenizer()
@@ -522,6 +526,30 @@ def tiny_zimage(seed: int = 0):
     )
     pipe.default_sample_size = 16
     return pipe
+
+
+# the first diffusers release each newer tiny model needs (its adapter's); older releases skip them
+SINCE = {"flux2": "0.37.0", "chroma": "0.34.0", "qwenimage": "0.37.0", "zimage": "0.36.0"}
+
+
+def unavailable(name: str) -> str | None:
+    """Why the tiny model `name` cannot be built with the installed diffusers, or None."""
+    from elbo_t2ialign.core.adapters.chat import missing_release
+
+    installed = missing_release(SINCE[name]) if name in SINCE else None
+    return (
+        None
+        if installed is None
+        else f"tiny:{name} needs diffusers >= {SINCE[name]} (installed: {installed})"
+    )
+
+
+def _require(name: str) -> None:
+    reason = unavailable(name)
+    if reason is not None:
+        from elbo_t2ialign.core.adapters.chat import ReleaseError
+
+        raise ReleaseError(reason)
 
 
 # text positions the tests give each tiny model (max_sequence_length): 16 T5 tokens, more where a
