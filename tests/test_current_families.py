@@ -263,3 +263,13 @@ def test_adapter_on_an_older_diffusers_is_one_line(monkeypatch):
     _old_diffusers(monkeypatch, "0.35.2")
     with pytest.raises(ValueError, match=r"^Z-Image needs diffusers >= 0.36.0 \(installed: 0.35.2\)"):
         Aligner.from_pipeline(pipe, device="cpu", resolution=32)
+
+
+@pytest.mark.parametrize("family", NEW)
+def test_generation_refuses_the_new_families_in_one_line(family):
+    """ELBO-weighted generation is not wired for these families (README): a clear error, not a wrong image."""
+    from elbo_t2ialign.generation.sampler import ElboSampler
+
+    ad = tiny_aligner(family).adapter
+    with pytest.raises(ValueError, match=f"not the '{family}' family"):
+        ElboSampler(ad)
