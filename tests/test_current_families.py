@@ -273,3 +273,21 @@ def test_generation_refuses_the_new_families_in_one_line(family):
     ad = tiny_aligner(family).adapter
     with pytest.raises(ValueError, match=f"not the '{family}' family"):
         ElboSampler(ad)
+
+
+@needs("zimage")
+def test_zimage_image_pad_tokens_are_keys_but_not_maps(monkeypatch):
+    """At 24 px the 6x6 image tokens are padded to 64 with Z-Image's learned pad token: the capture is
+    still the model's own attention (the pad keys are their own block) and the maps stay 6x6."""
+    from test_own_attention import own_attention_differences
+
+    from elbo_t2ialign import Aligner
+
+    aligner = Aligner.from_pipeline(
+        tiny_pipeline("zimage"), device="cpu", resolution=24, max_sequence_length=32, **FAST
+    )
+    assert [layer.resolution for layer in aligner.layers] == [6, 6]
+    worst = own_attention_differences(aligner, monkeypatch)
+    assert worst["probs"] < 1e-5 and worst["P@V"] < 1e-4
+    res = aligner.heatmaps(_image(3, 24), ["cat", "dog"])
+    _check_maps(res.heatmaps, (24, 24))
