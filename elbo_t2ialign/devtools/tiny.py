@@ -569,6 +569,38 @@ BUILDERS = {
 }
 
 
+TINY_PREFIX = "tiny:"  # model id "tiny:<name>": BUILDERS[<name>]() (the commands accept it as model.id)
+
+
+def is_tiny(model_id: object) -> bool:
+    return str(model_id).startswith(TINY_PREFIX)
+
+
+def load_tiny(model_id: str):
+    """The pipeline of model id "tiny:<name>"; FileNotFoundError (like an unreachable model) naming
+    the tiny models there are."""
+    name = str(model_id)[len(TINY_PREFIX) :]
+    if not is_tiny(model_id) or name not in BUILDERS:
+        raise FileNotFoundError(
+            f"unknown tiny model {model_id!r}; choose one of {[TINY_PREFIX + k for k in BUILDERS]}"
+        )
+    return BUILDERS[name]()
+
+
+def tiny_aligner_from_config(model_cfg, options, device: str = "auto"):
+    """`Aligner.from_config` for a model config whose id is "tiny:<name>"."""
+    from elbo_t2ialign import Aligner
+
+    return Aligner.from_pipeline(
+        load_tiny(model_cfg["id"]),
+        device=device,
+        dtype=model_cfg.get("dtype") or "auto",
+        resolution=model_cfg.get("resolution"),
+        max_sequence_length=model_cfg.get("max_sequence_length"),
+        options=options,
+    )
+
+
 # ------------------------------------------------ scorers and captioners
 
 # the text and vision towers of the tiny CLIP scorer and BLIP captioner (32-px images)

@@ -35,7 +35,6 @@ PIPELINE_SINCE = {
     "QwenImagePipeline": ("Qwen-Image", QWENIMAGE_SINCE),
     "ZImagePipeline": ("Z-Image", ZIMAGE_SINCE),
 }
-TINY_PREFIX = "tiny:"  # model id "tiny:<name>": devtools.tiny.BUILDERS[<name>]() (random weights)
 REPO_ROOT = Path(__file__).resolve().parents[3]  # relative model folders are also looked up here
 
 __all__ = ["ModelAdapter", "adapter_for", "load_pipeline", "resolve_device", "resolve_dtype"]
@@ -81,23 +80,12 @@ def prepare_pipeline(pipe, device: torch.device, dtype: torch.dtype):
 
 
 def load_pipeline(model_id: str, device: torch.device, dtype: torch.dtype, prepare: bool = True):
-    """A diffusers pipeline from a hub id, a local folder (relative: from the working directory, else
-    from the repository root) or "tiny:<name>" (a random tiny model), with a clear message when it is
-    unreachable. Prepared for `device` and
+    """A diffusers pipeline from a hub id or a local folder (relative: from the working directory, else
+    from the repository root), with a clear message when it is unreachable. Prepared for `device` and
     `dtype` (`prepare_pipeline`), unless `prepare=False`: for a pipeline that goes straight to
     `adapter_for`, which prepares every pipeline it wraps, so that it is prepared once."""
     from diffusers import DiffusionPipeline
 
-    if model_id.startswith(TINY_PREFIX):  # a random tiny model built in code (tests, offline demos)
-        from elbo_t2ialign.devtools.tiny import BUILDERS
-
-        name = model_id[len(TINY_PREFIX) :]
-        if name not in BUILDERS:
-            raise FileNotFoundError(
-                f"unknown tiny model {model_id!r}; choose one of {[TINY_PREFIX + k for k in BUILDERS]}"
-            )
-        pipe = BUILDERS[name]()
-        return prepare_pipeline(pipe, device, dtype) if prepare else pipe
     local = Path(model_id).expanduser()
     if not local.is_absolute() and not local.exists() and (REPO_ROOT / local).is_dir():
         local = REPO_ROOT / local  # a relative folder in a config, e.g. the bundled testbed model
