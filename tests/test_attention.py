@@ -20,7 +20,7 @@ from elbo_t2ialign.core.capture import (
 def _inputs(aligner, n=2, seed=0):
     ad = aligner.adapter
     g = torch.Generator().manual_seed(seed)
-    z = torch.randn((n, 4, ad.latent_size, ad.latent_size), generator=g)
+    z = torch.randn((n, *ad.latent_shape), generator=g)
     t = torch.tensor([20, 400][:n])
     cond = cat_cond([ad.encode_prompt("a photo of cat, dog")] * n)
     return z, t, cond
@@ -36,15 +36,16 @@ def test_capture_does_not_change_output_and_restores_processors(family):
     aligner = tiny_aligner(family)
     ad = aligner.adapter
     z, t, cond = _inputs(aligner)
-    before = attention_processors(ad.denoiser)
+    before = dict(attention_processors(ad.denoiser))
     plain = ad.predict(z, t, cond)
     rec = ad.recorder(_all_layer_weights(aligner), chunk_mb=0.001)  # tiny chunks: many row blocks
     with rec:
         captured = ad.predict(z, t, cond)
         installed = attention_processors(ad.denoiser)
-        # every listed layer's (Lumina2's text-only refiner blocks have no image token: not listed)
-        listed = [installed[f"{layer.name}.processor"] for layer in aligner.layers]
-        assert all(type(p).__name__.startswith("Capture") for p in listed)
+        # every listed layer's (Z-Image's caption-only refiners are not listed: they see no image)
+        assert all(
+            type(installed[f"{x.name}.processor"]).__name__.startswith("Capture") for x in aligner.layers
+        )
     torch.testing.assert_close(captured, plain, rtol=1e-4, atol=1e-5)
     assert {k: id(v) for k, v in attention_processors(ad.denoiser).items()} == {
         k: id(v) for k, v in before.items()
@@ -63,7 +64,7 @@ def test_only_weighted_layers_are_replaced(family):
     aligner = tiny_aligner(family)
     ad = aligner.adapter
     first = aligner.layers[0].name
-    before = attention_processors(ad.denoiser)
+    before = dict(attention_processors(ad.denoiser))
     with ad.recorder({"cross": {first: 1.0}}):
         now = attention_processors(ad.denoiser)
         replaced = [k for k in now if now[k] is not before[k]]
@@ -114,6 +115,10 @@ EXPECTED = {
     "sd3": (3, ["joint"] * 3, [8] * 3),
     "flux": (2, ["joint"] * 2, [8] * 2),
     "pixart": (4, ["self", "cross"] * 2, [8] * 4),
+    "flux2": (2, ["joint"] * 2, [8] * 2),
+    "chroma": (2, ["joint"] * 2, [8] * 2),
+    "qwenimage": (2, ["joint"] * 2, [8] * 2),
+    "zimage": (2, ["self", "joint"], [8] * 2),  # the caption-only refiner is left out
     "sana": (4, ["self", "cross"] * 2, [16] * 4),
     "lumina2": (3, ["self", "joint", "joint"], [8] * 3),
     "cogview4": (2, ["joint"] * 2, [8] * 2),
@@ -336,7 +341,7 @@ def test_processors_are_the_users_own_after_any_sequence_of_calls(monkeypatch):
         tiny_sd(), device="cpu", resolution=32, elbo_timesteps=[1, 501], collect_timesteps=[20]
     )
     ad = aligner.adapter
-    own = {name: AttnProcessor() for name in ad.denoiser.attn_processors}  # the user's, one per layer
+    own = {name: AttnProcessor() for name in attention_processors(ad.denoiser)}  # the user's, one per layer
     ad.denoiser.set_attn_processor(dict(own))  # (diffusers empties the dict it is given)
     image = Image.new("RGB", (32, 32), (90, 30, 200))
     weights = _all_layer_weights(aligner)
@@ -357,7 +362,9 @@ def test_processors_are_the_users_own_after_any_sequence_of_calls(monkeypatch):
         with ad.recorder(weights):
             with pytest.raises(RuntimeError, match="already active on this denoiser"):
                 aligner.heatmaps(image, ["cat", "dog"])  # the aligner's own recorder is refused
-            assert all(type(p).__name__.startswith("Capture") for p in ad.denoiser.attn_processors.values())
+            assert all(
+                type(p).__name__.startswith("Capture") for p in attention_processors(ad.denoiser).values()
+            )
 
     def twice():
         rec = ad.recorder(weights)

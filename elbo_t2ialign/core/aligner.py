@@ -166,26 +166,9 @@ class Aligner:
         cls, model_cfg: Mapping[str, Any], options: AlignOptions | None = None, device: str = "auto"
     ) -> Aligner:
         """Build from a `configs/model/*.yaml` mapping (keys: id; optional resolution, dtype (default
-        auto), max_sequence_length). An id "tiny:<family>" builds `devtools.tiny.BUILDERS[<family>]()`."""
+        auto), max_sequence_length)."""
         if "id" not in model_cfg:
             raise ValueError(f"model config {dict(model_cfg)} has no 'id' (a hub id or a local folder)")
-        model_id = str(model_cfg["id"])
-        if model_id.startswith("tiny:"):  # a random tiny model built in code (devtools/tiny.py), offline
-            from elbo_t2ialign.devtools.tiny import BUILDERS
-
-            family = model_id.removeprefix("tiny:")
-            if family not in BUILDERS:
-                raise ValueError(
-                    f"unknown tiny model {model_id!r}; choose one of {['tiny:' + k for k in BUILDERS]}"
-                )
-            return cls.from_pipeline(
-                BUILDERS[family](),
-                device=device,
-                dtype=model_cfg.get("dtype") or "auto",
-                resolution=model_cfg.get("resolution"),
-                max_sequence_length=model_cfg.get("max_sequence_length"),
-                options=options,
-            )
         return cls.from_pretrained(
             model_cfg["id"],
             device=device,

@@ -309,10 +309,7 @@ def _gemma2_text(tokenizer, hidden: int = 32, seed: int = 0):
 
 def tiny_sana(seed: int = 0):
     """Sana-like: linear self-attention and Gemma cross-attention, a 2x DC autoencoder, DPM flow sigmas."""
-    from elbo_t2ialign.core.adapters.chat import require_diffusers
-    from elbo_t2ialign.core.adapters.sana import SINCE
-
-    require_diffusers("sana", SINCE)
+    _require("sana")
 
     from diffusers import AutoencoderDC, DPMSolverMultistepScheduler, SanaPipeline, SanaTransformer2DModel
 
@@ -362,10 +359,7 @@ def tiny_sana(seed: int = 0):
 
 def tiny_lumina2(seed: int = 0):
     """Lumina-Image-2.0-like: Gemma text refiner, image refiner and joint blocks, 3-axis RoPE, GQA."""
-    from elbo_t2ialign.core.adapters.chat import require_diffusers
-    from elbo_t2ialign.core.adapters.lumina2 import SINCE
-
-    require_diffusers("lumina2", SINCE)
+    _require("lumina2")
 
     from diffusers import FlowMatchEulerDiscreteScheduler, Lumina2Pipeline, Lumina2Transformer2DModel
 
@@ -439,6 +433,7 @@ def _qwen3_text(tokenizer, hidden: int = 16, layers: int = 2, causal_lm: bool = 
 def tiny_flux2(seed: int = 0):
     """FLUX.2 [klein]-like: Qwen3 text (27 layers: the pipeline stacks hidden states 9, 18 and 27),
     chat template, 2x2-patchified batch-normalised latents, one double- and one single-stream block."""
+    _require("flux2")
     from diffusers import (
         AutoencoderKLFlux2,
         FlowMatchEulerDiscreteScheduler,
@@ -486,6 +481,7 @@ def tiny_flux2(seed: int = 0):
 
 def tiny_chroma(seed: int = 0):
     """Chroma-like: FLUX.1's layout with T5 text only, no pooled text or guidance, a text mask."""
+    _require("chroma")
     from diffusers import ChromaPipeline, ChromaTransformer2DModel, FlowMatchEulerDiscreteScheduler
 
     t5tok = build_word_tokenizer(WORDS)
@@ -524,6 +520,7 @@ def tiny_chroma(seed: int = 0):
 def tiny_qwenimage(seed: int = 0):
     """Qwen-Image-like: Qwen2.5-VL text behind the pipeline's instruction template (its first 34
     tokens dropped), the video VAE's one frame, two joint-attention blocks with 3-axis RoPE."""
+    _require("qwenimage")
     from diffusers import (
         AutoencoderKLQwenImage,
         FlowMatchEulerDiscreteScheduler,
@@ -601,6 +598,7 @@ def tiny_qwenimage(seed: int = 0):
 def tiny_zimage(seed: int = 0):
     """Z-Image-like single-stream DiT: Qwen3 text behind the chat template, one image-only refiner, one
     caption-only refiner and one joint block over [image; caption], 3-axis RoPE, fixed shift 3."""
+    _require("zimage")
     from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
 
     tok = _qwen_tokenizer()
@@ -634,10 +632,7 @@ def tiny_zimage(seed: int = 0):
 
 def tiny_cogview4(seed: int = 0):
     """CogView4-like: [GLM text; image] joint attention, image RoPE, size conditions, linear time shift."""
-    from elbo_t2ialign.core.adapters.chat import require_diffusers
-    from elbo_t2ialign.core.adapters.cogview4 import SINCE
-
-    require_diffusers("cogview4", SINCE)
+    _require("cogview4")
 
     from diffusers import CogView4Pipeline, CogView4Transformer2DModel, FlowMatchEulerDiscreteScheduler
     from transformers import GlmConfig, GlmModel
@@ -685,10 +680,7 @@ def tiny_cogview4(seed: int = 0):
 def tiny_hunyuanimage(seed: int = 0):
     """HunyuanImage-2.1-like: Qwen2.5-VL text behind the template (first 34 tokens dropped) and a ByT5
     glyph encoder, one double- and one single-stream block, a 2x HunyuanImage VAE, static shift."""
-    from elbo_t2ialign.core.adapters.chat import require_diffusers
-    from elbo_t2ialign.core.adapters.hunyuanimage import SINCE
-
-    require_diffusers("hunyuanimage", SINCE)
+    _require("hunyuanimage")
 
     from diffusers import (
         AutoencoderKLHunyuanImage,
@@ -768,6 +760,31 @@ def tiny_hunyuanimage(seed: int = 0):
     return pipe
 
 
+# the first diffusers release each newer tiny model needs (its adapter's); older releases skip them
+SINCE = {"flux2": "0.37.0", "chroma": "0.34.0", "qwenimage": "0.37.0", "zimage": "0.36.0"}
+SINCE["hunyuanimage"] = "0.36.0"  # Sana (0.32), Lumina2 and CogView4 (0.33) are in the floor
+
+
+def unavailable(name: str) -> str | None:
+    """Why the tiny model `name` cannot be built with the installed diffusers, or None."""
+    from elbo_t2ialign.core.adapters.chat import missing_release
+
+    installed = missing_release(SINCE[name]) if name in SINCE else None
+    return (
+        None
+        if installed is None
+        else f"tiny:{name} needs diffusers >= {SINCE[name]} (installed: {installed})"
+    )
+
+
+def _require(name: str) -> None:
+    reason = unavailable(name)
+    if reason is not None:
+        from elbo_t2ialign.core.adapters.chat import ReleaseError
+
+        raise ReleaseError(reason)
+
+
 # text positions the tests give each tiny model (max_sequence_length): 16 T5 tokens, more where a
 # chat template wraps the prompt (the templates alone take 10 to 14 positions)
 TEST_TEXT_LENGTHS = {"flux2": 32, "qwenimage": 32, "zimage": 32}
@@ -787,6 +804,38 @@ BUILDERS = {
     "cogview4": tiny_cogview4,
     "hunyuanimage": tiny_hunyuanimage,
 }
+
+
+TINY_PREFIX = "tiny:"  # model id "tiny:<name>": BUILDERS[<name>]() (the commands accept it as model.id)
+
+
+def is_tiny(model_id: object) -> bool:
+    return str(model_id).startswith(TINY_PREFIX)
+
+
+def load_tiny(model_id: str):
+    """The pipeline of model id "tiny:<name>"; FileNotFoundError (like an unreachable model) naming
+    the tiny models there are."""
+    name = str(model_id)[len(TINY_PREFIX) :]
+    if not is_tiny(model_id) or name not in BUILDERS:
+        raise FileNotFoundError(
+            f"unknown tiny model {model_id!r}; choose one of {[TINY_PREFIX + k for k in BUILDERS]}"
+        )
+    return BUILDERS[name]()
+
+
+def tiny_aligner_from_config(model_cfg, options, device: str = "auto"):
+    """`Aligner.from_config` for a model config whose id is "tiny:<name>"."""
+    from elbo_t2ialign import Aligner
+
+    return Aligner.from_pipeline(
+        load_tiny(model_cfg["id"]),
+        device=device,
+        dtype=model_cfg.get("dtype") or "auto",
+        resolution=model_cfg.get("resolution"),
+        max_sequence_length=model_cfg.get("max_sequence_length"),
+        options=options,
+    )
 
 
 # ------------------------------------------------ scorers and captioners

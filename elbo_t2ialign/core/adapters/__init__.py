@@ -7,16 +7,18 @@ from pathlib import Path
 import torch
 
 from elbo_t2ialign.core.adapters.base import ModelAdapter
-from elbo_t2ialign.core.adapters.chroma import ChromaAdapter
+from elbo_t2ialign.core.adapters.chat import require_diffusers
+from elbo_t2ialign.core.adapters.chroma import CHROMA_SINCE, ChromaAdapter
 from elbo_t2ialign.core.adapters.cogview4 import CogView4Adapter
-from elbo_t2ialign.core.adapters.flux2 import Flux2Adapter
+from elbo_t2ialign.core.adapters.flux2 import FLUX2_KLEIN_SINCE, FLUX2_SINCE, Flux2Adapter
+from elbo_t2ialign.core.adapters.hunyuanimage import SINCE as HUNYUANIMAGE_SINCE
 from elbo_t2ialign.core.adapters.hunyuanimage import HunyuanImageAdapter
 from elbo_t2ialign.core.adapters.lumina2 import Lumina2Adapter
-from elbo_t2ialign.core.adapters.qwenimage import QwenImageAdapter
+from elbo_t2ialign.core.adapters.qwenimage import QWENIMAGE_SINCE, QwenImageAdapter
 from elbo_t2ialign.core.adapters.sana import SanaAdapter
 from elbo_t2ialign.core.adapters.transformers import FluxAdapter, MMDiTAdapter, PixArtAdapter
 from elbo_t2ialign.core.adapters.unet import UNetAdapter
-from elbo_t2ialign.core.adapters.zimage import ZImageAdapter
+from elbo_t2ialign.core.adapters.zimage import ZIMAGE_SINCE, ZImageAdapter
 from elbo_t2ialign.core.compat import dtype_keyword
 
 # Denoiser class -> adapter. The choice is made once, from the pipeline's components.
@@ -34,6 +36,15 @@ TRANSFORMER_ADAPTERS["Lumina2Transformer2DModel"] = Lumina2Adapter
 TRANSFORMER_ADAPTERS["CogView4Transformer2DModel"] = CogView4Adapter
 TRANSFORMER_ADAPTERS["HunyuanImageTransformer2DModel"] = HunyuanImageAdapter
 
+# pipelines of the families that need a newer diffusers than the floor: class -> (family, first release)
+PIPELINE_SINCE = {
+    "ChromaPipeline": ("Chroma", CHROMA_SINCE),
+    "Flux2Pipeline": ("FLUX.2", FLUX2_SINCE),
+    "Flux2KleinPipeline": ("FLUX.2 [klein]", FLUX2_KLEIN_SINCE),
+    "QwenImagePipeline": ("Qwen-Image", QWENIMAGE_SINCE),
+    "ZImagePipeline": ("Z-Image", ZIMAGE_SINCE),
+    "HunyuanImagePipeline": ("HunyuanImage 2.1", HUNYUANIMAGE_SINCE),  # Sana, Lumina2, CogView4: in the floor
+}
 REPO_ROOT = Path(__file__).resolve().parents[3]  # relative model folders are also looked up here
 
 __all__ = ["ModelAdapter", "adapter_for", "load_pipeline", "resolve_device", "resolve_dtype"]
@@ -89,6 +100,7 @@ def load_pipeline(model_id: str, device: torch.device, dtype: torch.dtype, prepa
     if not local.is_absolute() and not local.exists() and (REPO_ROOT / local).is_dir():
         local = REPO_ROOT / local  # a relative folder in a config, e.g. the bundled testbed model
     source = str(local) if local.is_dir() else model_id
+    check_release(source)
     try:
         # the safety checker is never run here: skip loading it
         pipe = DiffusionPipeline.from_pretrained(
@@ -106,6 +118,20 @@ def load_pipeline(model_id: str, device: torch.device, dtype: torch.dtype, prepa
             "Aligner.from_pretrained('<folder>') or model.id=<folder> on the command line."
         ) from err
     return prepare_pipeline(pipe, device, dtype) if prepare else pipe
+
+
+def check_release(source: str) -> None:
+    """Refuse, in one line naming the release needed, a pipeline (read from its model_index.json, in a
+    folder or the local hub cache) whose family the installed diffusers predates. Sources whose index
+    cannot be read here are left to from_pretrained."""
+    from diffusers import DiffusionPipeline
+
+    try:
+        name = DiffusionPipeline.load_config(source).get("_class_name")
+    except Exception:  # unreachable or not a pipeline: from_pretrained says what is wrong
+        return
+    if name in PIPELINE_SINCE:
+        require_diffusers(*PIPELINE_SINCE[name])
 
 
 def adapter_for(

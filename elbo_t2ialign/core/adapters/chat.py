@@ -11,15 +11,26 @@ from elbo_t2ialign.core.adapters.base import ModelAdapter
 from elbo_t2ialign.core.compat import release
 
 
-def require_diffusers(family: str, since: str) -> None:
-    """One clear line when the installed diffusers predates the first release with `family`."""
+class ReleaseError(ImportError, ValueError):
+    """The installed diffusers predates a family (a ValueError too, so that the commands report it
+    in one line like other bad input)."""
+
+
+def missing_release(since: str) -> str | None:
+    """None when the installed diffusers is `since` or newer, else the installed version."""
     from importlib.metadata import version
 
     installed = version("diffusers")
-    if release(installed) < release(since):
-        raise ImportError(
+    return installed if release(installed) < release(since) else None
+
+
+def require_diffusers(family: str, since: str) -> None:
+    """One clear line when the installed diffusers predates the first release `family` works with."""
+    installed = missing_release(since)
+    if installed is not None:
+        raise ReleaseError(
             f"{family} needs diffusers >= {since} (installed: {installed}); "
-            f"pip install 'diffusers>={since}' (and a transformers release that supports its text encoder)"
+            f"pip install 'diffusers>={since}' and a transformers release with its text encoder"
         )
 
 

@@ -17,7 +17,7 @@ from elbo_t2ialign.core.adapters.base import Cond
 from elbo_t2ialign.core.adapters.chat import require_diffusers
 from elbo_t2ialign.core.adapters.transformers import FluxAdapter
 
-CHROMA_SINCE = "0.35.0"  # first diffusers release with ChromaPipeline
+CHROMA_SINCE = "0.34.0"  # first diffusers release with ChromaPipeline
 
 
 class ChromaAdapter(FluxAdapter):

@@ -96,7 +96,7 @@ class CogView4Adapter(LMTextAdapter):
     text_follows_space = False  # no template: the prompt's first word has no space before it
 
     def __init__(self, pipe, *args, **kwargs):
-        require_diffusers(self.family, SINCE)
+        require_diffusers("CogView4", SINCE)
         super().__init__(pipe, *args, **kwargs)
 
     def build_schedule(self) -> NoiseSchedule:

@@ -25,7 +25,8 @@ from elbo_t2ialign.core.adapters.schedules import FlowSchedule, NoiseSchedule
 from elbo_t2ialign.core.adapters.transformers import _TransformerAdapter
 from elbo_t2ialign.core.capture import LayerInfo, _CaptureBase
 
-FLUX2_SINCE = "0.36.0"  # first diffusers release with Flux2Pipeline (Flux2KleinPipeline: 0.37.0)
+FLUX2_SINCE = "0.36.0"  # first diffusers release with Flux2Pipeline
+FLUX2_KLEIN_SINCE = "0.37.0"  # first with Flux2KleinPipeline
 
 
 def _heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:  # (B, S, H*D) -> (B, S, H, D)
@@ -121,8 +122,10 @@ class Flux2Adapter(ChatTextAdapter, _TransformerAdapter):
     max_sequence_length = 512  # the pipelines' default
 
     def __init__(self, pipe, device, dtype, resolution=None, max_sequence_length=None):
-        require_diffusers("FLUX.2", FLUX2_SINCE)
         self.klein = type(pipe).__name__.startswith("Flux2Klein")
+        require_diffusers(
+            "FLUX.2 [klein]" if self.klein else "FLUX.2", FLUX2_KLEIN_SINCE if self.klein else FLUX2_SINCE
+        )
         super().__init__(pipe, device, dtype, resolution, max_sequence_length)
 
     @property

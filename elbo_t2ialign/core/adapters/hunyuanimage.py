@@ -108,7 +108,7 @@ class HunyuanImageAdapter(LMTextAdapter):
     distilled_guidance_scale = 3.25  # the pipeline's default
 
     def __init__(self, pipe, *args, **kwargs):
-        require_diffusers(self.family, SINCE)
+        require_diffusers("HunyuanImage 2.1", SINCE)
         super().__init__(pipe, *args, **kwargs)
 
     def vae_scale(self) -> int:

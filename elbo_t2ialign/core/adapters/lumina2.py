@@ -120,7 +120,7 @@ class Lumina2Adapter(LMTextAdapter):
     max_sequence_length = 256  # the pipeline's default, system prompt included
 
     def __init__(self, pipe, *args, **kwargs):
-        require_diffusers(self.family, SINCE)
+        require_diffusers("Lumina-Image 2.0", SINCE)
         super().__init__(pipe, *args, **kwargs)
 
     def build_schedule(self) -> NoiseSchedule:

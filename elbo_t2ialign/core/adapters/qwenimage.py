@@ -26,7 +26,9 @@ from elbo_t2ialign.core.adapters.schedules import FlowSchedule, NoiseSchedule
 from elbo_t2ialign.core.adapters.transformers import _TransformerAdapter
 from elbo_t2ialign.core.capture import LayerInfo, _CaptureBase
 
-QWENIMAGE_SINCE = "0.35.0"  # first diffusers release with QwenImagePipeline
+# QwenImagePipeline is in diffusers 0.35.0, but before 0.37.0 its transformer ignores the text mask, so
+# the padding this adapter adds to batch prompts would be attended to: 0.37.0 is the first it supports
+QWENIMAGE_SINCE = "0.37.0"
 
 
 class CaptureQwenImageAttnProcessor(_CaptureBase):
@@ -44,12 +46,16 @@ class CaptureQwenImageAttnProcessor(_CaptureBase):
     ):
         from diffusers.models.transformers.transformer_qwenimage import apply_rotary_emb_qwen
 
-        if encoder_hidden_states is None or attention_mask is not None:
-            raise ValueError("Qwen-Image attention takes the text stream and no external attention mask")
-        mask = None
-        if encoder_hidden_states_mask is not None:
+        if encoder_hidden_states is None:
+            raise ValueError("Qwen-Image attention needs the text stream (encoder_hidden_states)")
+        # the joint key mask [text mask; image ones]: built here from the text mask (diffusers 0.42.1),
+        # or built once by the transformer and passed in (0.37 to 0.41)
+        mask = attention_mask
+        if mask is None and encoder_hidden_states_mask is not None:
             image_mask = torch.ones(hidden_states.shape[:2], dtype=torch.bool, device=hidden_states.device)
-            mask = torch.cat([encoder_hidden_states_mask, image_mask], dim=1)[:, None, None, :]
+            mask = torch.cat([encoder_hidden_states_mask, image_mask], dim=1)
+        if mask is not None and mask.ndim == 2:
+            mask = mask[:, None, None, :]
         n_txt = encoder_hidden_states.shape[1]
         head_dim = attn.inner_dim // attn.heads
 

@@ -159,7 +159,7 @@ class SanaAdapter(LMTextAdapter):
     max_sequence_length = 300  # the pipeline's default
 
     def __init__(self, pipe, *args, **kwargs):
-        require_diffusers(self.family, SINCE)
+        require_diffusers("Sana", SINCE)
         if pipe.transformer.config.get("guidance_embeds"):
             raise ValueError(
                 "guidance-distilled Sana (Sana-Sprint) is not supported; use a SanaPipeline checkpoint"

@@ -147,7 +147,7 @@ class ZImageAdapter(ChatTextAdapter, _TransformerAdapter):
     def _forward(self, x, timestep, cond):
         captions = [feats[:n] for feats, n in zip(cond["cap_feats"], cond["cap_len"].tolist(), strict=True)]
         out = self.net(list(x.unsqueeze(2).unbind(0)), timestep, captions, return_dict=False)[0]
-        return -torch.stack(out).squeeze(2)
+        return torch.stack(out).squeeze(2)  # the model's own z0 - eps; to_target negates it
 
     def attention_layers(self) -> list[LayerInfo]:
         """noise_refiner (image self-attention), then the joint main layers; context_refiner blocks
