@@ -123,6 +123,7 @@ EXPECTED = {
     "lumina2": (3, ["self", "joint", "joint"], [8] * 3),
     "cogview4": (2, ["joint"] * 2, [8] * 2),
     "hunyuanimage": (2, ["joint"] * 2, [8] * 2),
+    "auraflow": (2, ["joint"] * 2, [8] * 2),
 }
 
 
@@ -426,6 +427,10 @@ FOLLOWED = {
     "CaptureCogView4AttnProcessor": (  # 0.33.1 differs in the mask it builds, which no pipeline passes
         "diffusers.models.transformers.transformer_cogview4:CogView4AttnProcessor",
         {"f0c45c2f94b39a75", "e9a16e51d1953319"},
+    ),
+    "CaptureAuraFlowAttnProcessor": (  # 0.33.1 norms text keys with norm_added_q: the same parameter-free norm
+        "diffusers.models.attention_processor:AuraFlowAttnProcessor2_0",
+        {"3605c2b39cd53127", "350824aedfae368f"},
     ),
     "CaptureHunyuanImageAttnProcessor": (  # diffusers >= 0.36 only
         "diffusers.models.transformers.transformer_hunyuanimage:HunyuanImageAttnProcessor",

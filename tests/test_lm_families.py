@@ -210,7 +210,7 @@ def test_generate_runs_with_elbo_phrase_weights(family, tmp_path):
     assert [ad.attention_tokenizer.convert_ids_to_tokens(ids[p]) for p in dog] == [space + "a", space + "dog"]
 
 
-@pytest.mark.parametrize("family", LM_FAMILIES)
+@pytest.mark.parametrize("family", [*LM_FAMILIES, "auraflow"])
 def test_explain_and_segment_take_the_tiny_model_by_id(family, tmp_path):
     """`model.id=tiny:<family>` in the explain and segment configs: finite maps in [0, 1] per word."""
     from elbo_t2ialign import explain
@@ -276,3 +276,29 @@ def test_an_older_diffusers_is_refused_in_one_line_naming_the_release(family, si
     with pytest.raises(ImportError, match=rf"needs diffusers >= {since} \(installed: 0.31.0\)") as err:
         adapter_for(pipe, torch.device("cpu"), torch.float32, 32, 16)
     assert "\n" not in str(err.value)
+
+
+def test_auraflow_columns_follow_the_register_tokens_and_the_schedule_is_the_pipelines():
+    """AuraFlow's transformer prepends its learned register tokens to the text: a word's column is its
+    T5 position plus their count; the network gets sigma = t / 1000 of the scheduler's shifted steps."""
+    aligner = tiny_aligner("auraflow")
+    ad = aligner.adapter
+    registers = ad.pipe.transformer.register_tokens.shape[1]
+    prompt = "a photo of cat, dog"
+    t5 = ad.pipe.tokenizer(prompt).input_ids
+    assert ad.token_ids(prompt) == [-1] * registers + t5
+    assert ad.text_length == registers + ad.max_sequence_length
+    res = aligner.heatmaps(_image(3), ["cat", "dog"], elbo_timesteps=[1, 501], collect_timesteps=[20])
+    assert res.token_positions["cat"] == [
+        registers + t5.index(ad.pipe.tokenizer.convert_tokens_to_ids("cat"))
+    ]
+    import copy
+
+    sch = copy.deepcopy(ad.pipe.scheduler)
+    sch.set_timesteps(sigmas=np.linspace(1.0, 0.1, 10))  # levels on the 1/1000 grid of training indices
+    sigmas = sch.sigmas[:-1].double()
+    index = (ad.schedule.sigmas.double()[None] - sigmas[:, None]).abs().argmin(1)
+    torch.testing.assert_close(ad.schedule.sigma(index).double(), sigmas, atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        ad.schedule.model_timestep(index).double(), sch.timesteps.double() / 1000, atol=1e-5, rtol=0
+    )

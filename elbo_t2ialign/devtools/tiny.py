@@ -760,6 +760,41 @@ def tiny_hunyuanimage(seed: int = 0):
     return pipe
 
 
+def tiny_auraflow(seed: int = 0):
+    """AuraFlow-like: 8 register tokens + T5 text, one joint and one single-stream block, static shift."""
+    from diffusers import AuraFlowPipeline, AuraFlowTransformer2DModel, FlowMatchEulerDiscreteScheduler
+
+    t5tok = build_word_tokenizer(WORDS)
+    # the pipeline passes every tokenizer output to the encoder; like AuraFlow's own tokenizer, give no
+    # token_type_ids (transformers 4.x's fast tokenizer would)
+    t5tok.model_input_names = ["input_ids", "attention_mask"]
+    torch.manual_seed(seed)
+    transformer = AuraFlowTransformer2DModel(
+        sample_size=16,
+        patch_size=2,
+        in_channels=4,
+        num_mmdit_layers=1,
+        num_single_dit_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        caption_projection_dim=16,
+        out_channels=4,
+        pos_embed_max_size=64,
+    ).eval()
+    with torch.no_grad():  # default-initialised AdaLN gates are ~0.07: the text would barely reach the output
+        for name, module in transformer.named_modules():
+            if name.endswith("norm1.linear"):
+                module.weight.mul_(20.0)
+    return AuraFlowPipeline(
+        tokenizer=t5tok,
+        text_encoder=_t5_text(t5tok, seed=seed),
+        vae=_vae(seed=seed),
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=1.73),
+    )
+
+
 # the first diffusers release each newer tiny model needs (its adapter's); older releases skip them
 SINCE = {"flux2": "0.37.0", "chroma": "0.34.0", "qwenimage": "0.37.0", "zimage": "0.36.0"}
 SINCE["hunyuanimage"] = "0.36.0"  # Sana (0.32), Lumina2 and CogView4 (0.33) are in the floor
@@ -803,6 +838,7 @@ BUILDERS = {
     "lumina2": tiny_lumina2,
     "cogview4": tiny_cogview4,
     "hunyuanimage": tiny_hunyuanimage,
+    "auraflow": tiny_auraflow,
 }
 
 

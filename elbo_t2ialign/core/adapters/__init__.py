@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from elbo_t2ialign.core.adapters.auraflow import AuraFlowAdapter
 from elbo_t2ialign.core.adapters.base import ModelAdapter
 from elbo_t2ialign.core.adapters.chat import require_diffusers
 from elbo_t2ialign.core.adapters.chroma import CHROMA_SINCE, ChromaAdapter
@@ -35,6 +36,7 @@ TRANSFORMER_ADAPTERS["SanaTransformer2DModel"] = SanaAdapter
 TRANSFORMER_ADAPTERS["Lumina2Transformer2DModel"] = Lumina2Adapter
 TRANSFORMER_ADAPTERS["CogView4Transformer2DModel"] = CogView4Adapter
 TRANSFORMER_ADAPTERS["HunyuanImageTransformer2DModel"] = HunyuanImageAdapter
+TRANSFORMER_ADAPTERS["AuraFlowTransformer2DModel"] = AuraFlowAdapter
 
 # pipelines of the families that need a newer diffusers than the floor: class -> (family, first release)
 PIPELINE_SINCE = {
