@@ -361,3 +361,22 @@ def test_vae_decode_inverts_the_latent_normalisation(family):
         else:
             raw = vae.decode(vae.encode(x).latent_dist.mode(), return_dict=False)[0]
     torch.testing.assert_close(ad.vae_decode(ad.encode_image(image)), raw, rtol=1e-4, atol=1e-5)
+
+
+def test_an_unsupported_denoiser_is_refused_naming_the_supported_families():
+    from types import SimpleNamespace
+
+    from elbo_t2ialign.core.adapters import adapter_for
+
+    class Lonely(torch.nn.Module):
+        pass
+
+    pipe = SimpleNamespace(unet=None, transformer=Lonely(), components={})
+    with pytest.raises(ValueError) as err:
+        adapter_for(pipe, torch.device("cpu"), torch.float32)
+    message = str(err.value)
+    assert message.startswith("unsupported pipeline SimpleNamespace: denoiser Lonely is not one of")
+    for name in ("UNet2DConditionModel", "Flux2Transformer2DModel", "ChromaTransformer2DModel"):
+        assert name in message
+    for name in ("QwenImageTransformer2DModel", "ZImageTransformer2DModel", "FluxTransformer2DModel"):
+        assert name in message
