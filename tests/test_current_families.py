@@ -380,3 +380,45 @@ def test_an_unsupported_denoiser_is_refused_naming_the_supported_families():
         assert name in message
     for name in ("QwenImageTransformer2DModel", "ZImageTransformer2DModel", "FluxTransformer2DModel"):
         assert name in message
+
+
+@needs("flux2")
+def test_flux2_dev_text_is_the_system_turn_and_three_mistral_layers(monkeypatch):
+    """FLUX.2 [dev]: positions in [system message; user turn] (no generation prompt), the text columns
+    Mistral-3's hidden states 10, 20 and 30 side by side, the guidance embedding at the pipeline's 4.0,
+    and the capture the model's own attention."""
+    from test_own_attention import own_attention_differences
+
+    from elbo_t2ialign import Aligner
+    from elbo_t2ialign.devtools.tiny import tiny_flux2_dev
+
+    pipe = tiny_flux2_dev()
+    aligner = Aligner.from_pipeline(pipe, device="cpu", resolution=32, max_sequence_length=160, **FAST)
+    ad = aligner.adapter
+    assert not ad.klein and ad.default_guidance == 1.0
+    system = pipe.system_message
+    text = f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{PROMPT}<|im_end|>\n"
+    ids = pipe.tokenizer(text).input_ids
+    assert ad.token_ids(PROMPT) == ids
+    res = aligner.heatmaps(_image(), ["cat", "dog"])
+    enc = pipe.tokenizer(text, return_offsets_mapping=True)
+    for word in ("cat", "dog"):
+        char = text.index(PROMPT) + PROMPT.index(word)
+        token = next(i for i, (a, b) in enumerate(enc["offset_mapping"]) if a <= char < b)
+        assert res.token_positions[word] == [token]
+    _check_maps(res.heatmaps, (32, 32))
+    with torch.no_grad():
+        states = pipe.text_encoder(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states
+    expected = torch.cat([states[10], states[20], states[30]], dim=-1)[0]
+    got = ad.encode_prompt(PROMPT)["encoder_hidden_states"][0]
+    torch.testing.assert_close(got[: len(ids)], expected, rtol=1e-5, atol=1e-5)
+    seen = []
+    monkeypatch.setattr(
+        type(pipe.transformer.time_guidance_embed),
+        "forward",
+        (lambda original: lambda self, t, g: seen.append(g) or original(self, t, g))(
+            type(pipe.transformer.time_guidance_embed).forward
+        ),
+    )
+    own_attention_differences(aligner, monkeypatch)
+    assert seen and all(g is not None and torch.allclose(g, torch.full_like(g, 4000.0)) for g in seen)
