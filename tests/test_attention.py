@@ -460,3 +460,51 @@ def test_followed_diffusers_processors_are_the_ones_read(ours):
         f"diffusers {diffusers.__version__} changed {followed.__qualname__}.__call__ (digest {digest}), "
         f"which {ours} repeats: compare them and update capture.py and this table"
     )
+
+
+# the same for the newer families' capture processors (in their adapter modules), read in diffusers
+# 0.42.1 only; on a release before a family's first supported one the check is skipped
+FOLLOWED_NEWER = {
+    "CaptureFlux2AttnProcessor": (
+        "diffusers.models.transformers.transformer_flux2:Flux2AttnProcessor",
+        "0.36.0",
+        {"2106c36979e28f30"},
+    ),
+    "CaptureFlux2ParallelAttnProcessor": (
+        "diffusers.models.transformers.transformer_flux2:Flux2ParallelSelfAttnProcessor",
+        "0.36.0",
+        {"18a20dca47451835"},
+    ),
+    "CaptureQwenImageAttnProcessor": (
+        "diffusers.models.transformers.transformer_qwenimage:QwenDoubleStreamAttnProcessor2_0",
+        "0.37.0",
+        {"e6dfad13458f15b3"},
+    ),
+    "CaptureZImageAttnProcessor": (
+        "diffusers.models.transformers.transformer_z_image:ZSingleStreamAttnProcessor",
+        "0.36.0",
+        {"f8f65d350a617957"},
+    ),
+}
+
+
+@pytest.mark.parametrize("ours", sorted(FOLLOWED_NEWER))
+def test_followed_diffusers_processors_of_the_newer_families(ours):
+    import hashlib
+    import importlib
+    import inspect
+
+    import diffusers
+
+    from elbo_t2ialign.core.adapters.chat import missing_release
+
+    where, since, known = FOLLOWED_NEWER[ours]
+    if missing_release(since):
+        pytest.skip(f"{ours} needs diffusers >= {since} (installed: {diffusers.__version__})")
+    module, name = where.split(":")
+    followed = getattr(importlib.import_module(module), name)
+    digest = hashlib.sha256(inspect.getsource(followed.__call__).encode()).hexdigest()[:16]
+    assert digest in known, (
+        f"diffusers {diffusers.__version__} changed {followed.__qualname__}.__call__ (digest {digest}), "
+        f"which {ours} repeats: compare them, update its adapter module and this table"
+    )

@@ -125,7 +125,7 @@ def test_text_columns_are_the_encoder_states_the_pipeline_keeps():
     FLUX.2 [klein] layers 9, 18 and 27 side by side."""
     checks = {
         "qwenimage": (lambda states: states[-1], 34, "encoder_hidden_states"),
-        "zimage": (lambda states: states[-2], 0, "cap_feats"),
+        "zimage": (lambda states: states[-2], 0, "encoder_hidden_states"),
         "flux2": (
             lambda states: torch.cat([states[9], states[18], states[27]], dim=-1),
             0,
@@ -265,14 +265,68 @@ def test_adapter_on_an_older_diffusers_is_one_line(monkeypatch):
         Aligner.from_pipeline(pipe, device="cpu", resolution=32)
 
 
+GEN_PROMPT, PHRASES = "a red cat and a blue dog", ["a red cat", "a blue dog"]
+
+
 @pytest.mark.parametrize("family", NEW)
-def test_generation_refuses_the_new_families_in_one_line(family):
-    """ELBO-weighted generation is not wired for these families (README): a clear error, not a wrong image."""
+def test_generation_with_elbo_phrase_weights(family):
+    """Two ELBO-weighted steps above and below weight 1 (strength 3 and 0.5): an image, weights from the
+    distances, each phrase's positions the tokens of its words in the templated prompt."""
     from elbo_t2ialign.generation.sampler import ElboSampler
+    from elbo_t2ialign.generation.weighting import phrase_weights, token_positions
 
     ad = tiny_aligner(family).adapter
-    with pytest.raises(ValueError, match=f"not the '{family}' family"):
-        ElboSampler(ad)
+    positions = token_positions(ad, GEN_PROMPT, PHRASES)
+    ids = ad.token_ids(GEN_PROMPT)
+    for phrase, pos in zip(PHRASES, positions, strict=True):
+        words = [ad.attention_tokenizer.decode([ids[p]]).strip() for p in pos]
+        assert words == phrase.split(), (phrase, pos, words)
+    for strength in (3.0, 0.5):
+        result = ElboSampler(ad, steps=2, strength=strength).sample(GEN_PROMPT, PHRASES, seed=1)
+        assert result.image.size == (32, 32) and not result.plain
+        assert result.weights[0] == phrase_weights(result.distances[0], strength)
+        assert sorted(result.weights[0]) == sorted([1.0, strength])
+
+
+@pytest.mark.parametrize("family", NEW)
+def test_masked_prompt_hides_the_phrase_from_the_encoder_and_keeps_its_padding(family):
+    """A phrase weighted below 1 is also encoded with its tokens masked from the text encoder: the mask
+    the encoder receives is the pipeline's own (padding included) with the phrase's encoder positions
+    (block position + the prefix Qwen-Image drops) set to 0."""
+    from elbo_t2ialign.generation.weighting import token_positions
+
+    ad = tiny_aligner(family).adapter
+    encoder = tiny_pipeline(family).text_encoder
+    seen = []
+    handle = encoder.register_forward_pre_hook(
+        lambda m, a, kw: seen.append(kw.get("attention_mask")), with_kwargs=True
+    )
+    try:
+        ad._encode_prompt(GEN_PROMPT)
+        own = seen[-1]
+        positions = token_positions(ad, GEN_PROMPT, PHRASES)[1]
+        hooks_before = len(seen)
+        masked = ad.encode_prompt_masked(GEN_PROMPT, positions)
+    finally:
+        handle.remove()
+    shift = 34 if family == "qwenimage" else 0
+    # the masking hook runs after the recording hook, so rebuild what it passes from the rule
+    expected = own.clone()
+    expected[:, [p + shift for p in positions]] = 0
+    assert len(seen) == hooks_before + 1 and (own != 0).sum() > len(positions)
+    plain = ad.encode_prompt(GEN_PROMPT)["encoder_hidden_states"]
+    changed = (masked["encoder_hidden_states"] - plain).abs().amax(dim=-1)[0]
+    assert changed.max() > 0, "masking the phrase changed nothing"
+    # the masked conditioning is the encoder run with exactly that mask
+    with torch.no_grad():
+        handle = encoder.register_forward_pre_hook(
+            lambda m, a, kw: (a, {**kw, "attention_mask": expected.to(own.dtype)}), with_kwargs=True
+        )
+        try:
+            by_hand = ad._encode_prompt(GEN_PROMPT)["encoder_hidden_states"]
+        finally:
+            handle.remove()
+    torch.testing.assert_close(masked["encoder_hidden_states"], by_hand)
 
 
 @needs("zimage")
@@ -291,3 +345,80 @@ def test_zimage_image_pad_tokens_are_keys_but_not_maps(monkeypatch):
     assert worst["probs"] < 1e-5 and worst["P@V"] < 1e-4
     res = aligner.heatmaps(_image(3, 24), ["cat", "dog"])
     _check_maps(res.heatmaps, (24, 24))
+
+
+@pytest.mark.parametrize("family", [family_param(name) for name in ("flux2", "qwenimage")])
+def test_vae_decode_inverts_the_latent_normalisation(family):
+    """The generated latent is decoded the pipeline's way: decoding encode_image's latent gives the
+    VAE's decoding of its raw latent mode."""
+    ad = tiny_aligner(family).adapter
+    vae = tiny_pipeline(family).vae
+    image = _image(4)
+    x = ad.preprocess_image(image)
+    with torch.no_grad():
+        if family == "qwenimage":
+            raw = vae.decode(vae.encode(x[:, :, None]).latent_dist.mode(), return_dict=False)[0][:, :, 0]
+        else:
+            raw = vae.decode(vae.encode(x).latent_dist.mode(), return_dict=False)[0]
+    torch.testing.assert_close(ad.vae_decode(ad.encode_image(image)), raw, rtol=1e-4, atol=1e-5)
+
+
+def test_an_unsupported_denoiser_is_refused_naming_the_supported_families():
+    from types import SimpleNamespace
+
+    from elbo_t2ialign.core.adapters import adapter_for
+
+    class Lonely(torch.nn.Module):
+        pass
+
+    pipe = SimpleNamespace(unet=None, transformer=Lonely(), components={})
+    with pytest.raises(ValueError) as err:
+        adapter_for(pipe, torch.device("cpu"), torch.float32)
+    message = str(err.value)
+    assert message.startswith("unsupported pipeline SimpleNamespace: denoiser Lonely is not one of")
+    for name in ("UNet2DConditionModel", "Flux2Transformer2DModel", "ChromaTransformer2DModel"):
+        assert name in message
+    for name in ("QwenImageTransformer2DModel", "ZImageTransformer2DModel", "FluxTransformer2DModel"):
+        assert name in message
+
+
+@needs("flux2")
+def test_flux2_dev_text_is_the_system_turn_and_three_mistral_layers(monkeypatch):
+    """FLUX.2 [dev]: positions in [system message; user turn] (no generation prompt), the text columns
+    Mistral-3's hidden states 10, 20 and 30 side by side, the guidance embedding at the pipeline's 4.0,
+    and the capture the model's own attention."""
+    from test_own_attention import own_attention_differences
+
+    from elbo_t2ialign import Aligner
+    from elbo_t2ialign.devtools.tiny import tiny_flux2_dev
+
+    pipe = tiny_flux2_dev()
+    aligner = Aligner.from_pipeline(pipe, device="cpu", resolution=32, max_sequence_length=160, **FAST)
+    ad = aligner.adapter
+    assert not ad.klein and ad.default_guidance == 1.0
+    system = pipe.system_message
+    text = f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{PROMPT}<|im_end|>\n"
+    ids = pipe.tokenizer(text).input_ids
+    assert ad.token_ids(PROMPT) == ids
+    res = aligner.heatmaps(_image(), ["cat", "dog"])
+    enc = pipe.tokenizer(text, return_offsets_mapping=True)
+    for word in ("cat", "dog"):
+        char = text.index(PROMPT) + PROMPT.index(word)
+        token = next(i for i, (a, b) in enumerate(enc["offset_mapping"]) if a <= char < b)
+        assert res.token_positions[word] == [token]
+    _check_maps(res.heatmaps, (32, 32))
+    with torch.no_grad():
+        states = pipe.text_encoder(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states
+    expected = torch.cat([states[10], states[20], states[30]], dim=-1)[0]
+    got = ad.encode_prompt(PROMPT)["encoder_hidden_states"][0]
+    torch.testing.assert_close(got[: len(ids)], expected, rtol=1e-5, atol=1e-5)
+    seen = []
+    monkeypatch.setattr(
+        type(pipe.transformer.time_guidance_embed),
+        "forward",
+        (lambda original: lambda self, t, g: seen.append(g) or original(self, t, g))(
+            type(pipe.transformer.time_guidance_embed).forward
+        ),
+    )
+    own_attention_differences(aligner, monkeypatch)
+    assert seen and all(g is not None and torch.allclose(g, torch.full_like(g, 4000.0)) for g in seen)

@@ -302,3 +302,36 @@ def test_auraflow_columns_follow_the_register_tokens_and_the_schedule_is_the_pip
     torch.testing.assert_close(
         ad.schedule.model_timestep(index).double(), sch.timesteps.double() / 1000, atol=1e-5, rtol=0
     )
+
+
+@pytest.mark.parametrize("family", LM_FAMILIES)
+def test_masked_phrase_encode_hides_the_phrase_token_from_the_text_encoder(family):
+    """A phrase weight below 1 encodes the prompt with the phrase's tokens masked in the text encoder:
+    the mask the encoder gets is 0 exactly where its input holds the phrase's token (templates and
+    dropped prefixes accounted for), and the padding mask the pipeline passes is kept."""
+    ad = tiny_aligner(family).adapter
+    prompt = "a photo of cat, dog"
+    tok = ad.attention_tokenizer
+    (pos,) = [
+        p
+        for p, i in enumerate(ad.token_ids(prompt))
+        if i == tok.convert_tokens_to_ids(("Ġ" if family == "hunyuanimage" else "▁") + "cat")
+    ]
+    seen = []
+    encoder = ad.pipe.text_encoder
+    forward = encoder.forward
+
+    def recording(*args, **kwargs):  # what the encoder runs with, after the masking hooks
+        ids = args[0] if args else kwargs["input_ids"]
+        seen.append((ids[0].tolist(), kwargs.get("attention_mask")))
+        return forward(*args, **kwargs)
+
+    encoder.forward = recording
+    try:
+        ad.encode_prompt_masked(prompt, [pos])
+    finally:
+        del encoder.forward
+    ids, mask = seen[-1]
+    cat = tok.convert_tokens_to_ids(("Ġ" if family == "hunyuanimage" else "▁") + "cat")
+    hidden = [i for i, m in enumerate(mask[0].tolist()) if m == 0 and ids[i] != tok.pad_token_id]
+    assert [ids[i] for i in hidden] == [cat]

@@ -18,7 +18,10 @@ changes one of them, and compares every output with the original's):
   after `attention_processor.JointAttnProcessor2_0`;
 - `CaptureFluxAttnProcessor`: FLUX, sequence [text; image], double- and
   single-stream blocks, RoPE, after `transformers.transformer_flux.FluxAttnProcessor`
-  (0.42.1; `attention_processor.FluxAttnProcessor2_0` in 0.33.1).
+  (0.42.1; `attention_processor.FluxAttnProcessor2_0` in 0.33.1); Chroma uses it too.
+The newer families' processors live in their adapter modules (adapters/flux2.py, qwenimage.py,
+zimage.py) and compute through `_CaptureBase.attend` like these; tests/test_own_attention.py checks
+every family's captured probabilities against the model's own attention.
 """
 
 from __future__ import annotations

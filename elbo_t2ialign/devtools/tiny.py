@@ -479,6 +479,64 @@ def tiny_flux2(seed: int = 0):
     return pipe
 
 
+def tiny_flux2_dev(seed: int = 0):
+    """FLUX.2 [dev]-like (`Flux2Pipeline`): a Mistral-3 text model (30 layers: the pipeline stacks hidden
+    states 10, 20 and 30), the system message, guidance embedding. The Pixtral processor the real
+    pipeline tokenizes with needs torchvision; a tokenizer with the same chat-template call stands in
+    for it. Not in BUILDERS (the [klein] builder covers the shared transformer in every family test)."""
+    _require("flux2")
+    from diffusers import Flux2Pipeline, Flux2Transformer2DModel
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration
+
+    klein = tiny_flux2(seed)
+    tok = klein.tokenizer
+    torch.manual_seed(seed)
+    text = dict(
+        model_type="mistral",
+        vocab_size=len(tok),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=30,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+        max_position_embeddings=1024,
+        pad_token_id=tok.pad_token_id,
+    )
+    vision = dict(
+        model_type="pixtral",
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        head_dim=8,
+        patch_size=2,
+        image_size=32,
+    )
+    config = Mistral3Config(text_config=text, vision_config=vision, spatial_merge_size=1, image_token_index=0)
+    transformer = Flux2Transformer2DModel(
+        patch_size=1,
+        in_channels=16,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=3 * 16,
+        timestep_guidance_channels=32,
+        axes_dims_rope=(4, 4, 4, 4),
+        guidance_embeds=True,
+    ).eval()
+    pipe = Flux2Pipeline(
+        scheduler=klein.scheduler,
+        vae=klein.vae,
+        text_encoder=Mistral3ForConditionalGeneration(config).eval(),
+        tokenizer=tok,
+        transformer=transformer,
+    )
+    pipe.default_sample_size = 16
+    return pipe
+
+
 def tiny_chroma(seed: int = 0):
     """Chroma-like: FLUX.1's layout with T5 text only, no pooled text or guidance, a text mask."""
     _require("chroma")

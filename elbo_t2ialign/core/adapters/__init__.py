@@ -144,15 +144,17 @@ def adapter_for(
     max_sequence_length: int | None = None,
 ) -> ModelAdapter:
     """The adapter of the pipeline's architecture family, chosen from its denoiser component; the
-    pipeline is prepared for `device` and `dtype` first (`prepare_pipeline`)."""
-    prepare_pipeline(pipe, device, dtype)
+    pipeline is prepared for `device` and `dtype` first (`prepare_pipeline`), once its family is known
+    to be supported."""
     if getattr(pipe, "unet", None) is not None:
-        return UNetAdapter(pipe, device, dtype, resolution, max_sequence_length)
-    transformer = getattr(pipe, "transformer", None)
-    name = type(transformer).__name__
-    if name not in TRANSFORMER_ADAPTERS:
-        raise ValueError(
-            f"unsupported pipeline {type(pipe).__name__}: denoiser {name} is not one of the supported "
-            f"families (UNet2DConditionModel, {', '.join(TRANSFORMER_ADAPTERS)})"
-        )
-    return TRANSFORMER_ADAPTERS[name](pipe, device, dtype, resolution, max_sequence_length)
+        adapter = UNetAdapter
+    else:
+        name = type(getattr(pipe, "transformer", None)).__name__
+        if name not in TRANSFORMER_ADAPTERS:
+            raise ValueError(
+                f"unsupported pipeline {type(pipe).__name__}: denoiser {name} is not one of the supported "
+                f"families (UNet2DConditionModel, {', '.join(TRANSFORMER_ADAPTERS)})"
+            )
+        adapter = TRANSFORMER_ADAPTERS[name]
+    prepare_pipeline(pipe, device, dtype)
+    return adapter(pipe, device, dtype, resolution, max_sequence_length)

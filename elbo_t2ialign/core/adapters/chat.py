@@ -7,7 +7,9 @@ columns of its keys in the captured attention."""
 
 from __future__ import annotations
 
-from elbo_t2ialign.core.adapters.base import ModelAdapter
+from types import SimpleNamespace
+
+from elbo_t2ialign.core.adapters.base import ModelAdapter, TextBlock
 from elbo_t2ialign.core.compat import release
 
 
@@ -59,6 +61,27 @@ class ChatTextAdapter(ModelAdapter):
         if special:
             return self._template_ids(text)
         return list(self.attention_tokenizer(text, add_special_tokens=False, truncation=False).input_ids)
+
+    @property
+    def generation_kind(self) -> str:
+        return self.family
+
+    def text_blocks(self) -> list[TextBlock]:
+        """One block: the templated prompt's positions, filled by the one text encoder."""
+        return [
+            TextBlock("text", TemplateTokenizer(self), 0, self.text_length, True, (self.pipe.text_encoder,))
+        ]
+
+
+class TemplateTokenizer:
+    """Tokenizes text as the adapter's denoiser sees it, for the prompt weighting's phrase search: with
+    special tokens, the templated prompt (`token_ids`), without, the text's own tokens."""
+
+    def __init__(self, adapter: ChatTextAdapter):
+        self.adapter = adapter
+
+    def __call__(self, text: str, add_special_tokens: bool = True, truncation: bool = False):
+        return SimpleNamespace(input_ids=self.adapter.token_ids(text, add_special_tokens))
 
 
 def chat_text(tokenizer, text: str, **template_kwargs) -> str:

@@ -13,7 +13,7 @@ dynamic shift of `calculate_shift` from the number of image tokens).
 
 from __future__ import annotations
 
-from elbo_t2ialign.core.adapters.base import Cond
+from elbo_t2ialign.core.adapters.base import Cond, TextBlock
 from elbo_t2ialign.core.adapters.chat import require_diffusers
 from elbo_t2ialign.core.adapters.transformers import FluxAdapter
 
@@ -26,6 +26,14 @@ class ChromaAdapter(FluxAdapter):
     def __init__(self, pipe, device, dtype, resolution=None, max_sequence_length=None):
         require_diffusers("Chroma", CHROMA_SINCE)
         super().__init__(pipe, device, dtype, resolution, max_sequence_length)
+
+    generation_kind = "chroma"
+    default_guidance = 5.0  # the pipeline's, same convention as the sampler's (u + s (c - u))
+
+    def text_blocks(self) -> list[TextBlock]:
+        """One T5 block of max_sequence_length positions."""
+        tokenizer = self.pipe.tokenizer
+        return [TextBlock("T5", tokenizer, 0, self.max_sequence_length, True, (self.pipe.text_encoder,))]
 
     @property
     def attention_tokenizer(self):

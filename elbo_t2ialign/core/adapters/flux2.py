@@ -182,6 +182,24 @@ class Flux2Adapter(ChatTextAdapter, _TransformerAdapter):
         std = torch.sqrt(bn.running_var.view(1, -1, 1, 1).float() + self.vae.config.batch_norm_eps)
         return (z - mean) / std
 
+    @property
+    def default_guidance(self) -> float:
+        """The pipeline's classifier-free guidance scale ([klein] base, same convention as the sampler's);
+        1 (none) for guidance-distilled checkpoints: [dev] embeds its guidance, distilled [klein] has none."""
+        distilled = bool(getattr(self.pipe.config, "is_distilled", False))
+        if self.pipe.transformer.config.get("guidance_embeds") or distilled or not self.klein:
+            return 1.0
+        return float(self._pipeline_default("guidance_scale"))
+
+    @torch.no_grad()
+    def vae_decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Undo the batch-norm normalisation and the 2x2 patchify, then decode (the pipeline's steps)."""
+        bn = self.vae.bn
+        mean = bn.running_mean.view(1, -1, 1, 1).float()
+        std = torch.sqrt(bn.running_var.view(1, -1, 1, 1).float() + self.vae.config.batch_norm_eps)
+        z = self.pipe._unpatchify_latents(z.float() * std + mean)
+        return self.vae.decode(z.to(self.vae.device, self.vae.dtype), return_dict=False)[0]
+
     def _encode_prompt(self, prompt: str) -> Cond:
         embeds, text_ids = self.pipe.encode_prompt(
             prompt, device=self.device, num_images_per_prompt=1, max_sequence_length=self.max_sequence_length

@@ -156,6 +156,21 @@ class HunyuanImageAdapter(LMTextAdapter):
             n_glyph = len(tok2.input_ids)
         return [GLYPH] * n_glyph + list(ids[start:])
 
+    def encoder_offset(self, block) -> int:
+        """Qwen's input position of a text column: the pipeline drops the template's first 34 positions
+        (glyph columns, which come first, are refused in `encode_prompt_masked`)."""
+        return int(self.pipe.prompt_template_encode_start_idx)
+
+    def encode_prompt_masked(self, prompt: str, positions: list[int]):
+        from diffusers.pipelines.hunyuan_image.pipeline_hunyuanimage import extract_glyph_text
+
+        if extract_glyph_text(prompt) is not None:
+            raise ValueError(
+                f"prompt {prompt!r}: a phrase weight below 1 with quoted (glyph) text is not supported on "
+                "HunyuanImage 2.1 (the glyph columns come before the prompt's); leave out the quotes"
+            )
+        return super().encode_prompt_masked(prompt, positions)
+
     def _encode_prompt(self, prompt: str) -> Cond:
         pipe = self.pipe
         embeds, mask = pipe._get_qwen_prompt_embeds(

@@ -137,6 +137,21 @@ class QwenImageAdapter(ChatTextAdapter, _TransformerAdapter):
         std = torch.tensor(cfg.latents_std, device=z.device).view(1, -1, 1, 1)
         return (z - mean) / std
 
+    # classifier-free guidance against the empty prompt at the pipeline's true_cfg_scale (the pipeline
+    # also rescales the guided prediction to the conditional one's norm; the sampler does not)
+    default_guidance = 4.0
+
+    def encoder_offset(self, block) -> int:
+        return int(self.pipe.prompt_template_encode_start_idx)  # the dropped template prefix
+
+    @torch.no_grad()
+    def vae_decode(self, z: torch.Tensor) -> torch.Tensor:
+        cfg = self.vae.config
+        mean = torch.tensor(cfg.latents_mean, device=z.device).view(1, -1, 1, 1)
+        std = torch.tensor(cfg.latents_std, device=z.device).view(1, -1, 1, 1)
+        z = (z.float() * std + mean)[:, :, None].to(self.vae.device, self.vae.dtype)
+        return self.vae.decode(z, return_dict=False)[0][:, :, 0]
+
     def _encode_prompt(self, prompt: str) -> Cond:
         embeds, mask = self.pipe.encode_prompt(
             prompt, device=self.device, num_images_per_prompt=1, max_sequence_length=self.max_sequence_length

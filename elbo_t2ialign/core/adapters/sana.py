@@ -201,6 +201,13 @@ class SanaAdapter(LMTextAdapter):
         kept = [0, *range(total - n + 1, total)]  # encode_prompt's select_index
         return [padded[i] for i in kept if i < len(ids)]
 
+    def encoder_offset(self, block) -> int:
+        """Gemma's input position of text column k (k >= 1) is k + this: the pipeline keeps BOS and the
+        last max_sequence_length - 1 of (instruction tokens + max_sequence_length - 2) positions."""
+        if not self.instruction:
+            return 0
+        return len(self.pipe.tokenizer.encode("\n".join(self.instruction))) - 2
+
     def _encode_prompt(self, prompt: str) -> Cond:
         embeds, mask, _, _ = self.pipe.encode_prompt(
             prompt,

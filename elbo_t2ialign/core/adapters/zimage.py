@@ -19,6 +19,7 @@ eps - z0 is compared with minus the network's output.
 
 from __future__ import annotations
 
+import inspect
 import re
 
 import torch
@@ -127,6 +128,12 @@ class ZImageAdapter(ChatTextAdapter, _TransformerAdapter):
             self.pipe.scheduler.config, image_seq_len=self.grid**2, timestep_scale=1.0 / 1000
         )
 
+    @property
+    def default_guidance(self) -> float:
+        """The pipeline's guidance 5 in the sampler's convention: the pipeline steps with
+        c + s (c - u) = u + (1 + s)(c - u)."""
+        return 1.0 + float(inspect.signature(type(self.pipe).__call__).parameters["guidance_scale"].default)
+
     def _template_ids(self, text: str) -> list[int]:
         tokenizer = self.pipe.tokenizer
         return list(tokenizer(chat_text(tokenizer, text, enable_thinking=True)).input_ids)
@@ -142,10 +149,13 @@ class ZImageAdapter(ChatTextAdapter, _TransformerAdapter):
         padded = caption.new_zeros((1, self.max_sequence_length, caption.shape[1]))
         padded[0, : len(caption)] = caption
         length = torch.tensor([len(caption)], device=caption.device)
-        return {"cap_feats": padded.to(self.dtype), "cap_len": length}
+        return {"encoder_hidden_states": padded.to(self.dtype), "cap_len": length}
 
     def _forward(self, x, timestep, cond):
-        captions = [feats[:n] for feats, n in zip(cond["cap_feats"], cond["cap_len"].tolist(), strict=True)]
+        captions = [
+            feats[:n]
+            for feats, n in zip(cond["encoder_hidden_states"], cond["cap_len"].tolist(), strict=True)
+        ]
         out = self.net(list(x.unsqueeze(2).unbind(0)), timestep, captions, return_dict=False)[0]
         return torch.stack(out).squeeze(2)  # the model's own z0 - eps; to_target negates it
 
