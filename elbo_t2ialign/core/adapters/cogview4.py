@@ -94,6 +94,7 @@ class CogView4Adapter(LMTextAdapter):
     capture_processor = CaptureCogView4AttnProcessor
     max_sequence_length = 128  # prompt tokens, GLM's prefix included; rounded up to a multiple of 16
     text_follows_space = False  # no template: the prompt's first word has no space before it
+    default_guidance = 5.0  # the pipeline's guidance_scale
 
     def __init__(self, pipe, *args, **kwargs):
         require_diffusers("CogView4", SINCE)

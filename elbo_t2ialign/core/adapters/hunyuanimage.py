@@ -111,6 +111,13 @@ class HunyuanImageAdapter(LMTextAdapter):
         require_diffusers("HunyuanImage 2.1", SINCE)
         super().__init__(pipe, *args, **kwargs)
 
+    @property
+    def default_guidance(self) -> float:
+        """The pipeline's guider's scale as plain classifier-free guidance (its adaptive projection is
+        not applied); 1 (no second prediction) for a checkpoint without a guider (distilled)."""
+        guider = getattr(self.pipe, "guider", None)
+        return float(guider.config.guidance_scale) if guider is not None else 1.0
+
     def vae_scale(self) -> int:
         return int(self.pipe.vae.config.spatial_compression_ratio)
 

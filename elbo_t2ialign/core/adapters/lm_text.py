@@ -53,7 +53,7 @@ class LMTextAdapter(_TransformerAdapter):
     """Shared text handling of the language-model-encoded families."""
 
     generation_kind = "flow"
-    default_guidance = 4.5
+    default_guidance = 4.5  # Sana's pipeline default; the other families set theirs
     # the prompt follows a template that ends in a space (Sana, Lumina2): a word or phrase is tokenized
     # after a space, so that it is found after the template and never inside it; without a template
     # (CogView4) it is tokenized as given and located in either spelling (calibrate.locate_tokens)

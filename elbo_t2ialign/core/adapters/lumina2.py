@@ -118,6 +118,7 @@ class Lumina2Adapter(LMTextAdapter):
     family = "lumina2"
     capture_processor = CaptureLumina2AttnProcessor
     max_sequence_length = 256  # the pipeline's default, system prompt included
+    default_guidance = 4.0  # the pipeline's guidance_scale (its cfg_normalization is not applied)
 
     def __init__(self, pipe, *args, **kwargs):
         require_diffusers("Lumina-Image 2.0", SINCE)
