@@ -43,7 +43,7 @@ def _package_imports(path: Path) -> list[tuple[str, bool]]:
 
 def test_imports_go_one_way():
     """The core imports only the core (plotting is loaded by HeatmapResult.plot when called); the
-    models built in code (`tiny/`) import nothing else of the package; no other module of the
+    models built in code (`tiny/`) import nothing but the core; no other module of the
     library imports the developer tools or the testbed (the explorer page's image picker excepted),
     not even inside a function; the developer tools import neither the experiments nor the entry points."""
     core = list((PACKAGE / "core").rglob("*.py"))
@@ -55,7 +55,9 @@ def test_imports_go_one_way():
                 module,
             )
     for path in (PACKAGE / "tiny").rglob("*.py"):
-        assert all(m.startswith("elbo_t2ialign.tiny") for m, _ in _package_imports(path)), path
+        assert all(
+            m.startswith(("elbo_t2ialign.tiny", "elbo_t2ialign.core")) for m, _ in _package_imports(path)
+        ), path
     library = [
         p for p in PACKAGE.rglob("*.py") if not {"devtools", "testbed"} & set(p.relative_to(PACKAGE).parts)
     ]

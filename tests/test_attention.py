@@ -11,6 +11,7 @@ from elbo_t2ialign.core.capture import (
     CaptureFluxAttnProcessor,
     CaptureJointAttnProcessor,
     attend_and_capture,
+    attention_processors,
     resize_self,
     stage_index,
 )
@@ -19,7 +20,7 @@ from elbo_t2ialign.core.capture import (
 def _inputs(aligner, n=2, seed=0):
     ad = aligner.adapter
     g = torch.Generator().manual_seed(seed)
-    z = torch.randn((n, 4, ad.latent_size, ad.latent_size), generator=g)
+    z = torch.randn((n, *ad.latent_shape), generator=g)
     t = torch.tensor([20, 400][:n])
     cond = cat_cond([ad.encode_prompt("a photo of cat, dog")] * n)
     return z, t, cond
@@ -35,20 +36,27 @@ def test_capture_does_not_change_output_and_restores_processors(family):
     aligner = tiny_aligner(family)
     ad = aligner.adapter
     z, t, cond = _inputs(aligner)
-    before = dict(ad.denoiser.attn_processors)
+    before = dict(attention_processors(ad.denoiser))
     plain = ad.predict(z, t, cond)
     rec = ad.recorder(_all_layer_weights(aligner), chunk_mb=0.001)  # tiny chunks: many row blocks
     with rec:
         captured = ad.predict(z, t, cond)
-        installed = ad.denoiser.attn_processors
-        assert all(type(p).__name__.startswith("Capture") for p in installed.values())
+        installed = attention_processors(ad.denoiser)
+        # every listed layer's (Z-Image's caption-only refiners are not listed: they see no image)
+        assert all(
+            type(installed[f"{x.name}.processor"]).__name__.startswith("Capture") for x in aligner.layers
+        )
     torch.testing.assert_close(captured, plain, rtol=1e-4, atol=1e-5)
-    assert {k: id(v) for k, v in ad.denoiser.attn_processors.items()} == {k: id(v) for k, v in before.items()}
+    assert {k: id(v) for k, v in attention_processors(ad.denoiser).items()} == {
+        k: id(v) for k, v in before.items()
+    }
 
     with pytest.raises(RuntimeError, match="boom"):
         with ad.recorder(_all_layer_weights(aligner)):
             raise RuntimeError("boom")
-    assert {k: id(v) for k, v in ad.denoiser.attn_processors.items()} == {k: id(v) for k, v in before.items()}
+    assert {k: id(v) for k, v in attention_processors(ad.denoiser).items()} == {
+        k: id(v) for k, v in before.items()
+    }
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -56,9 +64,9 @@ def test_only_weighted_layers_are_replaced(family):
     aligner = tiny_aligner(family)
     ad = aligner.adapter
     first = aligner.layers[0].name
-    before = dict(ad.denoiser.attn_processors)
+    before = dict(attention_processors(ad.denoiser))
     with ad.recorder({"cross": {first: 1.0}}):
-        now = ad.denoiser.attn_processors
+        now = attention_processors(ad.denoiser)
         replaced = [k for k in now if now[k] is not before[k]]
     assert replaced == [f"{first}.processor"]
 
@@ -107,6 +115,15 @@ EXPECTED = {
     "sd3": (3, ["joint"] * 3, [8] * 3),
     "flux": (2, ["joint"] * 2, [8] * 2),
     "pixart": (4, ["self", "cross"] * 2, [8] * 4),
+    "flux2": (2, ["joint"] * 2, [8] * 2),
+    "chroma": (2, ["joint"] * 2, [8] * 2),
+    "qwenimage": (2, ["joint"] * 2, [8] * 2),
+    "zimage": (2, ["self", "joint"], [8] * 2),  # the caption-only refiner is left out
+    "sana": (4, ["self", "cross"] * 2, [16] * 4),
+    "lumina2": (3, ["self", "joint", "joint"], [8] * 3),
+    "cogview4": (2, ["joint"] * 2, [8] * 2),
+    "hunyuanimage": (2, ["joint"] * 2, [8] * 2),
+    "auraflow": (2, ["joint"] * 2, [8] * 2),
 }
 
 
@@ -328,7 +345,7 @@ def test_processors_are_the_users_own_after_any_sequence_of_calls(monkeypatch):
         tiny_sd(), device="cpu", resolution=32, elbo_timesteps=[1, 501], collect_timesteps=[20]
     )
     ad = aligner.adapter
-    own = {name: AttnProcessor() for name in ad.denoiser.attn_processors}  # the user's, one per layer
+    own = {name: AttnProcessor() for name in attention_processors(ad.denoiser)}  # the user's, one per layer
     ad.denoiser.set_attn_processor(dict(own))  # (diffusers empties the dict it is given)
     image = Image.new("RGB", (32, 32), (90, 30, 200))
     weights = _all_layer_weights(aligner)
@@ -349,7 +366,9 @@ def test_processors_are_the_users_own_after_any_sequence_of_calls(monkeypatch):
         with ad.recorder(weights):
             with pytest.raises(RuntimeError, match="already active on this denoiser"):
                 aligner.heatmaps(image, ["cat", "dog"])  # the aligner's own recorder is refused
-            assert all(type(p).__name__.startswith("Capture") for p in ad.denoiser.attn_processors.values())
+            assert all(
+                type(p).__name__.startswith("Capture") for p in attention_processors(ad.denoiser).values()
+            )
 
     def twice():
         rec = ad.recorder(weights)
@@ -372,7 +391,7 @@ def test_processors_are_the_users_own_after_any_sequence_of_calls(monkeypatch):
     for sequence in itertools.product(calls, repeat=2):
         for call in sequence:
             call()
-            now = ad.denoiser.attn_processors
+            now = attention_processors(ad.denoiser)
             assert {k: id(v) for k, v in now.items()} == {k: id(v) for k, v in own.items()}, [
                 c.__name__ for c in sequence
             ]
@@ -396,6 +415,30 @@ FOLLOWED = {
         "diffusers.models.transformers.transformer_flux:FluxAttnProcessor",  # 0.33: FluxAttnProcessor2_0
         {"236dd95645f14c0d", "d5b36134887ebe45"},
     ),
+    "CaptureSanaCrossProcessor": (
+        "diffusers.models.transformers.sana_transformer:SanaAttnProcessor2_0",
+        {"01f4c3d5e7e6912b", "6a918a076d11ed30"},
+    ),
+    "CaptureSanaLinearProcessor": (
+        "diffusers.models.attention_processor:SanaLinearAttnProcessor2_0",
+        {"e75ae1143d56a89d", "c02c02e8a72102d3"},
+    ),
+    "CaptureLumina2AttnProcessor": (
+        "diffusers.models.transformers.transformer_lumina2:Lumina2AttnProcessor2_0",
+        {"e24c0e3b1ba3c4f3", "ba403b33102ba67a"},
+    ),
+    "CaptureCogView4AttnProcessor": (  # 0.33.1 differs in the mask it builds, which no pipeline passes
+        "diffusers.models.transformers.transformer_cogview4:CogView4AttnProcessor",
+        {"f0c45c2f94b39a75", "e9a16e51d1953319"},
+    ),
+    "CaptureAuraFlowAttnProcessor": (  # 0.33.1 norms text keys with norm_added_q: the same parameter-free norm
+        "diffusers.models.attention_processor:AuraFlowAttnProcessor2_0",
+        {"3605c2b39cd53127", "350824aedfae368f"},
+    ),
+    "CaptureHunyuanImageAttnProcessor": (  # diffusers >= 0.36 only
+        "diffusers.models.transformers.transformer_hunyuanimage:HunyuanImageAttnProcessor",
+        {"03b77a4e7b05bf70"},
+    ),
 }
 
 
@@ -412,9 +455,59 @@ def test_followed_diffusers_processors_are_the_ones_read(ours):
     try:
         followed = getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError):  # diffusers 0.33/0.34 keep FLUX's processor with the others
+        if ours != "CaptureFluxAttnProcessor":
+            pytest.skip(f"{where} is not in diffusers {diffusers.__version__}")
         followed = importlib.import_module("diffusers.models.attention_processor").FluxAttnProcessor2_0
     digest = hashlib.sha256(inspect.getsource(followed.__call__).encode()).hexdigest()[:16]
     assert digest in known, (
         f"diffusers {diffusers.__version__} changed {followed.__qualname__}.__call__ (digest {digest}), "
         f"which {ours} repeats: compare them and update capture.py and this table"
+    )
+
+
+# the same for the newer families' capture processors (in their adapter modules), read in diffusers
+# 0.42.1 only; on a release before a family's first supported one the check is skipped
+FOLLOWED_NEWER = {
+    "CaptureFlux2AttnProcessor": (
+        "diffusers.models.transformers.transformer_flux2:Flux2AttnProcessor",
+        "0.36.0",
+        {"2106c36979e28f30"},
+    ),
+    "CaptureFlux2ParallelAttnProcessor": (
+        "diffusers.models.transformers.transformer_flux2:Flux2ParallelSelfAttnProcessor",
+        "0.36.0",
+        {"18a20dca47451835"},
+    ),
+    "CaptureQwenImageAttnProcessor": (
+        "diffusers.models.transformers.transformer_qwenimage:QwenDoubleStreamAttnProcessor2_0",
+        "0.37.0",
+        {"e6dfad13458f15b3"},
+    ),
+    "CaptureZImageAttnProcessor": (
+        "diffusers.models.transformers.transformer_z_image:ZSingleStreamAttnProcessor",
+        "0.36.0",
+        {"f8f65d350a617957"},
+    ),
+}
+
+
+@pytest.mark.parametrize("ours", sorted(FOLLOWED_NEWER))
+def test_followed_diffusers_processors_of_the_newer_families(ours):
+    import hashlib
+    import importlib
+    import inspect
+
+    import diffusers
+
+    from elbo_t2ialign.core.adapters.chat import missing_release
+
+    where, since, known = FOLLOWED_NEWER[ours]
+    if missing_release(since):
+        pytest.skip(f"{ours} needs diffusers >= {since} (installed: {diffusers.__version__})")
+    module, name = where.split(":")
+    followed = getattr(importlib.import_module(module), name)
+    digest = hashlib.sha256(inspect.getsource(followed.__call__).encode()).hexdigest()[:16]
+    assert digest in known, (
+        f"diffusers {diffusers.__version__} changed {followed.__qualname__}.__call__ (digest {digest}), "
+        f"which {ours} repeats: compare them, update its adapter module and this table"
     )

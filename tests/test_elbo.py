@@ -17,8 +17,8 @@ from elbo_t2ialign.core.elbo import elbo_losses
 def test_batched_elbo_equals_sequential(family):
     ad = tiny_aligner(family).adapter
     g = torch.Generator().manual_seed(0)
-    z0 = torch.randn(1, 4, ad.latent_size, ad.latent_size, generator=g)
-    noise = torch.randn(3, 4, ad.latent_size, ad.latent_size, generator=g)
+    z0 = torch.randn(1, *ad.latent_shape, generator=g)
+    noise = torch.randn(3, *ad.latent_shape, generator=g)
     ts = [1, 301, 951]
     conds = [ad.encode_prompt(f"a photo of {c}") for c in ("cat", "dog")]
     batched = elbo_losses(ad, z0, conds, ts, noise, batch_size=4)[0].sum(dim=1)
@@ -131,8 +131,7 @@ def test_one_host_copy_and_the_same_maps_as_a_copy_per_batch(family, monkeypatch
     ad = aligner.adapter
     image = Image.fromarray((np.random.RandomState(3).rand(32, 32, 3) * 255).astype(np.uint8))
     z0 = ad.encode_image(image)
-    c = z0.shape[1]
-    noise = torch.randn(4, c, ad.latent_size, ad.latent_size, generator=torch.Generator().manual_seed(1))
+    noise = torch.randn(4, *z0.shape[1:], generator=torch.Generator().manual_seed(1))
     conds = [ad.encode_prompt(f"a photo of {w}") for w in ("cat", "dog", "bird")]
     ts = [11, 261, 511, 901]
 

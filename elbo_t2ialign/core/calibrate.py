@@ -38,10 +38,13 @@ def locate_tokens(
     prompt_ids, name_ids = token_ids(prompt, True), token_ids(name, False)
     if not name_ids:
         raise ValueError(f"{name!r} tokenises to nothing; give a non-empty class name or word")
-    n, stop = len(name_ids), len(prompt_ids) if search_to is None else min(search_to, len(prompt_ids))
-    start = find_subsequence(prompt_ids[: max(stop, 0)], name_ids, search_from)
-    if start >= 0:
-        return list(range(start, start + n))
+    stop = len(prompt_ids) if search_to is None else min(search_to, len(prompt_ids))
+    # byte-level BPE tokenizers (Qwen, Mistral) spell a word after a space differently ("Ġcat") from
+    # the word alone ("cat"); CLIP and T5 tokenizers give the same ids both ways
+    for ids in (name_ids, token_ids(" " + name, False)):
+        start = find_subsequence(prompt_ids[: max(stop, 0)], ids, search_from)
+        if start >= 0:
+            return list(range(start, start + len(ids)))
     where = (
         ""
         if (search_from, stop) == (0, len(prompt_ids))

@@ -18,7 +18,10 @@ changes one of them, and compares every output with the original's):
   after `attention_processor.JointAttnProcessor2_0`;
 - `CaptureFluxAttnProcessor`: FLUX, sequence [text; image], double- and
   single-stream blocks, RoPE, after `transformers.transformer_flux.FluxAttnProcessor`
-  (0.42.1; `attention_processor.FluxAttnProcessor2_0` in 0.33.1).
+  (0.42.1; `attention_processor.FluxAttnProcessor2_0` in 0.33.1); Chroma uses it too.
+The newer families' processors live in their adapter modules (adapters/flux2.py, qwenimage.py,
+zimage.py) and compute through `_CaptureBase.attend` like these; tests/test_own_attention.py checks
+every family's captured probabilities against the model's own attention.
 """
 
 from __future__ import annotations
@@ -145,11 +148,12 @@ def attend_and_capture(
     precision: str = "float32",
     groups: torch.Tensor | None = None,
     n_groups: int = 1,
+    probe: Callable[[torch.Tensor, int], None] | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Attention output plus probability maps of the image-query rows.
 
     query (B, H, Sq, D); key, value (B, H, Sk, D); mask broadcastable to
-    (B, H, Sq, Sk), additive. Returns the output (B, H, Sq, D) and, per block
+    (B, H, Sq, Sk), additive, or boolean as SDPA takes it (True: the key may be attended). Returns the output (B, H, Sq, D) and, per block
     name, the probabilities of image queries x block keys, averaged over heads
     and summed over the batch: (n_image_rows, block_len), float32.
     Rows outside `image_rows` (text queries of joint attention) use SDPA.
@@ -158,9 +162,15 @@ def attend_and_capture(
     The layer's output is always probabilities (cast to the value dtype) times values.
     groups: (B,) long, the group (collection prompt) of each batch row: the maps are then summed
     per group, (n_groups, n_image_rows, block_len).
+    probe (tests): called with each chunk's per-head probabilities (B, H, rows, Sk) and the index of
+    its first query row, before they are averaged; None in normal runs.
     """
     b, h, sq, _ = query.shape
     sk = key.shape[2]
+    if mask is not None and mask.dtype == torch.bool:  # SDPA's boolean mask: True = may attend
+        mask = torch.zeros(mask.shape, dtype=query.dtype, device=mask.device).masked_fill_(
+            ~mask, float("-inf")
+        )
     out = torch.empty_like(query)
     rows = range(sq)[image_rows]
     start, stop = rows.start, rows.stop
@@ -186,6 +196,8 @@ def attend_and_capture(
                 scores.add_(_mask_rows(mask, lo, hi).to(work))
             probs = scores.softmax(dim=-1)
             del scores
+            if probe is not None:
+                probe(probs, lo)
             out[:, :, lo:hi] = torch.matmul(probs.to(value.dtype), value)
             if groups is None:
                 head_mean = probs.mean(dim=1).sum(dim=0).float()  # (r, Sk)
@@ -211,9 +223,50 @@ def _sdpa_rows(query, key, value, mask, scale, rows: slice):
 
 
 class _CaptureBase:
+    """What every capture processor shares: `attend` computes the attention of its (already projected,
+    normed and rotated) query, key and value with `attend_and_capture`, under the recorder's settings,
+    reports the maps to the recorder, and passes every chunk of per-head probabilities to the
+    recorder's `probe` when one is set (tests/test_own_attention.py compares them with the model's own
+    attention). A family's processor calls it where the diffusers processor it repeats calls SDPA."""
+
     def __init__(self, recorder: AttentionRecorder, layer: LayerInfo):
         self.recorder = recorder
         self.layer = layer
+
+    def attend(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        *,
+        scale: float,
+        image_rows: slice,
+        blocks: dict[str, slice],
+        mask: torch.Tensor | None = None,
+        cross_width: int | None = None,
+    ) -> torch.Tensor:
+        """query, key, value (B, H, S, D) -> attention output (B, H, Sq, D); see attend_and_capture.
+        `cross_width`: for a family whose text block's length varies with the prompt, the width the
+        recorded "cross" map is padded to with zero columns (the adapter's `text_length`)."""
+        recorder, layer = self.recorder, self.layer
+        probe = getattr(recorder, "probe", None)
+        out, maps = attend_and_capture(
+            query,
+            key,
+            value,
+            scale=scale,
+            image_rows=image_rows,
+            blocks=blocks,
+            mask=mask,
+            chunk_mb=recorder.chunk_mb,
+            precision=recorder.precision,
+            probe=None if probe is None else (lambda probs, lo: probe(layer, probs, lo, blocks)),
+            **recorder.grouping(),
+        )
+        if cross_width is not None and "cross" in maps and maps["cross"].shape[-1] < cross_width:
+            maps["cross"] = F.pad(maps["cross"], (0, cross_width - maps["cross"].shape[-1]))
+        recorder.add(layer, maps, query.shape[0])
+        return out
 
 
 class CaptureAttnProcessor(_CaptureBase):
@@ -253,7 +306,7 @@ class CaptureAttnProcessor(_CaptureBase):
             key = attn.norm_k(key)
 
         block = "cross" if is_cross else "self"
-        out, maps = attend_and_capture(
+        out = self.attend(
             query,
             key,
             value,
@@ -261,11 +314,7 @@ class CaptureAttnProcessor(_CaptureBase):
             image_rows=slice(None),
             blocks={block: slice(None)},
             mask=attention_mask,
-            chunk_mb=self.recorder.chunk_mb,
-            precision=self.recorder.precision,
-            **self.recorder.grouping(),
         )
-        self.recorder.add(self.layer, maps, batch)
 
         hidden_states = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
         hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
@@ -304,18 +353,7 @@ class CaptureJointAttnProcessor(_CaptureBase):
                 ck = attn.norm_added_k(ck)
             query, key, value = (torch.cat(p, dim=2) for p in ((query, cq), (key, ck), (value, cv)))
             blocks["cross"] = slice(n_img, None)
-        out, maps = attend_and_capture(
-            query,
-            key,
-            value,
-            scale=attn.scale,
-            image_rows=slice(0, n_img),
-            blocks=blocks,
-            chunk_mb=self.recorder.chunk_mb,
-            precision=self.recorder.precision,
-            **self.recorder.grouping(),
-        )
-        self.recorder.add(self.layer, maps, batch)
+        out = self.attend(query, key, value, scale=attn.scale, image_rows=slice(0, n_img), blocks=blocks)
 
         out = out.transpose(1, 2).reshape(batch, -1, out.shape[1] * out.shape[-1]).to(query.dtype)
         hidden_states, context = out[:, :n_img], out[:, n_img:]
@@ -364,7 +402,7 @@ class CaptureFluxAttnProcessor(_CaptureBase):
         if image_rotary_emb is not None:
             query = apply_rotary_emb(query, image_rotary_emb)
             key = apply_rotary_emb(key, image_rotary_emb)
-        out, maps = attend_and_capture(
+        out = self.attend(
             query,
             key,
             value,
@@ -372,11 +410,7 @@ class CaptureFluxAttnProcessor(_CaptureBase):
             image_rows=slice(n_txt, None),
             blocks={"cross": slice(0, n_txt), "self": slice(n_txt, None)},
             mask=attention_mask,
-            chunk_mb=self.recorder.chunk_mb,
-            precision=self.recorder.precision,
-            **self.recorder.grouping(),
         )
-        self.recorder.add(self.layer, maps, query.shape[0])
         out = out.transpose(1, 2).flatten(2, 3).to(query.dtype)  # (B, S, H*D)
         if encoder_hidden_states is None:
             return out
@@ -407,6 +441,30 @@ def resize_self(m: torch.Tensor, r: int, target: int) -> torch.Tensor:
     ).reshape(r, r, target * target)
     factor = target // r
     return keys.repeat_interleave(factor, 0).repeat_interleave(factor, 1).reshape(target * target, -1)
+
+
+def attention_processors(model: torch.nn.Module) -> dict[str, object]:
+    """{"<module name>.processor": processor} of every attention module of `model`, as diffusers'
+    `AttentionMixin.attn_processors` gives it; also for denoisers without that mixin (Z-Image), from
+    the modules that have a processor."""
+    if hasattr(type(model), "attn_processors"):
+        return dict(model.attn_processors)
+    return {
+        f"{name}.processor": module.processor
+        for name, module in model.named_modules()
+        if hasattr(module, "set_processor") and getattr(module, "processor", None) is not None
+    }
+
+
+def set_attention_processors(model: torch.nn.Module, processors: dict[str, object]) -> None:
+    """Install `processors` (keyed like `attention_processors`), through `set_attn_processor` where
+    the denoiser has it."""
+    if hasattr(type(model), "set_attn_processor"):
+        model.set_attn_processor(dict(processors))  # diffusers empties the dict it is given
+        return
+    modules = dict(model.named_modules())
+    for key, processor in processors.items():
+        modules[key.removesuffix(".processor")].set_processor(processor)
 
 
 # denoiser -> the recorder whose capture processors are in it (weak: a dropped model is forgotten)
@@ -456,6 +514,9 @@ class AttentionRecorder:
         self.group_sums: dict[int, dict[str, torch.Tensor]] = {}
         self.group_samples: dict[int, dict[str, int]] = {}
         self.on_active = on_active  # told True once the capture processors are in, False once out
+        # tests: called as probe(layer, probs (B, H, rows, Sk), first row, blocks) for every chunk of
+        # per-head probabilities a capture processor computes (see _CaptureBase.attend)
+        self.probe: Callable | None = None
         self._saved = None
 
     @property
@@ -477,20 +538,20 @@ class AttentionRecorder:
                 "an AttentionRecorder is already active on this denoiser; recorders do not nest and "
                 "cannot be entered twice: leave the active one (its `with` block) first"
             )
-        saved = dict(self.denoiser.attn_processors)
+        saved = attention_processors(self.denoiser)
         captured = set(self.captured)
         new = {
             name: (self.processor_factory(self, self.layers[name]) if name in captured else proc)
             for name, proc in ((k.removesuffix(".processor"), v) for k, v in saved.items())
         }
         try:
-            self.denoiser.set_attn_processor({f"{k}.processor": v for k, v in new.items()})
+            set_attention_processors(self.denoiser, {f"{k}.processor": v for k, v in new.items()})
             _ACTIVE[self.denoiser] = self
             self._saved = saved
             if self.on_active is not None:
                 self.on_active(True)
         except BaseException:  # a failed entry leaves the denoiser's own processors in place
-            self.denoiser.set_attn_processor(saved)
+            set_attention_processors(self.denoiser, saved)
             _ACTIVE.pop(self.denoiser, None)
             self._saved = None
             raise
@@ -500,7 +561,7 @@ class AttentionRecorder:
         if self._saved is None:  # not entered (or its entry failed): nothing to put back
             return
         try:
-            self.denoiser.set_attn_processor(dict(self._saved))
+            set_attention_processors(self.denoiser, self._saved)
         finally:
             self._saved = None
             _ACTIVE.pop(self.denoiser, None)

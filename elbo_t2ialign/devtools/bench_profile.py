@@ -23,7 +23,7 @@ import torch
 
 from elbo_t2ialign.core import calibrate
 from elbo_t2ialign.core.adapters.base import Cond, cat_cond
-from elbo_t2ialign.core.capture import AttentionRecorder
+from elbo_t2ialign.core.capture import AttentionRecorder, attention_processors
 from elbo_t2ialign.core.elbo import is_out_of_memory
 
 PARTS = (
@@ -253,7 +253,7 @@ class Floor:
 
     def processors(self) -> list[str]:
         """Class names of the denoiser's attention processors as the floor runs them."""
-        return sorted({type(p).__name__ for p in self.adapter.denoiser.attn_processors.values()})
+        return sorted({type(p).__name__ for p in attention_processors(self.adapter.denoiser).values()})
 
     @torch.no_grad()
     def replay(self, batch_size: int) -> float:

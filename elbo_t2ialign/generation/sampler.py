@@ -37,13 +37,14 @@ from elbo_t2ialign.generation.weighting import (
 
 def model_kind(adapter: ModelAdapter) -> str:
     """The kind of pipeline the adapter declares: "sd" (SD1.x/2.x-like UNet), "sdxl" (UNet with
-    pooled text + time ids) or "sd3" (MMDiT); an adapter that declares none does not generate."""
+    pooled text + time ids), "sd3" (MMDiT) or a newer family's name ("flux2", "chroma",
+    "qwenimage", "zimage"); an adapter that declares none does not generate."""
     kind = adapter.generation_kind
     if kind is not None:
         return kind
     raise ValueError(
-        f"ELBO-weighted generation supports the UNet family (SD1.x, SD2.x, SDXL) and SD3/SD3.5, "
-        f"not the {adapter.family!r} family"
+        f"ELBO-weighted generation supports the UNet family (SD1.x, SD2.x, SDXL), SD3/SD3.5, FLUX.2, "
+        f"Chroma, Qwen-Image and Z-Image, not the {adapter.family!r} family"
     )
 
 
@@ -138,10 +139,8 @@ class ElboSampler:
 
     def initial_latent(self, seed: int) -> torch.Tensor:
         """(1, C, h, w) float32 standard normal noise from a CPU generator (same on every device)."""
-        channels = int(self.adapter.denoiser.config.in_channels)
-        size = self.adapter.latent_size
         gen = torch.Generator("cpu").manual_seed(int(seed))
-        return torch.randn((1, channels, size, size), generator=gen).to(self.adapter.device)
+        return torch.randn((1, *self.adapter.latent_shape), generator=gen).to(self.adapter.device)
 
     @torch.no_grad()
     def sample(self, prompt: str, phrases: list[str], seed: int, weighted: bool = True) -> SampleResult:
@@ -195,11 +194,7 @@ class ElboSampler:
 @torch.no_grad()
 def decode(adapter: ModelAdapter, z: torch.Tensor) -> Image.Image:
     """(1, C, h, w) latent -> RGB PIL image, through the float32 VAE (undoing scale and shift)."""
-    vae = adapter.vae
-    shift = vae.config.get("shift_factor", None) or 0.0
-    x = vae.decode(
-        (z.float() / vae.config.scaling_factor + shift).to(vae.device, vae.dtype), return_dict=False
-    )[0]
-    check_finite(x, "the decoded image (VAE decoder)", vae.dtype)
+    x = adapter.vae_decode(z)
+    check_finite(x, "the decoded image (VAE decoder)", adapter.vae.dtype)
     x = ((x[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # (3, H, W)
     return Image.fromarray(np.ascontiguousarray(x.permute(1, 2, 0).cpu().numpy()), mode="RGB")

@@ -76,8 +76,13 @@ def token_positions(adapter: ModelAdapter, prompt: str, phrases: Sequence[str]) 
         ids = list(tokenizer(prompt, add_special_tokens=True, truncation=False).input_ids)
         cursor = 0
         for k, phrase in enumerate(phrases):
-            sub = list(tokenizer(phrase, add_special_tokens=False, truncation=False).input_ids)
-            start = find_subsequence(ids, sub, cursor) if sub else -1
+            start, sub = -1, []
+            # byte-level BPE spells a phrase after a space differently ("Ġcat"): try that too
+            for text in (phrase, " " + phrase):
+                sub = list(tokenizer(text, add_special_tokens=False, truncation=False).input_ids)
+                start = find_subsequence(ids, sub, cursor) if sub else -1
+                if start >= 0:
+                    break
             if start < 0:
                 msg = (
                     f"cannot locate phrase {phrase!r} in the {name} tokens of prompt {prompt!r} "

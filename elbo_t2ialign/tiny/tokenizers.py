@@ -146,3 +146,91 @@ def build_bert_tokenizer(words: Iterable[str], model_max_length: int = 64):
         bos_token="[DEC]",
         model_max_length=model_max_length,
     )
+
+
+def build_lm_tokenizer(
+    words: Iterable[str], prefix: Iterable[str] = ("<bos>",), model_max_length: int = 4096
+):
+    """A language-model-like word tokenizer (Gemma, GLM, Qwen stand-in): a word after a space is a
+    different token ("▁cat") from the same word at the start of the text ("cat"), as in byte-level
+    and SentencePiece BPE without a dummy prefix; punctuation is split off; `prefix` tokens (Gemma's
+    <bos>, GLM's [gMASK] <sop>) open every text encoded with special tokens. pad=0, eos=1, unk=2."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    prefix = list(prefix)
+    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2}
+    for token in [*prefix, ",", ".", ":", "-", "'"]:
+        vocab.setdefault(token, len(vocab))
+    for word in dict.fromkeys(w.lower() for w in words):
+        vocab.setdefault(word, len(vocab))
+        vocab.setdefault("▁" + word, len(vocab))
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never"), pre_tokenizers.Punctuation()]
+    )
+    core.post_processor = processors.TemplateProcessing(
+        single=" ".join([*prefix, "$A"]), special_tokens=[(t, vocab[t]) for t in prefix]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        pad_token="<pad>",
+        eos_token="<eos>",
+        unk_token="<unk>",
+        bos_token=prefix[0] if prefix else None,
+        additional_special_tokens=prefix[1:],
+        model_max_length=model_max_length,
+    )
+
+
+# The chat template of Qwen2.5/Qwen3 tokenizers reduced to what the diffusers pipelines use: one turn
+# per message, the generation prompt, and Qwen3's `enable_thinking=False` empty thinking block.
+QWEN_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}{{ part['text'] }}{% endfor %}{% endif %}"
+    "<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}"
+    "{% endif %}"
+)
+QWEN_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>")
+
+
+def build_qwen_tokenizer(words: Iterable[str], model_max_length: int = 131072):
+    """A byte-level BPE tokenizer like Qwen2.5's and Qwen3's (no BOS, "Ġ" marks a leading space,
+    `<|im_start|>`/`<|im_end|>` chat specials, pad `<|endoftext|>`, their chat template), whose
+    vocabulary holds every word of `words` as one token both alone and after a space; any other word
+    falls back to byte tokens."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = _byte_alphabet()
+    space = alphabet[ord(" ")]  # "Ġ"
+    vocab: dict[str, int] = {}
+    for ch in alphabet:
+        vocab.setdefault(ch, len(vocab))
+    merges: list[tuple[str, str]] = []
+    for word in dict.fromkeys(words):
+        if not word or not word.isascii() or " " in word:
+            continue
+        for form in (word, space + word):
+            pieces = _apply_merges(list(form), merges)
+            left = pieces[0]
+            for right in pieces[1:]:
+                if (left, right) not in merges:
+                    merges.append((left, right))
+                left = left + right
+                vocab.setdefault(left, len(vocab))
+    core = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    core.decoder = decoders.ByteLevel()
+    core.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in QWEN_SPECIALS])
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        model_max_length=model_max_length,
+    )
+    tokenizer.chat_template = QWEN_CHAT_TEMPLATE
+    return tokenizer

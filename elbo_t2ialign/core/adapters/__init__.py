@@ -6,9 +6,20 @@ from pathlib import Path
 
 import torch
 
+from elbo_t2ialign.core.adapters.auraflow import AuraFlowAdapter
 from elbo_t2ialign.core.adapters.base import ModelAdapter
+from elbo_t2ialign.core.adapters.chat import require_diffusers
+from elbo_t2ialign.core.adapters.chroma import CHROMA_SINCE, ChromaAdapter
+from elbo_t2ialign.core.adapters.cogview4 import CogView4Adapter
+from elbo_t2ialign.core.adapters.flux2 import FLUX2_KLEIN_SINCE, FLUX2_SINCE, Flux2Adapter
+from elbo_t2ialign.core.adapters.hunyuanimage import SINCE as HUNYUANIMAGE_SINCE
+from elbo_t2ialign.core.adapters.hunyuanimage import HunyuanImageAdapter
+from elbo_t2ialign.core.adapters.lumina2 import Lumina2Adapter
+from elbo_t2ialign.core.adapters.qwenimage import QWENIMAGE_SINCE, QwenImageAdapter
+from elbo_t2ialign.core.adapters.sana import SanaAdapter
 from elbo_t2ialign.core.adapters.transformers import FluxAdapter, MMDiTAdapter, PixArtAdapter
 from elbo_t2ialign.core.adapters.unet import UNetAdapter
+from elbo_t2ialign.core.adapters.zimage import ZIMAGE_SINCE, ZImageAdapter
 from elbo_t2ialign.core.compat import dtype_keyword
 from elbo_t2ialign.core.model_files import check_pipeline_folder, mismatch
 
@@ -17,8 +28,26 @@ TRANSFORMER_ADAPTERS: dict[str, type[ModelAdapter]] = {
     "SD3Transformer2DModel": MMDiTAdapter,
     "FluxTransformer2DModel": FluxAdapter,
     "PixArtTransformer2DModel": PixArtAdapter,
+    "Flux2Transformer2DModel": Flux2Adapter,
+    "ChromaTransformer2DModel": ChromaAdapter,
+    "QwenImageTransformer2DModel": QwenImageAdapter,
+    "ZImageTransformer2DModel": ZImageAdapter,
 }
+TRANSFORMER_ADAPTERS["SanaTransformer2DModel"] = SanaAdapter
+TRANSFORMER_ADAPTERS["Lumina2Transformer2DModel"] = Lumina2Adapter
+TRANSFORMER_ADAPTERS["CogView4Transformer2DModel"] = CogView4Adapter
+TRANSFORMER_ADAPTERS["HunyuanImageTransformer2DModel"] = HunyuanImageAdapter
+TRANSFORMER_ADAPTERS["AuraFlowTransformer2DModel"] = AuraFlowAdapter
 
+# pipelines of the families that need a newer diffusers than the floor: class -> (family, first release)
+PIPELINE_SINCE = {
+    "ChromaPipeline": ("Chroma", CHROMA_SINCE),
+    "Flux2Pipeline": ("FLUX.2", FLUX2_SINCE),
+    "Flux2KleinPipeline": ("FLUX.2 [klein]", FLUX2_KLEIN_SINCE),
+    "QwenImagePipeline": ("Qwen-Image", QWENIMAGE_SINCE),
+    "ZImagePipeline": ("Z-Image", ZIMAGE_SINCE),
+    "HunyuanImagePipeline": ("HunyuanImage 2.1", HUNYUANIMAGE_SINCE),  # Sana, Lumina2, CogView4: in the floor
+}
 REPO_ROOT = Path(__file__).resolve().parents[3]  # relative model folders are also looked up here
 
 __all__ = ["ModelAdapter", "adapter_for", "load_pipeline", "resolve_device", "resolve_dtype"]
@@ -74,6 +103,7 @@ def load_pipeline(model_id: str, device: torch.device, dtype: torch.dtype, prepa
     if not local.is_absolute() and not local.exists() and (REPO_ROOT / local).is_dir():
         local = REPO_ROOT / local  # a relative folder in a config, e.g. the bundled testbed model
     source = str(local) if local.is_dir() else model_id
+    check_release(source)  # a family newer than the installed diffusers: one line naming the release
     if local.is_dir():  # a damaged folder: one line naming the file (core/model_files.py)
         check_pipeline_folder(local)
     try:
@@ -97,6 +127,20 @@ def load_pipeline(model_id: str, device: torch.device, dtype: torch.dtype, prepa
     return prepare_pipeline(pipe, device, dtype) if prepare else pipe
 
 
+def check_release(source: str) -> None:
+    """Refuse, in one line naming the release needed, a pipeline (read from its model_index.json, in a
+    folder or the local hub cache) whose family the installed diffusers predates. Sources whose index
+    cannot be read here are left to from_pretrained."""
+    from diffusers import DiffusionPipeline
+
+    try:
+        name = DiffusionPipeline.load_config(source).get("_class_name")
+    except Exception:  # unreachable or not a pipeline: from_pretrained says what is wrong
+        return
+    if name in PIPELINE_SINCE:
+        require_diffusers(*PIPELINE_SINCE[name])
+
+
 def adapter_for(
     pipe,
     device: torch.device,
@@ -105,15 +149,17 @@ def adapter_for(
     max_sequence_length: int | None = None,
 ) -> ModelAdapter:
     """The adapter of the pipeline's architecture family, chosen from its denoiser component; the
-    pipeline is prepared for `device` and `dtype` first (`prepare_pipeline`)."""
-    prepare_pipeline(pipe, device, dtype)
+    pipeline is prepared for `device` and `dtype` first (`prepare_pipeline`), once its family is known
+    to be supported."""
     if getattr(pipe, "unet", None) is not None:
-        return UNetAdapter(pipe, device, dtype, resolution, max_sequence_length)
-    transformer = getattr(pipe, "transformer", None)
-    name = type(transformer).__name__
-    if name not in TRANSFORMER_ADAPTERS:
-        raise ValueError(
-            f"unsupported pipeline {type(pipe).__name__}: denoiser {name} is not one of the supported "
-            f"families (UNet2DConditionModel, {', '.join(TRANSFORMER_ADAPTERS)})"
-        )
-    return TRANSFORMER_ADAPTERS[name](pipe, device, dtype, resolution, max_sequence_length)
+        adapter = UNetAdapter
+    else:
+        name = type(getattr(pipe, "transformer", None)).__name__
+        if name not in TRANSFORMER_ADAPTERS:
+            raise ValueError(
+                f"unsupported pipeline {type(pipe).__name__}: denoiser {name} is not one of the supported "
+                f"families (UNet2DConditionModel, {', '.join(TRANSFORMER_ADAPTERS)})"
+            )
+        adapter = TRANSFORMER_ADAPTERS[name]
+    prepare_pipeline(pipe, device, dtype)
+    return adapter(pipe, device, dtype, resolution, max_sequence_length)

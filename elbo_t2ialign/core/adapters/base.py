@@ -105,7 +105,7 @@ class ModelAdapter:
         self.device = torch.device(device)
         self.dtype = dtype
         self.vae = pipe.vae
-        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.vae_scale_factor = self.vae_scale()
         self.resolution = int(resolution or self.default_resolution())
         if self.resolution % self.vae_scale_factor:
             raise ValueError(
@@ -153,6 +153,15 @@ class ModelAdapter:
         raise ValueError(f"prompt weighting supports the unet and mmdit families, not {self.family!r}")
 
     # ---- shared
+    def vae_scale(self) -> int:
+        """Pixels per latent cell along a side, as the pipeline computes it."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        """(C, h, w) of the latents `encode_image` gives, which the ELBO and collection noise share."""
+        return (int(self.vae.config.latent_channels), self.latent_size, self.latent_size)
+
     def default_resolution(self) -> int:
         """method.md §2: the VAE's configured sample size."""
         size = self.vae.config.sample_size
@@ -202,15 +211,19 @@ class ModelAdapter:
         for block in self.text_blocks():
             local = [p - block.offset for p in positions if block.offset <= p < block.offset + block.length]
             if local:
-                masks += [(encoder, local) for encoder in block.encoders]
+                shift = self.encoder_offset(block)  # a prefix the pipeline drops after encoding
+                masks += [(encoder, [i + shift for i in local]) for encoder in block.encoders]
         hooks = []
 
         def masking(local: list[int]):
             def hook(module, args, kwargs):
                 ids = args[0] if args else kwargs["input_ids"]
+                given = kwargs.get("attention_mask")  # the pipeline's padding mask, kept
                 mask = torch.ones(ids.shape, dtype=torch.long, device=ids.device)
+                if given is not None:
+                    mask = given.to(torch.long).clone()
                 mask[:, [i for i in local if i < ids.shape[1]]] = 0
-                return args, {**kwargs, "attention_mask": mask}
+                return args, {**kwargs, "attention_mask": mask.to(given.dtype) if given is not None else mask}
 
             return hook
 
@@ -221,6 +234,19 @@ class ModelAdapter:
         finally:
             for handle in hooks:
                 handle.remove()
+
+    def encoder_offset(self, block: TextBlock) -> int:
+        """Text-encoder input position of `block`'s first position (Qwen-Image: its dropped prefix)."""
+        return 0
+
+    @torch.no_grad()
+    def vae_decode(self, z: torch.Tensor) -> torch.Tensor:
+        """(1, C, h, w) latent in the space `encode_image` gives -> (1, 3, H, W) image in [-1, 1]ish,
+        through the float32 VAE (undoing scale and shift)."""
+        vae = self.vae
+        shift = vae.config.get("shift_factor", None) or 0.0
+        z = (z.float() / vae.config.scaling_factor + shift).to(vae.device, vae.dtype)
+        return vae.decode(z, return_dict=False)[0]
 
     def clear_prompt_cache(self, prompts: list[str] | None = None) -> None:
         """Forget cached conditionings (all, or those of `prompts`): long prompt lists would fill memory."""

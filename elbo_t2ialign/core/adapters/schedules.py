@@ -95,15 +95,23 @@ class FlowSchedule(NoiseSchedule):
         self.timestep_scale = timestep_scale  # FLUX's transformer takes sigma, SD3's sigma * 1000
 
     @classmethod
-    def from_scheduler_config(cls, config, image_seq_len: int, timestep_scale: float) -> FlowSchedule:
-        """Sigma for each training index, with the shift applied the way the scheduler applies it."""
+    def from_scheduler_config(
+        cls, config, image_seq_len: int, timestep_scale: float, mu: float | None = None
+    ) -> FlowSchedule:
+        """Sigma for each training index, with the shift applied the way the scheduler applies it.
+        With dynamic shifting, `mu` is the pipeline's (default: FLUX's `calculate_shift`, linear in
+        the number of image tokens between the config's base and max lengths)."""
         n = int(config.get("num_train_timesteps", 1000))
         s = torch.arange(1, n + 1, dtype=torch.float64) / n  # index t -> (t + 1) / T, ascending
         if config.get("use_dynamic_shifting", False):
-            base_len, max_len = config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096)
-            base_shift, max_shift = config.get("base_shift", 0.5), config.get("max_shift", 1.15)
-            slope = (max_shift - base_shift) / (max_len - base_len)
-            mu = image_seq_len * slope + base_shift - slope * base_len
+            if mu is None:
+                base_len, max_len = (
+                    config.get("base_image_seq_len", 256),
+                    config.get("max_image_seq_len", 4096),
+                )
+                base_shift, max_shift = config.get("base_shift", 0.5), config.get("max_shift", 1.15)
+                slope = (max_shift - base_shift) / (max_len - base_len)
+                mu = image_seq_len * slope + base_shift - slope * base_len
             if config.get("time_shift_type", "exponential") == "linear":
                 s = mu / (mu + (1 / s - 1))
             else:

@@ -15,6 +15,7 @@ from elbo_t2ialign.core.capture import (
     CaptureFluxAttnProcessor,
     CaptureJointAttnProcessor,
     LayerInfo,
+    attention_processors,
 )
 
 
@@ -39,7 +40,7 @@ class _TransformerAdapter(ModelAdapter):
         return super().default_resolution()
 
     def _layers(self, kind_of) -> list[LayerInfo]:
-        names = [k.removesuffix(".processor") for k in self.denoiser.attn_processors]
+        names = [k.removesuffix(".processor") for k in attention_processors(self.denoiser)]
 
         def rank(name: str) -> tuple:
             return (name.startswith("single_"), *map(int, re.findall(r"\d+", name)))
