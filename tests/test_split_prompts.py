@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_aligner
+from conftest import FAMILIES, tiny_aligner
 from PIL import Image
 
 from elbo_t2ialign.core.aligner import PromptTooLong, _split
@@ -235,3 +235,29 @@ def test_a_phrase_file_prompt_that_does_not_fit_is_split_by_class(tmp_path):
         else:  # fits: the reference's prompt of every phrase
             assert scores["collect_prompts"] == [scores["prompt"]]
     assert 3 in seen
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_splits_into_prompt_groups_that_equal_separate_runs(family):
+    """The recorder's prompt groups in every family's capture (softmax attention, and Sana's linear
+    self-attention): one prompt per class, collected in one pass, gives each prompt the token maps and
+    self-attention matrices of a run of that prompt alone. (The evidence is compared, not the
+    min-max-normalised maps: a random tiny model's refined maps are nearly flat, so normalising
+    magnifies float rounding to 1e-3.)"""
+    aligner = tiny_aligner(family, collect_timesteps=[100, 300], elbo_timesteps=[101, 501])
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8))
+    classes = ["cat", "dog"]
+    res = aligner.heatmaps(image, classes, max_prompt_classes=1, strength=1.0)
+    ev = res.evidence
+    assert ev.collect_prompts == [f"a photo of {c}" for c in classes]
+    for g, c in enumerate(classes):
+        alone = aligner.heatmaps(image, [c], strength=1.0)
+        np.testing.assert_allclose(res.cross[c], alone.cross[c], atol=1e-5)
+        torch.testing.assert_close(ev.tokens[g], alone.evidence.tokens[0], rtol=1e-4, atol=1e-6)
+        for split, single in (
+            (ev.refine_first, alone.evidence.refine_first),
+            (ev.refine_second, alone.evidence.refine_second),
+        ):
+            assert (split is None) == (single is None)
+            if split is not None:
+                torch.testing.assert_close(split[g], single[0], rtol=1e-4, atol=1e-6)
