@@ -644,7 +644,12 @@ class Aligner:
         return [self._part(fill(texts[a:b]), names[a:b], texts[a:b], start, opts) for a, b in runs]
 
     def _fits(self, prompt: str) -> bool:
-        return len(self.adapter.token_ids(prompt)) <= self.adapter.max_prompt_tokens()
+        """Whether the adapter takes `prompt` whole (each family counts its own template and prefix)."""
+        try:
+            self.adapter.check_prompt_length(prompt)
+        except ValueError:
+            return False
+        return True
 
     def _refuse(self, prompt: str, hint: str) -> None:
         try:
