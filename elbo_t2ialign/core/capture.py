@@ -424,8 +424,12 @@ class AttentionRecorder:
         text_length: int | None = None,
         precision: str = "float32",
         on_active: Callable[[bool], None] | None = None,
+        device: torch.device | str | None = None,
     ):
         self.denoiser = denoiser
+        # where the running sums live: one stated device even when the denoiser's blocks sit on
+        # several (a device map); None: where the first captured map is
+        self.device = torch.device(device) if device is not None else None
         self.layers = {layer.name: layer for layer in layers}
         self.weights = weights
         self.processor_factory = processor_factory
@@ -498,6 +502,8 @@ class AttentionRecorder:
                 "tokens; the adapter's resolution bookkeeping is wrong for this model/image size"
             )
         self.samples[layer.name] = self.samples.get(layer.name, 0) + batch
+        if self.device is not None:
+            maps = {block: m.to(self.device) for block, m in maps.items()}
         if self.per_layer:
             store = self.layer_sums.setdefault(layer.name, {})
             for block, m in maps.items():

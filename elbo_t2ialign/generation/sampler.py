@@ -196,7 +196,7 @@ def decode(adapter: ModelAdapter, z: torch.Tensor) -> Image.Image:
     vae = adapter.vae
     shift = vae.config.get("shift_factor", None) or 0.0
     x = vae.decode(
-        (z.float() / vae.config.scaling_factor + shift).to(vae.device, vae.dtype), return_dict=False
+        (z.float() / vae.config.scaling_factor + shift).to(adapter.vae_device, vae.dtype), return_dict=False
     )[0]
     x = ((x[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # (3, H, W)
     return Image.fromarray(np.ascontiguousarray(x.permute(1, 2, 0).cpu().numpy()), mode="RGB")
