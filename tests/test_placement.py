@@ -62,19 +62,33 @@ def tiny_reference():
     return maps(Aligner.from_pipeline(tiny_sd(), device="cpu", **FAST))
 
 
-@pytest.mark.parametrize("how", ["group-leaf", "group-block", "model-offload"])
+@pytest.mark.parametrize(
+    "how",
+    [
+        # the issue's reproduction: diffusers' pipeline-level method (from diffusers 0.36)
+        pytest.param(
+            "pipeline-group-leaf",
+            marks=pytest.mark.skipif(
+                placing._older(placing.diffusers_version(), "0.36.0"),
+                reason="DiffusionPipeline.enable_group_offload needs diffusers >= 0.36.0",
+            ),
+        ),
+        "group-leaf",
+        "group-block",
+        "model-offload",
+    ],
+)
 def test_user_offloaded_pipeline_is_taken_as_it_is(how, tiny_reference, monkeypatch, capfd):
+    from diffusers.hooks import apply_group_offloading
+
     pipe = tiny_sd()
     cpu = torch.device("cpu")
-    if how == "group-leaf":
+    if how == "pipeline-group-leaf":
         pipe.enable_group_offload(onload_device=cpu, offload_device=cpu, offload_type="leaf_level")
-    elif how == "group-block":
-        for module in placing.modules(pipe).values():  # per component: the floor has no pipeline method
-            from diffusers.hooks import apply_group_offloading
-
-            apply_group_offloading(
-                module, onload_device=cpu, offload_type="block_level", num_blocks_per_group=1
-            )
+    elif how.startswith("group"):
+        for module in placing.modules(pipe).values():  # per component, as at the floor release
+            level = {"offload_type": "leaf_level"} if how == "group-leaf" else {"num_blocks_per_group": 1}
+            apply_group_offloading(module, onload_device=cpu, **level)
     else:
         pipe.enable_model_cpu_offload(device="cpu")
     assert placing.is_placed(pipe)
@@ -351,3 +365,81 @@ def test_placement_keys_change_no_run_fingerprint():
     assert result_fingerprint(base) == result_fingerprint(placed)
     placed["model"]["storage_dtype"] = "float8_e4m3fn"
     assert result_fingerprint(base) != result_fingerprint(placed)
+
+
+# ------------------------------------------------------------------ through the runners
+def _pixels(folder) -> dict[str, np.ndarray]:
+    return {
+        str(p.relative_to(folder)): np.asarray(Image.open(p), dtype=np.float64)
+        for p in sorted(folder.rglob("*.png"))
+    }
+
+
+@disk_release
+def test_generate_with_group_offload_to_disk_makes_the_device_images(tmp_path):
+    from hydra import compose, initialize_config_dir
+
+    from elbo_t2ialign.cli import config_dir, to_container
+    from elbo_t2ialign.generation.runner import run
+
+    def generate(out, *extra):
+        with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+            overrides = ["model.id=tiny:sd", "model.name=tiny_sd", "prompts=demo", "steps=2", "num_prompts=1"]
+            cfg = to_container(
+                compose("generate", overrides=[*overrides, "progress=false", f"output_dir={out}", *extra])
+            )
+        run(cfg)
+        return _pixels(out / "images")
+
+    device = generate(tmp_path / "device")
+    offloaded = generate(
+        tmp_path / "offloaded",
+        "model.placement=group-offload",
+        "model.offload_type=leaf_level",
+        f"model.offload_folder={tmp_path / 'weights'}",
+    )
+    assert device.keys() == offloaded.keys() and len(device) == 2
+    assert max(float(np.abs(device[k] - offloaded[k]).max()) for k in device) == 0.0  # measured: identical
+    assert list((tmp_path / "weights" / "unet").glob("*.safetensors"))
+    log = (tmp_path / "offloaded" / "generate.log").read_text()
+    assert "memory plan: placement group-offload (leaf_level, to" in log
+
+
+@needs_testbed
+@disk_release
+def test_segment_with_group_offload_to_disk_writes_the_device_maps(tmp_path):
+    from hydra import compose, initialize_config_dir
+
+    from elbo_t2ialign.cli import hydra_config_dir, to_container
+    from elbo_t2ialign.segmentation import run
+    from elbo_t2ialign.testbed import world
+
+    world.ensure_dataset(tmp_path / "datasets" / "shapes")
+
+    def segment(out, *extra):
+        overrides = [
+            "model=shapes",
+            "dataset=shapes",
+            "elbo=shapes",
+            "device=cpu",
+            "num_images=2",
+            "progress=false",
+            f"datasets_dir={tmp_path / 'datasets'}",
+            f"output_dir={out}",
+            "elbo.elbo_timesteps=[101,501,901]",
+            *extra,
+        ]
+        with initialize_config_dir(config_dir=hydra_config_dir(), version_base="1.3"):
+            run(to_container(compose("segment", overrides=overrides)))
+        return _pixels(out / "maps")
+
+    device = segment(tmp_path / "device")
+    offloaded = segment(
+        tmp_path / "offloaded", "model.placement=group-offload", f"model.offload_folder={tmp_path / 'w'}"
+    )
+    assert device.keys() == offloaded.keys() and len(device) >= 4
+    assert max(float(np.abs(device[k] - offloaded[k]).max()) for k in device) == 0.0  # measured: identical
+    assert (
+        "memory plan: placement group-offload (block_level, to"
+        in (tmp_path / "offloaded" / "segment.log").read_text()
+    )

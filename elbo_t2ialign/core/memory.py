@@ -221,14 +221,14 @@ class Plan:
     def lines(self) -> list[str]:
         out = [f"memory plan: placement {self.placement.describe()}, computing on {self.execution}"]
         for name, (nbytes, where) in self.components.items():
-            out.append(f"  {name:<16} {nbytes / GB:8.3f} GB  {where}")
+            out.append(f"  {name:<16} {fmt(nbytes):>10}  {where}")
         out.append(
-            f"  working memory for the batch (estimate) {self.activations / GB:.3f} GB on {self.execution}"
+            f"  working memory for the batch (estimate) {fmt(self.activations)} on {self.execution}"
         )
         for dev, peak in self.peaks.items():
             budget = self.budgets.get(dev)
-            cap = f" of {budget / GB:.2f} GB available" if budget is not None else ""
-            out.append(f"  estimated peak on {dev}: {peak / GB:.2f} GB{cap}")
+            cap = f" of {fmt(budget)} available" if budget is not None else ""
+            out.append(f"  estimated peak on {dev}: {fmt(peak)}{cap}")
         if self.placement.reason:
             out.append(f"  auto: {self.placement.reason}")
         return out
