@@ -443,3 +443,27 @@ def test_segment_with_group_offload_to_disk_writes_the_device_maps(tmp_path):
         "memory plan: placement group-offload (block_level, to"
         in (tmp_path / "offloaded" / "segment.log").read_text()
     )
+
+
+@disk_release
+def test_bench_placement_reports_it_and_keeps_the_maps(tmp_path):
+    from elbo_t2ialign.devtools.bench import main
+
+    plain = main(["--model", "tiny-sd", "--no-floor", "--maps-out", str(tmp_path / "device.npz")])
+    disk = main(
+        [
+            "--model",
+            "tiny-sd",
+            "--no-floor",
+            "--placement",
+            "group-offload",
+            "--offload-folder",
+            str(tmp_path / "off"),
+            "--maps-against",
+            str(tmp_path / "device.npz"),
+        ]
+    )
+    assert plain["settings"]["placement"] == "device"
+    assert disk["settings"]["placement"].startswith("group-offload (block_level, to ")
+    assert disk["max_abs_diff_vs"]["max_abs_diff"] == 0.0
+    assert list((tmp_path / "off" / "unet").glob("*.safetensors"))
