@@ -222,9 +222,7 @@ class Plan:
         out = [f"memory plan: placement {self.placement.describe()}, computing on {self.execution}"]
         for name, (nbytes, where) in self.components.items():
             out.append(f"  {name:<16} {fmt(nbytes):>10}  {where}")
-        out.append(
-            f"  working memory for the batch (estimate) {fmt(self.activations)} on {self.execution}"
-        )
+        out.append(f"  working memory for the batch (estimate) {fmt(self.activations)} on {self.execution}")
         for dev, peak in self.peaks.items():
             budget = self.budgets.get(dev)
             cap = f" of {fmt(budget)} available" if budget is not None else ""
@@ -364,41 +362,35 @@ def check(
                 return plan.placement, plan
         first = make_plan(sizes, candidates(where)[0], execution, dtype, activations, budgets)
         raise placing.PlacementError(
-            f"memory plan: no placement fits ({'; '.join(first.overflow())} even on a single device); "
-            + _storage_hint(sizes, where, execution, dtype, activations, budgets)
+            f"memory plan: auto found no placement that fits ({'; '.join(first.overflow())} on a single "
+            "device); " + _hint(sizes, where, execution, dtype, activations, budgets)
         )
     plan = make_plan(sizes, where, execution, dtype, activations, budgets)
     over = plan.overflow()
     if over:
-        fits = [
-            option
-            for option in candidates(where)
-            if not make_plan(sizes, option, execution, dtype, activations, budgets).overflow()
-        ]
-        hint = (
-            f"{_setting(fits[0])} would fit"
-            if fits
-            else _storage_hint(sizes, where, execution, dtype, activations, budgets)
-        )
         raise placing.PlacementError(
-            f"memory plan: placement {where.describe()} does not fit ({'; '.join(over)}); {hint} "
-            "(or raise model.max_memory)"
+            f"memory plan: placement {where.describe()} does not fit ({'; '.join(over)}); "
+            + _hint(sizes, where, execution, dtype, activations, budgets)
         )
     return where, plan
 
 
-def _storage_hint(sizes, where, execution, dtype, activations, budgets) -> str:
-    if where.storage_dtype is None:
-        smaller = where.but(
-            storage_dtype="float8_e4m3fn", kind="device" if where.kind == "auto" else where.kind
+def _hint(sizes, where, execution, dtype, activations, budgets) -> str:
+    """The least-offloaded setting that fits: placements first (offloading to a folder, <folder>
+    when none is set, last), then the same with float8 storage of the denoiser."""
+    trial = where.but(kind="auto", offload_folder=where.offload_folder or "<folder>")
+    storages = [where.storage_dtype] + ([] if where.storage_dtype else ["float8_e4m3fn"])
+    fits = []
+    for storage in storages:
+        for option in candidates(trial.but(storage_dtype=storage)):
+            if not make_plan(sizes, option, execution, dtype, activations, budgets).overflow():
+                fits.append(_setting(option))
+                break
+    if not fits:
+        return (
+            "nothing fits, not even offloaded to a folder with float8 storage: use a device with more memory"
         )
-        for option in [smaller, *candidates(smaller)]:
-            if (
-                option.kind != "auto"
-                and not make_plan(sizes, option, execution, dtype, activations, budgets).overflow()
-            ):
-                return f"{_setting(option)} would fit"
-    return "nothing fits: use a device with more memory or model.offload_folder with placement=group-offload"
+    return " would fit, or ".join(fits) + " would fit"
 
 
 def plan_and_check(

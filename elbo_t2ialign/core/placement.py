@@ -369,16 +369,23 @@ def load_kwargs(placement: Placement, dtype: torch.dtype) -> dict[str, Any]:
     return kwargs
 
 
+def installed(package: str) -> bool:
+    try:
+        return importlib.util.find_spec(package) is not None
+    except ModuleNotFoundError:  # a dotted name whose parent package is missing
+        return False
+
+
 def quantization_config(quant: Mapping[str, Any], dtype: torch.dtype):
     """diffusers' PipelineQuantizationConfig for model.quantization; a missing backend package or a
     diffusers without pipeline quantization is one line that says what to install."""
     backend, components, kwargs = quant_settings(quant)
     name, package, extra = QUANT_BACKENDS[backend]
     require("quantization")
-    if importlib.util.find_spec(package.split(".")[0]) is None:
+    if not installed(package):
         raise PlacementError(
             f"model.quantization backend {backend} needs the {package} package, which is not installed: "
-            f'pip install -e ".[{extra}]" (or pip install {package}), or set model.quantization=null'
+            f'pip install -e ".[{extra}]", or set model.quantization=null'
         )
     from diffusers.quantizers import PipelineQuantizationConfig
 
