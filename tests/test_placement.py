@@ -93,9 +93,11 @@ def test_user_offloaded_pipeline_is_taken_as_it_is(how, tiny_reference, monkeypa
         pipe.enable_model_cpu_offload(device="cpu")
     assert placing.is_placed(pipe)
     never_moved(pipe, monkeypatch)
+    own = dict(pipe.unet.attn_processors)
     aligner = Aligner.from_pipeline(pipe, **FAST)
     assert aligner.adapter.device == cpu
     assert max_difference(maps(aligner), tiny_reference) <= TOLERANCE
+    assert pipe.unet.attn_processors == own  # the capture processors went in on hooked modules and out again
     assert "not supported" not in capfd.readouterr().err  # diffusers' warning on .to() of an offloaded module
 
 
