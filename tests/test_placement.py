@@ -469,3 +469,19 @@ def test_bench_placement_reports_it_and_keeps_the_maps(tmp_path):
     assert disk["settings"]["placement"].startswith("group-offload (block_level, to ")
     assert disk["max_abs_diff_vs"]["max_abs_diff"] == 0.0
     assert list((tmp_path / "off" / "unet").glob("*.safetensors"))
+
+
+def test_recorder_sums_live_on_the_stated_device():
+    """Maps from a layer on another device are moved to the recorder's device before they are summed
+    (meta stands in for a second device; the sums' values are checked on the CPU recorder)."""
+    from elbo_t2ialign.core.capture import AttentionRecorder, LayerInfo
+
+    layer = LayerInfo("a", "cross", 0, 2, "down")
+    maps = {"cross": torch.arange(8, dtype=torch.float32).reshape(4, 2)}
+    on_cpu = AttentionRecorder(torch.nn.Linear(1, 1), [layer], {"cross": {"a": 2.0}}, None, device="cpu")
+    on_meta = AttentionRecorder(torch.nn.Linear(1, 1), [layer], {"cross": {"a": 2.0}}, None, device="meta")
+    for recorder in (on_cpu, on_meta):
+        recorder.add(layer, maps, batch=1)
+        recorder.add(layer, maps, batch=1)
+    assert on_meta.sums["cross"].device.type == "meta"
+    assert torch.equal(on_cpu.sums["cross"], 4.0 * maps["cross"])  # weight 2, added twice
