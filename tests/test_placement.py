@@ -485,3 +485,14 @@ def test_recorder_sums_live_on_the_stated_device():
         recorder.add(layer, maps, batch=1)
     assert on_meta.sums["cross"].device.type == "meta"
     assert torch.equal(on_cpu.sums["cross"], 4.0 * maps["cross"])  # weight 2, added twice
+
+
+def test_every_model_config_names_the_placement_keys_with_defaults():
+    import yaml
+
+    configs = sorted((TESTBED.parents[2] / "configs" / "model").glob("*.yaml"))
+    assert configs
+    for path in configs:
+        cfg = yaml.safe_load(path.read_text())
+        assert set(placing.MODEL_KEYS) <= set(cfg), path.name  # overridable from the command line
+        assert Placement.from_mapping(cfg) == Placement(), path.name

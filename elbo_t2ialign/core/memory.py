@@ -404,6 +404,9 @@ def plan_and_check(
 ) -> placing.Placement:
     """Measure the sizes (headers of a local folder or the hub cache; or the modules of `pipe`),
     log the memory plan, refuse one that cannot fit, resolve `auto`. Returns the placement to apply."""
+    execution = torch.device(execution)
+    if execution.type == "cuda" and execution.index is None:  # "cuda": the current device, by index
+        execution = torch.device("cuda", torch.cuda.current_device() if torch.cuda.is_available() else 0)
     if pipe is not None:
         sizes = sizes_from_pipeline(pipe)
         den = placing.denoiser_of(pipe)
