@@ -393,6 +393,19 @@ def _hint(sizes, where, execution, dtype, activations, budgets) -> str:
     return " would fit, or ".join(fits) + " would fit"
 
 
+def print_plans(stream=None) -> None:
+    """Print the plans of this process to `stream` (stderr: stdout keeps the report) too, for entry points that configure no
+    logging of their own (explain); once, however often it is called."""
+    import sys
+
+    if not any(getattr(h, "_memory_plan", False) for h in log.handlers):
+        handler = logging.StreamHandler(stream or sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler._memory_plan = True  # type: ignore[attr-defined]
+        log.addHandler(handler)
+    log.setLevel(logging.INFO)
+
+
 def plan_and_check(
     model_id: str,
     where: placing.Placement,
