@@ -394,8 +394,8 @@ def _hint(sizes, where, execution, dtype, activations, budgets) -> str:
 
 
 def print_plans(stream=None) -> None:
-    """Print the plans of this process to `stream` (stderr: stdout keeps the report) too, for entry points that configure no
-    logging of their own (explain); once, however often it is called."""
+    """Print the plans of this process to `stream` too (stderr: stdout keeps a command's report),
+    for entry points that configure no logging of their own (explain); once, however often called."""
     import sys
 
     if not any(getattr(h, "_memory_plan", False) for h in log.handlers):
