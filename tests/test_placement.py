@@ -5,6 +5,7 @@ Everything runs on the CPU: the CPU is the execution device, so offloading moves
 maps must equal the `device` maps exactly (measured: max |difference| 0.0). Placements that need
 GPUs are checked as far as the CPU allows (the diffusers calls made, nothing moved)."""
 
+import gc
 import json
 
 import numpy as np
@@ -147,8 +148,12 @@ def test_from_pretrained_placements_give_the_device_maps(where, tmp_path, testbe
     assert placing.is_placed(aligner.adapter.pipe)
     assert max_difference(maps(aligner), testbed_reference) <= TOLERANCE
     if where.offload_folder:
-        assert sorted(p.name for p in (tmp_path / "offload").iterdir()) == ["text_encoder", "unet", "vae"]
-        assert list((tmp_path / "offload" / "unet").glob("*.safetensors"))
+        (own,) = (tmp_path / "offload").iterdir()  # this load's own folder: never another load's files
+        assert sorted(p.name for p in own.iterdir()) == ["text_encoder", "unet", "vae"]
+        assert list((own / "unet").glob("*.safetensors"))
+        del aligner
+        gc.collect()
+        assert not own.exists()  # removed with the pipeline
 
 
 @pytest.fixture(scope="module")
@@ -402,7 +407,8 @@ def test_generate_with_group_offload_to_disk_makes_the_device_images(tmp_path):
     )
     assert device.keys() == offloaded.keys() and len(device) == 2
     assert max(float(np.abs(device[k] - offloaded[k]).max()) for k in device) == 0.0  # measured: identical
-    assert list((tmp_path / "weights" / "unet").glob("*.safetensors"))
+    gc.collect()
+    assert (tmp_path / "weights").is_dir() and not list((tmp_path / "weights").rglob("*.safetensors"))
     log = (tmp_path / "offloaded" / "generate.log").read_text()
     assert "memory plan: placement group-offload (leaf_level, to" in log
 
@@ -468,7 +474,8 @@ def test_bench_placement_reports_it_and_keeps_the_maps(tmp_path):
     assert plain["settings"]["placement"] == "device"
     assert disk["settings"]["placement"].startswith("group-offload (block_level, to ")
     assert disk["max_abs_diff_vs"]["max_abs_diff"] == 0.0
-    assert list((tmp_path / "off" / "unet").glob("*.safetensors"))
+    gc.collect()
+    assert (tmp_path / "off").is_dir() and not list((tmp_path / "off").rglob("*.safetensors"))
 
 
 def test_recorder_sums_live_on_the_stated_device():

@@ -22,7 +22,6 @@ packages: bitsandbytes, torchao, optimum-quanto).
 from __future__ import annotations
 
 import importlib.util
-import inspect
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -429,15 +428,26 @@ def group_offload(pipe, device: torch.device, offload_type: str, folder: str | N
         kwargs["num_blocks_per_group"] = 1
     if folder:
         require("disk")
-        if (
-            "offload_to_disk_path" not in inspect.signature(apply_group_offloading).parameters
-        ):  # pragma: no cover
-            raise PlacementError(f"group offloading to a folder needs diffusers >= {NEEDS['disk'][0]}")
-        Path(folder).expanduser().mkdir(parents=True, exist_ok=True)
+        folder = weights_folder(pipe, folder)
     for name, module in modules(pipe).items():
         if folder:
-            kwargs["offload_to_disk_path"] = str(Path(folder).expanduser() / name)
+            kwargs["offload_to_disk_path"] = str(Path(folder) / name)
         if hasattr(module, "enable_group_offload"):
             module.enable_group_offload(**kwargs)
         else:
             apply_group_offloading(module=module, **kwargs)
+
+
+def weights_folder(pipe, folder: str) -> str:
+    """A new folder under `folder` for this pipeline's offloaded weights, removed with the pipeline
+    (or at exit). Diffusers reuses a group's file when one of that name exists, and the names depend
+    only on the module names: a shared folder would hand one model's weights to another."""
+    import shutil
+    import tempfile
+    import weakref
+
+    root = Path(folder).expanduser()
+    root.mkdir(parents=True, exist_ok=True)
+    own = tempfile.mkdtemp(prefix="weights-", dir=root)
+    weakref.finalize(pipe, shutil.rmtree, own, ignore_errors=True)
+    return own
