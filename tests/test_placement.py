@@ -471,8 +471,8 @@ def test_bench_placement_reports_it_and_keeps_the_maps(tmp_path):
             str(tmp_path / "device.npz"),
         ]
     )
-    assert plain["settings"]["placement"] == "device"
-    assert disk["settings"]["placement"].startswith("group-offload (block_level, to ")
+    assert plain["placement"] == "device"
+    assert disk["placement"].startswith("group-offload (block_level, to ")
     assert disk["max_abs_diff_vs"]["max_abs_diff"] == 0.0
     gc.collect()
     assert (tmp_path / "off").is_dir() and not list((tmp_path / "off").rglob("*.safetensors"))

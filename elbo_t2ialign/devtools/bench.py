@@ -343,7 +343,6 @@ def run_mode(args: argparse.Namespace) -> dict[str, Any]:
     if args.maps_out:
         np.savez(args.maps_out, **maps)
     settings = {
-        "placement": where.describe(),
         "channels_last": args.channels_last,
         "compile": args.compile,
         "capture_precision": args.capture_precision,
@@ -371,6 +370,7 @@ def run_mode(args: argparse.Namespace) -> dict[str, Any]:
         "notes": notes,
         "breakdown_sec_per_image": breakdown_per_image(breakdown.seconds, run_sec, n),
         "settings": settings,
+        "placement": where.describe(),
     }
     if args.maps_against:
         result["max_abs_diff_vs"] = {
