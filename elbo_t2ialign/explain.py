@@ -310,6 +310,9 @@ def report(info: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     args, words, overrides = parse_args(argv)
     debug = debug_requested(["--debug"] if args.debug else [])[0]
+    from elbo_t2ialign.core.memory import print_plans
+
+    print_plans()  # the memory plan, before the model loads
     info, code = cli_run(
         lambda: run(compose(overrides), args.image, words, prompt=args.prompt, caption=args.caption),
         (ExplainError,),

@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 
 from elbo_t2ialign.core import calibrate, capture, elbo
+from elbo_t2ialign.core import placement as placing
 from elbo_t2ialign.core.adapters import (
     ModelAdapter,
     adapter_for,
@@ -311,21 +312,32 @@ class Aligner:
         resolution: int | None = None,
         max_sequence_length: int | None = None,
         options: AlignOptions | None = None,
+        placement: str | placing.Placement | Mapping[str, Any] | None = "device",
         **option_overrides: Any,
     ) -> Aligner:
-        """Load a hub id or a local diffusers folder; device/dtype "auto" = CUDA+fp16 if present, else CPU+fp32."""
+        """Load a hub id or a local diffusers folder; device/dtype "auto" = CUDA+fp16 if present, else CPU+fp32.
+
+        placement: where the weights live and run (core/placement.py, docs/performance.md "Big models"):
+        "device" (all on `device`), "balanced", "model-offload", "sequential-offload",
+        "group-offload", "auto", or a `Placement` (offload type and folder, max_memory, storage_dtype,
+        quantization). `device` is then the execution device. The memory plan is logged before
+        loading, and a plan that cannot fit is refused before anything is loaded (core/memory.py)."""
+        from elbo_t2ialign.core import memory
+
         dev = resolve_device(device)
-        pipe = load_pipeline(
-            model_id, dev, resolve_dtype(dtype, dev), prepare=False
-        )  # from_pipeline prepares it
+        torch_dtype = resolve_dtype(dtype, dev)
+        opts = (options or AlignOptions()).replace(**option_overrides)
+        where = memory.plan_and_check(
+            model_id, placing.Placement.of(placement), dev, torch_dtype, opts.batch_size, resolution
+        )
+        pipe = load_pipeline(model_id, dev, torch_dtype, prepare=False, placement=where)
         return cls.from_pipeline(
             pipe,
             device=dev,
             dtype=dtype,
             resolution=resolution,
             max_sequence_length=max_sequence_length,
-            options=options,
-            **option_overrides,
+            options=opts,
         )
 
     @classmethod
@@ -339,8 +351,20 @@ class Aligner:
         options: AlignOptions | None = None,
         **option_overrides: Any,
     ) -> Aligner:
-        """Wrap an already loaded diffusers pipeline (its modules stay where they are unless `device` is given)."""
-        dev = resolve_device(device) if device is not None else pipe.device
+        """Wrap an already loaded diffusers pipeline (its modules stay where they are unless `device` is
+        given). A pipeline the user placed (a device map, model / sequential / group offloading,
+        layerwise casting) is never moved: it computes where its hooks say, whatever `device`."""
+        if placing.is_placed(pipe):
+            dev = placing.pipeline_device(pipe)
+            if device is not None and resolve_device(device) != dev:
+                log.info(
+                    "pipeline is placed (%s); computing on %s, not %s",
+                    placing.placement_of(pipe),
+                    dev,
+                    device,
+                )
+        else:
+            dev = resolve_device(device) if device is not None else pipe.device
         torch_dtype = resolve_dtype(dtype, dev)
         opts = (options or AlignOptions()).replace(**option_overrides)
         return cls(adapter_for(pipe, dev, torch_dtype, resolution, max_sequence_length), opts)
@@ -350,7 +374,8 @@ class Aligner:
         cls, model_cfg: Mapping[str, Any], options: AlignOptions | None = None, device: str = "auto"
     ) -> Aligner:
         """Build from a `configs/model/*.yaml` mapping (keys: id; optional resolution, dtype (default
-        auto), max_sequence_length)."""
+        auto), max_sequence_length, and the placement keys of core/placement.py: placement,
+        offload_type, offload_folder, max_memory, storage_dtype, quantization)."""
         if "id" not in model_cfg:
             raise ValueError(f"model config {dict(model_cfg)} has no 'id' (a hub id or a local folder)")
         return cls.from_pretrained(
@@ -360,6 +385,7 @@ class Aligner:
             resolution=model_cfg.get("resolution"),
             max_sequence_length=model_cfg.get("max_sequence_length"),
             options=options,
+            placement=placing.Placement.from_mapping(model_cfg),
         )
 
     # ------------------------------------------------------------ the method

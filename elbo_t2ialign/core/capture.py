@@ -494,8 +494,12 @@ class AttentionRecorder:
         text_length: int | None = None,
         precision: str = "float32",
         on_active: Callable[[bool], None] | None = None,
+        device: torch.device | str | None = None,
     ):
         self.denoiser = denoiser
+        # where the running sums live: one stated device even when the denoiser's blocks sit on
+        # several (a device map); None: where the first captured map is
+        self.device = torch.device(device) if device is not None else None
         self.layers = {layer.name: layer for layer in layers}
         self.weights = weights
         self.processor_factory = processor_factory
@@ -608,6 +612,8 @@ class AttentionRecorder:
             )
         counts = self.samples if group is None else self.group_samples.setdefault(group, {})
         counts[layer.name] = counts.get(layer.name, 0) + batch
+        if self.device is not None:
+            maps = {block: m.to(self.device) for block, m in maps.items()}
         if self.per_layer:
             store = self.layer_sums.setdefault(layer.name, {})
             for block, m in maps.items():

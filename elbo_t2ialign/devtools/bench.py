@@ -49,7 +49,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from elbo_t2ialign.core.adapters import adapter_for, resolve_dtype
+from elbo_t2ialign.core import placement as placing
+from elbo_t2ialign.core.adapters import adapter_for, place_pipeline, resolve_dtype
 from elbo_t2ialign.core.adapters.base import ModelAdapter
 from elbo_t2ialign.core.aligner import Aligner
 from elbo_t2ialign.core.capture import AttentionRecorder
@@ -304,9 +305,16 @@ def run_mode(args: argparse.Namespace) -> dict[str, Any]:
     # (and which would slow the explicit-softmax reference mode most); flush them to zero
     torch.set_flush_denormal(True)
     start = time.perf_counter()
-    pipe, notes = build_pipeline(args.model, device, t5=args.t5)
+    where = placing.Placement(
+        args.placement, offload_type=args.offload_type, offload_folder=args.offload_folder
+    )
+    offloads = where.kind not in ("device", "balanced")
+    # offloading placements start from weights in CPU memory, as a loaded pipeline does
+    pipe, notes = build_pipeline(args.model, torch.device("cpu") if offloads else device, t5=args.t5)
     resolution = args.resolution if args.model not in TINY_MODELS else 32
     max_seq = 16 if args.model in TINY_MODELS else None
+    if where != placing.Placement():
+        place_pipeline(pipe, where, device, dtype)
     adapter = adapter_for(pipe, device, dtype, resolution, max_seq)
     adapter.speed_up(args.channels_last, args.compile, args.compile_backend)
     options = AlignOptions(batch_size=args.batch_size, capture_precision=args.capture_precision)
@@ -365,6 +373,7 @@ def run_mode(args: argparse.Namespace) -> dict[str, Any]:
         "notes": notes,
         "breakdown_sec_per_image": breakdown_per_image(breakdown.seconds, run_sec, n),
         "settings": settings,
+        "placement": where.describe(),
     }
     if args.maps_against:
         result["max_abs_diff_vs"] = {
@@ -546,6 +555,10 @@ def _child_argv(args: argparse.Namespace, mode: str, maps_out: str | None, threa
         argv += ["--capture-precision", args.capture_precision]
     if maps_out:
         argv += ["--maps-out", maps_out]
+    if args.placement != "device":
+        argv += ["--placement", args.placement, "--offload-type", args.offload_type]
+        if args.offload_folder:
+            argv += ["--offload-folder", args.offload_folder]
     if threads:
         argv += ["--threads", str(threads)]
     return argv
@@ -733,7 +746,21 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="maps of an earlier run (--maps-out) of the same images: report the largest difference",
     )
     p.add_argument("--maps-out", default=None, help="save every heatmap to this .npz")
+    p.add_argument(
+        "--placement",
+        default="device",
+        choices=[k for k in placing.PLACEMENTS if k != "auto"],
+        help="where the weights live and run (core/placement.py); offloading ones start from CPU memory",
+    )
+    p.add_argument(
+        "--offload-type", default="block_level", choices=placing.OFFLOAD_TYPES, help="group-offload"
+    )
+    p.add_argument(
+        "--offload-folder", default=None, help="group-offload: offload the weights to files in this folder"
+    )
     args = p.parse_args(argv)
+    if args.offload_folder and args.placement != "group-offload":
+        p.error("--offload-folder is used by --placement group-offload only")
     if args.compile and (args.compare or args.mode == "reference"):
         p.error(
             "--compile applies to the optimized mode only (the reference mode's capture would "

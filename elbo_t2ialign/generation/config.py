@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from elbo_t2ialign.cli import check_device, check_integer, check_known
+from elbo_t2ialign.core import placement as placing
 
 # What determines the files of a run folder; a resume must not change these.
 RESULT_KEYS = (
@@ -37,7 +38,8 @@ RUN_KEYS = {
     "output_dir",
 }
 TOP_KEYS = {*RESULT_KEYS, *RUN_KEYS, "hydra"}
-MODEL_KEYS = {"name", "id", "resolution", "max_sequence_length", "dtype"}
+# model keys; the placement ones (placement, offload_type, ...: core/placement.py) change no number
+MODEL_KEYS = {"name", "id", "resolution", "max_sequence_length", "dtype", *placing.MODEL_KEYS}
 PROMPTS_KEYS = {"name", "file"}
 PHRASES_KEYS = {"spacy_model", "stopwords", "match", "dedupe"}
 BUNDLED_PROMPTS = Path(__file__).resolve().parent / "prompts"
@@ -62,6 +64,10 @@ def validate(cfg: dict[str, Any]) -> dict[str, Any]:
     for key in ("name", "id"):
         if not cfg["model"].get(key):
             raise GenerationError(f"model config needs '{key}'")
+    try:
+        placing.check_model_keys(cfg["model"])
+    except placing.PlacementError as err:
+        raise GenerationError(str(err)) from None
     if not cfg["prompts"].get("file"):
         raise GenerationError(
             "prompts config needs 'file' (e.g. prompts=ane, or prompts.file=/path/to/file.txt)"
@@ -126,6 +132,14 @@ def result_fingerprint(cfg: dict[str, Any]) -> dict[str, Any]:
     out["steps_rule"] = None if isinstance(steps, int) and steps > 0 and 1000 % steps == 0 else rule
     out["prompt_syntax"] = cfg.get("prompt_syntax") or "plain"  # folders from before the key: plain
     out["model"] = {k: cfg["model"].get(k) for k in ("id", "resolution", "max_sequence_length", "dtype")}
+    # storage precision changes the images; unset, it is left out (folders from before the keys match)
+    out["model"].update(
+        {
+            k: v
+            for k, v in placing.result_model(cfg["model"]).items()
+            if k in ("storage_dtype", "quantization")
+        }
+    )
     return out
 
 

@@ -18,7 +18,15 @@ from PIL import Image
 from tqdm import tqdm
 
 from elbo_t2ialign.cli import to_container
-from elbo_t2ialign.core.adapters import adapter_for, load_pipeline, resolve_device, resolve_dtype
+from elbo_t2ialign.core import memory
+from elbo_t2ialign.core import placement as placing
+from elbo_t2ialign.core.adapters import (
+    adapter_for,
+    load_pipeline,
+    place_pipeline,
+    resolve_device,
+    resolve_dtype,
+)
 from elbo_t2ialign.generation.config import (
     TINY_PREFIX,
     GenerationError,
@@ -148,6 +156,7 @@ def build_sampler(conf: dict[str, Any]) -> ElboSampler:
     dtype = resolve_dtype(model.get("dtype") or "auto", device)
     model_id = str(model["id"])
     log.info("loading model %s (%s) on %s, %s", model["name"], model_id, device, dtype)
+    built = None
     if model_id.startswith(TINY_PREFIX):
         from elbo_t2ialign.tiny.models import BUILDERS
 
@@ -156,12 +165,27 @@ def build_sampler(conf: dict[str, Any]) -> ElboSampler:
             raise GenerationError(
                 f"unknown tiny model {model_id!r}; choose one of {[TINY_PREFIX + k for k in BUILDERS]}"
             )
-        pipe = BUILDERS[family]()
-    else:
-        try:
-            pipe = load_pipeline(model_id, device, dtype, prepare=False)  # adapter_for prepares it
-        except FileNotFoundError as err:
-            raise GenerationError(str(err)) from None
+        built = BUILDERS[family]()
+    try:
+        # the memory plan (logged; a plan that cannot fit is refused before loading); the guided
+        # steps run the denoiser on batches of 2
+        where = memory.plan_and_check(
+            model_id,
+            placing.Placement.from_mapping(model),
+            device,
+            dtype,
+            batch_size=2,
+            resolution=model.get("resolution"),
+            pipe=built,
+        )
+        if built is not None:
+            pipe = place_pipeline(built, where, device, dtype)
+        else:
+            pipe = load_pipeline(model_id, device, dtype, prepare=False, placement=where)
+    except FileNotFoundError as err:
+        raise GenerationError(str(err)) from None
+    except placing.PlacementError as err:
+        raise GenerationError(str(err)) from None
     adapter = adapter_for(pipe, device, dtype, model.get("resolution"), model.get("max_sequence_length"))
     try:
         return ElboSampler(

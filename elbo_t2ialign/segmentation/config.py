@@ -11,6 +11,7 @@ import os
 from typing import Any
 
 from elbo_t2ialign.cli import check_device, check_integer, check_known
+from elbo_t2ialign.core import placement as placing
 from elbo_t2ialign.core.adapters import resolve_device
 from elbo_t2ialign.core.options import AlignOptions
 from elbo_t2ialign.runfolder import Shard
@@ -81,6 +82,10 @@ def validate(cfg: dict[str, Any]) -> AlignOptions:
     for key in ("name", "id"):
         if not cfg["model"].get(key):
             raise ConfigError(f"model config needs '{key}'")
+    try:
+        placing.check_model_keys(cfg["model"])
+    except placing.PlacementError as err:
+        raise ConfigError(str(err)) from None
     if cfg.get("on_error", "skip") not in ("skip", "stop"):
         raise ConfigError(f"on_error must be 'skip' or 'stop', got {cfg.get('on_error')!r}")
     if not isinstance(cfg.get("output_dir"), str) or not cfg["output_dir"].strip():
@@ -143,6 +148,7 @@ def resolve_rank_device(name: str | None, env: dict[str, str] | None = None) -> 
 def result_fingerprint(cfg: dict[str, Any]) -> dict[str, Any]:
     """The part of a config that determines the files a run writes (defaults filled in)."""
     out = {key: cfg.get(key) for key in RESULT_KEYS}
+    out["model"] = placing.result_model(cfg["model"])  # where the weights live changes no map
     out["elbo"] = AlignOptions.from_mapping(cfg.get("elbo")).to_dict()
     out["seed"] = cfg.get("seed", 0)
     out["dataset"] = {key: cfg["dataset"].get(key) for key in RESULT_DATASET_KEYS}

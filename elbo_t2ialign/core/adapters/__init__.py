@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from elbo_t2ialign.core import placement as placing
 from elbo_t2ialign.core.adapters.auraflow import AuraFlowAdapter
 from elbo_t2ialign.core.adapters.base import ModelAdapter
 from elbo_t2ialign.core.adapters.chat import require_diffusers
@@ -50,7 +51,14 @@ PIPELINE_SINCE = {
 }
 REPO_ROOT = Path(__file__).resolve().parents[3]  # relative model folders are also looked up here
 
-__all__ = ["ModelAdapter", "adapter_for", "load_pipeline", "resolve_device", "resolve_dtype"]
+__all__ = [
+    "ModelAdapter",
+    "adapter_for",
+    "load_pipeline",
+    "place_pipeline",
+    "resolve_device",
+    "resolve_dtype",
+]
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -80,36 +88,51 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
 
 
 def prepare_pipeline(pipe, device: torch.device, dtype: torch.dtype):
-    """Move to the device; networks in `dtype`, the VAE in float32 (method.md §8)."""
-    pipe.to(device)
-    for name, module in pipe.components.items():
-        if isinstance(module, torch.nn.Module):
+    """Move to the device; networks in `dtype`, the VAE in float32 (method.md §8). A pipeline that
+    carries a device map, offload or casting hooks, or quantized weights (`placement.is_placed`)
+    is not moved: its placement is taken as it is, and its placed components keep their dtype."""
+    placed = placing.is_placed(pipe)
+    if not placed:
+        pipe.to(device)
+    for name, module in placing.modules(pipe).items():
+        if not (placed and placing.module_is_placed(module)):
             target = torch.float32 if name == "vae" else dtype
             if module.dtype != target:
                 module.to(dtype=target)
-            module.requires_grad_(False)
-            module.eval()
+        module.requires_grad_(False)
+        module.eval()
     return pipe
 
 
-def load_pipeline(model_id: str, device: torch.device, dtype: torch.dtype, prepare: bool = True):
+def load_pipeline(
+    model_id: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    prepare: bool = True,
+    placement: placing.Placement | str | None = None,
+):
     """A diffusers pipeline from a hub id or a local folder (relative: from the working directory, else
     from the repository root), with a clear message when it is unreachable. Prepared for `device` and
     `dtype` (`prepare_pipeline`), unless `prepare=False`: for a pipeline that goes straight to
-    `adapter_for`, which prepares every pipeline it wraps, so that it is prepared once."""
+    `adapter_for`, which prepares every pipeline it wraps, so that it is prepared once.
+
+    `placement` (core/placement.py; default: the whole pipeline on `device`): a placement other than
+    `device` is applied here, computing on `device`, and the pipeline is then never moved again."""
     from diffusers import DiffusionPipeline
 
-    local = Path(model_id).expanduser()
-    if not local.is_absolute() and not local.exists() and (REPO_ROOT / local).is_dir():
-        local = REPO_ROOT / local  # a relative folder in a config, e.g. the bundled testbed model
-    source = str(local) if local.is_dir() else model_id
+    where = placing.Placement.of(placement)
+    source = model_source(model_id)
+    local = Path(source)
     check_release(source)  # a family newer than the installed diffusers: one line naming the release
     if local.is_dir():  # a damaged folder: one line naming the file (core/model_files.py)
         check_pipeline_folder(local)
     try:
         # the safety checker is never run here: skip loading it
         pipe = DiffusionPipeline.from_pretrained(
-            source, safety_checker=None, **{dtype_keyword("diffusers"): dtype}
+            source,
+            safety_checker=None,
+            **{dtype_keyword("diffusers"): dtype},
+            **placing.load_kwargs(where, dtype),
         )
     except (OSError, ValueError) as err:
         if local.is_dir() and mismatch(local, err):
@@ -124,7 +147,28 @@ def load_pipeline(model_id: str, device: torch.device, dtype: torch.dtype, prepa
             f"(`hf download {model_id} --local-dir <folder>`) and pass that folder instead, e.g. "
             "Aligner.from_pretrained('<folder>') or model.id=<folder> on the command line."
         ) from err
-    return prepare_pipeline(pipe, device, dtype) if prepare else pipe
+    if prepare or where.kind != "device" or where.storage_dtype:
+        return place_pipeline(pipe, where, device, dtype)
+    return pipe
+
+
+def model_source(model_id: str) -> str:
+    """A local folder for `model_id` when there is one (relative: from the working directory, else
+    from the repository root, e.g. the bundled testbed model), else the hub id as given."""
+    local = Path(model_id).expanduser()
+    if not local.is_absolute() and not local.exists() and (REPO_ROOT / local).is_dir():
+        local = REPO_ROOT / local
+    return str(local) if local.is_dir() else model_id
+
+
+def place_pipeline(pipe, placement: placing.Placement | str | None, device: torch.device, dtype: torch.dtype):
+    """Cast a loaded pipeline and put it into `placement`, computing on `device`. Offloading
+    placements cast on the CPU first and leave the moving to their hooks."""
+    where = placing.Placement.of(placement)
+    offloads = where.kind not in ("device", "balanced")
+    prepare_pipeline(pipe, torch.device("cpu") if offloads else device, dtype)
+    placing.apply(pipe, where, device, dtype)
+    return pipe
 
 
 def check_release(source: str) -> None:
@@ -150,7 +194,8 @@ def adapter_for(
 ) -> ModelAdapter:
     """The adapter of the pipeline's architecture family, chosen from its denoiser component; the
     pipeline is prepared for `device` and `dtype` first (`prepare_pipeline`), once its family is known
-    to be supported."""
+    to be supported; a placed pipeline is not moved, and the adapter computes where its denoiser's
+    hooks say (`placement.pipeline_device`)."""
     if getattr(pipe, "unet", None) is not None:
         adapter = UNetAdapter
     else:
@@ -161,5 +206,7 @@ def adapter_for(
                 f"families (UNet2DConditionModel, {', '.join(TRANSFORMER_ADAPTERS)})"
             )
         adapter = TRANSFORMER_ADAPTERS[name]
+    if placing.is_placed(pipe):
+        device = placing.pipeline_device(pipe)
     prepare_pipeline(pipe, device, dtype)
     return adapter(pipe, device, dtype, resolution, max_sequence_length)

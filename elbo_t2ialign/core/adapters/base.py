@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from elbo_t2ialign.core import placement as placing
 from elbo_t2ialign.core.adapters.schedules import NoiseSchedule
 from elbo_t2ialign.core.capture import AttentionRecorder, LayerInfo
 
@@ -162,6 +163,17 @@ class ModelAdapter:
         """(C, h, w) of the latents `encode_image` gives, which the ELBO and collection noise share."""
         return (int(self.vae.config.latent_channels), self.latent_size, self.latent_size)
 
+    @property
+    def vae_device(self) -> torch.device:
+        """Where the VAE computes: its offload hooks' device, else its weights' (core/placement.py)."""
+        return placing.execution_device(self.vae, self.device)
+
+    @property
+    def text_device(self) -> torch.device:
+        """Where the (first) text encoder computes; its outputs are moved to `device`."""
+        encoder = getattr(self.pipe, "text_encoder", None) or getattr(self.pipe, "text_encoder_2", None)
+        return placing.execution_device(encoder, self.device) if encoder is not None else self.device
+
     def default_resolution(self) -> int:
         """method.md §2: the VAE's configured sample size."""
         size = self.vae.config.sample_size
@@ -245,7 +257,7 @@ class ModelAdapter:
         through the float32 VAE (undoing scale and shift)."""
         vae = self.vae
         shift = vae.config.get("shift_factor", None) or 0.0
-        z = (z.float() / vae.config.scaling_factor + shift).to(vae.device, vae.dtype)
+        z = (z.float() / vae.config.scaling_factor + shift).to(self.vae_device, vae.dtype)
         return vae.decode(z, return_dict=False)[0]
 
     def clear_prompt_cache(self, prompts: list[str] | None = None) -> None:
@@ -287,8 +299,8 @@ class ModelAdapter:
     @torch.no_grad()
     def encode_image(self, image: Image.Image) -> torch.Tensor:
         """PIL image (any mode/size) -> z0 (1, C, h, w) float32: posterior mean, shifted and scaled."""
-        x = self.preprocess_image(image).to(self.device, self.vae.dtype)
-        z = self.vae.encode(x).latent_dist.mean.float()
+        x = self.preprocess_image(image).to(self.vae_device, self.vae.dtype)
+        z = self.vae.encode(x).latent_dist.mean.float().to(self.device)
         shift = self.vae.config.get("shift_factor", None) or 0.0
         return (z - shift) * self.vae.config.scaling_factor
 
@@ -322,6 +334,7 @@ class ModelAdapter:
             self.capture_processor,
             text_length=self.text_length,
             on_active=self._capture_on,
+            device=self.device,
             **kwargs,
         )
 

@@ -98,7 +98,7 @@ class MMDiTAdapter(_TransformerAdapter):
             prompt,
             prompt_2=None,
             prompt_3=None,
-            device=self.device,
+            device=self.text_device,
             num_images_per_prompt=1,
             do_classifier_free_guidance=False,
             max_sequence_length=self.max_sequence_length,
@@ -152,7 +152,7 @@ class FluxAdapter(_T5TextAdapter):
         embeds, pooled, _ = self.pipe.encode_prompt(
             prompt,
             prompt_2=None,
-            device=self.device,
+            device=self.text_device,
             num_images_per_prompt=1,
             max_sequence_length=self.max_sequence_length,
         )
@@ -215,7 +215,7 @@ class PixArtAdapter(_T5TextAdapter):
         embeds, mask, _, _ = self.pipe.encode_prompt(
             prompt,
             do_classifier_free_guidance=False,
-            device=self.device,
+            device=self.text_device,
             num_images_per_prompt=1,
             clean_caption=False,
             max_sequence_length=self.max_sequence_length,

@@ -85,10 +85,10 @@ class UNetAdapter(ModelAdapter):
             out = self._compel_encoder()(prompt)
             embeds, pooled = out if self.is_xl else (out, None)
         elif not self.is_xl:
-            embeds, _ = self.pipe.encode_prompt(prompt, self.device, 1, False)
+            embeds, _ = self.pipe.encode_prompt(prompt, self.text_device, 1, False)
         else:
             embeds, _, pooled, _ = self.pipe.encode_prompt(
-                prompt, device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=False
+                prompt, device=self.text_device, num_images_per_prompt=1, do_classifier_free_guidance=False
             )
         if not self.is_xl:
             return {"encoder_hidden_states": embeds.to(self.device, self.dtype)}
