@@ -42,12 +42,17 @@ def _release(version: str) -> tuple[int, ...]:
     return tuple(int(p) for p in re.match(r"\d+(?:\.\d+)*", version).group(0).split("."))
 
 
+# the quantization extras (model.quantization): declared with the ranges their diffusers configs
+# need, but not installed in the tested set (no GPU here), so neither pinned nor locked
+UNTESTED_EXTRAS = {"bitsandbytes", "torchao", "optimum-quanto"}
+
+
 def test_environment_yaml_pins_the_locked_versions():
     env = yaml.safe_load((ROOT / "environment.yaml").read_text())
     pip = [p for p in env["dependencies"] if isinstance(p, dict)][0]["pip"]
     pinned = _pins(pip)
     locked = _pins((ROOT / "requirements/current.txt").read_text().splitlines())
-    assert set(pinned) == set(_ranges())  # every dependency and extra, nothing else
+    assert set(pinned) == set(_ranges()) - UNTESTED_EXTRAS  # every dependency and tested extra
     assert {name: locked.get(name) for name in pinned} == pinned
 
 
@@ -61,6 +66,8 @@ def test_ranges_start_at_the_floor_and_admit_the_locked_set():
         if name != "torch":  # the floor environment's torch is the local build; 2.5.1 was run by hand
             assert _lower_bound(ranges[name]) == floor[name], name
     for name, spec in ranges.items():
+        if name in UNTESTED_EXTRAS:
+            continue
         bound = _lower_bound(spec)
         assert bound and _release(locked[name]) >= _release(bound), (name, spec, locked[name])
         upper = re.search(r"<\s*([0-9][^,\s]*)", spec)
