@@ -11,6 +11,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import FAMILIES, tiny_pipeline
 from PIL import Image
 
 from elbo_t2ialign import Aligner
@@ -503,3 +504,20 @@ def test_every_model_config_names_the_placement_keys_with_defaults():
         cfg = yaml.safe_load(path.read_text())
         assert set(placing.MODEL_KEYS) <= set(cfg), path.name  # overridable from the command line
         assert Placement.from_mapping(cfg) == Placement(), path.name
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_gets_a_memory_plan_from_its_modules(family):
+    """The plan reads every family's denoiser and VAE configs (patch sizes given as pairs, per-block
+    widths) and counts each component's weights as the modules hold them."""
+    pipe = tiny_pipeline(family)
+    where = memory.plan_and_check(
+        f"tiny:{family}", Placement.of("device"), torch.device("cpu"), torch.float32, 2, 32, pipe=pipe
+    )
+    assert where.kind == "device"
+    sizes = memory.sizes_from_pipeline(pipe)
+    for name, module in placing.modules(pipe).items():
+        tensors = [*module.parameters(), *module.buffers()]
+        assert sizes[name].floats == sum(t.numel() for t in tensors if t.is_floating_point()), name
+        other = sum(t.numel() * t.element_size() for t in tensors if not t.is_floating_point())
+        assert sizes[name].other_bytes == other, name

@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import struct
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -162,7 +163,8 @@ def activation_bytes(
     scale = 2 ** (len(vae.get("block_out_channels") or [0, 0, 0, 0]) - 1)
     size = vae.get("sample_size") or 512
     res = int(resolution or (size[0] if isinstance(size, (list, tuple)) else size))
-    side = res // scale // int(denoiser.get("patch_size") or 1)
+    patch = denoiser.get("patch_size") or 1  # a pair or triple in some families (e.g. HunyuanImage)
+    side = res // scale // int(patch[-1] if isinstance(patch, (list, tuple)) else patch)
     widths = denoiser.get("block_out_channels") or [
         int(denoiser.get("num_attention_heads") or 8) * int(denoiser.get("attention_head_dim") or 64)
     ]
@@ -393,13 +395,26 @@ def _hint(sizes, where, execution, dtype, activations, budgets) -> str:
     return " would fit, or ".join(fits) + " would fit"
 
 
-def print_plans(stream=None) -> None:
-    """Print the plans of this process to `stream` too (stderr: stdout keeps a command's report),
-    for entry points that configure no logging of their own (explain); once, however often called."""
-    import sys
+class _CurrentStderr(logging.StreamHandler):
+    """A handler that writes to `sys.stderr` as it is when a record comes, not as it was when the
+    handler was made (a handler kept for the process must not hold a stream that is later closed,
+    such as a test's captured stderr)."""
 
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # StreamHandler.__init__ sets it
+        pass
+
+
+def print_plans(stream=None) -> None:
+    """Print the plans of this process to `stream` too (default: the current stderr; stdout keeps a
+    command's report), for entry points that configure no logging of their own (explain); once,
+    however often called."""
     if not any(getattr(h, "_memory_plan", False) for h in log.handlers):
-        handler = logging.StreamHandler(stream or sys.stderr)
+        handler = logging.StreamHandler(stream) if stream is not None else _CurrentStderr()
         handler.setFormatter(logging.Formatter("%(message)s"))
         handler._memory_plan = True  # type: ignore[attr-defined]
         log.addHandler(handler)
