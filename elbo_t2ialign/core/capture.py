@@ -268,6 +268,30 @@ class _CaptureBase:
         recorder.add(layer, maps, query.shape[0])
         return out
 
+    def attend_text_first(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        n_txt: int,
+        *,
+        scale: float | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Joint attention over the sequence [text (n_txt); image]: query, key, value (B, H, S, D) ->
+        output (B, S, H*D) in the query's dtype; the image queries' text columns are "cross", their
+        image columns "self". `scale` defaults to SDPA's, 1/sqrt(D)."""
+        out = self.attend(
+            query,
+            key,
+            value,
+            scale=query.shape[-1] ** -0.5 if scale is None else scale,
+            image_rows=slice(n_txt, None),
+            blocks={"cross": slice(0, n_txt), "self": slice(n_txt, None)},
+            mask=mask,
+        )
+        return out.transpose(1, 2).flatten(2, 3).to(query.dtype)
+
 
 class CaptureAttnProcessor(_CaptureBase):
     """diffusers `Attention` (UNet and DiT self/cross layers): `AttnProcessor2_0` of
@@ -402,16 +426,7 @@ class CaptureFluxAttnProcessor(_CaptureBase):
         if image_rotary_emb is not None:
             query = apply_rotary_emb(query, image_rotary_emb)
             key = apply_rotary_emb(key, image_rotary_emb)
-        out = self.attend(
-            query,
-            key,
-            value,
-            scale=query.shape[-1] ** -0.5,
-            image_rows=slice(n_txt, None),
-            blocks={"cross": slice(0, n_txt), "self": slice(n_txt, None)},
-            mask=attention_mask,
-        )
-        out = out.transpose(1, 2).flatten(2, 3).to(query.dtype)  # (B, S, H*D)
+        out = self.attend_text_first(query, key, value, n_txt, mask=attention_mask)  # (B, S, H*D)
         if encoder_hidden_states is None:
             return out
         context, hidden_states = out[:, :n_txt], out[:, n_txt:]

@@ -48,15 +48,7 @@ class CaptureAuraFlowAttnProcessor(_CaptureBase):
         else:
             n_txt = self.recorder.text_length
         query, key, value = (x.transpose(1, 2) for x in (query, key, value))
-        out = self.attend(
-            query,
-            key,
-            value,
-            scale=attn.scale,
-            image_rows=slice(n_txt, None),
-            blocks={"cross": slice(0, n_txt), "self": slice(n_txt, None)},
-        )
-        out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
+        out = self.attend_text_first(query, key, value, n_txt, scale=attn.scale)
         if encoder_hidden_states is not None:
             out, context = out[:, n_txt:], out[:, :n_txt]
         out = attn.to_out[1](attn.to_out[0](out))
@@ -100,7 +92,7 @@ class AuraFlowAdapter(_T5TextAdapter):
         embeds, _, _, _ = self.pipe.encode_prompt(
             prompt,
             do_classifier_free_guidance=False,
-            device=self.device,
+            device=self.text_device,
             num_images_per_prompt=1,
             max_sequence_length=self.max_sequence_length,
         )

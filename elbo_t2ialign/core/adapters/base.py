@@ -207,7 +207,7 @@ class ModelAdapter:
             if check_length:
                 self.check_prompt_length(prompt)
             with torch.no_grad():
-                cond = self._encode_prompt(prompt)
+                cond = self._encoded(prompt)
         self._cond_cache[prompt] = cond  # (re)inserted last: dicts keep insertion order
         while len(self._cond_cache) > self.prompt_cache_size:
             self._cond_cache.pop(next(iter(self._cond_cache)))
@@ -242,10 +242,16 @@ class ModelAdapter:
         try:
             for encoder, local in masks:
                 hooks.append(encoder.register_forward_pre_hook(masking(local), with_kwargs=True))
-            return self._encode_prompt(prompt)
+            return self._encoded(prompt)
         finally:
             for handle in hooks:
                 handle.remove()
+
+    def _encoded(self, prompt: str) -> Cond:
+        """`_encode_prompt` on the device the denoiser computes on: the text encoders compute where
+        their placement puts them (`text_device`)."""
+        cond = self._encode_prompt(prompt)
+        return {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in cond.items()}
 
     def encoder_offset(self, block: TextBlock) -> int:
         """Text-encoder input position of `block`'s first position (Qwen-Image: its dropped prefix)."""

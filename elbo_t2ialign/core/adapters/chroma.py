@@ -42,7 +42,7 @@ class ChromaAdapter(FluxAdapter):
     def _encode_prompt(self, prompt: str) -> Cond:
         embeds, _, mask, *_ = self.pipe.encode_prompt(
             prompt,
-            device=self.device,
+            device=self.text_device,
             num_images_per_prompt=1,
             do_classifier_free_guidance=False,
             max_sequence_length=self.max_sequence_length,

@@ -65,16 +65,7 @@ class CaptureCogView4AttnProcessor(_CaptureBase):
             mix[:, :n_txt] = attention_mask.float().to(query.device)
             mix = mix.unsqueeze(2)
             mask = ((mix @ mix.transpose(1, 2)) > 0).unsqueeze(1).to(query.dtype)
-        out = self.attend(
-            query,
-            key,
-            value,
-            scale=query.shape[-1] ** -0.5,  # SDPA's default
-            image_rows=slice(n_txt, None),
-            blocks={"cross": slice(0, n_txt), "self": slice(n_txt, None)},
-            mask=mask,
-        )
-        out = out.transpose(1, 2).flatten(2, 3).type_as(query)
+        out = self.attend_text_first(query, key, value, n_txt, mask=mask)
         out = attn.to_out[1](attn.to_out[0](out))
         context, hidden_states = out.split([n_txt, out.size(1) - n_txt], dim=1)
         return hidden_states, context

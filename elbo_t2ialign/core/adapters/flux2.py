@@ -60,16 +60,7 @@ class CaptureFlux2AttnProcessor(_CaptureBase):
             query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
             key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
         query, key, value = (x.transpose(1, 2) for x in (query, key, value))  # (B, H, S, D)
-        out = self.attend(
-            query,
-            key,
-            value,
-            scale=query.shape[-1] ** -0.5,
-            image_rows=slice(n_txt, None),
-            blocks={"cross": slice(0, n_txt), "self": slice(n_txt, None)},
-            mask=attention_mask,
-        )
-        out = out.transpose(1, 2).flatten(2, 3).to(query.dtype)
+        out = self.attend_text_first(query, key, value, n_txt, mask=attention_mask)
         context, hidden_states = out[:, :n_txt], out[:, n_txt:]
         hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
         if encoder_hidden_states is None:
@@ -97,16 +88,7 @@ class CaptureFlux2ParallelAttnProcessor(_CaptureBase):
             key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
         query, key, value = (x.transpose(1, 2) for x in (query, key, value))
         n_txt = self.recorder.text_length
-        out = self.attend(
-            query,
-            key,
-            value,
-            scale=query.shape[-1] ** -0.5,
-            image_rows=slice(n_txt, None),
-            blocks={"cross": slice(0, n_txt), "self": slice(n_txt, None)},
-            mask=attention_mask,
-        )
-        out = out.transpose(1, 2).flatten(2, 3).to(query.dtype)
+        out = self.attend_text_first(query, key, value, n_txt, mask=attention_mask)
         return attn.to_out(torch.cat([out, attn.mlp_act_fn(mlp)], dim=-1))
 
 
@@ -202,7 +184,10 @@ class Flux2Adapter(ChatTextAdapter, _TransformerAdapter):
 
     def _encode_prompt(self, prompt: str) -> Cond:
         embeds, text_ids = self.pipe.encode_prompt(
-            prompt, device=self.device, num_images_per_prompt=1, max_sequence_length=self.max_sequence_length
+            prompt,
+            device=self.text_device,
+            num_images_per_prompt=1,
+            max_sequence_length=self.max_sequence_length,
         )
         return {"encoder_hidden_states": embeds.to(self.dtype), "txt_ids": text_ids.to(self.device)}
 

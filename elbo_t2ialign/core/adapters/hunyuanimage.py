@@ -184,13 +184,13 @@ class HunyuanImageAdapter(LMTextAdapter):
             tokenizer=pipe.tokenizer,
             text_encoder=pipe.text_encoder,
             prompt=prompt,
-            device=self.device,
+            device=self.text_device,
             tokenizer_max_length=self.max_sequence_length,
             template=pipe.prompt_template_encode,
             drop_idx=pipe.prompt_template_encode_start_idx,
         )
         embeds, mask, embeds_2, mask_2 = pipe.encode_prompt(
-            prompt, device=self.device, prompt_embeds=embeds, prompt_embeds_mask=mask
+            prompt, device=self.text_device, prompt_embeds=embeds, prompt_embeds_mask=mask
         )
         return {
             "encoder_hidden_states": embeds.to(self.dtype),

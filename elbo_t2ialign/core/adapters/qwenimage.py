@@ -76,16 +76,7 @@ class CaptureQwenImageAttnProcessor(_CaptureBase):
             for stream, freqs in ((img, img_freqs), (txt, txt_freqs)):
                 stream[0], stream[1] = (apply_rotary_emb_qwen(x, freqs, use_real=False) for x in stream[:2])
         query, key, value = (torch.cat([t, i], dim=1).transpose(1, 2) for t, i in zip(txt, img, strict=True))
-        out = self.attend(
-            query,
-            key,
-            value,
-            scale=head_dim**-0.5,
-            image_rows=slice(n_txt, None),
-            blocks={"cross": slice(0, n_txt), "self": slice(n_txt, None)},
-            mask=mask,
-        )
-        out = out.transpose(1, 2).flatten(2, 3).to(query.dtype)
+        out = self.attend_text_first(query, key, value, n_txt, scale=head_dim**-0.5, mask=mask)
         txt_out, img_out = out[:, :n_txt], out[:, n_txt:]
         img_out = attn.to_out[0](img_out.contiguous())
         if len(attn.to_out) > 1:
@@ -154,7 +145,10 @@ class QwenImageAdapter(ChatTextAdapter, _TransformerAdapter):
 
     def _encode_prompt(self, prompt: str) -> Cond:
         embeds, mask = self.pipe.encode_prompt(
-            prompt, device=self.device, num_images_per_prompt=1, max_sequence_length=self.max_sequence_length
+            prompt,
+            device=self.text_device,
+            num_images_per_prompt=1,
+            max_sequence_length=self.max_sequence_length,
         )
         n = embeds.shape[1]
         padded = embeds.new_zeros((1, self.max_sequence_length, embeds.shape[2]))

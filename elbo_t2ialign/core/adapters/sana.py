@@ -225,7 +225,7 @@ class SanaAdapter(LMTextAdapter):
         embeds, mask, _, _ = self.pipe.encode_prompt(
             prompt,
             do_classifier_free_guidance=False,
-            device=self.device,
+            device=self.text_device,
             num_images_per_prompt=1,
             clean_caption=False,
             max_sequence_length=self.max_sequence_length,

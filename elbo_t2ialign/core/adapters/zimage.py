@@ -141,7 +141,7 @@ class ZImageAdapter(ChatTextAdapter, _TransformerAdapter):
     def _encode_prompt(self, prompt: str) -> Cond:
         embeds, _ = self.pipe.encode_prompt(
             prompt,
-            device=self.device,
+            device=self.text_device,
             do_classifier_free_guidance=False,
             max_sequence_length=self.max_sequence_length,
         )
